@@ -1,0 +1,126 @@
+//! Soft MoE weights (spec §2.6, vmoe `SoftRouter`): cosine similarity between l2-normalised
+//! tokens and per-slot parameters `mu`, times a learned `scale`; dispatch is a softmax over tokens
+//! (per slot), combine a softmax over all `e·p` slots (per token). Nothing is ever dropped.
+
+use super::ops::softmax_in_place;
+use super::result::SoftAssignment;
+
+/// `eps` inside the square root of vmoe's `normalize`.
+const NORM_EPS: f32 = 1e-6;
+
+/// Soft MoE router parameters: `mu` is `[d, e, p]` row-major (vmoe's layout), `scale` a scalar.
+#[derive(Clone, Copy, Debug)]
+pub struct SoftRouterParams<'a> {
+    pub mu: &'a [f32],
+    pub dim: usize,
+    pub num_experts: usize,
+    pub num_slots: usize,
+    pub scale: f32,
+}
+
+/// Router logits `Λ[i, (j, s)] = scale · ⟨x̂_i, μ̂_js⟩`, row-major `[n, e·p]`.
+pub fn soft_logits(x: &[f32], n: usize, params: &SoftRouterParams<'_>) -> Vec<f32> {
+    let d = params.dim;
+    let ep = params.num_experts * params.num_slots;
+    // vmoe multiplies the scale into whichever operand has fewer elements (`inputs.size < mu.size`).
+    let scale_tokens = n * d < d * ep;
+    let mut xn = x.to_vec();
+    for row in xn.chunks_exact_mut(d) {
+        let m = 1.0 / (row.iter().map(|v| v * v).sum::<f32>() + NORM_EPS).sqrt();
+        row.iter_mut().for_each(|v| *v *= m);
+        if scale_tokens {
+            row.iter_mut().for_each(|v| *v *= params.scale);
+        }
+    }
+    let mut mun = params.mu.to_vec();
+    let mut inv = vec![0.0f32; ep];
+    for row in mun.chunks_exact(ep) {
+        for (acc, &v) in inv.iter_mut().zip(row) {
+            *acc += v * v;
+        }
+    }
+    for v in inv.iter_mut() {
+        *v = 1.0 / (*v + NORM_EPS).sqrt();
+    }
+    for row in mun.chunks_exact_mut(ep) {
+        for (v, &m) in row.iter_mut().zip(&inv) {
+            *v *= m;
+            if !scale_tokens {
+                *v *= params.scale;
+            }
+        }
+    }
+    let mut logits = vec![0.0f32; n * ep];
+    for (out, xrow) in logits.chunks_exact_mut(ep).zip(xn.chunks_exact(d)) {
+        for (&a, murow) in xrow.iter().zip(mun.chunks_exact(ep)) {
+            for (o, &m) in out.iter_mut().zip(murow) {
+                *o += a * m;
+            }
+        }
+    }
+    logits
+}
+
+/// Dispatch and combine weights from Soft MoE logits `[n, e·p]` (training noise, if any, already
+/// added: `noise_std · N(0, 1)`, not divided by `e` unlike the sparse routers).
+pub fn soft_weights(logits: Vec<f32>, n: usize, ep: usize) -> SoftAssignment {
+    let mut combine = logits.clone();
+    for row in combine.chunks_exact_mut(ep) {
+        softmax_in_place(row);
+    }
+    // Column softmax over tokens, one slot at a time.
+    let mut dispatch = vec![0.0f32; n * ep];
+    let mut col = vec![0.0f32; n];
+    for js in 0..ep {
+        for (i, v) in col.iter_mut().enumerate() {
+            *v = logits[i * ep + js];
+        }
+        softmax_in_place(&mut col);
+        for (i, &v) in col.iter().enumerate() {
+            dispatch[i * ep + js] = v;
+        }
+    }
+    SoftAssignment { dispatch, combine, logits }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Spec §6 toy: n = 4, d = 3, e = 2, p = 1, scale = 1.
+    #[test]
+    fn golden_soft_moe_toy() {
+        let x = [1.0, 0.0, 2.0, 0.5, -1.0, 0.0, 0.0, 3.0, 1.0, -2.0, 0.5, 0.5];
+        // mu is [d, e, p] = [3, 2, 1]: columns (1, 0, 1) and (-1, 1, 0.5).
+        let mu = [1.0, -1.0, 0.0, 1.0, 1.0, 0.5];
+        let params = SoftRouterParams { mu: &mu, dim: 3, num_experts: 2, num_slots: 1, scale: 1.0 };
+        let logits = soft_logits(&x, 4, &params);
+        let want_logits = [0.94868, 0.0, 0.31623, -0.89443, 0.22361, 0.73786, -0.5, 0.86424];
+        for (a, b) in logits.iter().zip(want_logits) {
+            assert!((a - b).abs() < 1e-5, "{logits:?}");
+        }
+        let w = soft_weights(logits, 4, 2);
+        let dispatch = [0.44436, 0.17026, 0.23608, 0.06961, 0.21520, 0.35608, 0.10437, 0.40405];
+        let combine = [0.72085, 0.27915, 0.77041, 0.22959, 0.37420, 0.62580, 0.20355, 0.79645];
+        for (a, b) in w.dispatch.iter().zip(dispatch) {
+            assert!((a - b).abs() < 1e-5, "dispatch {:?}", w.dispatch);
+        }
+        for (a, b) in w.combine.iter().zip(combine) {
+            assert!((a - b).abs() < 1e-5, "combine {:?}", w.combine);
+        }
+    }
+
+    #[test]
+    fn scale_placement_does_not_change_the_logits() {
+        // n·d < d·e·p puts the scale on the tokens; otherwise on mu. Same maths.
+        let x = [0.3, -0.2, 0.9, 1.5];
+        let mu = [0.5, -1.0, 0.25, 2.0, 0.1, -0.3, 0.7, 0.0]; // d = 2, e = 2, p = 2
+        let small = SoftRouterParams { mu: &mu, dim: 2, num_experts: 2, num_slots: 2, scale: 3.0 };
+        let l1 = soft_logits(&x, 2, &small);
+        let x_many: Vec<f32> = x.iter().cycle().take(2 * 6).copied().collect();
+        let l2 = soft_logits(&x_many, 6, &small);
+        for (a, b) in l1.iter().zip(&l2[..8]) {
+            assert!((a - b).abs() < 1e-6);
+        }
+    }
+}

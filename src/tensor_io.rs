@@ -1,0 +1,251 @@
+//! Safetensors in and out: every read is checked (file, tensor, dtype, shape, finite values) and
+//! every write is atomic (a temporary file in the destination folder, then a rename), so a failed
+//! or interrupted write never leaves a half-written file behind.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+/// What went wrong with a tensor file, always naming the file and, where there is one, the tensor.
+#[derive(Debug, thiserror::Error)]
+pub enum TensorIoError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a valid safetensors file ({reason})")]
+    Format { path: PathBuf, reason: String },
+    #[error("{path}: missing tensor `{name}` ({expected})")]
+    Missing { path: PathBuf, name: String, expected: String },
+    #[error("{path}: tensor `{name}` has dtype {found}, expected {expected}")]
+    Dtype { path: PathBuf, name: String, found: String, expected: String },
+    #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected}")]
+    Shape { path: PathBuf, name: String, found: Vec<usize>, expected: String },
+    #[error("{path}: tensor `{name}` has a non-finite value ({value}) at index {index:?}")]
+    NonFinite { path: PathBuf, name: String, value: f32, index: Vec<usize> },
+}
+
+/// A float32 tensor read from a file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct F32Tensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// An opened, header-validated safetensors file.
+pub struct TensorFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+impl TensorFile {
+    /// Reads and validates the file (header, offsets) without decoding tensors.
+    pub fn open(path: &Path) -> Result<Self, TensorIoError> {
+        let bytes =
+            fs::read(path).map_err(|source| TensorIoError::Io { path: path.to_owned(), source })?;
+        let file = Self { path: path.to_owned(), bytes };
+        file.parsed()?;
+        Ok(file)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn parsed(&self) -> Result<SafeTensors<'_>, TensorIoError> {
+        SafeTensors::deserialize(&self.bytes).map_err(|e| TensorIoError::Format {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Tensor names in the file, sorted.
+    pub fn names(&self) -> Result<Vec<String>, TensorIoError> {
+        let mut names: Vec<String> = self.parsed()?.names().into_iter().map(str::to_owned).collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// The free-form `__metadata__` map of the header.
+    pub fn metadata(&self) -> Result<HashMap<String, String>, TensorIoError> {
+        let (_, meta) = SafeTensors::read_metadata(&self.bytes).map_err(|e| {
+            TensorIoError::Format { path: self.path.clone(), reason: e.to_string() }
+        })?;
+        Ok(meta.metadata().clone().unwrap_or_default())
+    }
+
+    /// Whether the file holds a tensor called `name`.
+    pub fn contains(&self, name: &str) -> Result<bool, TensorIoError> {
+        Ok(self.parsed()?.tensor(name).is_ok())
+    }
+
+    /// Reads tensor `name` as f32, checking dtype and that every value is finite.
+    /// `expected` describes the tensor for the "missing" message (e.g. "f32 [n, e]").
+    pub fn f32(&self, name: &str, expected: &str) -> Result<F32Tensor, TensorIoError> {
+        let st = self.parsed()?;
+        let view = st.tensor(name).map_err(|_| TensorIoError::Missing {
+            path: self.path.clone(),
+            name: name.into(),
+            expected: expected.into(),
+        })?;
+        if view.dtype() != Dtype::F32 {
+            return Err(TensorIoError::Dtype {
+                path: self.path.clone(),
+                name: name.into(),
+                found: format!("{:?}", view.dtype()),
+                expected: "F32".into(),
+            });
+        }
+        let shape = view.shape().to_vec();
+        let data: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        if let Some(at) = data.iter().position(|v| !v.is_finite()) {
+            return Err(TensorIoError::NonFinite {
+                path: self.path.clone(),
+                name: name.into(),
+                value: data[at],
+                index: unravel(at, &shape),
+            });
+        }
+        Ok(F32Tensor { shape, data })
+    }
+
+    /// A shape error for tensor `name` of this file.
+    pub fn shape_error(&self, name: &str, found: &[usize], expected: impl Into<String>) -> TensorIoError {
+        TensorIoError::Shape {
+            path: self.path.clone(),
+            name: name.into(),
+            found: found.to_vec(),
+            expected: expected.into(),
+        }
+    }
+}
+
+fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
+    let mut index = vec![0; shape.len()];
+    for (slot, &dim) in index.iter_mut().zip(shape).rev() {
+        if dim > 0 {
+            *slot = flat % dim;
+            flat /= dim;
+        }
+    }
+    index
+}
+
+/// A tensor to write: name, shape and f32 data (row-major).
+pub struct OutTensor<'a> {
+    pub name: &'a str,
+    pub shape: Vec<usize>,
+    pub data: &'a [f32],
+}
+
+/// Writes f32 tensors and string metadata as safetensors, atomically.
+pub fn write_f32_safetensors(
+    path: &Path,
+    tensors: &[OutTensor<'_>],
+    metadata: HashMap<String, String>,
+) -> Result<(), TensorIoError> {
+    let bytes: Vec<Vec<u8>> =
+        tensors.iter().map(|t| t.data.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
+    let mut views = Vec::with_capacity(tensors.len());
+    for (t, b) in tensors.iter().zip(&bytes) {
+        let view = TensorView::new(Dtype::F32, t.shape.clone(), b).map_err(|e| {
+            TensorIoError::Format { path: path.to_owned(), reason: format!("tensor `{}`: {e}", t.name) }
+        })?;
+        views.push((t.name, view));
+    }
+    let meta = if metadata.is_empty() { None } else { Some(metadata) };
+    let serialized = safetensors::serialize(views, meta)
+        .map_err(|e| TensorIoError::Format { path: path.to_owned(), reason: e.to_string() })?;
+    write_atomic(path, &serialized)
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TensorIoError> {
+    let io = |source| TensorIoError::Io { path: path.to_owned(), source };
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path.file_name().ok_or_else(|| {
+        io(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"))
+    })?;
+    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_with_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let data = [1.0f32, -2.5, 3.25, 0.0, 5.0, 6.0];
+        let meta = HashMap::from([("capacity".to_string(), "2".to_string())]);
+        write_f32_safetensors(&path, &[OutTensor { name: "a", shape: vec![2, 3], data: &data }], meta)
+            .unwrap();
+        let f = TensorFile::open(&path).unwrap();
+        assert_eq!(f.names().unwrap(), ["a"]);
+        assert_eq!(f.metadata().unwrap()["capacity"], "2");
+        let t = f.f32("a", "f32 [2, 3]").unwrap();
+        assert_eq!(t.shape, [2, 3]);
+        assert_eq!(t.data, data);
+        let err = f.f32("b", "f32 [n, e]").err().unwrap().to_string();
+        assert!(err.contains("missing tensor `b` (f32 [n, e])"), "{err}");
+        // No temporary file is left behind.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn non_finite_values_are_located() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let data = [1.0f32, 2.0, f32::INFINITY, 0.0];
+        write_f32_safetensors(&path, &[OutTensor { name: "x", shape: vec![2, 2], data: &data }], HashMap::new())
+            .unwrap();
+        let err = TensorFile::open(&path).unwrap().f32("x", "").err().unwrap().to_string();
+        assert!(err.ends_with("tensor `x` has a non-finite value (inf) at index [1, 0]"), "{err}");
+    }
+
+    #[test]
+    fn garbage_and_truncation_are_format_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.safetensors");
+        fs::write(&path, b"definitely not safetensors").unwrap();
+        assert!(matches!(TensorFile::open(&path), Err(TensorIoError::Format { .. })));
+        let good = dir.path().join("good.safetensors");
+        let data = [1.0f32; 16];
+        write_f32_safetensors(&good, &[OutTensor { name: "x", shape: vec![16], data: &data }], HashMap::new())
+            .unwrap();
+        let bytes = fs::read(&good).unwrap();
+        fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
+        assert!(matches!(TensorFile::open(&path), Err(TensorIoError::Format { .. })));
+        assert!(matches!(
+            TensorFile::open(&dir.path().join("absent.safetensors")),
+            Err(TensorIoError::Io { .. })
+        ));
+    }
+
+    #[test]
+    fn unwritable_destination_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("no/such/dir/out.safetensors");
+        let err = write_atomic(&path, b"x").unwrap_err();
+        assert!(err.to_string().contains("out.safetensors"), "{err}");
+    }
+}
