@@ -12,8 +12,8 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 /// What went wrong with a tensor file, always naming the file and, where there is one, the tensor.
 #[derive(Debug, thiserror::Error)]
 pub enum TensorIoError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: not a valid safetensors file ({reason})")]
     Format { path: PathBuf, reason: String },
     #[error("{path}: missing tensor `{name}` ({expected})")]
@@ -43,7 +43,7 @@ impl TensorFile {
     /// Reads and validates the file (header, offsets) without decoding tensors.
     pub fn open(path: &Path) -> Result<Self, TensorIoError> {
         let bytes =
-            fs::read(path).map_err(|source| TensorIoError::Io { path: path.to_owned(), source })?;
+            fs::read(path).map_err(|err| TensorIoError::Io { path: path.to_owned(), err })?;
         let file = Self { path: path.to_owned(), bytes };
         file.parsed()?;
         Ok(file)
@@ -166,7 +166,7 @@ pub fn write_f32_safetensors(
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TensorIoError> {
-    let io = |source| TensorIoError::Io { path: path.to_owned(), source };
+    let io = |err| TensorIoError::Io { path: path.to_owned(), err };
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),

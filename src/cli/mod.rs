@@ -1,0 +1,24 @@
+//! Command-line front end: argument parsing and the subcommands.
+
+mod route;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "routerscope", version, about = "Look inside vision Mixture-of-Experts routing")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Apply one router to tensors in a safetensors file and write its dispatch and combine tensors.
+    Route(route::RouteArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Route(args) => route::run(&args),
+    }
+}

@@ -1,0 +1,201 @@
+//! `routerscope route`: one router on one group read from safetensors.
+//!
+//! Input: `logits` f32 `[n, e]` (sparse routers) or `x` `[n, d]`, `mu` `[d, e, p]`, `scale` `[]`
+//! (Soft MoE). Output: `dispatch` and `combine` f32 `[n, e, c]` (plus the ranked `scores` `[n, e]`
+//! for sparse routers), with the capacity and routing summary in the metadata.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use rand::SeedableRng;
+use routerscope::routing::{
+    CapacityRounding, CapacitySpec, Mode, RouterConfig, RouterFamily, RouterKind, RoutingResult,
+    SoftRouterParams, route_logits, route_soft,
+};
+use routerscope::tensor_io::{OutTensor, TensorFile, write_f32_safetensors};
+
+#[derive(clap::Args, Debug)]
+pub struct RouteArgs {
+    /// Router: softmax-tc, sinkhorn-tc, softmax-ec, sinkhorn-ec, sparse-ec, sparse-tc or soft.
+    #[arg(long)]
+    router: RouterKind,
+    /// Input safetensors (`logits` [n, e]; Soft MoE: `x` [n, d], `mu` [d, e, p], `scale` []).
+    #[arg(long)]
+    input: PathBuf,
+    /// Output safetensors (`dispatch`, `combine` [n, e, c]); written atomically.
+    #[arg(long)]
+    output: PathBuf,
+    /// Experts per token (Token Choice routers) [default: 1].
+    #[arg(long)]
+    k: Option<usize>,
+    /// Capacity factor [default: 1.0; Soft MoE: the slots of `mu`].
+    #[arg(long)]
+    capacity_factor: Option<f64>,
+    /// Pad the capacity up to a multiple of M, 0 for none (sparse routers) [default: 4].
+    #[arg(long)]
+    capacity_multiple_of: Option<usize>,
+    /// How N·CF/e becomes an integer: ceil or round (half to even) (sparse routers) [default: ceil].
+    #[arg(long)]
+    capacity_rounding: Option<CapacityRounding>,
+    /// Batch Priority Routing: highest top-1 score first (Token Choice routers).
+    #[arg(long)]
+    batch_priority: bool,
+    /// Solver `maxiter` (Sinkhorn runs 10·floor(T/10); sparsity-constrained: Adam steps) [default: 20].
+    #[arg(long)]
+    iterations: Option<usize>,
+    /// Adam learning rate of the sparsity-constrained solver [default: 0.01].
+    #[arg(long)]
+    adam_lr: Option<f32>,
+    /// Slots per expert (Soft MoE); must match `mu` [default: the slots of `mu`].
+    #[arg(long)]
+    num_slots: Option<usize>,
+    /// Route in training mode: router noise (and the load loss) drawn from this seed.
+    #[arg(long)]
+    train_seed: Option<u64>,
+}
+
+/// Rejects options that do not apply to the chosen router instead of silently ignoring them.
+fn config_from_args(args: &RouteArgs) -> anyhow::Result<RouterConfig> {
+    let kind = args.router;
+    let family = kind.family();
+    let name = kind.cli_name();
+    let only = |flag: &str, given: bool, applies: bool, who: &str| -> anyhow::Result<()> {
+        if given && !applies {
+            bail!("--{flag} does not apply to {name}: it is for {who}");
+        }
+        Ok(())
+    };
+    let tc = family == RouterFamily::TokenChoice;
+    let soft = family == RouterFamily::Soft;
+    only("k", args.k.is_some(), tc, "Token Choice routers")?;
+    only("batch-priority", args.batch_priority, tc, "Token Choice routers")?;
+    only("iterations", args.iterations.is_some(), kind.has_solver(), "Sinkhorn and sparsity-constrained routers")?;
+    only("adam-lr", args.adam_lr.is_some(), kind.uses_adam(), "sparsity-constrained routers")?;
+    only("num-slots", args.num_slots.is_some(), soft, "Soft MoE")?;
+    only(
+        "capacity-multiple-of",
+        args.capacity_multiple_of.is_some(),
+        !soft,
+        "sparse routers (Soft MoE always rounds half to even with no padding)",
+    )?;
+    only(
+        "capacity-rounding",
+        args.capacity_rounding.is_some(),
+        !soft,
+        "sparse routers (Soft MoE always rounds half to even with no padding)",
+    )?;
+    if args.num_slots.is_some() && args.capacity_factor.is_some() {
+        bail!("give either --num-slots or --capacity-factor, not both");
+    }
+    let mut cfg = RouterConfig::new(kind);
+    if let Some(k) = args.k {
+        cfg.k = k;
+    }
+    if let Some(cf) = args.capacity_factor {
+        cfg.capacity = CapacitySpec::Factor(cf);
+    }
+    if let Some(p) = args.num_slots {
+        cfg.capacity = CapacitySpec::Slots(p);
+    }
+    if let Some(m) = args.capacity_multiple_of {
+        cfg.multiple_of = m;
+    }
+    if let Some(r) = args.capacity_rounding {
+        cfg.rounding = r;
+    }
+    cfg.batch_priority = args.batch_priority;
+    if let Some(t) = args.iterations {
+        cfg.max_iterations = t;
+    }
+    if let Some(lr) = args.adam_lr {
+        cfg.adam_lr = lr;
+    }
+    Ok(cfg)
+}
+
+pub fn run(args: &RouteArgs) -> anyhow::Result<()> {
+    let mut cfg = config_from_args(args)?;
+    let input = TensorFile::open(&args.input)?;
+    let mut rng = args.train_seed.map(rand_chacha::ChaCha8Rng::seed_from_u64);
+    let mode = match rng.as_mut() {
+        Some(r) => Mode::Train(r),
+        None => Mode::Deterministic,
+    };
+    let in_name = args.input.display();
+    let result = if args.router == RouterKind::SoftMoe {
+        let x = input.f32("x", "f32 [n, d]")?;
+        let mu = input.f32("mu", "f32 [d, e, p]")?;
+        let scale = input.f32("scale", "f32 scalar []")?;
+        let &[n, d] = x.shape.as_slice() else {
+            return Err(input.shape_error("x", &x.shape, "[n, d]").into());
+        };
+        let &[md, e, p] = mu.shape.as_slice() else {
+            return Err(input.shape_error("mu", &mu.shape, "[d, e, p]").into());
+        };
+        if md != d {
+            return Err(input.shape_error("mu", &mu.shape, format!("[{d}, e, p] (d from x)")).into());
+        }
+        if scale.data.len() != 1 || scale.shape.len() > 1 {
+            return Err(input.shape_error("scale", &scale.shape, "[] (a scalar)").into());
+        }
+        if args.capacity_factor.is_none() && args.num_slots.is_none() {
+            cfg.capacity = CapacitySpec::Slots(p);
+        }
+        let params = SoftRouterParams { mu: &mu.data, dim: d, num_experts: e, num_slots: p, scale: scale.data[0] };
+        route_soft(&x.data, n, &params, &cfg, mode).with_context(|| format!("{in_name}"))?
+    } else {
+        let logits = input.f32("logits", "f32 [n, e]")?;
+        let &[n, e] = logits.shape.as_slice() else {
+            return Err(input.shape_error("logits", &logits.shape, "[n, e]").into());
+        };
+        route_logits(&logits.data, n, e, &cfg, mode).with_context(|| format!("{in_name}"))?
+    };
+    write_output(args, &result)?;
+    print_summary(args, &result);
+    Ok(())
+}
+
+fn write_output(args: &RouteArgs, r: &RoutingResult) -> anyhow::Result<()> {
+    let shape = vec![r.num_tokens, r.num_experts, r.capacity];
+    let dispatch = r.dispatch_dense();
+    let combine = r.combine_dense();
+    let mut tensors = vec![
+        OutTensor { name: "dispatch", shape: shape.clone(), data: &dispatch },
+        OutTensor { name: "combine", shape, data: &combine },
+    ];
+    if let Some(s) = r.sparse() {
+        tensors.push(OutTensor { name: "scores", shape: vec![r.num_tokens, r.num_experts], data: &s.scores });
+    }
+    let stats = r.stats();
+    let mut meta = HashMap::from([
+        ("router".to_string(), r.router.cli_name().to_string()),
+        ("capacity".to_string(), r.capacity.to_string()),
+        ("num_tokens".to_string(), r.num_tokens.to_string()),
+        ("num_experts".to_string(), r.num_experts.to_string()),
+        ("k".to_string(), r.k.to_string()),
+        ("actual_capacity_factor".to_string(), stats.actual_capacity_factor.to_string()),
+        ("dropped_tokens".to_string(), stats.dropped_tokens.len().to_string()),
+    ]);
+    if let Some(s) = r.solver {
+        meta.insert("solver_iterations".into(), s.iterations.to_string());
+    }
+    write_f32_safetensors(&args.output, &tensors, meta)?;
+    Ok(())
+}
+
+fn print_summary(args: &RouteArgs, r: &RoutingResult) {
+    let st = r.stats();
+    println!(
+        "{}: {} tokens, {} experts, capacity {} (actual factor {:.3}), {} tokens dropped, \
+         tokens per expert {:?} -> {}",
+        r.router.display_name(),
+        r.num_tokens,
+        r.num_experts,
+        r.capacity,
+        st.actual_capacity_factor,
+        st.dropped_tokens.len(),
+        st.tokens_per_expert,
+        args.output.display()
+    );
+}
