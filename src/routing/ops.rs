@@ -26,15 +26,50 @@ pub fn softmax_rows_in_place(x: &mut [f32], cols: usize) {
 /// Softmax of one vector, in place.
 pub fn softmax_in_place(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
     for v in row.iter_mut() {
         *v = (*v - max).exp();
-        sum += *v;
     }
-    let inv = sum;
+    let sum = sum(row);
     for v in row.iter_mut() {
-        *v /= inv;
+        *v /= sum;
     }
+}
+
+/// Sum with 8 independent accumulators: a sequential f32 sum is latency-bound (one add every
+/// four cycles), and the reference's reduction order is not sequential either.
+pub fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    let mut total = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for v in rest {
+        total += v;
+    }
+    total
+}
+
+/// Dot product with 8 independent accumulators (see [`sum`]).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut total = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        total += x * y;
+    }
+    total
 }
 
 /// Indices of the `k` largest values, in descending order; equal values keep the lower index
@@ -45,27 +80,109 @@ pub fn top_k_indices(values: &[f32], k: usize, out: &mut Vec<usize>) {
     if k == 0 {
         return;
     }
-    if k > 48 {
-        // Large k (Expert Choice with big capacities): a stable sort is simpler and O(n log n).
+    if k > 32 {
+        // Large k (Expert Choice with big capacities): partial selection under the total order
+        // (value descending, index ascending), then sort only the selected prefix.
+        let before = |&a: &usize, &b: &usize| {
+            values[b].partial_cmp(&values[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b))
+        };
         out.extend(0..values.len());
-        out.sort_by(|&a, &b| values[b].partial_cmp(&values[a]).unwrap_or(std::cmp::Ordering::Equal));
-        out.truncate(k);
+        if k < out.len() {
+            out.select_nth_unstable_by(k - 1, before);
+            out.truncate(k);
+        }
+        out.sort_unstable_by(before);
+        return;
+    }
+    if k == 1 {
+        // Argmax; `>` keeps the lower index on ties.
+        let mut best = 0;
+        for (i, &v) in values.iter().enumerate().skip(1) {
+            if v > values[best] {
+                best = i;
+            }
+        }
+        out.push(best);
         return;
     }
     // Insertion into a short sorted buffer: a later index only overtakes strictly smaller values.
-    for (i, &v) in values.iter().enumerate() {
-        if out.len() == k {
-            if !(v > values[out[k - 1]]) {
-                continue;
+    // Once the buffer is full, whole chunks of 8 that cannot beat the current k-th value are
+    // skipped with one branch-free test.
+    let mut best: [(f32, usize); 32] = [(0.0, 0); 32];
+    let mut len = 0usize;
+    let mut insert = |v: f32, i: usize, best: &mut [(f32, usize); 32], len: &mut usize| {
+        if *len == k {
+            if !(v > best[k - 1].0) {
+                return;
             }
-            out.pop();
+            *len -= 1;
         }
-        let mut pos = out.len();
-        while pos > 0 && values[out[pos - 1]] < v {
+        let mut pos = *len;
+        while pos > 0 && best[pos - 1].0 < v {
+            best[pos] = best[pos - 1];
             pos -= 1;
         }
-        out.insert(pos, i);
+        best[pos] = (v, i);
+        *len += 1;
+    };
+    let head = k.min(values.len());
+    for (i, &v) in values[..head].iter().enumerate() {
+        insert(v, i, &mut best, &mut len);
     }
+    let mut start = head;
+    for chunk in values[head..].chunks(8) {
+        let threshold = best[k - 1].0;
+        let mut any = false;
+        for &v in chunk {
+            any |= v > threshold;
+        }
+        if any {
+            for (o, &v) in chunk.iter().enumerate() {
+                insert(v, start + o, &mut best, &mut len);
+            }
+        }
+        start += chunk.len();
+    }
+    out.extend(best[..len].iter().map(|&(_, i)| i));
+}
+
+/// [`top_k_indices`] for a vector that changed little since its top-k was `seed` (an iterative
+/// solver's previous step): the seed fills the buffer, so a scan usually inserts nothing.
+/// The result is the same as `top_k_indices`: ranking is by (value descending, index ascending),
+/// a total order, so the insertion sequence cannot matter.
+pub fn top_k_indices_seeded(values: &[f32], k: usize, seed: &[usize], out: &mut Vec<usize>) {
+    let k = k.min(values.len());
+    if seed.len() != k || k <= 2 {
+        // Small k gains nothing from a seed (argmax and short insertions are already cheap).
+        top_k_indices(values, k, out);
+        return;
+    }
+    let beats = |a: (f32, usize), b: (f32, usize)| a.0 > b.0 || (a.0 == b.0 && a.1 < b.1);
+    let mut best: Vec<(f32, usize)> = seed.iter().map(|&i| (values[i], i)).collect();
+    best.sort_unstable_by(|a, b| {
+        b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal).then(a.1.cmp(&b.1))
+    });
+    let mut start = 0;
+    for chunk in values.chunks(8) {
+        let threshold = best[k - 1].0;
+        let mut any = false;
+        for &v in chunk {
+            any |= v >= threshold;
+        }
+        if any {
+            for (o, &v) in chunk.iter().enumerate() {
+                let cand = (v, start + o);
+                if beats(cand, best[k - 1]) && !best.iter().any(|&(_, i)| i == cand.1) {
+                    let pos = best.partition_point(|&b| beats(b, cand));
+                    best.pop();
+                    best.insert(pos, cand);
+                }
+            }
+        }
+        start += chunk.len();
+    }
+    out.clear();
+    out.extend(best.iter().map(|&(_, i)| i));
 }
 
 /// Stable descending order of `priority` (BPR: `argsort(-top1)` with a stable sort).
@@ -135,6 +252,8 @@ mod tests {
         assert_eq!(out, [2, 0, 1]);
         top_k_indices(&[1.0, 2.0], 5, &mut out);
         assert_eq!(out, [1, 0]);
+        top_k_indices(&[1.0, 2.0, 2.0, -1.0], 1, &mut out);
+        assert_eq!(out, [1]);
     }
 
     #[test]
@@ -147,8 +266,32 @@ mod tests {
         want.sort_by(|&a, &b| values[b].partial_cmp(&values[a]).unwrap());
         assert_eq!(big, want[..100]);
         let mut small = Vec::new();
-        top_k_indices(&values, 40, &mut small);
-        assert_eq!(small, want[..40]);
+        top_k_indices(&values, 30, &mut small);
+        assert_eq!(small, want[..30]);
+    }
+
+    #[test]
+    fn seeded_top_k_equals_plain_top_k() {
+        let mut state = 12345u64;
+        let mut next = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 33) % 7) as f32 * 0.5
+        };
+        for n in [1usize, 5, 17, 64, 300] {
+            for k in [1usize, 2, 8, 40] {
+                let values: Vec<f32> = (0..n).map(|_| next()).collect();
+                let k = k.min(n);
+                let mut plain = Vec::new();
+                top_k_indices(&values, k, &mut plain);
+                // Any seed of the right size, good or bad, gives the same answer.
+                let seeds: [Vec<usize>; 2] = [(0..k).collect(), (n - k..n).rev().collect()];
+                for seed in seeds {
+                    let mut seeded = Vec::new();
+                    top_k_indices_seeded(&values, k, &seed, &mut seeded);
+                    assert_eq!(seeded, plain, "n {n} k {k} seed {seed:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! plan `P[:, j] = b_j·p*_j(α_final)`. The plan is loose on purpose: 20 small steps leave row sums
 //! visibly off 1, and that is the reference behaviour (spec §5.9).
 
-use super::ops::top_k_indices;
+use super::ops::{top_k_indices, top_k_indices_seeded};
 
 /// jaxopt's default tolerance on the gradient norm.
 pub const SCOT_TOL: f32 = 1e-3;
@@ -39,7 +39,14 @@ pub fn scot_columns(
     adam_lr: f32,
 ) -> ScotPlan {
     debug_assert_eq!(sim.len(), m * q);
-    let mut solver = Projector::new(m, kappa);
+    // Column-major copy, so that each column's sparse max reads contiguous memory.
+    let mut cols = vec![0.0f32; m * q];
+    for (i, row) in sim.chunks_exact(q).enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            cols[j * m + i] = v;
+        }
+    }
+    let mut solver = Projector::new(m, q, kappa);
     let mut alpha = vec![0.0f32; m];
     let mut mom1 = vec![0.0f32; m];
     let mut mom2 = vec![0.0f32; m];
@@ -50,7 +57,7 @@ pub fn scot_columns(
         // ∇F(α) = Σ_j b·p*_j − a
         grad.iter_mut().for_each(|g| *g = -a);
         for j in 0..q {
-            solver.project_column(sim, q, j, &alpha, b);
+            solver.project_column(j, &cols[j * m..(j + 1) * m], &alpha, b);
             for (&i, &p) in solver.support.iter().zip(&solver.values) {
                 grad[i] += b * p;
             }
@@ -75,7 +82,7 @@ pub fn scot_columns(
     }
     let mut plan = vec![0.0f32; m * q];
     for j in 0..q {
-        solver.project_column(sim, q, j, &alpha, b);
+        solver.project_column(j, &cols[j * m..(j + 1) * m], &alpha, b);
         for (&i, &p) in solver.support.iter().zip(&solver.values) {
             plan[i * q + j] = b * p;
         }
@@ -83,33 +90,38 @@ pub fn scot_columns(
     ScotPlan { plan, iterations, converged }
 }
 
-/// Scratch space for the sparse simplex projection of one column.
+/// Scratch space for the sparse simplex projection of one column, plus each column's previous
+/// top-κ: α moves little per Adam step, so it seeds the next top-κ search.
 struct Projector {
     column: Vec<f32>,
     top: Vec<usize>,
     support: Vec<usize>,
     values: Vec<f32>,
+    previous: Vec<Vec<usize>>,
     kappa: usize,
 }
 
 impl Projector {
-    fn new(m: usize, kappa: usize) -> Self {
+    fn new(m: usize, q: usize, kappa: usize) -> Self {
         Self {
             column: vec![0.0; m],
             top: Vec::with_capacity(kappa),
             support: Vec::with_capacity(kappa),
             values: Vec::with_capacity(kappa),
+            previous: vec![Vec::new(); q],
             kappa,
         }
     }
 
-    /// Projects `(α + sim[:, j]) / scale` onto the κ-sparse simplex; leaves the nonzero entries
-    /// in `support`/`values`.
-    fn project_column(&mut self, sim: &[f32], q: usize, j: usize, alpha: &[f32], scale: f32) {
-        for (i, (x, &al)) in self.column.iter_mut().zip(alpha).enumerate() {
-            *x = (al + sim[i * q + j]) / scale;
+    /// Projects `(α + column) / scale` onto the κ-sparse simplex; leaves the nonzero entries in
+    /// `support`/`values`.
+    fn project_column(&mut self, j: usize, column: &[f32], alpha: &[f32], scale: f32) {
+        for ((x, &al), &s) in self.column.iter_mut().zip(alpha).zip(column) {
+            *x = (al + s) / scale;
         }
-        sparse_simplex_projection(&self.column, self.kappa, &mut self.top, &mut self.values);
+        top_k_indices_seeded(&self.column, self.kappa, &self.previous[j], &mut self.top);
+        self.previous[j].clone_from(&self.top);
+        simplex_on_top(&self.column, &self.top, &mut self.values);
         self.support.clear();
         let mut w = 0;
         for r in 0..self.top.len() {
@@ -128,6 +140,11 @@ impl Projector {
 /// largest entries to `top` (top-k order) and their projected values to `values` (some may be 0).
 pub fn sparse_simplex_projection(x: &[f32], kappa: usize, top: &mut Vec<usize>, values: &mut Vec<f32>) {
     top_k_indices(x, kappa, top);
+    simplex_on_top(x, top, values);
+}
+
+/// The simplex projection of the entries `x[top]` (already in top-k order).
+fn simplex_on_top(x: &[f32], top: &[usize], values: &mut Vec<f32>) {
     values.clear();
     // ρ = #{r : 1/r + v_r − C_r/r > 0}, evaluated in the reference's operation order.
     let mut cumsum = 0.0f32;

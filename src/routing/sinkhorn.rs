@@ -6,10 +6,13 @@
 //! `maxiter` runs `10·floor(maxiter/10)` iterations (so 0 below 10).
 //!
 //! Float32 safety (spec §5.8): when the largest logit would overflow `exp`, one global constant is
-//! subtracted first, which leaves every iterate's plan unchanged. If the kernel still loses a
-//! whole row to underflow or an iterate stops being finite (logit spreads beyond ~87), the plan is
-//! recomputed in the log domain, which has the same fixed point; the reference would return a zero
-//! row or NaNs there, so this is the one deliberate divergence.
+//! subtracted first, which leaves every iterate's plan unchanged. If a kernel-mode denominator
+//! still underflows to zero or an iterate stops being finite (logit spreads beyond ~80), the plan is
+//! recomputed in the log domain, which has the same fixed point. The reference's zero-denominator
+//! guard would return zero rows (or NaNs) there, routing those tokens by the tie rule alone; that
+//! degenerate case is the one deliberate divergence. Ordinary logits never reach it.
+
+use super::ops::dot;
 
 /// Largest logit that `exp` takes safely in f32 (exp(88.7) overflows).
 const EXP_SAFE_MAX: f32 = 80.0;
@@ -45,12 +48,9 @@ pub fn sinkhorn_plan(logits: &[f32], n: usize, e: usize, maxiter: usize) -> Sink
     SinkhornPlan { plan: log_domain(logits, n, e, b, iterations), iterations, log_domain: true }
 }
 
-/// The reference's kernel-mode iterations; `None` when a row underflowed or a value went
-/// non-finite.
+/// The reference's kernel-mode iterations; `None` when a denominator underflowed to zero or a
+/// value went non-finite.
 fn kernel_mode(kernel: &[f32], n: usize, e: usize, b: f32, iterations: usize) -> Option<Vec<f32>> {
-    if iterations > 0 && kernel.chunks_exact(e).any(|row| row.iter().all(|&k| k == 0.0)) {
-        return None;
-    }
     let mut u = vec![1.0f32; n];
     let mut v = vec![1.0f32; e];
     let mut col = vec![0.0f32; e];
@@ -63,12 +63,18 @@ fn kernel_mode(kernel: &[f32], n: usize, e: usize, b: f32, iterations: usize) ->
             }
         }
         for (vj, &c) in v.iter_mut().zip(&col) {
-            *vj = if c == 0.0 { b } else { b / c };
+            if c == 0.0 || !c.is_finite() {
+                return None;
+            }
+            *vj = b / c;
         }
         // u = a / (K v), a = 1
         for (row, ui) in kernel.chunks_exact(e).zip(u.iter_mut()) {
-            let s: f32 = row.iter().zip(&v).map(|(&k, &vj)| k * vj).sum();
-            *ui = if s == 0.0 { 1.0 } else { 1.0 / s };
+            let s = dot(row, &v);
+            if s == 0.0 || !s.is_finite() {
+                return None;
+            }
+            *ui = 1.0 / s;
         }
     }
     let mut plan = Vec::with_capacity(n * e);
@@ -181,6 +187,17 @@ mod tests {
         assert!(out.plan.iter().all(|p| p.is_finite() && *p >= 0.0));
         for s in row_sums(&out.plan, 4) {
             assert!((s - 1.0).abs() < 1e-5, "{s}");
+        }
+    }
+
+    #[test]
+    fn underflowing_denominators_fall_back_to_log_domain() {
+        // One expert, spread 170: exp(−56)·v underflows in f32 although no logit overflows.
+        let z = [-56.25, 29.86, -96.5, 77.07, -49.3];
+        let out = sinkhorn_plan(&z, 5, 1, 20);
+        assert!(out.log_domain);
+        for p in out.plan {
+            assert!((p - 1.0).abs() < 1e-6);
         }
     }
 
