@@ -15,14 +15,19 @@ use routerscope::routing::{
 
 fn normal(len: usize, seed: u64) -> Vec<f32> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..len).map(|_| rng.sample::<f32, _>(StandardNormal)).collect()
+    (0..len)
+        .map(|_| rng.sample::<f32, _>(StandardNormal))
+        .collect()
 }
 
 fn bench_sparse(c: &mut Criterion) {
     for (n, e) in [(196usize, 32usize), (1576, 8)] {
         let logits = normal(n * e, 1);
         let mut group = c.benchmark_group(format!("route/{n}x{e}"));
-        for kind in RouterKind::ALL.into_iter().filter(|k| *k != RouterKind::SoftMoe) {
+        for kind in RouterKind::ALL
+            .into_iter()
+            .filter(|k| *k != RouterKind::SoftMoe)
+        {
             let cfg = RouterConfig::new(kind);
             group.bench_function(BenchmarkId::from_parameter(kind.cli_name()), |b| {
                 b.iter(|| {
@@ -36,20 +41,31 @@ fn bench_sparse(c: &mut Criterion) {
 
 fn bench_soft(c: &mut Criterion) {
     let (n, d, e) = (196usize, 768usize, 32usize);
-    let cfg = RouterConfig::new(RouterKind::SoftMoe);
-    let (p, _) = cfg.capacity_for(n, e).unwrap();
-    let x = normal(n * d, 2);
-    let mu = normal(d * e * p, 3);
-    let params = SoftRouterParams { mu: &mu, dim: d, num_experts: e, num_slots: p, scale: 1.0 };
-    let cfg = RouterConfig { capacity: CapacitySpec::Slots(p), ..cfg };
     let mut group = c.benchmark_group(format!("route/{n}x{e}"));
-    group.bench_function(format!("soft-from-tokens-d{d}-p{p}"), |b| {
-        b.iter(|| route_soft(black_box(&x), n, &params, &cfg, Mode::Deterministic).unwrap())
-    });
-    let logits = normal(n * e * p, 4);
-    group.bench_function(format!("soft-from-logits-p{p}"), |b| {
-        b.iter(|| soft_weights(black_box(logits.clone()), n, e * p))
-    });
+    // p = 1 slot per expert (the Soft MoE paper's setting, same expert compute as k = 1 sparse
+    // routers at CF 1) and p = 6 (vmoe's default round(n·CF/e) at CF 1).
+    for p in [1usize, 6] {
+        let cfg = RouterConfig {
+            capacity: CapacitySpec::Slots(p),
+            ..RouterConfig::new(RouterKind::SoftMoe)
+        };
+        let x = normal(n * d, 2);
+        let mu = normal(d * e * p, 3);
+        let params = SoftRouterParams {
+            mu: &mu,
+            dim: d,
+            num_experts: e,
+            num_slots: p,
+            scale: 1.0,
+        };
+        group.bench_function(format!("soft-p{p}-from-tokens-d{d}"), |b| {
+            b.iter(|| route_soft(black_box(&x), n, &params, &cfg, Mode::Deterministic).unwrap())
+        });
+        let logits = normal(n * e * p, 4);
+        group.bench_function(format!("soft-p{p}-from-logits"), |b| {
+            b.iter(|| soft_weights(black_box(logits.clone()), n, e * p))
+        });
+    }
     group.finish();
 }
 

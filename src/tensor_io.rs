@@ -17,13 +17,32 @@ pub enum TensorIoError {
     #[error("{path}: not a valid safetensors file ({reason})")]
     Format { path: PathBuf, reason: String },
     #[error("{path}: missing tensor `{name}` ({expected})")]
-    Missing { path: PathBuf, name: String, expected: String },
+    Missing {
+        path: PathBuf,
+        name: String,
+        expected: String,
+    },
     #[error("{path}: tensor `{name}` has dtype {found}, expected {expected}")]
-    Dtype { path: PathBuf, name: String, found: String, expected: String },
+    Dtype {
+        path: PathBuf,
+        name: String,
+        found: String,
+        expected: String,
+    },
     #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected}")]
-    Shape { path: PathBuf, name: String, found: Vec<usize>, expected: String },
+    Shape {
+        path: PathBuf,
+        name: String,
+        found: Vec<usize>,
+        expected: String,
+    },
     #[error("{path}: tensor `{name}` has a non-finite value ({value}) at index {index:?}")]
-    NonFinite { path: PathBuf, name: String, value: f32, index: Vec<usize> },
+    NonFinite {
+        path: PathBuf,
+        name: String,
+        value: f32,
+        index: Vec<usize>,
+    },
 }
 
 /// A float32 tensor read from a file.
@@ -42,9 +61,14 @@ pub struct TensorFile {
 impl TensorFile {
     /// Reads and validates the file (header, offsets) without decoding tensors.
     pub fn open(path: &Path) -> Result<Self, TensorIoError> {
-        let bytes =
-            fs::read(path).map_err(|err| TensorIoError::Io { path: path.to_owned(), err })?;
-        let file = Self { path: path.to_owned(), bytes };
+        let bytes = fs::read(path).map_err(|err| TensorIoError::Io {
+            path: path.to_owned(),
+            err,
+        })?;
+        let file = Self {
+            path: path.to_owned(),
+            bytes,
+        };
         file.parsed()?;
         Ok(file)
     }
@@ -62,16 +86,23 @@ impl TensorFile {
 
     /// Tensor names in the file, sorted.
     pub fn names(&self) -> Result<Vec<String>, TensorIoError> {
-        let mut names: Vec<String> = self.parsed()?.names().into_iter().map(str::to_owned).collect();
+        let mut names: Vec<String> = self
+            .parsed()?
+            .names()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
         names.sort();
         Ok(names)
     }
 
     /// The free-form `__metadata__` map of the header.
     pub fn metadata(&self) -> Result<HashMap<String, String>, TensorIoError> {
-        let (_, meta) = SafeTensors::read_metadata(&self.bytes).map_err(|e| {
-            TensorIoError::Format { path: self.path.clone(), reason: e.to_string() }
-        })?;
+        let (_, meta) =
+            SafeTensors::read_metadata(&self.bytes).map_err(|e| TensorIoError::Format {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })?;
         Ok(meta.metadata().clone().unwrap_or_default())
     }
 
@@ -115,7 +146,12 @@ impl TensorFile {
     }
 
     /// A shape error for tensor `name` of this file.
-    pub fn shape_error(&self, name: &str, found: &[usize], expected: impl Into<String>) -> TensorIoError {
+    pub fn shape_error(
+        &self,
+        name: &str,
+        found: &[usize],
+        expected: impl Into<String>,
+    ) -> TensorIoError {
         TensorIoError::Shape {
             path: self.path.clone(),
             name: name.into(),
@@ -149,32 +185,52 @@ pub fn write_f32_safetensors(
     tensors: &[OutTensor<'_>],
     metadata: HashMap<String, String>,
 ) -> Result<(), TensorIoError> {
-    let bytes: Vec<Vec<u8>> =
-        tensors.iter().map(|t| t.data.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|t| t.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .collect();
     let mut views = Vec::with_capacity(tensors.len());
     for (t, b) in tensors.iter().zip(&bytes) {
-        let view = TensorView::new(Dtype::F32, t.shape.clone(), b).map_err(|e| {
-            TensorIoError::Format { path: path.to_owned(), reason: format!("tensor `{}`: {e}", t.name) }
-        })?;
+        let view =
+            TensorView::new(Dtype::F32, t.shape.clone(), b).map_err(|e| TensorIoError::Format {
+                path: path.to_owned(),
+                reason: format!("tensor `{}`: {e}", t.name),
+            })?;
         views.push((t.name, view));
     }
-    let meta = if metadata.is_empty() { None } else { Some(metadata) };
-    let serialized = safetensors::serialize(views, meta)
-        .map_err(|e| TensorIoError::Format { path: path.to_owned(), reason: e.to_string() })?;
+    let meta = if metadata.is_empty() {
+        None
+    } else {
+        Some(metadata)
+    };
+    let serialized = safetensors::serialize(views, meta).map_err(|e| TensorIoError::Format {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
     write_atomic(path, &serialized)
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TensorIoError> {
-    let io = |err| TensorIoError::Io { path: path.to_owned(), err };
+    let io = |err| TensorIoError::Io {
+        path: path.to_owned(),
+        err,
+    };
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
     };
     let file_name = path.file_name().ok_or_else(|| {
-        io(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"))
+        io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a file path",
+        ))
     })?;
-    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = (|| {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -197,8 +253,16 @@ mod tests {
         let path = dir.path().join("t.safetensors");
         let data = [1.0f32, -2.5, 3.25, 0.0, 5.0, 6.0];
         let meta = HashMap::from([("capacity".to_string(), "2".to_string())]);
-        write_f32_safetensors(&path, &[OutTensor { name: "a", shape: vec![2, 3], data: &data }], meta)
-            .unwrap();
+        write_f32_safetensors(
+            &path,
+            &[OutTensor {
+                name: "a",
+                shape: vec![2, 3],
+                data: &data,
+            }],
+            meta,
+        )
+        .unwrap();
         let f = TensorFile::open(&path).unwrap();
         assert_eq!(f.names().unwrap(), ["a"]);
         assert_eq!(f.metadata().unwrap()["capacity"], "2");
@@ -216,10 +280,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.safetensors");
         let data = [1.0f32, 2.0, f32::INFINITY, 0.0];
-        write_f32_safetensors(&path, &[OutTensor { name: "x", shape: vec![2, 2], data: &data }], HashMap::new())
-            .unwrap();
-        let err = TensorFile::open(&path).unwrap().f32("x", "").err().unwrap().to_string();
-        assert!(err.ends_with("tensor `x` has a non-finite value (inf) at index [1, 0]"), "{err}");
+        write_f32_safetensors(
+            &path,
+            &[OutTensor {
+                name: "x",
+                shape: vec![2, 2],
+                data: &data,
+            }],
+            HashMap::new(),
+        )
+        .unwrap();
+        let err = TensorFile::open(&path)
+            .unwrap()
+            .f32("x", "")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.ends_with("tensor `x` has a non-finite value (inf) at index [1, 0]"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -227,14 +307,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.safetensors");
         fs::write(&path, b"definitely not safetensors").unwrap();
-        assert!(matches!(TensorFile::open(&path), Err(TensorIoError::Format { .. })));
+        assert!(matches!(
+            TensorFile::open(&path),
+            Err(TensorIoError::Format { .. })
+        ));
         let good = dir.path().join("good.safetensors");
         let data = [1.0f32; 16];
-        write_f32_safetensors(&good, &[OutTensor { name: "x", shape: vec![16], data: &data }], HashMap::new())
-            .unwrap();
+        write_f32_safetensors(
+            &good,
+            &[OutTensor {
+                name: "x",
+                shape: vec![16],
+                data: &data,
+            }],
+            HashMap::new(),
+        )
+        .unwrap();
         let bytes = fs::read(&good).unwrap();
         fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
-        assert!(matches!(TensorFile::open(&path), Err(TensorIoError::Format { .. })));
+        assert!(matches!(
+            TensorFile::open(&path),
+            Err(TensorIoError::Format { .. })
+        ));
         assert!(matches!(
             TensorFile::open(&dir.path().join("absent.safetensors")),
             Err(TensorIoError::Io { .. })

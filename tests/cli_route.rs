@@ -14,12 +14,21 @@ const LOGITS: [f32; 32] = [
 ];
 
 fn routerscope(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_routerscope")).args(args).output().expect("run routerscope")
+    Command::new(env!("CARGO_BIN_EXE_routerscope"))
+        .args(args)
+        .output()
+        .expect("run routerscope")
 }
 
 fn write(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])]) {
-    let t: Vec<OutTensor> =
-        tensors.iter().map(|(n, s, d)| OutTensor { name: n, shape: s.clone(), data: d }).collect();
+    let t: Vec<OutTensor> = tensors
+        .iter()
+        .map(|(n, s, d)| OutTensor {
+            name: n,
+            shape: s.clone(),
+            data: d,
+        })
+        .collect();
     write_f32_safetensors(path, &t, HashMap::new()).unwrap();
 }
 
@@ -31,7 +40,11 @@ fn logits_file(dir: &Path) -> PathBuf {
 
 fn run_ok(args: &[&str]) -> String {
     let out = routerscope(args);
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -41,7 +54,11 @@ fn run_err(args: &[&str], needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "expected failure for {args:?}");
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "not one line: {stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "not one line: {stderr}"
+    );
     assert!(stderr.starts_with("error:"), "{stderr}");
     assert!(stderr.contains(needle), "`{needle}` not in: {stderr}");
 }
@@ -52,8 +69,15 @@ fn softmax_tc_writes_dispatch_combine_and_capacity() {
     let input = logits_file(dir.path());
     let output = dir.path().join("out.safetensors");
     let stdout = run_ok(&[
-        "route", "--router", "softmax-tc", "--input", input.to_str().unwrap(), "--output",
-        output.to_str().unwrap(), "--capacity-multiple-of", "1",
+        "route",
+        "--router",
+        "softmax-tc",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--capacity-multiple-of",
+        "1",
     ]);
     assert!(stdout.contains("2 tokens dropped"), "{stdout}");
     let f = TensorFile::open(&output).unwrap();
@@ -62,8 +86,16 @@ fn softmax_tc_writes_dispatch_combine_and_capacity() {
     let g = f.f32("combine", "").unwrap();
     assert_eq!(d.shape, [8, 4, 2]);
     // Spec §6 vanilla k=1: t0 (3,0) t1 (0,0) t2 (1,0) t3 (0,1) t4 drop t5 (2,0) t6 (1,1) t7 drop.
-    let want: [Option<(usize, usize)>; 8] =
-        [Some((3, 0)), Some((0, 0)), Some((1, 0)), Some((0, 1)), None, Some((2, 0)), Some((1, 1)), None];
+    let want: [Option<(usize, usize)>; 8] = [
+        Some((3, 0)),
+        Some((0, 0)),
+        Some((1, 0)),
+        Some((0, 1)),
+        None,
+        Some((2, 0)),
+        Some((1, 1)),
+        None,
+    ];
     for (i, w) in want.iter().enumerate() {
         let row = &d.data[i * 8..(i + 1) * 8];
         match w {
@@ -76,8 +108,19 @@ fn softmax_tc_writes_dispatch_combine_and_capacity() {
         }
     }
     // Default capacity: ceil(8/4) = 2 padded to 4.
-    run_ok(&["route", "--router", "softmax-tc", "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap()]);
-    assert_eq!(TensorFile::open(&output).unwrap().metadata().unwrap()["capacity"], "4");
+    run_ok(&[
+        "route",
+        "--router",
+        "softmax-tc",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        TensorFile::open(&output).unwrap().metadata().unwrap()["capacity"],
+        "4"
+    );
 }
 
 #[test]
@@ -87,13 +130,55 @@ fn every_sparse_router_runs_with_its_options() {
     let output = dir.path().join("out.safetensors");
     let (i, o) = (input.to_str().unwrap(), output.to_str().unwrap());
     let runs: [&[&str]; 7] = [
-        &["--router", "softmax-tc", "--k", "2", "--batch-priority", "--capacity-factor", "1.5"],
-        &["--router", "sinkhorn-tc", "--iterations", "30", "--capacity-rounding", "round"],
+        &[
+            "--router",
+            "softmax-tc",
+            "--k",
+            "2",
+            "--batch-priority",
+            "--capacity-factor",
+            "1.5",
+        ],
+        &[
+            "--router",
+            "sinkhorn-tc",
+            "--iterations",
+            "30",
+            "--capacity-rounding",
+            "round",
+        ],
         &["--router", "softmax-ec", "--capacity-multiple-of", "1"],
-        &["--router", "sinkhorn-ec", "--capacity-multiple-of", "1", "--train-seed", "4"],
-        &["--router", "sparse-ec", "--adam-lr", "0.05", "--capacity-multiple-of", "1"],
-        &["--router", "sparse-tc", "--iterations", "5", "--batch-priority"],
-        &["--router", "softmax-ec", "--capacity-factor", "0.5", "--capacity-multiple-of", "0"],
+        &[
+            "--router",
+            "sinkhorn-ec",
+            "--capacity-multiple-of",
+            "1",
+            "--train-seed",
+            "4",
+        ],
+        &[
+            "--router",
+            "sparse-ec",
+            "--adam-lr",
+            "0.05",
+            "--capacity-multiple-of",
+            "1",
+        ],
+        &[
+            "--router",
+            "sparse-tc",
+            "--iterations",
+            "5",
+            "--batch-priority",
+        ],
+        &[
+            "--router",
+            "softmax-ec",
+            "--capacity-factor",
+            "0.5",
+            "--capacity-multiple-of",
+            "0",
+        ],
     ];
     for extra in runs {
         let mut args = vec!["route", "--input", i, "--output", o];
@@ -112,7 +197,14 @@ fn soft_moe_from_x_mu_scale() {
     let input = dir.path().join("soft.safetensors");
     let x = [1.0, 0.0, 2.0, 0.5, -1.0, 0.0, 0.0, 3.0, 1.0, -2.0, 0.5, 0.5];
     let mu = [1.0, -1.0, 0.0, 1.0, 1.0, 0.5];
-    write(&input, &[("x", vec![4, 3], &x), ("mu", vec![3, 2, 1], &mu), ("scale", vec![], &[1.0])]);
+    write(
+        &input,
+        &[
+            ("x", vec![4, 3], &x),
+            ("mu", vec![3, 2, 1], &mu),
+            ("scale", vec![], &[1.0]),
+        ],
+    );
     let output = dir.path().join("out.safetensors");
     let (i, o) = (input.to_str().unwrap(), output.to_str().unwrap());
     run_ok(&["route", "--router", "soft", "--input", i, "--output", o]);
@@ -120,17 +212,57 @@ fn soft_moe_from_x_mu_scale() {
     let d = f.f32("dispatch", "").unwrap();
     let c = f.f32("combine", "").unwrap();
     assert_eq!(d.shape, [4, 2, 1]);
-    let want_d = [0.44436, 0.17026, 0.23608, 0.06961, 0.21520, 0.35608, 0.10437, 0.40405];
-    let want_c = [0.72085, 0.27915, 0.77041, 0.22959, 0.37420, 0.62580, 0.20355, 0.79645];
+    let want_d = [
+        0.44436, 0.17026, 0.23608, 0.06961, 0.21520, 0.35608, 0.10437, 0.40405,
+    ];
+    let want_c = [
+        0.72085, 0.27915, 0.77041, 0.22959, 0.37420, 0.62580, 0.20355, 0.79645,
+    ];
     for (a, b) in d.data.iter().zip(want_d) {
         assert!((a - b).abs() < 1e-5);
     }
     for (a, b) in c.data.iter().zip(want_c) {
         assert!((a - b).abs() < 1e-5);
     }
-    run_ok(&["route", "--router", "soft", "--input", i, "--output", o, "--num-slots", "1"]);
-    run_err(&["route", "--router", "soft", "--input", i, "--output", o, "--num-slots", "2"], "mu has 1 slots");
-    run_err(&["route", "--router", "soft", "--input", i, "--output", o, "--capacity-rounding", "ceil"], "does not apply to soft");
+    run_ok(&[
+        "route",
+        "--router",
+        "soft",
+        "--input",
+        i,
+        "--output",
+        o,
+        "--num-slots",
+        "1",
+    ]);
+    run_err(
+        &[
+            "route",
+            "--router",
+            "soft",
+            "--input",
+            i,
+            "--output",
+            o,
+            "--num-slots",
+            "2",
+        ],
+        "mu has 1 slots",
+    );
+    run_err(
+        &[
+            "route",
+            "--router",
+            "soft",
+            "--input",
+            i,
+            "--output",
+            o,
+            "--capacity-rounding",
+            "ceil",
+        ],
+        "does not apply to soft",
+    );
 }
 
 #[test]
@@ -140,12 +272,24 @@ fn bad_inputs_give_one_line_errors() {
     let out = dir.path().join("out.safetensors");
     let o = out.to_str().unwrap();
     let route = |input: &Path, extra: &[&str], needle: &str| {
-        let mut args = vec!["route", "--router", "softmax-ec", "--input", input.to_str().unwrap(), "--output", o];
+        let mut args = vec![
+            "route",
+            "--router",
+            "softmax-ec",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            o,
+        ];
         args.extend_from_slice(extra);
         run_err(&args, needle);
     };
 
-    route(&dir.path().join("absent.safetensors"), &[], "absent.safetensors");
+    route(
+        &dir.path().join("absent.safetensors"),
+        &[],
+        "absent.safetensors",
+    );
 
     let garbage = dir.path().join("garbage.safetensors");
     std::fs::write(&garbage, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}").unwrap();
@@ -162,7 +306,11 @@ fn bad_inputs_give_one_line_errors() {
 
     let rank1 = dir.path().join("rank1.safetensors");
     write(&rank1, &[("logits", vec![32], &LOGITS)]);
-    route(&rank1, &[], "tensor `logits` has shape [32], expected [n, e]");
+    route(
+        &rank1,
+        &[],
+        "tensor `logits` has shape [32], expected [n, e]",
+    );
 
     let mut nan = LOGITS;
     nan[9] = f32::NAN;
@@ -171,22 +319,53 @@ fn bad_inputs_give_one_line_errors() {
     route(&nan_file, &[], "non-finite value (NaN) at index [2, 1]");
 
     let f64_file = dir.path().join("f64.safetensors");
-    let data: Vec<u8> = LOGITS.iter().flat_map(|v| (*v as f64).to_le_bytes()).collect();
+    let data: Vec<u8> = LOGITS
+        .iter()
+        .flat_map(|v| (*v as f64).to_le_bytes())
+        .collect();
     let view = TensorView::new(Dtype::F64, vec![8, 4], &data).unwrap();
-    std::fs::write(&f64_file, safetensors::serialize([("logits", view)], None).unwrap()).unwrap();
+    std::fs::write(
+        &f64_file,
+        safetensors::serialize([("logits", view)], None).unwrap(),
+    )
+    .unwrap();
     route(&f64_file, &[], "has dtype F64, expected F32");
 
     // Expert Choice cannot take more slots than tokens: ceil(8·5/4) = 10 > 8.
     route(&good, &["--capacity-factor", "5"], "exceeds the 8 tokens");
-    route(&good, &["--capacity-factor", "0"], "capacity factor must be a positive");
+    route(
+        &good,
+        &["--capacity-factor", "0"],
+        "capacity factor must be a positive",
+    );
     route(&good, &["--k", "2"], "--k does not apply to softmax-ec");
     run_err(
-        &["route", "--router", "softmax-tc", "--k", "9", "--input", good.to_str().unwrap(), "--output", o],
+        &[
+            "route",
+            "--router",
+            "softmax-tc",
+            "--k",
+            "9",
+            "--input",
+            good.to_str().unwrap(),
+            "--output",
+            o,
+        ],
         "k = 9 experts per token must be between 1 and the 4 experts",
     );
     run_err(
-        &["route", "--router", "softmax-ec", "--input", good.to_str().unwrap(), "--output",
-          dir.path().join("no/such/dir/out.safetensors").to_str().unwrap()],
+        &[
+            "route",
+            "--router",
+            "softmax-ec",
+            "--input",
+            good.to_str().unwrap(),
+            "--output",
+            dir.path()
+                .join("no/such/dir/out.safetensors")
+                .to_str()
+                .unwrap(),
+        ],
         "out.safetensors",
     );
     // Nothing was written by the failed runs.
@@ -195,7 +374,9 @@ fn bad_inputs_give_one_line_errors() {
 
 #[test]
 fn unknown_router_is_a_usage_error() {
-    let out = routerscope(&["route", "--router", "top-2", "--input", "a", "--output", "b"]);
+    let out = routerscope(&[
+        "route", "--router", "top-2", "--input", "a", "--output", "b",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown router `top-2`"));
 }

@@ -5,7 +5,11 @@ mod route;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "routerscope", version, about = "Look inside vision Mixture-of-Experts routing")]
+#[command(
+    name = "routerscope",
+    version,
+    about = "Look inside vision Mixture-of-Experts routing"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -69,9 +69,24 @@ fn config_from_args(args: &RouteArgs) -> anyhow::Result<RouterConfig> {
     let tc = family == RouterFamily::TokenChoice;
     let soft = family == RouterFamily::Soft;
     only("k", args.k.is_some(), tc, "Token Choice routers")?;
-    only("batch-priority", args.batch_priority, tc, "Token Choice routers")?;
-    only("iterations", args.iterations.is_some(), kind.has_solver(), "Sinkhorn and sparsity-constrained routers")?;
-    only("adam-lr", args.adam_lr.is_some(), kind.uses_adam(), "sparsity-constrained routers")?;
+    only(
+        "batch-priority",
+        args.batch_priority,
+        tc,
+        "Token Choice routers",
+    )?;
+    only(
+        "iterations",
+        args.iterations.is_some(),
+        kind.has_solver(),
+        "Sinkhorn and sparsity-constrained routers",
+    )?;
+    only(
+        "adam-lr",
+        args.adam_lr.is_some(),
+        kind.uses_adam(),
+        "sparsity-constrained routers",
+    )?;
     only("num-slots", args.num_slots.is_some(), soft, "Soft MoE")?;
     only(
         "capacity-multiple-of",
@@ -134,15 +149,25 @@ pub fn run(args: &RouteArgs) -> anyhow::Result<()> {
             return Err(input.shape_error("mu", &mu.shape, "[d, e, p]").into());
         };
         if md != d {
-            return Err(input.shape_error("mu", &mu.shape, format!("[{d}, e, p] (d from x)")).into());
+            return Err(input
+                .shape_error("mu", &mu.shape, format!("[{d}, e, p] (d from x)"))
+                .into());
         }
         if scale.data.len() != 1 || scale.shape.len() > 1 {
-            return Err(input.shape_error("scale", &scale.shape, "[] (a scalar)").into());
+            return Err(input
+                .shape_error("scale", &scale.shape, "[] (a scalar)")
+                .into());
         }
         if args.capacity_factor.is_none() && args.num_slots.is_none() {
             cfg.capacity = CapacitySpec::Slots(p);
         }
-        let params = SoftRouterParams { mu: &mu.data, dim: d, num_experts: e, num_slots: p, scale: scale.data[0] };
+        let params = SoftRouterParams {
+            mu: &mu.data,
+            dim: d,
+            num_experts: e,
+            num_slots: p,
+            scale: scale.data[0],
+        };
         route_soft(&x.data, n, &params, &cfg, mode).with_context(|| format!("{in_name}"))?
     } else {
         let logits = input.f32("logits", "f32 [n, e]")?;
@@ -161,11 +186,23 @@ fn write_output(args: &RouteArgs, r: &RoutingResult) -> anyhow::Result<()> {
     let dispatch = r.dispatch_dense();
     let combine = r.combine_dense();
     let mut tensors = vec![
-        OutTensor { name: "dispatch", shape: shape.clone(), data: &dispatch },
-        OutTensor { name: "combine", shape, data: &combine },
+        OutTensor {
+            name: "dispatch",
+            shape: shape.clone(),
+            data: &dispatch,
+        },
+        OutTensor {
+            name: "combine",
+            shape,
+            data: &combine,
+        },
     ];
     if let Some(s) = r.sparse() {
-        tensors.push(OutTensor { name: "scores", shape: vec![r.num_tokens, r.num_experts], data: &s.scores });
+        tensors.push(OutTensor {
+            name: "scores",
+            shape: vec![r.num_tokens, r.num_experts],
+            data: &s.scores,
+        });
     }
     let stats = r.stats();
     let mut meta = HashMap::from([
@@ -174,8 +211,14 @@ fn write_output(args: &RouteArgs, r: &RoutingResult) -> anyhow::Result<()> {
         ("num_tokens".to_string(), r.num_tokens.to_string()),
         ("num_experts".to_string(), r.num_experts.to_string()),
         ("k".to_string(), r.k.to_string()),
-        ("actual_capacity_factor".to_string(), stats.actual_capacity_factor.to_string()),
-        ("dropped_tokens".to_string(), stats.dropped_tokens.len().to_string()),
+        (
+            "actual_capacity_factor".to_string(),
+            stats.actual_capacity_factor.to_string(),
+        ),
+        (
+            "dropped_tokens".to_string(),
+            stats.dropped_tokens.len().to_string(),
+        ),
     ]);
     if let Some(s) = r.solver {
         meta.insert("solver_iterations".into(), s.iterations.to_string());
@@ -187,15 +230,48 @@ fn write_output(args: &RouteArgs, r: &RoutingResult) -> anyhow::Result<()> {
 fn print_summary(args: &RouteArgs, r: &RoutingResult) {
     let st = r.stats();
     println!(
-        "{}: {} tokens, {} experts, capacity {} (actual factor {:.3}), {} tokens dropped, \
-         tokens per expert {:?} -> {}",
+        "{}: {} tokens, {} experts, capacity {} (actual factor {:.3}), {} tokens dropped -> {}",
         r.router.display_name(),
         r.num_tokens,
         r.num_experts,
         r.capacity,
         st.actual_capacity_factor,
         st.dropped_tokens.len(),
-        st.tokens_per_expert,
         args.output.display()
     );
+    // Small groups: show who went where, the way the spec's worked examples are written.
+    if r.num_tokens > 64 || r.num_experts > 64 {
+        return;
+    }
+    match (r.sparse(), r.soft()) {
+        (Some(s), _) => {
+            for (j, slots) in s.slot_token.chunks(r.capacity).enumerate() {
+                let tokens: Vec<String> = slots
+                    .iter()
+                    .map(|t| t.map_or("-".to_string(), |t| format!("t{t}")))
+                    .collect();
+                println!("  expert {j}: [{}]", tokens.join(", "));
+            }
+            if !st.dropped_tokens.is_empty() {
+                let dropped: Vec<String> =
+                    st.dropped_tokens.iter().map(|t| format!("t{t}")).collect();
+                println!("  dropped: {}", dropped.join(", "));
+            }
+        }
+        (_, Some(soft)) => {
+            let ep = r.num_slots();
+            for i in 0..r.num_tokens {
+                let row = &soft.combine[i * ep..(i + 1) * ep];
+                let (top, w) = row.iter().enumerate().fold((0, f32::MIN), |acc, (k, &v)| {
+                    if v > acc.1 { (k, v) } else { acc }
+                });
+                println!(
+                    "  token {i}: top slot e{}s{} (combine weight {w:.3})",
+                    top / r.capacity,
+                    top % r.capacity
+                );
+            }
+        }
+        _ => {}
+    }
 }

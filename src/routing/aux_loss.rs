@@ -55,7 +55,12 @@ pub fn gshard_loss(gates: &[f32], e: usize) -> f32 {
         top1[top[0]] += 1.0;
     }
     let nf = n as f32;
-    let mean: f32 = mean_gate.iter().zip(&top1).map(|(m, f)| (m / nf) * (f / nf)).sum::<f32>() / e as f32;
+    let mean: f32 = mean_gate
+        .iter()
+        .zip(&top1)
+        .map(|(m, f)| (m / nf) * (f / nf))
+        .sum::<f32>()
+        / e as f32;
     (e * e) as f32 * mean
 }
 

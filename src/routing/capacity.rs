@@ -33,7 +33,9 @@ impl FromStr for CapacityRounding {
         match s {
             "ceil" => Ok(Self::Ceil),
             "round" => Ok(Self::Round),
-            other => Err(format!("unknown capacity rounding `{other}` (expected ceil or round)")),
+            other => Err(format!(
+                "unknown capacity rounding `{other}` (expected ceil or round)"
+            )),
         }
     }
 }
@@ -50,7 +52,9 @@ pub fn compute_capacity(
     multiple_of: usize,
 ) -> Result<usize, RoutingError> {
     if num_experts == 0 {
-        return Err(RoutingError::InvalidConfig("number of experts must be at least 1".into()));
+        return Err(RoutingError::InvalidConfig(
+            "number of experts must be at least 1".into(),
+        ));
     }
     if !capacity_factor.is_finite() || capacity_factor <= 0.0 {
         return Err(RoutingError::InvalidConfig(format!(

@@ -35,13 +35,23 @@ pub fn expert_choice_selection(
         per_token[i + 1] += per_token[i];
     }
     let mut fill = per_token.clone();
-    let mut choices = vec![Choice { expert: 0, slot: None, gate: 0.0 }; e * c];
+    let mut choices = vec![
+        Choice {
+            expert: 0,
+            slot: None,
+            gate: 0.0
+        };
+        e * c
+    ];
     for j in 0..e {
         for s in 0..c {
             if let Some(i) = slot_token[j * c + s] {
                 let at = &mut fill[i as usize];
-                choices[*at as usize] =
-                    Choice { expert: j as u32, slot: Some(s as u32), gate: slot_gate[j * c + s] };
+                choices[*at as usize] = Choice {
+                    expert: j as u32,
+                    slot: Some(s as u32),
+                    gate: slot_gate[j * c + s],
+                };
                 *at += 1;
             }
         }

@@ -94,7 +94,10 @@ pub fn moe_layer(
             }
         }
         Assignment::Soft(s) => {
-            for (out, weights) in token_outputs.chunks_exact_mut(d).zip(s.combine.chunks_exact(e * c)) {
+            for (out, weights) in token_outputs
+                .chunks_exact_mut(d)
+                .zip(s.combine.chunks_exact(e * c))
+            {
                 for (slot, &w) in weights.iter().enumerate() {
                     for (o, &y) in out.iter_mut().zip(&combined[slot * d..][..d]) {
                         *o += w * y;
@@ -103,7 +106,11 @@ pub fn moe_layer(
             }
         }
     }
-    Ok(MoeLayerOutput { slot_inputs, expert_outputs, token_outputs })
+    Ok(MoeLayerOutput {
+        slot_inputs,
+        expert_outputs,
+        token_outputs,
+    })
 }
 
 /// ViT MLP experts `Dense(d→m) → GELU(tanh) → Dense(m→d)` with vmoe's stacked layouts:

@@ -30,7 +30,7 @@ pub use router::{
     CapacitySpec, LossWeights, Mode, RouterConfig, RouterFamily, RouterKind, route_logits,
     route_soft,
 };
-pub use scot::{ScotPlan, scot_columns, sparse_simplex_projection};
+pub use scot::{ScotOptions, ScotPlan, scot_columns, sparse_simplex_projection};
 pub use sinkhorn::{SinkhornPlan, sinkhorn_iterations, sinkhorn_plan};
 pub use soft_moe::{SoftRouterParams, soft_logits, soft_weights};
 

@@ -46,7 +46,8 @@ pub fn sum(x: &[f32]) -> f32 {
             *a += v;
         }
     }
-    let mut total = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    let mut total =
+        ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for v in rest {
         total += v;
     }
@@ -65,7 +66,8 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[i] += x[i] * y[i];
         }
     }
-    let mut total = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    let mut total =
+        ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for (x, y) in ra.iter().zip(rb) {
         total += x * y;
     }
@@ -84,7 +86,10 @@ pub fn top_k_indices(values: &[f32], k: usize, out: &mut Vec<usize>) {
         // Large k (Expert Choice with big capacities): partial selection under the total order
         // (value descending, index ascending), then sort only the selected prefix.
         let before = |&a: &usize, &b: &usize| {
-            values[b].partial_cmp(&values[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b))
+            values[b]
+                .partial_cmp(&values[a])
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(a.cmp(&b))
         };
         out.extend(0..values.len());
         if k < out.len() {
@@ -110,9 +115,9 @@ pub fn top_k_indices(values: &[f32], k: usize, out: &mut Vec<usize>) {
     // skipped with one branch-free test.
     let mut best: [(f32, usize); 32] = [(0.0, 0); 32];
     let mut len = 0usize;
-    let mut insert = |v: f32, i: usize, best: &mut [(f32, usize); 32], len: &mut usize| {
+    let insert = |v: f32, i: usize, best: &mut [(f32, usize); 32], len: &mut usize| {
         if *len == k {
-            if !(v > best[k - 1].0) {
+            if v.partial_cmp(&best[k - 1].0) != Some(std::cmp::Ordering::Greater) {
                 return;
             }
             *len -= 1;
@@ -160,7 +165,9 @@ pub fn top_k_indices_seeded(values: &[f32], k: usize, seed: &[usize], out: &mut 
     let beats = |a: (f32, usize), b: (f32, usize)| a.0 > b.0 || (a.0 == b.0 && a.1 < b.1);
     let mut best: Vec<(f32, usize)> = seed.iter().map(|&i| (values[i], i)).collect();
     best.sort_unstable_by(|a, b| {
-        b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal).then(a.1.cmp(&b.1))
+        b.0.partial_cmp(&a.0)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.1.cmp(&b.1))
     });
     let mut start = 0;
     for chunk in values.chunks(8) {
@@ -274,7 +281,9 @@ mod tests {
     fn seeded_top_k_equals_plain_top_k() {
         let mut state = 12345u64;
         let mut next = || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 33) % 7) as f32 * 0.5
         };
         for n in [1usize, 5, 17, 64, 300] {
@@ -296,7 +305,10 @@ mod tests {
 
     #[test]
     fn stable_order_keeps_equal_priorities_in_token_order() {
-        assert_eq!(stable_descending_order(&[0.5, 0.9, 0.5, 0.9, 0.1]), [1, 3, 0, 2, 4]);
+        assert_eq!(
+            stable_descending_order(&[0.5, 0.9, 0.5, 0.9, 0.1]),
+            [1, 3, 0, 2, 4]
+        );
         // -0.0 and 0.0 compare equal, as in JAX's sort.
         assert_eq!(stable_descending_order(&[0.0, -0.0, 0.0]), [0, 1, 2]);
     }

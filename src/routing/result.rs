@@ -214,8 +214,9 @@ impl RoutingResult {
                     dropped_choices += ch.len() - kept;
                     experts_per_token.push(kept);
                 }
-                let dropped_tokens =
-                    (0..n).filter(|&i| experts_per_token[i] == 0).collect::<Vec<_>>();
+                let dropped_tokens = (0..n)
+                    .filter(|&i| experts_per_token[i] == 0)
+                    .collect::<Vec<_>>();
                 let mut hist = vec![0usize; e + 1];
                 for &m in &experts_per_token {
                     hist[m.min(e)] += 1;

@@ -11,16 +11,16 @@ use std::str::FromStr;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
+use super::RoutingError;
 use super::aux_loss::{gshard_loss, importance_loss, load_loss};
 use super::capacity::{CapacityRounding, compute_capacity};
 use super::expert_choice::expert_choice_selection;
 use super::ops::{add_gaussian_noise, softmax_rows};
 use super::result::{Assignment, AuxLosses, RoutingResult, SolverInfo};
-use super::scot::scot_columns;
+use super::scot::{ScotOptions, scot_columns};
 use super::sinkhorn::sinkhorn_plan;
 use super::soft_moe::{SoftRouterParams, soft_logits, soft_weights};
 use super::token_choice::token_choice_slotting;
-use super::RoutingError;
 
 /// The routers of the study (the six of the paper, plus Sparsity-constrained Token Choice).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -129,10 +129,16 @@ impl fmt::Display for RouterKind {
 impl FromStr for RouterKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL.into_iter().find(|k| k.cli_name() == s).ok_or_else(|| {
-            let names: Vec<_> = Self::ALL.iter().map(|k| k.cli_name()).collect();
-            format!("unknown router `{s}` (expected one of {})", names.join(", "))
-        })
+        Self::ALL
+            .into_iter()
+            .find(|k| k.cli_name() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Self::ALL.iter().map(|k| k.cli_name()).collect();
+                format!(
+                    "unknown router `{s}` (expected one of {})",
+                    names.join(", ")
+                )
+            })
     }
 }
 
@@ -192,7 +198,11 @@ impl RouterConfig {
             batch_priority: false,
             max_iterations: 20,
             adam_lr: 1e-2,
-            noise_std: if kind == RouterKind::SoftMoe { 0.0 } else { 1.0 },
+            noise_std: if kind == RouterKind::SoftMoe {
+                0.0
+            } else {
+                1.0
+            },
             use_softmax_combine_weights: true,
             loss_weights: LossWeights {
                 importance: if softmax_tc { 1.0 } else { 0.0 },
@@ -204,7 +214,11 @@ impl RouterConfig {
 
     /// Experts per token used by this router (`k` for Token Choice, else 1).
     pub fn experts_per_token(&self) -> usize {
-        if self.kind.family() == RouterFamily::TokenChoice { self.k } else { 1 }
+        if self.kind.family() == RouterFamily::TokenChoice {
+            self.k
+        } else {
+            1
+        }
     }
 
     /// Slots per expert for a group of `n` tokens and `e` experts, and the `N` it derives from.
@@ -224,7 +238,9 @@ impl RouterConfig {
         let big_n = n * self.experts_per_token();
         let c = match (self.capacity, family) {
             (CapacitySpec::Slots(0), _) => {
-                return Err(RoutingError::Capacity("capacity must be at least 1 slot".into()));
+                return Err(RoutingError::Capacity(
+                    "capacity must be at least 1 slot".into(),
+                ));
             }
             (CapacitySpec::Slots(c), _) => c,
             (CapacitySpec::Factor(cf), RouterFamily::Soft) => {
@@ -342,36 +358,61 @@ pub fn route_logits(
         RouterKind::SparseExpertChoice => {
             let s = clean_softmax();
             let b = (n as f64 / e as f64) as f32;
-            let out = scot_columns(&s, n, e, 1.0, b, c, cfg.max_iterations, cfg.adam_lr);
+            let opts = ScotOptions {
+                kappa: c,
+                max_iterations: cfg.max_iterations,
+                adam_lr: cfg.adam_lr,
+            };
+            let out = scot_columns(&s, n, e, (1.0, b), &opts);
             solver = Some(SolverInfo {
                 iterations: out.iterations,
                 converged: out.converged,
                 log_domain: false,
             });
-            let gates = if cfg.use_softmax_combine_weights { s } else { out.plan.clone() };
+            let gates = if cfg.use_softmax_combine_weights {
+                s
+            } else {
+                out.plan.clone()
+            };
             (out.plan, gates)
         }
         RouterKind::SparseTokenChoice => {
             let s = clean_softmax();
             let a = (n as f64 / e as f64) as f32;
             let st = transpose(&s, n, e);
-            let out = scot_columns(&st, e, n, a, 1.0, k, cfg.max_iterations, cfg.adam_lr);
+            let opts = ScotOptions {
+                kappa: k,
+                max_iterations: cfg.max_iterations,
+                adam_lr: cfg.adam_lr,
+            };
+            let out = scot_columns(&st, e, n, (a, 1.0), &opts);
             solver = Some(SolverInfo {
                 iterations: out.iterations,
                 converged: out.converged,
                 log_domain: false,
             });
             let plan = transpose(&out.plan, e, n);
-            let gates = if cfg.use_softmax_combine_weights { s } else { plan.clone() };
+            let gates = if cfg.use_softmax_combine_weights {
+                s
+            } else {
+                plan.clone()
+            };
             (plan, gates)
         }
         RouterKind::SoftMoe => unreachable!("rejected above"),
     };
 
     let aux = match cfg.kind {
-        RouterKind::SoftmaxTokenChoice | RouterKind::SinkhornTokenChoice => {
-            token_choice_aux(cfg, logits, noisy.as_deref(), &gates, e, k, sigma, mode.is_train())
-        }
+        RouterKind::SoftmaxTokenChoice | RouterKind::SinkhornTokenChoice => token_choice_aux(
+            cfg,
+            logits,
+            noisy.as_deref(),
+            &gates,
+            e,
+            k,
+            sigma,
+            mode.is_train(),
+        ),
         _ => AuxLosses::default(),
     };
 
@@ -409,13 +450,15 @@ fn token_choice_aux(
     let mut aux = AuxLosses::default();
     if w.importance != 0.0 {
         // Importance uses the noise-free softmax.
-        let clean = if noisy.is_some() { softmax_rows(logits, e) } else { gates.to_vec() };
+        let clean = if noisy.is_some() {
+            softmax_rows(logits, e)
+        } else {
+            gates.to_vec()
+        };
         aux.importance = Some(importance_loss(&clean, e));
     }
-    if w.load != 0.0 && train {
-        if let Some(noisy) = noisy {
-            aux.load = Some(load_loss(logits, noisy, e, k, sigma));
-        }
+    if let Some(noisy) = noisy.filter(|_| w.load != 0.0 && train) {
+        aux.load = Some(load_loss(logits, noisy, e, k, sigma));
     }
     if w.gshard != 0.0 {
         aux.gshard = Some(gshard_loss(gates, e));
@@ -463,7 +506,10 @@ pub fn route_soft(
     check_finite("x", x, d)?;
     check_finite("mu", params.mu, e * p)?;
     if !params.scale.is_finite() {
-        return Err(RoutingError::NonFinite(format!("scale is {}", params.scale)));
+        return Err(RoutingError::NonFinite(format!(
+            "scale is {}",
+            params.scale
+        )));
     }
     let (c, capacity_tokens) = cfg.capacity_for(n, e)?;
     if c != p {
@@ -473,10 +519,10 @@ pub fn route_soft(
         )));
     }
     let mut logits = soft_logits(x, n, params);
-    if let Mode::Train(rng) = &mut mode {
-        if cfg.noise_std > 0.0 {
-            add_gaussian_noise(&mut logits, cfg.noise_std, &mut **rng);
-        }
+    if let Mode::Train(rng) = &mut mode
+        && cfg.noise_std > 0.0
+    {
+        add_gaussian_noise(&mut logits, cfg.noise_std, &mut **rng);
     }
     let soft = soft_weights(logits, n, e * p);
     Ok(RoutingResult {

@@ -26,19 +26,31 @@ pub struct ScotPlan {
     pub converged: bool,
 }
 
-/// Column-sparse plan of a row-major `[m, q]` similarity matrix: row marginals `a`, column
-/// marginals `b` (uniform), each column with at most `kappa` nonzeros.
+/// Solver settings: at most `kappa` nonzeros per column, `max_iterations` Adam steps of size
+/// `adam_lr` (vmoe: 20 and 1e-2).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ScotOptions {
+    pub kappa: usize,
+    pub max_iterations: usize,
+    pub adam_lr: f32,
+}
+
+/// Column-sparse plan of a row-major `[m, q]` similarity matrix with uniform marginals
+/// `(a, b)`: every row should carry `a`, every column carries exactly `b`.
 pub fn scot_columns(
     sim: &[f32],
     m: usize,
     q: usize,
-    a: f32,
-    b: f32,
-    kappa: usize,
-    maxiter: usize,
-    adam_lr: f32,
+    marginals: (f32, f32),
+    opts: &ScotOptions,
 ) -> ScotPlan {
     debug_assert_eq!(sim.len(), m * q);
+    let (a, b) = marginals;
+    let ScotOptions {
+        kappa,
+        max_iterations: maxiter,
+        adam_lr,
+    } = *opts;
     // Column-major copy, so that each column's sparse max reads contiguous memory.
     let mut cols = vec![0.0f32; m * q];
     for (i, row) in sim.chunks_exact(q).enumerate() {
@@ -87,7 +99,11 @@ pub fn scot_columns(
             plan[i * q + j] = b * p;
         }
     }
-    ScotPlan { plan, iterations, converged }
+    ScotPlan {
+        plan,
+        iterations,
+        converged,
+    }
 }
 
 /// Scratch space for the sparse simplex projection of one column, plus each column's previous
@@ -138,7 +154,12 @@ impl Projector {
 /// Euclidean projection onto the probability simplex restricted to at most `kappa` nonzeros
 /// (jaxopt `projection_sparse_simplex`, Kyrillidis et al. 2013). Writes the indices of the κ
 /// largest entries to `top` (top-k order) and their projected values to `values` (some may be 0).
-pub fn sparse_simplex_projection(x: &[f32], kappa: usize, top: &mut Vec<usize>, values: &mut Vec<f32>) {
+pub fn sparse_simplex_projection(
+    x: &[f32],
+    kappa: usize,
+    top: &mut Vec<usize>,
+    values: &mut Vec<f32>,
+) {
     top_k_indices(x, kappa, top);
     simplex_on_top(x, top, values);
 }
@@ -209,7 +230,12 @@ mod tests {
         for (a, b) in s.iter().zip(GOLDEN_SOFTMAX) {
             assert!((a - b).abs() < 5e-6);
         }
-        let out = scot_columns(&s, 8, 4, 1.0, 2.0, 2, 20, 1e-2);
+        let opts = ScotOptions {
+            kappa: 2,
+            max_iterations: 20,
+            adam_lr: 1e-2,
+        };
+        let out = scot_columns(&s, 8, 4, (1.0, 2.0), &opts);
         let want: [(usize, usize, f32); 8] = [
             (1, 0, 1.01011),
             (4, 0, 0.98989),
@@ -225,7 +251,12 @@ mod tests {
             expected[i * 4 + j] = v;
         }
         for (idx, (a, b)) in out.plan.iter().zip(expected).enumerate() {
-            assert!((a - b).abs() < 2e-5, "entry ({}, {}): {a} vs {b}", idx / 4, idx % 4);
+            assert!(
+                (a - b).abs() < 2e-5,
+                "entry ({}, {}): {a} vs {b}",
+                idx / 4,
+                idx % 4
+            );
         }
         for j in 0..4 {
             let col: f32 = (0..8).map(|i| out.plan[i * 4 + j]).sum();
@@ -243,7 +274,12 @@ mod tests {
                 st[j * 8 + i] = s[i * 4 + j];
             }
         }
-        let out = scot_columns(&st, 4, 8, 2.0, 1.0, 1, 20, 1e-2);
+        let opts = ScotOptions {
+            kappa: 1,
+            max_iterations: 20,
+            adam_lr: 1e-2,
+        };
+        let out = scot_columns(&st, 4, 8, (2.0, 1.0), &opts);
         let want = [3, 0, 1, 2, 0, 2, 1, 3];
         for (i, &j) in want.iter().enumerate() {
             for jj in 0..4 {

@@ -39,13 +39,25 @@ pub fn sinkhorn_plan(logits: &[f32], n: usize, e: usize, maxiter: usize) -> Sink
     let iterations = sinkhorn_iterations(maxiter);
     let b = (n as f64 / e as f64) as f32;
     let global_max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let shift = if global_max > EXP_SAFE_MAX { global_max } else { 0.0 };
+    let shift = if global_max > EXP_SAFE_MAX {
+        global_max
+    } else {
+        0.0
+    };
     let kernel: Vec<f32> = logits.iter().map(|&z| (z - shift).exp()).collect();
 
     if let Some(plan) = kernel_mode(&kernel, n, e, b, iterations) {
-        return SinkhornPlan { plan, iterations, log_domain: false };
+        return SinkhornPlan {
+            plan,
+            iterations,
+            log_domain: false,
+        };
     }
-    SinkhornPlan { plan: log_domain(logits, n, e, b, iterations), iterations, log_domain: true }
+    SinkhornPlan {
+        plan: log_domain(logits, n, e, b, iterations),
+        iterations,
+        log_domain: true,
+    }
 }
 
 /// The reference's kernel-mode iterations; `None` when a denominator underflowed to zero or a
@@ -177,10 +189,10 @@ mod tests {
     fn huge_spreads_fall_back_to_log_domain_and_stay_finite() {
         let mut z = GOLDEN_LOGITS.to_vec();
         for v in &mut z[..4] {
-            *v = -100.0 + *v;
+            *v -= 100.0;
         }
         for v in &mut z[4..8] {
-            *v = 100.0 + *v;
+            *v += 100.0;
         }
         let out = sinkhorn_plan(&z, 8, 4, 20);
         assert!(out.log_domain);

@@ -68,19 +68,34 @@ pub fn soft_weights(logits: Vec<f32>, n: usize, ep: usize) -> SoftAssignment {
     for row in combine.chunks_exact_mut(ep) {
         softmax_in_place(row);
     }
-    // Column softmax over tokens, one slot at a time.
-    let mut dispatch = vec![0.0f32; n * ep];
-    let mut col = vec![0.0f32; n];
-    for js in 0..ep {
-        for (i, v) in col.iter_mut().enumerate() {
-            *v = logits[i * ep + js];
-        }
-        softmax_in_place(&mut col);
-        for (i, &v) in col.iter().enumerate() {
-            dispatch[i * ep + js] = v;
+    // Softmax over tokens for every slot, computed row by row so the inner loops run over
+    // contiguous slots.
+    let mut col_max = vec![f32::NEG_INFINITY; ep];
+    for row in logits.chunks_exact(ep) {
+        for (m, &v) in col_max.iter_mut().zip(row) {
+            *m = m.max(v);
         }
     }
-    SoftAssignment { dispatch, combine, logits }
+    let mut dispatch = vec![0.0f32; n * ep];
+    let mut col_sum = vec![0.0f32; ep];
+    for (out, row) in dispatch.chunks_exact_mut(ep).zip(logits.chunks_exact(ep)) {
+        for ((o, &v), &m) in out.iter_mut().zip(row).zip(&col_max) {
+            *o = (v - m).exp();
+        }
+        for (s, &o) in col_sum.iter_mut().zip(out.iter()) {
+            *s += o;
+        }
+    }
+    for out in dispatch.chunks_exact_mut(ep) {
+        for (o, &s) in out.iter_mut().zip(&col_sum) {
+            *o /= s;
+        }
+    }
+    SoftAssignment {
+        dispatch,
+        combine,
+        logits,
+    }
 }
 
 #[cfg(test)]
@@ -93,15 +108,27 @@ mod tests {
         let x = [1.0, 0.0, 2.0, 0.5, -1.0, 0.0, 0.0, 3.0, 1.0, -2.0, 0.5, 0.5];
         // mu is [d, e, p] = [3, 2, 1]: columns (1, 0, 1) and (-1, 1, 0.5).
         let mu = [1.0, -1.0, 0.0, 1.0, 1.0, 0.5];
-        let params = SoftRouterParams { mu: &mu, dim: 3, num_experts: 2, num_slots: 1, scale: 1.0 };
+        let params = SoftRouterParams {
+            mu: &mu,
+            dim: 3,
+            num_experts: 2,
+            num_slots: 1,
+            scale: 1.0,
+        };
         let logits = soft_logits(&x, 4, &params);
-        let want_logits = [0.94868, 0.0, 0.31623, -0.89443, 0.22361, 0.73786, -0.5, 0.86424];
+        let want_logits = [
+            0.94868, 0.0, 0.31623, -0.89443, 0.22361, 0.73786, -0.5, 0.86424,
+        ];
         for (a, b) in logits.iter().zip(want_logits) {
             assert!((a - b).abs() < 1e-5, "{logits:?}");
         }
         let w = soft_weights(logits, 4, 2);
-        let dispatch = [0.44436, 0.17026, 0.23608, 0.06961, 0.21520, 0.35608, 0.10437, 0.40405];
-        let combine = [0.72085, 0.27915, 0.77041, 0.22959, 0.37420, 0.62580, 0.20355, 0.79645];
+        let dispatch = [
+            0.44436, 0.17026, 0.23608, 0.06961, 0.21520, 0.35608, 0.10437, 0.40405,
+        ];
+        let combine = [
+            0.72085, 0.27915, 0.77041, 0.22959, 0.37420, 0.62580, 0.20355, 0.79645,
+        ];
         for (a, b) in w.dispatch.iter().zip(dispatch) {
             assert!((a - b).abs() < 1e-5, "dispatch {:?}", w.dispatch);
         }
@@ -115,7 +142,13 @@ mod tests {
         // n·d < d·e·p puts the scale on the tokens; otherwise on mu. Same maths.
         let x = [0.3, -0.2, 0.9, 1.5];
         let mu = [0.5, -1.0, 0.25, 2.0, 0.1, -0.3, 0.7, 0.0]; // d = 2, e = 2, p = 2
-        let small = SoftRouterParams { mu: &mu, dim: 2, num_experts: 2, num_slots: 2, scale: 3.0 };
+        let small = SoftRouterParams {
+            mu: &mu,
+            dim: 2,
+            num_experts: 2,
+            num_slots: 2,
+            scale: 3.0,
+        };
         let l1 = soft_logits(&x, 2, &small);
         let x_many: Vec<f32> = x.iter().cycle().take(2 * 6).copied().collect();
         let l2 = soft_logits(&x_many, 6, &small);

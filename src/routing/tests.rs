@@ -5,24 +5,44 @@ use super::*;
 use rand::SeedableRng;
 
 fn cfg(kind: RouterKind, k: usize, bpr: bool) -> RouterConfig {
-    RouterConfig { k, batch_priority: bpr, multiple_of: 1, ..RouterConfig::new(kind) }
+    RouterConfig {
+        k,
+        batch_priority: bpr,
+        multiple_of: 1,
+        ..RouterConfig::new(kind)
+    }
 }
 
 fn route(kind: RouterKind, k: usize, bpr: bool) -> RoutingResult {
-    route_logits(&GOLDEN_LOGITS, 8, 4, &cfg(kind, k, bpr), Mode::Deterministic).unwrap()
+    route_logits(
+        &GOLDEN_LOGITS,
+        8,
+        4,
+        &cfg(kind, k, bpr),
+        Mode::Deterministic,
+    )
+    .unwrap()
 }
 
 /// Per token, per rank: (expert, slot) with `None` for dropped.
 fn tc(r: &RoutingResult) -> Vec<Vec<(u32, Option<u32>)>> {
     (0..r.num_tokens)
-        .map(|i| r.token_choices(i).iter().map(|c| (c.expert, c.slot)).collect())
+        .map(|i| {
+            r.token_choices(i)
+                .iter()
+                .map(|c| (c.expert, c.slot))
+                .collect()
+        })
         .collect()
 }
 
 /// Per expert: tokens in slot order.
 fn ec(r: &RoutingResult) -> Vec<Vec<u32>> {
     let s = r.sparse().unwrap();
-    s.slot_token.chunks(r.capacity).map(|slots| slots.iter().map(|t| t.unwrap()).collect()).collect()
+    s.slot_token
+        .chunks(r.capacity)
+        .map(|slots| slots.iter().map(|t| t.unwrap()).collect())
+        .collect()
 }
 
 fn k1(pairs: [(u32, Option<u32>); 8]) -> Vec<Vec<(u32, Option<u32>)>> {
@@ -35,7 +55,16 @@ const X: Option<u32> = None;
 fn softmax_tc_k1_vanilla() {
     let r = route(RouterKind::SoftmaxTokenChoice, 1, false);
     assert_eq!(r.capacity, 2);
-    let want = [(3, Some(0)), (0, Some(0)), (1, Some(0)), (0, Some(1)), (0, X), (2, Some(0)), (1, Some(1)), (0, X)];
+    let want = [
+        (3, Some(0)),
+        (0, Some(0)),
+        (1, Some(0)),
+        (0, Some(1)),
+        (0, X),
+        (2, Some(0)),
+        (1, Some(1)),
+        (0, X),
+    ];
     assert_eq!(tc(&r), k1(want));
     let st = r.stats();
     assert_eq!(st.dropped_tokens, [4, 7]);
@@ -47,7 +76,16 @@ fn softmax_tc_k1_vanilla() {
 #[test]
 fn softmax_tc_k1_batch_priority() {
     let r = route(RouterKind::SoftmaxTokenChoice, 1, true);
-    let want = [(3, Some(0)), (0, Some(1)), (1, Some(1)), (0, X), (0, Some(0)), (2, Some(0)), (1, Some(0)), (0, X)];
+    let want = [
+        (3, Some(0)),
+        (0, Some(1)),
+        (1, Some(1)),
+        (0, X),
+        (0, Some(0)),
+        (2, Some(0)),
+        (1, Some(0)),
+        (0, X),
+    ];
     assert_eq!(tc(&r), k1(want));
 }
 
@@ -96,7 +134,16 @@ fn softmax_ec() {
 #[test]
 fn sinkhorn_tc_vanilla_and_bpr() {
     let r = route(RouterKind::SinkhornTokenChoice, 1, false);
-    let want = [(3, Some(0)), (0, Some(0)), (1, Some(0)), (2, Some(0)), (0, Some(1)), (2, Some(1)), (1, Some(1)), (0, X)];
+    let want = [
+        (3, Some(0)),
+        (0, Some(0)),
+        (1, Some(0)),
+        (2, Some(0)),
+        (0, Some(1)),
+        (2, Some(1)),
+        (1, Some(1)),
+        (0, X),
+    ];
     assert_eq!(tc(&r), k1(want));
     assert_eq!(r.solver.unwrap().iterations, 20);
     // Combine weights are the softmax at the chosen pairs.
@@ -105,7 +152,16 @@ fn sinkhorn_tc_vanilla_and_bpr() {
         assert!((ch.gate - GOLDEN_SOFTMAX[i * 4 + ch.expert as usize]).abs() < 1e-5);
     }
     let r = route(RouterKind::SinkhornTokenChoice, 1, true);
-    let want = [(3, Some(0)), (0, Some(1)), (1, Some(1)), (2, Some(1)), (0, Some(0)), (2, Some(0)), (1, Some(0)), (0, X)];
+    let want = [
+        (3, Some(0)),
+        (0, Some(1)),
+        (1, Some(1)),
+        (2, Some(1)),
+        (0, Some(0)),
+        (2, Some(0)),
+        (1, Some(0)),
+        (0, X),
+    ];
     assert_eq!(tc(&r), k1(want));
 }
 
@@ -144,8 +200,17 @@ fn sparse_tc_hard_assignment() {
 fn soft_moe_toy_through_route_soft() {
     let x = [1.0, 0.0, 2.0, 0.5, -1.0, 0.0, 0.0, 3.0, 1.0, -2.0, 0.5, 0.5];
     let mu = [1.0, -1.0, 0.0, 1.0, 1.0, 0.5];
-    let params = SoftRouterParams { mu: &mu, dim: 3, num_experts: 2, num_slots: 1, scale: 1.0 };
-    let config = RouterConfig { capacity: CapacitySpec::Slots(1), ..RouterConfig::new(RouterKind::SoftMoe) };
+    let params = SoftRouterParams {
+        mu: &mu,
+        dim: 3,
+        num_experts: 2,
+        num_slots: 1,
+        scale: 1.0,
+    };
+    let config = RouterConfig {
+        capacity: CapacitySpec::Slots(1),
+        ..RouterConfig::new(RouterKind::SoftMoe)
+    };
     let r = route_soft(&x, 4, &params, &config, Mode::Deterministic).unwrap();
     let d = r.dispatch_dense();
     assert!((d[0] - 0.44436).abs() < 1e-5 && (d[7] - 0.40405).abs() < 1e-5);
@@ -182,7 +247,10 @@ fn expert_choice_rejects_capacity_above_group_size() {
     let err = route_logits(&GOLDEN_LOGITS, 8, 4, &config, Mode::Deterministic).unwrap_err();
     assert!(matches!(err, RoutingError::Capacity(_)), "{err}");
     // Token Choice accepts it (the extra slots stay empty).
-    let config = RouterConfig { kind: RouterKind::SoftmaxTokenChoice, ..config };
+    let config = RouterConfig {
+        kind: RouterKind::SoftmaxTokenChoice,
+        ..config
+    };
     assert!(route_logits(&GOLDEN_LOGITS, 8, 4, &config, Mode::Deterministic).is_ok());
 }
 
@@ -192,7 +260,10 @@ fn bad_inputs_are_errors_not_panics() {
     let mut nan = GOLDEN_LOGITS;
     nan[13] = f32::NAN;
     let err = route_logits(&nan, 8, 4, &c, Mode::Deterministic).unwrap_err();
-    assert_eq!(err.to_string(), "non-finite input: logits has a non-finite value NaN at [3, 1]");
+    assert_eq!(
+        err.to_string(),
+        "non-finite input: logits has a non-finite value NaN at [3, 1]"
+    );
     assert!(route_logits(&GOLDEN_LOGITS, 8, 3, &c, Mode::Deterministic).is_err());
     let k5 = cfg(RouterKind::SoftmaxTokenChoice, 5, false);
     assert!(route_logits(&GOLDEN_LOGITS, 8, 4, &k5, Mode::Deterministic).is_err());
@@ -215,7 +286,11 @@ fn training_mode_is_seeded_and_adds_losses() {
     assert!(a.aux.total > 0.0);
     // Noisy gates differ from the clean softmax.
     let g = &a.sparse().unwrap().gates;
-    assert!(g.iter().zip(GOLDEN_SOFTMAX).any(|(x, y)| (x - y).abs() > 1e-4));
+    assert!(
+        g.iter()
+            .zip(GOLDEN_SOFTMAX)
+            .any(|(x, y)| (x - y).abs() > 1e-4)
+    );
     // Inference has no load loss.
     let d = route(RouterKind::SoftmaxTokenChoice, 1, false);
     assert!(d.aux.importance.is_some() && d.aux.load.is_none());
@@ -233,7 +308,11 @@ fn sinkhorn_tc_combines_with_the_clean_softmax_even_in_training() {
     let c = cfg(RouterKind::SinkhornExpertChoice, 1, false);
     let r = route_logits(&GOLDEN_LOGITS, 8, 4, &c, Mode::Train(&mut rng)).unwrap();
     let g = &r.sparse().unwrap().gates;
-    assert!(g.iter().zip(GOLDEN_SOFTMAX).any(|(x, y)| (x - y).abs() > 1e-4));
+    assert!(
+        g.iter()
+            .zip(GOLDEN_SOFTMAX)
+            .any(|(x, y)| (x - y).abs() > 1e-4)
+    );
 }
 
 #[test]
@@ -247,14 +326,28 @@ fn sparse_routers_never_add_noise() {
 #[test]
 fn all_zero_logits_route_by_the_tie_rules() {
     let z = [0.0f32; 32];
-    let r = route_logits(&z, 8, 4, &cfg(RouterKind::SoftmaxTokenChoice, 2, false), Mode::Deterministic).unwrap();
+    let r = route_logits(
+        &z,
+        8,
+        4,
+        &cfg(RouterKind::SoftmaxTokenChoice, 2, false),
+        Mode::Deterministic,
+    )
+    .unwrap();
     // Every token asks experts 0 then 1; capacity 4 keeps the first four tokens' requests.
     for i in 0..8 {
         let ch = r.token_choices(i);
         assert_eq!((ch[0].expert, ch[1].expert), (0, 1));
         assert_eq!(ch[0].slot, (i < 4).then_some(i as u32));
     }
-    let r = route_logits(&z, 8, 4, &cfg(RouterKind::SoftmaxExpertChoice, 1, false), Mode::Deterministic).unwrap();
+    let r = route_logits(
+        &z,
+        8,
+        4,
+        &cfg(RouterKind::SoftmaxExpertChoice, 1, false),
+        Mode::Deterministic,
+    )
+    .unwrap();
     assert_eq!(ec(&r), [[0, 1], [0, 1], [0, 1], [0, 1]]);
 }
 
@@ -275,7 +368,10 @@ fn moe_layer_matches_the_dense_einsums() {
         }
     }
     let x: Vec<f32> = (0..16).map(|v| v as f32 * 0.25 - 1.0).collect();
-    for kind in [RouterKind::SoftmaxTokenChoice, RouterKind::SoftmaxExpertChoice] {
+    for kind in [
+        RouterKind::SoftmaxTokenChoice,
+        RouterKind::SoftmaxExpertChoice,
+    ] {
         let r = route(kind, 2, false);
         let out = moe_layer(&x, &r, &Affine, false).unwrap();
         let (dd, gg) = (r.dispatch_dense(), r.combine_dense());
@@ -295,7 +391,8 @@ fn moe_layer_matches_the_dense_einsums() {
             for slot in 0..e * c {
                 for k in 0..d {
                     let j = slot / c;
-                    y[i * d + k] += gg[i * e * c + slot] * ((j as f32 + 1.0) * xt[slot * d + k] + 0.5);
+                    y[i * d + k] +=
+                        gg[i * e * c + slot] * ((j as f32 + 1.0) * xt[slot * d + k] + 0.5);
                 }
             }
         }

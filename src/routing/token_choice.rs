@@ -33,7 +33,14 @@ pub fn token_choice_slotting(
     let mut slot_token = vec![None; e * c];
     let mut slot_gate = vec![0.0f32; e * c];
     let mut count = vec![0u32; e];
-    let mut choices = vec![Choice { expert: 0, slot: None, gate: 0.0 }; n * k];
+    let mut choices = vec![
+        Choice {
+            expert: 0,
+            slot: None,
+            gate: 0.0
+        };
+        n * k
+    ];
     for rank in 0..k {
         for &i in &order {
             let j = chosen[i * k + rank];
@@ -45,7 +52,11 @@ pub fn token_choice_slotting(
                 slot_gate[j * c + s] = gate;
                 s as u32
             });
-            choices[i * k + rank] = Choice { expert: j as u32, slot, gate };
+            choices[i * k + rank] = Choice {
+                expert: j as u32,
+                slot,
+                gate,
+            };
         }
     }
     SparseAssignment {
