@@ -14,4 +14,6 @@ fi
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
-cargo test --locked --all-targets
+# One pass of every benchmark in test mode (compiles and runs them once), then all the tests.
+cargo test --locked --benches
+cargo test --locked --lib --bins --tests

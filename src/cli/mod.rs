@@ -1,5 +1,6 @@
 //! Command-line front end: argument parsing and the subcommands.
 
+mod predict;
 mod route;
 
 use clap::{Parser, Subcommand};
@@ -19,10 +20,13 @@ pub struct Cli {
 enum Command {
     /// Apply one router to tensors in a safetensors file and write its dispatch and combine tensors.
     Route(route::RouteArgs),
+    /// Classify images and summarise how every MoE layer routed their patches.
+    Predict(predict::PredictArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Route(args) => route::run(&args),
+        Command::Predict(args) => predict::run(&args),
     }
 }

@@ -1,0 +1,194 @@
+//! The architecture of a ViT-MoE checkpoint, stored as JSON in the safetensors metadata under
+//! [`CONFIG_METADATA_KEY`] (the tensors alone do not say which blocks are MoE, which router was
+//! trained, or how pixels were normalised).
+
+use serde::{Deserialize, Serialize};
+
+use super::ModelError;
+use crate::routing::{CapacitySpec, RouterConfig, RouterFamily, RouterKind};
+
+/// Metadata key holding the model configuration JSON.
+pub const CONFIG_METADATA_KEY: &str = "routerscope.model_config";
+
+/// How the image representation is pooled before the head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Classifier {
+    /// A learned CLS token prepended to the patches; the head reads position 0.
+    Token,
+    /// Global average pooling over all tokens.
+    Gap,
+}
+
+/// Pixel normalisation: pixels are first scaled to `[0, 1]`, then `(x - mean) / std` per channel.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Normalization {
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+/// The MoE part: which blocks, how many experts, which router.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MoeConfig {
+    /// Encoder block indices (0-based) whose MLP is an MoE layer.
+    pub layers: Vec<usize>,
+    pub num_experts: usize,
+    /// The router the checkpoint was trained with (Soft MoE: `capacity` must be `slots`).
+    pub router: RouterConfig,
+    /// Images per routing group (V-MoE trained with 8; one image is the viewer's default).
+    #[serde(default = "one")]
+    pub group_images: usize,
+    /// Round tokens to bfloat16 before dispatch and expert outputs before combine (vmoe's
+    /// `Bfloat16Dispatcher`, always on for its Soft MoE runs).
+    #[serde(default)]
+    pub bfloat16_dispatch: bool,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// A Vision Transformer with MoE blocks, as google-research/vmoe's `VisionTransformerMoe`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    #[serde(default)]
+    pub name: String,
+    /// `[height, width]` in pixels.
+    pub image_size: [usize; 2],
+    pub channels: usize,
+    /// `[height, width]` of a patch.
+    pub patch_size: [usize; 2],
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub mlp_dim: usize,
+    pub classifier: Classifier,
+    /// Optional `pre_logits` Dense + tanh before the head.
+    #[serde(default)]
+    pub representation_size: Option<usize>,
+    pub num_classes: usize,
+    #[serde(default)]
+    pub class_names: Vec<String>,
+    pub normalization: Normalization,
+    #[serde(default)]
+    pub moe: Option<MoeConfig>,
+}
+
+impl ModelConfig {
+    /// Patches per image (`rows · cols`).
+    pub fn num_patches(&self) -> usize {
+        self.grid()[0] * self.grid()[1]
+    }
+
+    /// Patch grid `[rows, cols]`.
+    pub fn grid(&self) -> [usize; 2] {
+        [
+            self.image_size[0] / self.patch_size[0],
+            self.image_size[1] / self.patch_size[1],
+        ]
+    }
+
+    /// Tokens per image entering the encoder (patches, plus the CLS token if any).
+    pub fn seq_len(&self) -> usize {
+        self.num_patches() + usize::from(self.classifier == Classifier::Token)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_heads.max(1)
+    }
+
+    /// Whether block `i` is an MoE block.
+    pub fn is_moe_layer(&self, i: usize) -> bool {
+        self.moe.as_ref().is_some_and(|m| m.layers.contains(&i))
+    }
+
+    /// The name of class `c` (its index when the checkpoint has no names).
+    pub fn class_name(&self, c: usize) -> String {
+        self.class_names
+            .get(c)
+            .cloned()
+            .unwrap_or_else(|| format!("class {c}"))
+    }
+
+    /// Parses and validates the metadata JSON.
+    pub fn from_json(json: &str) -> Result<Self, ModelError> {
+        let cfg: Self = serde_json::from_str(json)
+            .map_err(|e| ModelError::Config(format!("model configuration JSON: {e}")))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Checks that the numbers fit together.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |m: String| Err(ModelError::Config(m));
+        let [h, w] = self.image_size;
+        let [ph, pw] = self.patch_size;
+        if ph == 0 || pw == 0 || h == 0 || w == 0 || h % ph != 0 || w % pw != 0 {
+            return bad(format!(
+                "image size {h}x{w} must be a positive multiple of the patch size {ph}x{pw}"
+            ));
+        }
+        if self.channels == 0 || self.hidden_size == 0 || self.mlp_dim == 0 || self.num_classes == 0
+        {
+            return bad("channels, hidden_size, mlp_dim and num_classes must be positive".into());
+        }
+        if self.num_heads == 0 || !self.hidden_size.is_multiple_of(self.num_heads) {
+            return bad(format!(
+                "hidden_size {} must be divisible by num_heads {}",
+                self.hidden_size, self.num_heads
+            ));
+        }
+        let n = &self.normalization;
+        if n.mean.len() != self.channels || n.std.len() != self.channels {
+            return bad(format!(
+                "normalization needs {} means and stds (one per channel)",
+                self.channels
+            ));
+        }
+        if n.std.iter().any(|s| !(s.is_finite() && *s != 0.0))
+            || n.mean.iter().any(|m| !m.is_finite())
+        {
+            return bad("normalization means must be finite and stds finite and non-zero".into());
+        }
+        if !self.class_names.is_empty() && self.class_names.len() != self.num_classes {
+            return bad(format!(
+                "{} class names for {} classes",
+                self.class_names.len(),
+                self.num_classes
+            ));
+        }
+        if let Some(moe) = &self.moe {
+            if moe.num_experts == 0 || moe.group_images == 0 {
+                return bad("moe.num_experts and moe.group_images must be positive".into());
+            }
+            if let Some(&l) = moe.layers.iter().find(|&&l| l >= self.num_layers) {
+                return bad(format!(
+                    "MoE layer {l} is beyond the {} blocks",
+                    self.num_layers
+                ));
+            }
+            if moe.router.kind == RouterKind::SoftMoe
+                && !matches!(moe.router.capacity, CapacitySpec::Slots(p) if p > 0)
+            {
+                return bad(
+                    "a Soft MoE checkpoint must give its slots per expert: router.capacity = \
+                     {\"slots\": p}"
+                        .into(),
+                );
+            }
+            if moe.router.kind.family() == RouterFamily::TokenChoice
+                && !(1..=moe.num_experts).contains(&moe.router.k)
+            {
+                return bad(format!(
+                    "router k = {} for {} experts",
+                    moe.router.k, moe.num_experts
+                ));
+            }
+        }
+        Ok(())
+    }
+}

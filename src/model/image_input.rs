@@ -1,0 +1,225 @@
+//! Images in: anything the `image` crate decodes (PNG, JPEG, GIF first frame, BMP, WebP, TIFF;
+//! grey, RGB, RGBA, 16-bit), EXIF orientation applied, resized (stretched) to the model's size,
+//! converted to its channels and normalised. Decoding is bounded so a hostile or gigantic file is
+//! an error, not an exhausted machine.
+
+use std::io::{BufRead, Cursor, Seek};
+use std::path::Path;
+
+use image::imageops::FilterType;
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits};
+
+use super::ModelError;
+use super::config::ModelConfig;
+
+/// Largest accepted width or height, in pixels.
+pub const MAX_IMAGE_SIDE: u32 = 16_384;
+/// Largest decoder allocation, in bytes.
+pub const MAX_DECODE_BYTES: u64 = 512 * 1024 * 1024;
+
+fn limits() -> Limits {
+    let mut l = Limits::default();
+    l.max_image_width = Some(MAX_IMAGE_SIDE);
+    l.max_image_height = Some(MAX_IMAGE_SIDE);
+    l.max_alloc = Some(MAX_DECODE_BYTES);
+    l
+}
+
+/// Decodes an image file with limits and EXIF orientation.
+pub fn decode_image(path: &Path) -> Result<DynamicImage, ModelError> {
+    let err = |e: &dyn std::fmt::Display| ModelError::Image(format!("{}: {e}", path.display()));
+    let reader = ImageReader::open(path).map_err(|e| err(&e))?;
+    decode_reader(reader).map_err(|e| err(&e))
+}
+
+/// Decodes in-memory image bytes with limits and EXIF orientation (`what` names them in errors).
+pub fn decode_image_bytes(bytes: &[u8], what: &str) -> Result<DynamicImage, ModelError> {
+    decode_reader(ImageReader::new(Cursor::new(bytes)))
+        .map_err(|e| ModelError::Image(format!("{what}: {e}")))
+}
+
+fn decode_reader<R: BufRead + Seek>(
+    reader: ImageReader<R>,
+) -> Result<DynamicImage, image::ImageError> {
+    let mut reader = reader.with_guessed_format()?;
+    reader.limits(limits());
+    let mut decoder = reader.into_decoder()?;
+    let orientation = decoder.orientation()?;
+    let mut img = DynamicImage::from_decoder(decoder)?;
+    img.apply_orientation(orientation);
+    Ok(img)
+}
+
+/// Model input `[H, W, C]` (row-major, channels last) from a decoded image: resized to the model's
+/// size, grey or RGB as the model wants (alpha dropped), pixels in `[0, 1]`, then normalised.
+pub fn preprocess(img: &DynamicImage, cfg: &ModelConfig) -> Result<Vec<f32>, ModelError> {
+    let [h, w] = cfg.image_size;
+    let resized = if img.width() as usize == w && img.height() as usize == h {
+        img.clone()
+    } else {
+        img.resize_exact(w as u32, h as u32, FilterType::Triangle)
+    };
+    let pixels: Vec<f32> = match cfg.channels {
+        1 => resized.to_luma32f().into_raw(),
+        3 => resized.to_rgb32f().into_raw(),
+        c => {
+            return Err(ModelError::Config(format!(
+                "images can feed models with 1 or 3 channels, not {c}"
+            )));
+        }
+    };
+    let c = cfg.channels;
+    let n = &cfg.normalization;
+    Ok(pixels
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (v.clamp(0.0, 1.0) - n.mean[i % c]) / n.std[i % c])
+        .collect())
+}
+
+/// Decodes and preprocesses an image file.
+pub fn load_image(path: &Path, cfg: &ModelConfig) -> Result<Vec<f32>, ModelError> {
+    preprocess(&decode_image(path)?, cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tests::tiny_config;
+    use crate::routing::RouterKind;
+    use image::{ImageBuffer, ImageFormat, Luma, LumaA, Rgb, Rgba};
+
+    fn encode(img: DynamicImage, format: ImageFormat) -> Vec<u8> {
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, format).unwrap();
+        out.into_inner()
+    }
+
+    fn cfg(channels: usize) -> ModelConfig {
+        let mut c = tiny_config(RouterKind::SoftmaxTokenChoice);
+        c.channels = channels;
+        c.normalization.mean = vec![0.0; channels];
+        c.normalization.std = vec![1.0; channels];
+        c
+    }
+
+    #[test]
+    fn every_format_and_pixel_type_decodes() {
+        let rgb = DynamicImage::ImageRgb8(ImageBuffer::from_fn(12, 8, |x, y| {
+            Rgb([x as u8 * 20, y as u8 * 30, 200])
+        }));
+        let grey16 =
+            DynamicImage::ImageLuma16(ImageBuffer::from_fn(12, 8, |x, _| Luma([x as u16 * 5000])));
+        let rgba =
+            DynamicImage::ImageRgba8(ImageBuffer::from_fn(12, 8, |_, _| Rgba([255, 0, 0, 10])));
+        let grey_alpha =
+            DynamicImage::ImageLumaA8(ImageBuffer::from_fn(12, 8, |_, _| LumaA([128, 255])));
+        let cases = [
+            (rgb.clone(), ImageFormat::Png),
+            (rgb.clone(), ImageFormat::Jpeg),
+            (rgb.clone(), ImageFormat::Bmp),
+            (rgb.clone(), ImageFormat::Gif),
+            (rgb.clone(), ImageFormat::WebP),
+            (rgb.clone(), ImageFormat::Tiff),
+            (grey16.clone(), ImageFormat::Png),
+            (grey16, ImageFormat::Tiff),
+            (rgba, ImageFormat::Png),
+            (grey_alpha, ImageFormat::Png),
+        ];
+        for (img, format) in cases {
+            let bytes = encode(img, format);
+            let decoded =
+                decode_image_bytes(&bytes, "test").unwrap_or_else(|e| panic!("{format:?}: {e}"));
+            assert_eq!((decoded.width(), decoded.height()), (12, 8), "{format:?}");
+            for channels in [1, 3] {
+                let px = preprocess(&decoded, &cfg(channels)).unwrap();
+                assert_eq!(px.len(), 8 * 12 * channels);
+                assert!(px.iter().all(|v| (0.0..=1.0).contains(v)));
+            }
+        }
+    }
+
+    #[test]
+    fn resizing_grey_to_rgb_and_normalisation() {
+        let grey = DynamicImage::ImageLuma8(ImageBuffer::from_fn(24, 16, |_, _| Luma([255])));
+        let mut c = cfg(3);
+        c.normalization.mean = vec![0.5; 3];
+        c.normalization.std = vec![0.5; 3];
+        let px = preprocess(&grey, &c).unwrap();
+        assert_eq!(px.len(), 8 * 12 * 3);
+        assert!(
+            px.iter().all(|v| (v - 1.0).abs() < 1e-6),
+            "white maps to +1 with mean 0.5, std 0.5"
+        );
+    }
+
+    /// A JPEG with an EXIF APP1 segment saying "rotate 90° clockwise" (orientation 6).
+    #[test]
+    fn exif_orientation_is_applied() {
+        let img = DynamicImage::ImageRgb8(ImageBuffer::from_fn(6, 2, |x, _| {
+            Rgb([if x == 0 { 255 } else { 0 }, 0, 0])
+        }));
+        let jpeg = encode(img, ImageFormat::Jpeg);
+        let tiff: Vec<u8> = [
+            &b"II*\0"[..],
+            &8u32.to_le_bytes(),
+            &1u16.to_le_bytes(),
+            &0x0112u16.to_le_bytes(),
+            &3u16.to_le_bytes(),
+            &1u32.to_le_bytes(),
+            &6u16.to_le_bytes(),
+            &[0, 0],
+            &0u32.to_le_bytes(),
+        ]
+        .concat();
+        let mut app1 = vec![0xFF, 0xE1];
+        app1.extend(((2 + 6 + tiff.len()) as u16).to_be_bytes());
+        app1.extend(b"Exif\0\0");
+        app1.extend(&tiff);
+        let mut with_exif = jpeg[..2].to_vec();
+        with_exif.extend(&app1);
+        with_exif.extend(&jpeg[2..]);
+        let plain = decode_image_bytes(&jpeg, "plain").unwrap();
+        assert_eq!((plain.width(), plain.height()), (6, 2));
+        let rotated = decode_image_bytes(&with_exif, "exif").unwrap();
+        assert_eq!((rotated.width(), rotated.height()), (2, 6));
+        // The red left column is now the top row.
+        let top = rotated.to_rgb8().get_pixel(0, 0).0;
+        assert!(top[0] > 200, "{top:?}");
+    }
+
+    #[test]
+    fn gigantic_and_broken_files_are_errors() {
+        // A BMP header claiming 100000 x 100000 pixels.
+        let mut bmp = Vec::new();
+        bmp.extend(b"BM");
+        bmp.extend(&(54u32 + 12).to_le_bytes());
+        bmp.extend(&[0, 0, 0, 0]);
+        bmp.extend(&54u32.to_le_bytes());
+        bmp.extend(&40u32.to_le_bytes());
+        bmp.extend(&100_000i32.to_le_bytes());
+        bmp.extend(&100_000i32.to_le_bytes());
+        bmp.extend(&1u16.to_le_bytes());
+        bmp.extend(&24u16.to_le_bytes());
+        bmp.extend(&[0u8; 24]);
+        bmp.extend(&[0u8; 12]);
+        let e = decode_image_bytes(&bmp, "huge.bmp")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("huge.bmp: "), "{e}");
+        assert!(e.to_lowercase().contains("limit"), "{e}");
+        let e = decode_image_bytes(b"GIF89a\x01", "cut.gif")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("cut.gif: "), "{e}");
+        let e = decode_image_bytes(b"hello world", "text.png")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("text.png: "), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let e = decode_image(&dir.path().join("absent.png"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("absent.png"), "{e}");
+    }
+}

@@ -1,0 +1,172 @@
+//! CPU kernels for the expert MLPs, which dominate an MoE model's time: every expert processes
+//! only its few slots, and candle's batched matmul synchronises its thread pool once per expert.
+//! Here the experts run in parallel (one single-threaded `gemm` per expert and layer), with the
+//! bias and GELU fused into one pass over the hidden activations.
+
+use rayon::prelude::*;
+
+/// GELU, tanh approximation, written as `x·σ(2u)` (identical to `0.5·x·(1 + tanh u)`) so it costs
+/// one `exp` instead of a `tanh`.
+#[inline]
+pub fn gelu(x: f32) -> f32 {
+    const TWO_SQRT_2_OVER_PI: f32 = 1.595_769;
+    let u2 = TWO_SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+    x / (1.0 + (-u2).exp())
+}
+
+/// `dst[rows, n] = a[rows, k] @ b[k, n]` (all row-major), single-threaded or with `threads`.
+fn matmul(dst: &mut [f32], a: &[f32], b: &[f32], rows: usize, k: usize, n: usize, threads: usize) {
+    debug_assert!(dst.len() >= rows * n && a.len() >= rows * k && b.len() >= k * n);
+    if rows == 0 || n == 0 {
+        return;
+    }
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the slices hold at least rows·n, rows·k and k·n elements (checked above in debug
+    // builds, guaranteed by the callers' shapes), the strides describe those row-major layouts,
+    // and `dst` does not alias the inputs.
+    unsafe {
+        gemm::gemm(
+            rows,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// Stacked MLP weights: `w0` `[e, d, m]`, `b0` `[e, m]`, `w1` `[e, m, d]`, `b1` `[e, d]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StackedMlp {
+    pub num: usize,
+    pub dim: usize,
+    pub hidden: usize,
+    pub w0: Vec<f32>,
+    pub b0: Vec<f32>,
+    pub w1: Vec<f32>,
+    pub b1: Vec<f32>,
+}
+
+impl StackedMlp {
+    /// Applies MLP `j` to the `rows` vectors of `x[j]`, for every `j` at once:
+    /// `x` is `[num, rows, d]`, the result too.
+    pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let (d, m) = (self.dim, self.hidden);
+        let mut out = vec![0.0f32; self.num * rows * d];
+        if rows == 0 {
+            return out;
+        }
+        let threads = rayon::current_num_threads();
+        // One MLP (a dense block): let gemm split the work; several: one expert per task.
+        let inner = if self.num == 1 { threads } else { 1 };
+        let run = |(j, out_j): (usize, &mut [f32])| {
+            let mut h = vec![0.0f32; rows * m];
+            matmul(
+                &mut h,
+                &x[j * rows * d..],
+                &self.w0[j * d * m..],
+                rows,
+                d,
+                m,
+                inner,
+            );
+            let b0 = &self.b0[j * m..(j + 1) * m];
+            for row in h.chunks_exact_mut(m) {
+                for (v, &b) in row.iter_mut().zip(b0) {
+                    *v = gelu(*v + b);
+                }
+            }
+            matmul(out_j, &h, &self.w1[j * m * d..], rows, m, d, inner);
+            let b1 = &self.b1[j * d..(j + 1) * d];
+            for row in out_j.chunks_exact_mut(d) {
+                for (v, &b) in row.iter_mut().zip(b1) {
+                    *v += b;
+                }
+            }
+        };
+        if self.num == 1 {
+            run((0, &mut out[..]));
+        } else {
+            out.par_chunks_mut(rows * d).enumerate().for_each(run);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::gelu_tanh;
+
+    #[test]
+    fn gelu_matches_the_tanh_form() {
+        for i in -400..400 {
+            let x = i as f32 * 0.05;
+            let (a, b) = (gelu(x), gelu_tanh(x));
+            assert!((a - b).abs() <= 2e-6 * (1.0 + b.abs()), "x {x}: {a} vs {b}");
+        }
+        assert_eq!(gelu(-1000.0), -0.0);
+        assert_eq!(gelu(1000.0), 1000.0);
+    }
+
+    #[test]
+    fn stacked_mlp_matches_a_naive_loop() {
+        let (e, rows, d, m) = (3, 5, 4, 6);
+        let val = |i: usize| ((i * 7919 % 23) as f32 - 11.0) / 10.0;
+        let mlp = StackedMlp {
+            num: e,
+            dim: d,
+            hidden: m,
+            w0: (0..e * d * m).map(val).collect(),
+            b0: (0..e * m).map(|i| val(i + 3)).collect(),
+            w1: (0..e * m * d).map(|i| val(i + 5)).collect(),
+            b1: (0..e * d).map(|i| val(i + 7)).collect(),
+        };
+        let x: Vec<f32> = (0..e * rows * d).map(|i| val(i + 11)).collect();
+        let got = mlp.forward(&x, rows);
+        for j in 0..e {
+            for r in 0..rows {
+                let xr = &x[(j * rows + r) * d..][..d];
+                let h: Vec<f32> = (0..m)
+                    .map(|c| {
+                        gelu_tanh(
+                            mlp.b0[j * m + c]
+                                + (0..d)
+                                    .map(|k| xr[k] * mlp.w0[j * d * m + k * m + c])
+                                    .sum::<f32>(),
+                        )
+                    })
+                    .collect();
+                for c in 0..d {
+                    let want = mlp.b1[j * d + c]
+                        + (0..m)
+                            .map(|k| h[k] * mlp.w1[j * m * d + k * d + c])
+                            .sum::<f32>();
+                    let g = got[(j * rows + r) * d + c];
+                    assert!(
+                        (g - want).abs() < 1e-4,
+                        "expert {j} row {r} col {c}: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! Model tests on small seeded random checkpoints made here.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::*;
+use crate::routing::{CapacitySpec, RouterConfig, RouterKind};
+use crate::tensor_io::{F32Tensor, OutTensor, write_f32_safetensors};
+
+pub(crate) fn tiny_config(router: RouterKind) -> ModelConfig {
+    let mut r = RouterConfig::new(router);
+    if router == RouterKind::SoftMoe {
+        r.capacity = CapacitySpec::Slots(2);
+    }
+    ModelConfig {
+        name: "tiny".into(),
+        image_size: [8, 12],
+        channels: 3,
+        patch_size: [4, 4],
+        hidden_size: 16,
+        num_layers: 3,
+        num_heads: 2,
+        mlp_dim: 24,
+        classifier: Classifier::Token,
+        representation_size: None,
+        num_classes: 5,
+        class_names: (0..5).map(|i| format!("c{i}")).collect(),
+        normalization: Normalization {
+            mean: vec![0.5; 3],
+            std: vec![0.5; 3],
+        },
+        moe: Some(MoeConfig {
+            layers: vec![1, 2],
+            num_experts: 4,
+            router: r,
+            group_images: 1,
+            bfloat16_dispatch: false,
+        }),
+    }
+}
+
+fn images(cfg: &ModelConfig, count: usize, seed: u32) -> Vec<Vec<f32>> {
+    let px = cfg.image_size[0] * cfg.image_size[1] * cfg.channels;
+    (0..count)
+        .map(|b| {
+            (0..px)
+                .map(|i| {
+                    (((i as u32).wrapping_mul(2654435761) ^ (seed + b as u32 * 7919)) % 1000) as f32
+                        / 500.0
+                        - 1.0
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn save(path: &Path, cfg: &ModelConfig, w: &ModelWeights) {
+    save_checkpoint(path, cfg, w).unwrap();
+}
+
+#[test]
+fn save_load_round_trip_and_forward_shapes() {
+    let cfg = tiny_config(RouterKind::SoftmaxTokenChoice);
+    let w = random_weights(&cfg, 7);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    save(&path, &cfg, &w);
+    let (cfg2, w2) = load_checkpoint(&path).unwrap();
+    assert_eq!(cfg2, cfg);
+    assert_eq!(w2, w);
+    let model = VitMoe::load(&path).unwrap();
+    let out = model
+        .forward(&images(&cfg, 3, 1), &RunOptions::from_config(&cfg))
+        .unwrap();
+    assert_eq!(out.probs.len(), 3);
+    for p in &out.probs {
+        assert_eq!(p.len(), 5);
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+    }
+    assert_eq!(out.records.len(), 2);
+    assert_eq!(out.records[0].block, 1);
+    let g = &out.records[1].groups;
+    assert_eq!(g.len(), 3, "one group per image by default");
+    assert_eq!(g[0].routing.num_tokens, cfg.seq_len());
+    assert_eq!(g[0].probs.len(), cfg.seq_len() * 4);
+    // Two images per group: the group holds 2·S tokens.
+    let out = model
+        .forward(
+            &images(&cfg, 4, 1),
+            &RunOptions {
+                group_images: 2,
+                ..RunOptions::from_config(&cfg)
+            },
+        )
+        .unwrap();
+    assert_eq!(out.records[0].groups.len(), 2);
+    assert_eq!(out.records[0].groups[1].first_image, 2);
+    assert_eq!(
+        out.records[0].groups[0].routing.num_tokens,
+        2 * cfg.seq_len()
+    );
+    let err = model
+        .forward(
+            &images(&cfg, 3, 1),
+            &RunOptions {
+                group_images: 2,
+                ..RunOptions::from_config(&cfg)
+            },
+        )
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("3 images cannot be split"),
+        "{err}"
+    );
+}
+
+#[test]
+fn params_prefix_is_accepted() {
+    let cfg = tiny_config(RouterKind::SoftmaxExpertChoice);
+    let w = random_weights(&cfg, 1);
+    let prefixed: ModelWeights = w
+        .iter()
+        .map(|(k, v)| (format!("params/{k}"), v.clone()))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    save(&path, &cfg, &prefixed);
+    let (_, loaded) = load_checkpoint(&path).unwrap();
+    assert_eq!(loaded, w);
+}
+
+fn load_err(cfg: &ModelConfig, w: &ModelWeights) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    save(&path, cfg, w);
+    load_checkpoint(&path)
+        .expect_err("load should fail")
+        .to_string()
+}
+
+#[test]
+fn every_bad_tensor_is_named() {
+    let cfg = tiny_config(RouterKind::SoftmaxTokenChoice);
+    let w = random_weights(&cfg, 3);
+
+    let mut missing = w.clone();
+    missing.remove("Encoder/encoderblock_2/Moe/Mlp/Dense_1/bias");
+    let e = load_err(&cfg, &missing);
+    assert!(
+        e.contains(
+            "missing tensor `Encoder/encoderblock_2/Moe/Mlp/Dense_1/bias` (expected f32 [4, 16])"
+        ),
+        "{e}"
+    );
+
+    let mut extra = w.clone();
+    extra.insert(
+        "Encoder/encoderblock_9/Mlp/Dense_0/kernel".into(),
+        F32Tensor {
+            shape: vec![1],
+            data: vec![0.0],
+        },
+    );
+    let e = load_err(&cfg, &extra);
+    assert!(
+        e.contains("unexpected tensor `Encoder/encoderblock_9/Mlp/Dense_0/kernel`"),
+        "{e}"
+    );
+
+    let mut shape = w.clone();
+    shape.insert(
+        "head/kernel".into(),
+        F32Tensor {
+            shape: vec![16, 6],
+            data: vec![0.0; 96],
+        },
+    );
+    let e = load_err(&cfg, &shape);
+    assert!(
+        e.contains("tensor `head/kernel` has shape [16, 6], expected [16, 5]"),
+        "{e}"
+    );
+
+    let mut nan = w.clone();
+    nan.get_mut("cls").unwrap().data[3] = f32::NAN;
+    let e = load_err(&cfg, &nan);
+    assert!(
+        e.contains("tensor `cls` has a non-finite value (NaN) at index [0, 0, 3]"),
+        "{e}"
+    );
+
+    // A Softmax TC checkpoint must have its router kernel.
+    let mut no_router = w.clone();
+    no_router.remove("Encoder/encoderblock_1/Moe/Router/dense/kernel");
+    let e = load_err(&cfg, &no_router);
+    assert!(
+        e.contains("missing tensor `Encoder/encoderblock_1/Moe/Router/dense/kernel`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_files_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(RouterKind::SoftmaxTokenChoice);
+    let w = random_weights(&cfg, 3);
+    let path = dir.path().join("m.safetensors");
+    save(&path, &cfg, &w);
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = dir.path().join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(
+        VitMoe::load(&cut)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("not a valid safetensors file")
+    );
+    let junk = dir.path().join("junk.safetensors");
+    std::fs::write(&junk, b"PK\x03\x04 this is a zip").unwrap();
+    assert!(
+        VitMoe::load(&junk)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("not a valid safetensors file")
+    );
+
+    // No configuration in the metadata.
+    let bare = dir.path().join("bare.safetensors");
+    let t = &w["cls"];
+    write_f32_safetensors(
+        &bare,
+        &[OutTensor {
+            name: "cls",
+            shape: t.shape.clone(),
+            data: &t.data,
+        }],
+        HashMap::new(),
+    )
+    .unwrap();
+    assert!(
+        VitMoe::load(&bare)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("no model configuration")
+    );
+
+    // A wrong dtype.
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> = Vec::new();
+    let raw: Vec<Vec<u8>> = w
+        .values()
+        .map(|t| t.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .collect();
+    let half = vec![0u8; 16 * 2];
+    for ((name, t), bytes) in w.iter().zip(&raw) {
+        let view = if name == "embedding/bias" {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F16, vec![16], &half).unwrap()
+        } else {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), bytes)
+                .unwrap()
+        };
+        tensors.push((name.clone(), view));
+    }
+    let meta = HashMap::from([(CONFIG_METADATA_KEY.to_string(), cfg.to_json())]);
+    let f16 = dir.path().join("f16.safetensors");
+    std::fs::write(&f16, safetensors::serialize(tensors, Some(meta)).unwrap()).unwrap();
+    let e = VitMoe::load(&f16).err().unwrap().to_string();
+    assert!(
+        e.contains("tensor `embedding/bias` has dtype F16, expected F32"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_configurations_are_errors() {
+    let mut cfg = tiny_config(RouterKind::SoftmaxTokenChoice);
+    cfg.patch_size = [3, 4];
+    assert!(
+        cfg.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("multiple of the patch size")
+    );
+    let mut cfg = tiny_config(RouterKind::SoftmaxTokenChoice);
+    cfg.moe.as_mut().unwrap().layers = vec![5];
+    assert!(
+        cfg.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("MoE layer 5 is beyond")
+    );
+    let mut cfg = tiny_config(RouterKind::SoftMoe);
+    cfg.moe.as_mut().unwrap().router.capacity = CapacitySpec::Factor(1.0);
+    assert!(
+        cfg.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("slots per expert")
+    );
+    assert!(ModelConfig::from_json("{\"image_size\": 3}").is_err());
+}
+
+/// Runs `cfg` with block 1 dense vs. block 1 an MoE whose experts are all that same MLP.
+fn dense_vs_identical_experts(router: RouterConfig) {
+    let mut dense_cfg = tiny_config(RouterKind::SoftmaxTokenChoice);
+    dense_cfg.moe = None;
+    let dense_w = random_weights(&dense_cfg, 11);
+    let mut moe_cfg = tiny_config(router.kind);
+    let e = 4;
+    moe_cfg.moe = Some(MoeConfig {
+        layers: vec![1],
+        num_experts: e,
+        router: router.clone(),
+        group_images: 1,
+        bfloat16_dispatch: false,
+    });
+    let mut moe_w = dense_w.clone();
+    let b = "Encoder/encoderblock_1";
+    for (i, leaf) in [
+        "Dense_0/kernel",
+        "Dense_0/bias",
+        "Dense_1/kernel",
+        "Dense_1/bias",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let t = moe_w.remove(&format!("{b}/Mlp/{leaf}")).unwrap();
+        let mut shape = vec![e];
+        shape.extend(&t.shape);
+        let data = t.data.repeat(e);
+        let _ = i;
+        moe_w.insert(format!("{b}/Moe/Mlp/{leaf}"), F32Tensor { shape, data });
+    }
+    let router_w = random_weights(&moe_cfg, 5);
+    moe_w.insert(
+        format!("{b}/Moe/Router/dense/kernel"),
+        router_w[&format!("{b}/Moe/Router/dense/kernel")].clone(),
+    );
+    let imgs = images(&dense_cfg, 2, 3);
+    let dense = VitMoe::new(dense_cfg.clone(), dense_w)
+        .unwrap()
+        .forward(&imgs, &RunOptions::from_config(&dense_cfg))
+        .unwrap();
+    let moe = VitMoe::new(moe_cfg.clone(), moe_w)
+        .unwrap()
+        .forward(&imgs, &RunOptions::from_config(&moe_cfg))
+        .unwrap();
+    assert!(
+        moe.records[0].groups[0]
+            .routing
+            .stats()
+            .dropped_tokens
+            .is_empty()
+    );
+    for (a, b) in dense.probs.iter().flatten().zip(moe.probs.iter().flatten()) {
+        assert!((a - b).abs() < 1e-5, "{:?} vs {:?}", dense.probs, moe.probs);
+    }
+}
+
+#[test]
+fn identical_experts_with_room_for_every_token_give_the_dense_result() {
+    // Token Choice with k = e: every token reaches every expert, gates sum to 1.
+    let tc = RouterConfig {
+        k: 4,
+        capacity: CapacitySpec::Factor(1.0),
+        multiple_of: 1,
+        ..RouterConfig::new(RouterKind::SoftmaxTokenChoice)
+    };
+    dense_vs_identical_experts(tc);
+    // Expert Choice with c = n: every expert takes every token.
+    let ec = RouterConfig {
+        capacity: CapacitySpec::Factor(4.0),
+        multiple_of: 1,
+        ..RouterConfig::new(RouterKind::SoftmaxExpertChoice)
+    };
+    dense_vs_identical_experts(ec);
+}
+
+#[test]
+fn what_if_rerun_equals_a_full_forward() {
+    for (from, to) in [
+        (
+            RouterKind::SoftmaxTokenChoice,
+            RouterKind::SinkhornExpertChoice,
+        ),
+        (
+            RouterKind::SoftmaxExpertChoice,
+            RouterKind::SparseTokenChoice,
+        ),
+        (RouterKind::SinkhornTokenChoice, RouterKind::SoftMoe),
+    ] {
+        let cfg = tiny_config(from);
+        let model = VitMoe::new(cfg.clone(), random_weights(&cfg, 21)).unwrap();
+        let imgs = images(&cfg, 4, 9);
+        let base = model
+            .forward(&imgs, &RunOptions::from_config(&cfg))
+            .unwrap();
+        let mut router = RouterConfig::new(to);
+        if to == RouterKind::SoftMoe {
+            router.capacity = CapacitySpec::Slots(1);
+        }
+        let opts = RunOptions::from_config(&cfg).with_router(router);
+        let full = model.forward(&imgs, &opts).unwrap();
+        let what_if = model.rerun(&base, &opts).unwrap();
+        assert_eq!(what_if.probs, full.probs, "{from:?} -> {to:?}");
+        assert_eq!(what_if.records, full.records);
+        // Only the last MoE layer changes: the first layer's record is reused.
+        let mut last_only = RunOptions::from_config(&cfg);
+        last_only.routers[1] = RouterConfig {
+            capacity: CapacitySpec::Factor(0.5),
+            ..last_only.routers[1].clone()
+        };
+        let full = model.forward(&imgs, &last_only).unwrap();
+        let what_if = model.rerun(&base, &last_only).unwrap();
+        assert_eq!(what_if.probs, full.probs);
+        assert_eq!(what_if.records[0], base.records[0]);
+        // Group size changes rerun everything.
+        let grouped = RunOptions {
+            group_images: 4,
+            ..RunOptions::from_config(&cfg)
+        };
+        assert_eq!(
+            model.rerun(&base, &grouped).unwrap().probs,
+            model.forward(&imgs, &grouped).unwrap().probs
+        );
+    }
+}
+
+#[test]
+fn soft_moe_needs_its_own_parameters() {
+    let cfg = tiny_config(RouterKind::SoftmaxTokenChoice);
+    let mut w = random_weights(&cfg, 2);
+    for b in [1, 2] {
+        w.remove(&format!("Encoder/encoderblock_{b}/Moe/Router/mu"));
+        w.remove(&format!("Encoder/encoderblock_{b}/Moe/Router/scale"));
+    }
+    let model = VitMoe::new(cfg.clone(), w).unwrap();
+    let mut soft = RouterConfig::new(RouterKind::SoftMoe);
+    soft.capacity = CapacitySpec::Slots(1);
+    let e = model
+        .forward(
+            &images(&cfg, 1, 1),
+            &RunOptions::from_config(&cfg).with_router(soft),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("Soft MoE needs `Encoder/encoderblock_1/Moe/Router/mu`"),
+        "{e}"
+    );
+    assert!(e.contains("cannot be derived"), "{e}");
+    // Any other sparse router runs on the same kernel.
+    let ec = RunOptions::from_config(&cfg)
+        .with_router(RouterConfig::new(RouterKind::SparseExpertChoice));
+    assert!(model.forward(&images(&cfg, 1, 1), &ec).is_ok());
+}
+
+#[test]
+fn gap_classifier_and_pre_logits() {
+    let mut cfg = tiny_config(RouterKind::SoftMoe);
+    cfg.classifier = Classifier::Gap;
+    cfg.representation_size = Some(8);
+    cfg.moe.as_mut().unwrap().bfloat16_dispatch = true;
+    let model = VitMoe::new(cfg.clone(), random_weights(&cfg, 4)).unwrap();
+    let out = model
+        .forward(&images(&cfg, 2, 5), &RunOptions::from_config(&cfg))
+        .unwrap();
+    assert_eq!(
+        out.records[0].groups[0].routing.num_tokens,
+        cfg.num_patches()
+    );
+    let soft = out.records[0].groups[0].routing.soft().unwrap();
+    assert_eq!(soft.dispatch.len(), cfg.num_patches() * 4 * 2);
+    assert!(out.probs.iter().flatten().all(|p| p.is_finite()));
+}

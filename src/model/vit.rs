@@ -1,0 +1,725 @@
+//! The ViT-MoE forward pass on candle (CPU), as vmoe's `VisionTransformerMoe`: patch embedding,
+//! optional CLS token, learned position embedding, pre-LayerNorm blocks (eps 1e-6, Flax's one-pass
+//! variance), multi-head self-attention, tanh-GELU MLPs or MoE layers, final LayerNorm, token or
+//! average pooling, optional `pre_logits`, linear head.
+//!
+//! MoE layers route with `crate::routing` (one call per group of `group_images` consecutive
+//! images), run every expert on exactly its `c` slots in one batched matmul, and combine back. The
+//! residual stream entering each MoE sublayer is kept, so a router what-if re-runs only from the
+//! first MoE layer whose routing changed ([`VitMoe::rerun`]).
+
+use std::collections::BTreeSet;
+
+use candle_core::{D, DType, Device, Tensor};
+
+use super::ModelError;
+use super::config::{Classifier, ModelConfig};
+use super::kernels::StackedMlp;
+use super::weights::{ModelWeights, block_prefix, check_router_params};
+use crate::routing::ops::{round_to_bf16, softmax_rows};
+use crate::routing::{
+    CapacitySpec, Mode, RouterConfig, RouterFamily, RoutingResult, SoftRouterParams, route_logits,
+    route_soft,
+};
+
+const LN_EPS: f64 = 1e-6;
+
+/// Moves tensor `name` out of `weights` into candle (one copy of the weights, never two).
+fn tensor(weights: &mut ModelWeights, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+    let t = weights
+        .remove(name)
+        .ok_or_else(|| ModelError::Tensor(format!("missing tensor `{name}`")))?;
+    Ok(Tensor::from_vec(t.data, shape, &Device::Cpu)?)
+}
+
+struct Linear {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl Linear {
+    fn load(
+        weights: &mut ModelWeights,
+        prefix: &str,
+        fan_in: usize,
+        fan_out: usize,
+    ) -> Result<Self, ModelError> {
+        Ok(Self {
+            w: tensor(weights, &format!("{prefix}/kernel"), &[fan_in, fan_out])?,
+            b: tensor(weights, &format!("{prefix}/bias"), &[fan_out])?,
+        })
+    }
+
+    /// `x @ W + b` over the last axis of any-rank `x`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        let dims = x.dims().to_vec();
+        let last = dims[dims.len() - 1];
+        let rows = x.elem_count() / last;
+        let y = x
+            .reshape((rows, last))?
+            .matmul(&self.w)?
+            .broadcast_add(&self.b)?;
+        let mut out = dims;
+        let n = out.len();
+        out[n - 1] = self.w.dim(1)?;
+        Ok(y.reshape(out)?)
+    }
+}
+
+struct LayerNorm {
+    scale: Tensor,
+    bias: Tensor,
+}
+
+impl LayerNorm {
+    fn load(weights: &mut ModelWeights, prefix: &str, d: usize) -> Result<Self, ModelError> {
+        Ok(Self {
+            scale: tensor(weights, &format!("{prefix}/scale"), &[d])?,
+            bias: tensor(weights, &format!("{prefix}/bias"), &[d])?,
+        })
+    }
+
+    /// Flax: `var = max(0, E[x²] − E[x]²)`, `(x − mean)·rsqrt(var + eps)·scale + bias`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let var = (mean_sq - mean.sqr()?)?.relu()?;
+        let inv = (var + LN_EPS)?.sqrt()?.recip()?;
+        let y = x.broadcast_sub(&mean)?.broadcast_mul(&inv)?;
+        Ok(y.broadcast_mul(&self.scale)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// Softmax over the last axis (max-subtracted).
+fn softmax_last(x: &Tensor) -> Result<Tensor, ModelError> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&s)?)
+}
+
+struct Attention {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    out: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(
+        weights: &mut ModelWeights,
+        prefix: &str,
+        cfg: &ModelConfig,
+    ) -> Result<Self, ModelError> {
+        let (d, h, hd) = (cfg.hidden_size, cfg.num_heads, cfg.head_dim());
+        // Flax kernels [d, heads, head_dim] and [heads, head_dim, d] are plain matrices row-major.
+        let mut qkv = |p: &str| Linear::load(weights, &format!("{prefix}/{p}"), d, h * hd);
+        let (query, key, value) = (qkv("query")?, qkv("key")?, qkv("value")?);
+        Ok(Self {
+            query,
+            key,
+            value,
+            out: Linear::load(weights, &format!("{prefix}/out"), h * hd, d)?,
+            heads: h,
+            head_dim: hd,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        let (b, s, _) = x.dims3()?;
+        let split = |t: Tensor| -> Result<Tensor, ModelError> {
+            Ok(t.reshape((b, s, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = split(self.query.forward(x)?)?;
+        let q = (q / (self.head_dim as f64).sqrt())?;
+        let k = split(self.key.forward(x)?)?;
+        let v = split(self.value.forward(x)?)?;
+        let att = softmax_last(&q.matmul(&k.t()?.contiguous()?)?)?;
+        let y = att
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, s, self.heads * self.head_dim))?;
+        self.out.forward(&y)
+    }
+}
+
+/// Moves tensor `name` out of `weights` as a flat vector.
+fn take(weights: &mut ModelWeights, name: &str) -> Result<Vec<f32>, ModelError> {
+    weights
+        .remove(name)
+        .map(|t| t.data)
+        .ok_or_else(|| ModelError::Tensor(format!("missing tensor `{name}`")))
+}
+
+/// `Dense_0 → GELU → Dense_1` weights under `prefix` (`{prefix}/Dense_0/kernel`, ...), stacked over
+/// `num` MLPs (1 for a dense block, `e` for the experts).
+fn load_mlps(
+    weights: &mut ModelWeights,
+    prefix: &str,
+    num: usize,
+    cfg: &ModelConfig,
+) -> Result<StackedMlp, ModelError> {
+    Ok(StackedMlp {
+        num,
+        dim: cfg.hidden_size,
+        hidden: cfg.mlp_dim,
+        w0: take(weights, &format!("{prefix}/Dense_0/kernel"))?,
+        b0: take(weights, &format!("{prefix}/Dense_0/bias"))?,
+        w1: take(weights, &format!("{prefix}/Dense_1/kernel"))?,
+        b1: take(weights, &format!("{prefix}/Dense_1/bias"))?,
+    })
+}
+
+/// A dense block's MLP on `[B, S, d]`.
+fn dense_mlp(mlp: &StackedMlp, x: &Tensor) -> Result<Tensor, ModelError> {
+    let dims = x.dims().to_vec();
+    let rows = x.elem_count() / mlp.dim;
+    let y = mlp.forward(&x.flatten_all()?.to_vec1::<f32>()?, rows);
+    Ok(Tensor::from_vec(y, dims, &Device::Cpu)?)
+}
+
+/// Soft MoE router parameters kept on the CPU side for `route_soft`.
+struct SoftParams {
+    mu: Vec<f32>,
+    slots: usize,
+    scale: f32,
+}
+
+/// An MoE layer: router parameters and `e` stacked expert MLPs.
+struct MoeLayer {
+    block: usize,
+    num_experts: usize,
+    router_kernel: Option<Tensor>,
+    soft: Option<SoftParams>,
+    experts: StackedMlp,
+}
+
+/// Routing of one group in one MoE layer, for the viewer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupRecord {
+    /// Index of the group's first image in the batch.
+    pub first_image: usize,
+    pub num_images: usize,
+    /// Sparse routers: router logits `[n, e]`; Soft MoE: slot logits `[n, e·p]`.
+    pub logits: Vec<f32>,
+    /// Per-token expert probabilities `[n, e]` (softmax of the logits; Soft MoE: combine weight
+    /// summed over each expert's slots).
+    pub probs: Vec<f32>,
+    pub routing: RoutingResult,
+}
+
+/// All groups of one MoE layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeLayerRecord {
+    /// Encoder block index.
+    pub block: usize,
+    pub groups: Vec<GroupRecord>,
+}
+
+/// How MoE layers route in a run: one router per MoE layer (order of `config.moe.layers`) and the
+/// group size in images.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunOptions {
+    pub routers: Vec<RouterConfig>,
+    pub group_images: usize,
+}
+
+impl RunOptions {
+    /// The checkpoint's own routing.
+    pub fn from_config(cfg: &ModelConfig) -> Self {
+        match &cfg.moe {
+            Some(m) => Self {
+                routers: vec![m.router.clone(); m.layers.len()],
+                group_images: m.group_images,
+            },
+            None => Self {
+                routers: Vec::new(),
+                group_images: 1,
+            },
+        }
+    }
+
+    /// The same router for every MoE layer.
+    pub fn with_router(mut self, router: RouterConfig) -> Self {
+        self.routers.iter_mut().for_each(|r| *r = router.clone());
+        self
+    }
+}
+
+/// Result of a forward pass, with what a what-if needs to resume.
+#[derive(Clone, Debug)]
+pub struct ForwardOutput {
+    /// `[B][classes]` class probabilities.
+    pub probs: Vec<Vec<f32>>,
+    /// One record per MoE layer.
+    pub records: Vec<MoeLayerRecord>,
+    pub options: RunOptions,
+    /// Residual stream entering each MoE sublayer (after that block's attention), `[B, S, d]`.
+    moe_inputs: Vec<Tensor>,
+}
+
+enum Ffn {
+    Dense(StackedMlp),
+    Moe(MoeLayer),
+}
+
+struct EncoderBlock {
+    ln0: LayerNorm,
+    attn: Attention,
+    ln1: LayerNorm,
+    ffn: Ffn,
+}
+
+/// A loaded ViT-MoE.
+pub struct VitMoe {
+    pub config: ModelConfig,
+    /// Names of the checkpoint's tensors (which routers' parameters exist).
+    param_names: BTreeSet<String>,
+    embedding: Linear,
+    cls: Option<Tensor>,
+    pos_embedding: Tensor,
+    blocks: Vec<EncoderBlock>,
+    encoder_norm: LayerNorm,
+    pre_logits: Option<Linear>,
+    head: Linear,
+}
+
+impl VitMoe {
+    /// Builds the model from validated weights (see `weights::load_checkpoint`).
+    pub fn new(config: ModelConfig, mut weights: ModelWeights) -> Result<Self, ModelError> {
+        config.validate()?;
+        let param_names: BTreeSet<String> = weights.keys().cloned().collect();
+        let weights = &mut weights;
+        let cfg = &config;
+        let d = cfg.hidden_size;
+        let [ph, pw] = cfg.patch_size;
+        let patch_in = ph * pw * cfg.channels;
+        let embedding = Linear::load(weights, "embedding", patch_in, d)?;
+        let cls = match cfg.classifier {
+            Classifier::Token => Some(tensor(weights, "cls", &[1, 1, d])?),
+            Classifier::Gap => None,
+        };
+        let pos_embedding = tensor(
+            weights,
+            "Encoder/posembed_input/pos_embedding",
+            &[1, cfg.seq_len(), d],
+        )?;
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let b = block_prefix(i);
+            let ffn = match cfg.moe.as_ref().filter(|moe| moe.layers.contains(&i)) {
+                None => Ffn::Dense(load_mlps(weights, &format!("{b}/Mlp"), 1, cfg)?),
+                Some(moe) => {
+                    let e = moe.num_experts;
+                    let kernel_name = format!("{b}/Moe/Router/dense/kernel");
+                    let router_kernel = match weights.contains_key(&kernel_name) {
+                        true => Some(tensor(weights, &kernel_name, &[d, e])?),
+                        false => None,
+                    };
+                    let soft = match (
+                        weights.remove(&format!("{b}/Moe/Router/mu")),
+                        weights.remove(&format!("{b}/Moe/Router/scale")),
+                    ) {
+                        (Some(mu), Some(scale)) => Some(SoftParams {
+                            slots: mu.shape[2],
+                            mu: mu.data,
+                            scale: scale.data[0],
+                        }),
+                        _ => None,
+                    };
+                    Ffn::Moe(MoeLayer {
+                        block: i,
+                        num_experts: e,
+                        router_kernel,
+                        soft,
+                        experts: load_mlps(weights, &format!("{b}/Moe/Mlp"), e, cfg)?,
+                    })
+                }
+            };
+            blocks.push(EncoderBlock {
+                ln0: LayerNorm::load(weights, &format!("{b}/LayerNorm_0"), d)?,
+                attn: Attention::load(weights, &format!("{b}/SelfAttention"), cfg)?,
+                ln1: LayerNorm::load(weights, &format!("{b}/LayerNorm_1"), d)?,
+                ffn,
+            });
+        }
+        let encoder_norm = LayerNorm::load(weights, "Encoder/encoder_norm", d)?;
+        let (pre_logits, head_in) = match cfg.representation_size {
+            Some(r) => (Some(Linear::load(weights, "pre_logits", d, r)?), r),
+            None => (None, d),
+        };
+        let head = Linear::load(weights, "head", head_in, cfg.num_classes)?;
+        Ok(Self {
+            config,
+            param_names,
+            embedding,
+            cls,
+            pos_embedding,
+            blocks,
+            encoder_norm,
+            pre_logits,
+            head,
+        })
+    }
+
+    /// Checks that `opts` can run on this checkpoint: one router per MoE layer, parameters for each
+    /// router present, a group size dividing the batch.
+    pub fn check_options(&self, opts: &RunOptions, batch: usize) -> Result<(), ModelError> {
+        let layers = self
+            .config
+            .moe
+            .as_ref()
+            .map(|m| m.layers.clone())
+            .unwrap_or_default();
+        if opts.routers.len() != layers.len() {
+            return Err(ModelError::Config(format!(
+                "{} router settings for {} MoE layers",
+                opts.routers.len(),
+                layers.len()
+            )));
+        }
+        if opts.group_images == 0 || !batch.is_multiple_of(opts.group_images) {
+            return Err(ModelError::Config(format!(
+                "{batch} images cannot be split into routing groups of {} images",
+                opts.group_images
+            )));
+        }
+        for (block, router) in layers.iter().zip(&opts.routers) {
+            check_router_params(|n| self.param_names.contains(n), *block, router.kind)?;
+        }
+        Ok(())
+    }
+
+    /// Full forward pass of `images` `[B, H, W, C]` (normalised pixels, see `image_input`).
+    pub fn forward(
+        &self,
+        images: &[Vec<f32>],
+        opts: &RunOptions,
+    ) -> Result<ForwardOutput, ModelError> {
+        let cfg = &self.config;
+        let b = images.len();
+        if b == 0 {
+            return Err(ModelError::Config("no images to run".into()));
+        }
+        self.check_options(opts, b)?;
+        let [h, w] = cfg.image_size;
+        let [ph, pw] = cfg.patch_size;
+        let [gh, gw] = cfg.grid();
+        let c = cfg.channels;
+        let px = h * w * c;
+        if let Some((i, img)) = images.iter().enumerate().find(|(_, img)| img.len() != px) {
+            return Err(ModelError::Image(format!(
+                "image {i} has {} values, expected {h}x{w}x{c} = {px}",
+                img.len()
+            )));
+        }
+        let flat: Vec<f32> = images.concat();
+        let x = Tensor::from_vec(flat, (b, gh, ph, gw, pw, c), &Device::Cpu)?
+            .permute((0, 1, 3, 2, 4, 5))?
+            .contiguous()?
+            .reshape((b, gh * gw, ph * pw * c))?;
+        let mut x = self.embedding.forward(&x)?;
+        if let Some(cls) = &self.cls {
+            x = Tensor::cat(&[&cls.broadcast_as((b, 1, cfg.hidden_size))?, &x], 1)?;
+        }
+        let x = x.broadcast_add(&self.pos_embedding)?;
+        let mut out = ForwardOutput {
+            probs: Vec::new(),
+            records: Vec::new(),
+            options: opts.clone(),
+            moe_inputs: Vec::new(),
+        };
+        self.encode_from(x, 0, false, &mut out)?;
+        Ok(out)
+    }
+
+    /// Re-runs `prev` with new routing options, starting at the first MoE layer whose router (or
+    /// the group size) changed; equal to a full [`forward`](Self::forward) with `opts`.
+    pub fn rerun(
+        &self,
+        prev: &ForwardOutput,
+        opts: &RunOptions,
+    ) -> Result<ForwardOutput, ModelError> {
+        let batch = prev.probs.len();
+        self.check_options(opts, batch)?;
+        let first = if opts.group_images != prev.options.group_images {
+            Some(0)
+        } else {
+            opts.routers
+                .iter()
+                .zip(&prev.options.routers)
+                .position(|(a, b)| a != b)
+        };
+        let Some(first) = first else {
+            return Ok(ForwardOutput {
+                options: opts.clone(),
+                ..prev.clone()
+            });
+        };
+        let block = prev.records[first].block;
+        let mut out = ForwardOutput {
+            probs: Vec::new(),
+            records: prev.records[..first].to_vec(),
+            options: opts.clone(),
+            moe_inputs: prev.moe_inputs[..first].to_vec(),
+        };
+        self.encode_from(prev.moe_inputs[first].clone(), block, true, &mut out)?;
+        Ok(out)
+    }
+
+    /// Runs blocks `start..` (skipping the attention half of `start` when `resume_at_moe`), the
+    /// head, and fills `out`.
+    fn encode_from(
+        &self,
+        mut x: Tensor,
+        start: usize,
+        resume_at_moe: bool,
+        out: &mut ForwardOutput,
+    ) -> Result<(), ModelError> {
+        for (i, block) in self.blocks.iter().enumerate().skip(start) {
+            if !(resume_at_moe && i == start) {
+                x = (&x + block.attn.forward(&block.ln0.forward(&x)?)?)?;
+            }
+            let y = block.ln1.forward(&x)?;
+            let delta = match &block.ffn {
+                Ffn::Dense(mlp) => dense_mlp(mlp, &y)?,
+                Ffn::Moe(moe) => {
+                    let li = out.records.len();
+                    out.moe_inputs.push(x.clone());
+                    let router = &out.options.routers[li];
+                    let (delta, record) =
+                        self.moe_forward(moe, &y, router, out.options.group_images)?;
+                    out.records.push(record);
+                    delta
+                }
+            };
+            x = (x + delta)?;
+        }
+        let x = self.encoder_norm.forward(&x)?;
+        let pooled = match self.config.classifier {
+            Classifier::Token => x.narrow(1, 0, 1)?.squeeze(1)?,
+            Classifier::Gap => x.mean(1)?,
+        };
+        let pooled = match &self.pre_logits {
+            Some(p) => p.forward(&pooled)?.tanh()?,
+            None => pooled,
+        };
+        let logits = self.head.forward(&pooled)?;
+        out.probs = softmax_last(&logits)?.to_dtype(DType::F32)?.to_vec2()?;
+        Ok(())
+    }
+
+    /// One MoE sublayer on `y = LN_1(x)` `[B, S, d]`: route every group, run the experts on their
+    /// slots, combine.
+    fn moe_forward(
+        &self,
+        moe: &MoeLayer,
+        y: &Tensor,
+        router: &RouterConfig,
+        group_images: usize,
+    ) -> Result<(Tensor, MoeLayerRecord), ModelError> {
+        let (b, s, d) = y.dims3()?;
+        let e = moe.num_experts;
+        let n = group_images * s;
+        let groups = b / group_images;
+        let bf16 = self
+            .config
+            .moe
+            .as_ref()
+            .is_some_and(|m| m.bfloat16_dispatch);
+        let y_vec: Vec<f32> = y.flatten_all()?.to_vec1()?;
+        let soft = router.kind.family() == RouterFamily::Soft;
+
+        let mut records = Vec::with_capacity(groups);
+        if soft {
+            let params = moe.soft.as_ref().ok_or_else(|| {
+                ModelError::Config(format!("block {}: no Soft MoE parameters", moe.block))
+            })?;
+            let cfg = RouterConfig {
+                capacity: CapacitySpec::Slots(params.slots),
+                ..router.clone()
+            };
+            let sp = SoftRouterParams {
+                mu: &params.mu,
+                dim: d,
+                num_experts: e,
+                num_slots: params.slots,
+                scale: params.scale,
+            };
+            for g in 0..groups {
+                let xg = &y_vec[g * n * d..(g + 1) * n * d];
+                let routing = route_soft(xg, n, &sp, &cfg, Mode::Deterministic)?;
+                let logits = routing.soft().map(|s| s.logits.clone()).unwrap_or_default();
+                let probs = routing.expert_probabilities();
+                records.push(GroupRecord {
+                    first_image: g * group_images,
+                    num_images: group_images,
+                    logits,
+                    probs,
+                    routing,
+                });
+            }
+        } else {
+            let kernel = moe.router_kernel.as_ref().ok_or_else(|| {
+                ModelError::Config(format!("block {}: no router kernel", moe.block))
+            })?;
+            let logits: Vec<f32> = y
+                .reshape((b * s, d))?
+                .matmul(kernel)?
+                .flatten_all()?
+                .to_vec1()?;
+            for g in 0..groups {
+                let lg = logits[g * n * e..(g + 1) * n * e].to_vec();
+                let routing = route_logits(&lg, n, e, router, Mode::Deterministic)?;
+                let probs = softmax_rows(&lg, e);
+                records.push(GroupRecord {
+                    first_image: g * group_images,
+                    num_images: group_images,
+                    logits: lg,
+                    probs,
+                    routing,
+                });
+            }
+        }
+
+        // Slot inputs [e, groups·c, d]: expert j's slots of every group, group-major.
+        let c = records[0].routing.capacity;
+        let round = |v: f32| if bf16 { round_to_bf16(v) } else { v };
+        let mut slots = vec![0.0f32; e * groups * c * d];
+        for (g, rec) in records.iter().enumerate() {
+            let xg = &y_vec[g * n * d..(g + 1) * n * d];
+            let at = |j: usize, sl: usize| (j * groups * c + g * c + sl) * d;
+            if let Some(sp) = rec.routing.sparse() {
+                for (slot, token) in sp.slot_token.iter().enumerate() {
+                    if let Some(t) = token {
+                        let (j, sl) = (slot / c, slot % c);
+                        let dst = at(j, sl);
+                        for (o, &v) in slots[dst..dst + d]
+                            .iter_mut()
+                            .zip(&xg[*t as usize * d..][..d])
+                        {
+                            *o = round(v);
+                        }
+                    }
+                }
+            } else if let Some(sw) = rec.routing.soft() {
+                for (xi, weights) in xg.chunks_exact(d).zip(sw.dispatch.chunks_exact(e * c)) {
+                    for (slot, &wgt) in weights.iter().enumerate() {
+                        let dst = at(slot / c, slot % c);
+                        for (o, &v) in slots[dst..dst + d].iter_mut().zip(xi) {
+                            *o += wgt * round(v);
+                        }
+                    }
+                }
+            }
+        }
+        let expert_out = moe.experts.forward(&slots, groups * c);
+
+        let mut combined = vec![0.0f32; b * s * d];
+        for (g, rec) in records.iter().enumerate() {
+            let at = |j: usize, sl: usize| (j * groups * c + g * c + sl) * d;
+            let out_g = &mut combined[g * n * d..(g + 1) * n * d];
+            if rec.routing.sparse().is_some() {
+                for (i, out) in out_g.chunks_exact_mut(d).enumerate() {
+                    for ch in rec.routing.token_choices(i) {
+                        if let Some(sl) = ch.slot {
+                            let src = at(ch.expert as usize, sl as usize);
+                            for (o, &v) in out.iter_mut().zip(&expert_out[src..src + d]) {
+                                *o += ch.gate * round(v);
+                            }
+                        }
+                    }
+                }
+            } else if let Some(sw) = rec.routing.soft() {
+                for (out, weights) in out_g
+                    .chunks_exact_mut(d)
+                    .zip(sw.combine.chunks_exact(e * c))
+                {
+                    for (slot, &wgt) in weights.iter().enumerate() {
+                        let src = at(slot / c, slot % c);
+                        for (o, &v) in out.iter_mut().zip(&expert_out[src..src + d]) {
+                            *o += wgt * round(v);
+                        }
+                    }
+                }
+            }
+        }
+        let delta = Tensor::from_vec(combined, (b, s, d), &Device::Cpu)?;
+        Ok((
+            delta,
+            MoeLayerRecord {
+                block: moe.block,
+                groups: records,
+            },
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::random_weights;
+    use crate::model::tests::tiny_config;
+    use crate::routing::{MlpExperts, RouterKind, moe_layer};
+
+    /// The batched gather / expert matmul / combine equals the plain per-group MoE layer of the
+    /// routing core, for sparse routers with drops, Expert Choice, Soft MoE and 2-image groups.
+    #[test]
+    fn batched_moe_matches_the_routing_core_layer() {
+        let cfg = tiny_config(RouterKind::SoftmaxTokenChoice);
+        let w = random_weights(&cfg, 8);
+        let model = VitMoe::new(cfg.clone(), w.clone()).unwrap();
+        let Ffn::Moe(moe) = &model.blocks[1].ffn else {
+            panic!("block 1 is MoE")
+        };
+        let (b, s, d, e, m) = (4, cfg.seq_len(), cfg.hidden_size, 4, cfg.mlp_dim);
+        let y_vec: Vec<f32> = (0..b * s * d)
+            .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+            .collect();
+        let y = Tensor::from_vec(y_vec.clone(), (b, s, d), &Device::Cpu).unwrap();
+        let get = |n: &str| {
+            w[&format!("Encoder/encoderblock_1/Moe/Mlp/{n}")]
+                .data
+                .clone()
+        };
+        let experts = MlpExperts {
+            num_experts: e,
+            dim: d,
+            hidden: m,
+            w0: get("Dense_0/kernel"),
+            b0: get("Dense_0/bias"),
+            w1: get("Dense_1/kernel"),
+            b1: get("Dense_1/bias"),
+        };
+        let mut soft = RouterConfig::new(RouterKind::SoftMoe);
+        soft.capacity = CapacitySpec::Slots(1);
+        let routers = [
+            RouterConfig {
+                k: 2,
+                capacity: CapacitySpec::Factor(0.5),
+                ..RouterConfig::new(RouterKind::SoftmaxTokenChoice)
+            },
+            RouterConfig::new(RouterKind::SoftmaxExpertChoice),
+            soft,
+        ];
+        for router in routers {
+            let (delta, record) = model.moe_forward(moe, &y, &router, 2).unwrap();
+            let delta: Vec<f32> = delta.flatten_all().unwrap().to_vec1().unwrap();
+            let n = 2 * s;
+            for (g, rec) in record.groups.iter().enumerate() {
+                let xg = &y_vec[g * n * d..(g + 1) * n * d];
+                let want = moe_layer(xg, &rec.routing, &experts, false).unwrap();
+                for (a, b) in delta[g * n * d..(g + 1) * n * d]
+                    .iter()
+                    .zip(&want.token_outputs)
+                {
+                    assert!((a - b).abs() < 1e-5, "{:?}: {a} vs {b}", router.kind);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! Checkpoints: the tensors a configuration implies (vmoe's Flax parameter paths joined with `/`),
+//! strict loading from safetensors, atomic saving, and seeded random initialisation for tests and
+//! for running the viewer before any model is trained.
+//!
+//! Loading accepts names with or without vmoe's leading `params/`, and rejects missing,
+//! unexpected, mis-shaped, non-f32 and non-finite tensors with the tensor's name.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+
+use super::ModelError;
+use super::config::{CONFIG_METADATA_KEY, Classifier, ModelConfig};
+use crate::routing::{CapacitySpec, RouterFamily, RouterKind};
+use crate::tensor_io::{F32Tensor, OutTensor, TensorFile, write_f32_safetensors};
+
+/// The tensors of a model by canonical name (no `params/` prefix).
+pub type ModelWeights = BTreeMap<String, F32Tensor>;
+
+/// Metadata key naming the checkpoint format.
+pub const FORMAT_METADATA_KEY: &str = "routerscope.format";
+pub const FORMAT_NAME: &str = "routerscope.vit_moe.v1";
+
+/// A tensor the configuration expects: its shape (`None` = any size) and whether it must exist.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<Option<usize>>,
+    pub required: bool,
+}
+
+impl TensorSpec {
+    fn new(name: String, shape: &[usize]) -> Self {
+        Self {
+            name,
+            shape: shape.iter().map(|&d| Some(d)).collect(),
+            required: true,
+        }
+    }
+
+    fn matches(&self, shape: &[usize]) -> bool {
+        self.shape.len() == shape.len()
+            && self
+                .shape
+                .iter()
+                .zip(shape)
+                .all(|(a, b)| a.is_none_or(|a| a == *b))
+    }
+
+    pub fn shape_text(&self) -> String {
+        let dims: Vec<String> = self
+            .shape
+            .iter()
+            .map(|d| d.map_or("*".into(), |d| d.to_string()))
+            .collect();
+        format!("[{}]", dims.join(", "))
+    }
+}
+
+/// Block prefix of encoder block `i`.
+pub fn block_prefix(i: usize) -> String {
+    format!("Encoder/encoderblock_{i}")
+}
+
+/// Every tensor `cfg` implies, in a stable order.
+pub fn expected_tensors(cfg: &ModelConfig) -> Vec<TensorSpec> {
+    let (d, m) = (cfg.hidden_size, cfg.mlp_dim);
+    let (heads, hd) = (cfg.num_heads, cfg.head_dim());
+    let [ph, pw] = cfg.patch_size;
+    let mut v = vec![
+        TensorSpec::new("embedding/kernel".into(), &[ph, pw, cfg.channels, d]),
+        TensorSpec::new("embedding/bias".into(), &[d]),
+        TensorSpec::new(
+            "Encoder/posembed_input/pos_embedding".into(),
+            &[1, cfg.seq_len(), d],
+        ),
+        TensorSpec::new("Encoder/encoder_norm/scale".into(), &[d]),
+        TensorSpec::new("Encoder/encoder_norm/bias".into(), &[d]),
+    ];
+    if cfg.classifier == Classifier::Token {
+        v.push(TensorSpec::new("cls".into(), &[1, 1, d]));
+    }
+    for i in 0..cfg.num_layers {
+        let b = block_prefix(i);
+        for ln in ["LayerNorm_0", "LayerNorm_1"] {
+            v.push(TensorSpec::new(format!("{b}/{ln}/scale"), &[d]));
+            v.push(TensorSpec::new(format!("{b}/{ln}/bias"), &[d]));
+        }
+        for p in ["query", "key", "value"] {
+            v.push(TensorSpec::new(
+                format!("{b}/SelfAttention/{p}/kernel"),
+                &[d, heads, hd],
+            ));
+            v.push(TensorSpec::new(
+                format!("{b}/SelfAttention/{p}/bias"),
+                &[heads, hd],
+            ));
+        }
+        v.push(TensorSpec::new(
+            format!("{b}/SelfAttention/out/kernel"),
+            &[heads, hd, d],
+        ));
+        v.push(TensorSpec::new(format!("{b}/SelfAttention/out/bias"), &[d]));
+        match cfg.moe.as_ref().filter(|moe| moe.layers.contains(&i)) {
+            None => {
+                v.push(TensorSpec::new(format!("{b}/Mlp/Dense_0/kernel"), &[d, m]));
+                v.push(TensorSpec::new(format!("{b}/Mlp/Dense_0/bias"), &[m]));
+                v.push(TensorSpec::new(format!("{b}/Mlp/Dense_1/kernel"), &[m, d]));
+                v.push(TensorSpec::new(format!("{b}/Mlp/Dense_1/bias"), &[d]));
+            }
+            Some(moe) => {
+                let e = moe.num_experts;
+                let soft = moe.router.kind == RouterKind::SoftMoe;
+                // The trained router's parameters are required; the other family's are optional
+                // (present, they enable what-ifs across families).
+                let mut dense = TensorSpec::new(format!("{b}/Moe/Router/dense/kernel"), &[d, e]);
+                dense.required = !soft;
+                let p = match (soft, moe.router.capacity) {
+                    (true, CapacitySpec::Slots(p)) => Some(p),
+                    _ => None,
+                };
+                let mu = TensorSpec {
+                    name: format!("{b}/Moe/Router/mu"),
+                    shape: vec![Some(d), Some(e), p],
+                    required: soft,
+                };
+                let scale = TensorSpec {
+                    name: format!("{b}/Moe/Router/scale"),
+                    shape: vec![],
+                    required: soft,
+                };
+                v.extend([dense, mu, scale]);
+                v.push(TensorSpec::new(
+                    format!("{b}/Moe/Mlp/Dense_0/kernel"),
+                    &[e, d, m],
+                ));
+                v.push(TensorSpec::new(
+                    format!("{b}/Moe/Mlp/Dense_0/bias"),
+                    &[e, m],
+                ));
+                v.push(TensorSpec::new(
+                    format!("{b}/Moe/Mlp/Dense_1/kernel"),
+                    &[e, m, d],
+                ));
+                v.push(TensorSpec::new(
+                    format!("{b}/Moe/Mlp/Dense_1/bias"),
+                    &[e, d],
+                ));
+            }
+        }
+    }
+    let mut head_in = d;
+    if let Some(r) = cfg.representation_size {
+        v.push(TensorSpec::new("pre_logits/kernel".into(), &[d, r]));
+        v.push(TensorSpec::new("pre_logits/bias".into(), &[r]));
+        head_in = r;
+    }
+    v.push(TensorSpec::new(
+        "head/kernel".into(),
+        &[head_in, cfg.num_classes],
+    ));
+    v.push(TensorSpec::new("head/bias".into(), &[cfg.num_classes]));
+    v
+}
+
+/// Reads a checkpoint: its configuration (metadata JSON) and every tensor, strictly checked.
+pub fn load_checkpoint(path: &Path) -> Result<(ModelConfig, ModelWeights), ModelError> {
+    let file = TensorFile::open(path)?;
+    let meta = file.metadata()?;
+    let json = meta.get(CONFIG_METADATA_KEY).ok_or_else(|| {
+        ModelError::Config(format!(
+            "{}: no model configuration (metadata key `{CONFIG_METADATA_KEY}`)",
+            path.display()
+        ))
+    })?;
+    let cfg = ModelConfig::from_json(json)
+        .map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))?;
+    let specs = expected_tensors(&cfg);
+    let canonical = |n: &str| n.strip_prefix("params/").unwrap_or(n).to_string();
+    let mut in_file: HashMap<String, String> = HashMap::new();
+    for name in file.names()? {
+        let c = canonical(&name);
+        if !specs.iter().any(|s| s.name == c) {
+            return Err(ModelError::Tensor(format!(
+                "{}: unexpected tensor `{name}` (not part of this {}-block configuration)",
+                path.display(),
+                cfg.num_layers
+            )));
+        }
+        in_file.insert(c, name);
+    }
+    let mut weights = ModelWeights::new();
+    for spec in &specs {
+        let Some(stored) = in_file.get(&spec.name) else {
+            if spec.required {
+                return Err(ModelError::Tensor(format!(
+                    "{}: missing tensor `{}` (expected f32 {})",
+                    path.display(),
+                    spec.name,
+                    spec.shape_text()
+                )));
+            }
+            continue;
+        };
+        let t = file.f32(stored, &spec.shape_text())?;
+        if !spec.matches(&t.shape) {
+            return Err(file.shape_error(stored, &t.shape, spec.shape_text()).into());
+        }
+        weights.insert(spec.name.clone(), t);
+    }
+    Ok((cfg, weights))
+}
+
+/// Writes a checkpoint atomically, with its configuration in the metadata.
+pub fn save_checkpoint(
+    path: &Path,
+    cfg: &ModelConfig,
+    weights: &ModelWeights,
+) -> Result<(), ModelError> {
+    let tensors: Vec<OutTensor<'_>> = weights
+        .iter()
+        .map(|(name, t)| OutTensor {
+            name,
+            shape: t.shape.clone(),
+            data: &t.data,
+        })
+        .collect();
+    let meta = HashMap::from([
+        (CONFIG_METADATA_KEY.to_string(), cfg.to_json()),
+        (FORMAT_METADATA_KEY.to_string(), FORMAT_NAME.to_string()),
+    ]);
+    write_f32_safetensors(path, &tensors, meta)?;
+    Ok(())
+}
+
+/// Seeded random weights (LeCun-normal kernels, zero biases, unit LayerNorms). Besides the
+/// configured router's parameters, both router families' are included (Soft MoE with one slot per
+/// expert when the configured router is sparse), so every what-if works.
+pub fn random_weights(cfg: &ModelConfig, seed: u64) -> ModelWeights {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut weights = ModelWeights::new();
+    for spec in expected_tensors(cfg) {
+        let shape: Vec<usize> = spec.shape.iter().map(|d| d.unwrap_or(1)).collect();
+        let len: usize = shape.iter().product();
+        let leaf = spec.name.rsplit('/').next().unwrap_or("");
+        let data: Vec<f32> = if leaf == "bias" || spec.name == "cls" {
+            vec![0.0; len]
+        } else if leaf == "scale" {
+            vec![1.0; len]
+        } else {
+            let fan_in = fan_in(&spec.name, &shape);
+            let std = if spec.name.ends_with("pos_embedding") {
+                0.02
+            } else {
+                (1.0 / fan_in as f32).sqrt()
+            };
+            (0..len)
+                .map(|_| std * rng.sample::<f32, _>(StandardNormal))
+                .collect()
+        };
+        weights.insert(spec.name, F32Tensor { shape, data });
+    }
+    weights
+}
+
+/// Input width of a kernel in the Flax layouts used here.
+fn fan_in(name: &str, shape: &[usize]) -> usize {
+    match shape {
+        [ph, pw, c, _] => ph * pw * c,
+        _ if name.ends_with("out/kernel") => shape[0] * shape[1],
+        [_, d, _] if name.contains("/Moe/Mlp/") => *d,
+        [d, ..] => *d,
+        [] => 1,
+    }
+}
+
+/// Whether a router of `kind` can run on these MoE-block weights; the error says what is missing.
+pub fn check_router_params(
+    has: impl Fn(&str) -> bool,
+    block: usize,
+    kind: RouterKind,
+) -> Result<(), ModelError> {
+    let b = block_prefix(block);
+    let needed: &[&str] = match kind.family() {
+        RouterFamily::Soft => &["Moe/Router/mu", "Moe/Router/scale"],
+        _ => &["Moe/Router/dense/kernel"],
+    };
+    for n in needed {
+        if !has(&format!("{b}/{n}")) {
+            return Err(ModelError::Config(format!(
+                "{} needs `{b}/{n}`, which this checkpoint does not have{}",
+                kind.display_name(),
+                if kind == RouterKind::SoftMoe {
+                    " (Soft MoE's mu and scale cannot be derived from a sparse router's kernel)"
+                } else {
+                    " (a Soft MoE checkpoint has no token-to-expert router kernel)"
+                }
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,24 @@
+//! Process-wide settings that must be made before any thread starts.
+
+/// Fixes `RAYON_NUM_THREADS` (when unset) to the available parallelism, and shortens candle's
+/// worker spin (`CANDLE_BARRIER_POOL_SPIN_LIMIT`, when unset).
+///
+/// candle asks for its thread count on every matmul, and on Linux machines without a CPU mask it
+/// answers by parsing `/proc/cpuinfo` each time unless this variable is set; that costs more than
+/// the matmuls of a small model. Its element-wise pool then spins 25,000 times after each op,
+/// taking a core from the expert kernels that run next on rayon.
+///
+/// # Safety
+/// Must be called before any other thread exists (first thing in `main`), because it writes the
+/// process environment.
+pub unsafe fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // SAFETY: the caller guarantees that no other thread runs yet.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        // SAFETY: as above.
+        unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "200") };
+    }
+}

@@ -1,0 +1,193 @@
+//! End-to-end runs of `routerscope predict` on a seeded random checkpoint.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use image::{DynamicImage, ImageBuffer, Rgb};
+use routerscope::model::{
+    Classifier, ModelConfig, MoeConfig, Normalization, random_weights, save_checkpoint,
+};
+use routerscope::routing::{RouterConfig, RouterKind};
+
+fn config() -> ModelConfig {
+    ModelConfig {
+        name: "tiny".into(),
+        image_size: [16, 16],
+        channels: 3,
+        patch_size: [4, 4],
+        hidden_size: 32,
+        num_layers: 4,
+        num_heads: 4,
+        mlp_dim: 64,
+        classifier: Classifier::Token,
+        representation_size: None,
+        num_classes: 7,
+        class_names: (0..7).map(|i| format!("class-{i}")).collect(),
+        normalization: Normalization {
+            mean: vec![0.5; 3],
+            std: vec![0.5; 3],
+        },
+        moe: Some(MoeConfig {
+            layers: vec![1, 3],
+            num_experts: 4,
+            router: RouterConfig::new(RouterKind::SoftmaxTokenChoice),
+            group_images: 1,
+            bfloat16_dispatch: false,
+        }),
+    }
+}
+
+fn setup(dir: &Path) -> (PathBuf, Vec<PathBuf>) {
+    let cfg = config();
+    let model = dir.join("model.safetensors");
+    save_checkpoint(&model, &cfg, &random_weights(&cfg, 42)).unwrap();
+    let images = (0..2)
+        .map(|i| {
+            let p = dir.join(format!("img{i}.png"));
+            let img = ImageBuffer::from_fn(40, 30, |x, y| {
+                Rgb([(x * 6 + i * 50) as u8, (y * 8) as u8, 100])
+            });
+            DynamicImage::ImageRgb8(img).save(&p).unwrap();
+            p
+        })
+        .collect();
+    (model, images)
+}
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_routerscope"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn predict_prints_top5_and_routing_per_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, images) = setup(dir.path());
+    let (m, a, b) = (
+        model.to_str().unwrap(),
+        images[0].to_str().unwrap(),
+        images[1].to_str().unwrap(),
+    );
+    let out = run(&["predict", "--model", m, "--json", a, b]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let imgs = v["images"].as_array().unwrap();
+    assert_eq!(imgs.len(), 2);
+    for img in imgs {
+        let top5 = img["top5"].as_array().unwrap();
+        assert_eq!(top5.len(), 5);
+        let p: Vec<f64> = top5
+            .iter()
+            .map(|t| t["probability"].as_f64().unwrap())
+            .collect();
+        assert!(p.windows(2).all(|w| w[0] >= w[1]));
+        let layers = img["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 2);
+        assert_eq!(layers[0]["block"], 1);
+        assert_eq!(layers[0]["router"], "softmax-tc");
+        assert_eq!(layers[0]["tokens"], 17);
+        // ceil(17/4) = 5, padded to 8.
+        assert_eq!(layers[0]["capacity"], 8);
+        let load: u64 = layers[0]["tokens_per_expert"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .sum();
+        let dropped = layers[0]["dropped_tokens"].as_array().unwrap().len() as u64;
+        assert_eq!(load + dropped, 17);
+    }
+
+    let text = run(&[
+        "predict",
+        "--model",
+        m,
+        "--router",
+        "softmax-ec",
+        "--capacity-factor",
+        "2",
+        a,
+    ]);
+    assert!(
+        text.status.success(),
+        "{}",
+        String::from_utf8_lossy(&text.stderr)
+    );
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(text.contains("  1. class-"), "{text}");
+    assert!(
+        text.contains("block 3 (softmax-ec, group: this image): capacity 12"),
+        "{text}"
+    );
+
+    let grouped = run(&[
+        "predict",
+        "--model",
+        m,
+        "--group-images",
+        "2",
+        "--json",
+        a,
+        b,
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&grouped.stdout).unwrap();
+    assert_eq!(v["images"][1]["layers"][0]["tokens"], 34);
+    assert_eq!(v["images"][1]["layers"][0]["group_first_image"], 0);
+}
+
+#[test]
+fn predict_errors_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, images) = setup(dir.path());
+    let (m, a) = (model.to_str().unwrap(), images[0].to_str().unwrap());
+    // A checkpoint with only the sparse router's kernel.
+    let cfg = config();
+    let mut w = random_weights(&cfg, 1);
+    w.retain(|name, _| !name.contains("Router/mu") && !name.contains("Router/scale"));
+    let sparse_only = dir.path().join("sparse.safetensors");
+    save_checkpoint(&sparse_only, &cfg, &w).unwrap();
+    let bad = dir.path().join("notes.png");
+    std::fs::write(&bad, b"not an image").unwrap();
+    let cases: [(Vec<&str>, &str); 5] = [
+        (
+            vec!["predict", "--model", m, a, bad.to_str().unwrap()],
+            "notes.png",
+        ),
+        (
+            vec!["predict", "--model", a, a],
+            "not a valid safetensors file",
+        ),
+        (
+            vec![
+                "predict",
+                "--model",
+                sparse_only.to_str().unwrap(),
+                "--router",
+                "soft",
+                a,
+            ],
+            "cannot be derived",
+        ),
+        (
+            vec!["predict", "--model", m, "--group-images", "2", a],
+            "cannot be split",
+        ),
+        (vec!["predict", "--model", m, "--k", "9", a], "k = 9"),
+    ];
+    for (args, needle) in cases {
+        let out = run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            err.starts_with("error:") && err.contains(needle),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"));
+    }
+}
