@@ -7,49 +7,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group};
-use routerscope::model::{
-    Classifier, ModelConfig, MoeConfig, Normalization, RunOptions, VitMoe, random_weights,
-};
+use routerscope::model::{ModelConfig, RunOptions, VitMoe, preset, random_weights};
 use routerscope::routing::{RouterConfig, RouterKind};
-
-#[allow(clippy::too_many_arguments)]
-fn config(
-    name: &str,
-    size: usize,
-    channels: usize,
-    patch: usize,
-    width: usize,
-    depth: usize,
-    heads: usize,
-    layers: Vec<usize>,
-    experts: usize,
-) -> ModelConfig {
-    ModelConfig {
-        name: name.into(),
-        image_size: [size, size],
-        channels,
-        patch_size: [patch, patch],
-        hidden_size: width,
-        num_layers: depth,
-        num_heads: heads,
-        mlp_dim: 4 * width,
-        classifier: Classifier::Token,
-        representation_size: None,
-        num_classes: if size == 28 { 10 } else { 1000 },
-        class_names: Vec::new(),
-        normalization: Normalization {
-            mean: vec![0.5; channels],
-            std: vec![0.5; channels],
-        },
-        moe: Some(MoeConfig {
-            layers,
-            num_experts: experts,
-            router: RouterConfig::new(RouterKind::SoftmaxTokenChoice),
-            group_images: 1,
-            bfloat16_dispatch: false,
-        }),
-    }
-}
 
 fn bench_model(c: &mut Criterion, cfg: ModelConfig) {
     let image: Vec<f32> = (0..cfg.image_size[0] * cfg.image_size[1] * cfg.channels)
@@ -73,34 +32,12 @@ fn bench_model(c: &mut Criterion, cfg: ModelConfig) {
 }
 
 fn models(c: &mut Criterion) {
-    bench_model(
-        c,
-        config(
-            "fashion-28px-w128-d6-e8",
-            28,
-            1,
-            4,
-            128,
-            6,
-            4,
-            vec![3, 5],
-            8,
-        ),
-    );
-    bench_model(
-        c,
-        config(
-            "vit-s16-224px-e32",
-            224,
-            3,
-            16,
-            384,
-            12,
-            6,
-            (6..12).collect(),
-            32,
-        ),
-    );
+    for name in ["fashion-mnist", "vit-s16"] {
+        bench_model(
+            c,
+            preset(name, RouterKind::SoftmaxTokenChoice).expect("preset"),
+        );
+    }
 }
 
 fn settings() -> Criterion {

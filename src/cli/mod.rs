@@ -1,5 +1,6 @@
 //! Command-line front end: argument parsing and the subcommands.
 
+mod init_model;
 mod predict;
 mod route;
 
@@ -22,11 +23,14 @@ enum Command {
     Route(route::RouteArgs),
     /// Classify images and summarise how every MoE layer routed their patches.
     Predict(predict::PredictArgs),
+    /// Write a seeded random checkpoint of a named architecture.
+    InitModel(init_model::InitModelArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Route(args) => route::run(&args),
         Command::Predict(args) => predict::run(&args),
+        Command::InitModel(args) => init_model::run(&args),
     }
 }

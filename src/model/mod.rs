@@ -5,6 +5,7 @@
 mod config;
 mod image_input;
 mod kernels;
+mod presets;
 mod vit;
 mod weights;
 
@@ -12,6 +13,7 @@ pub use config::{CONFIG_METADATA_KEY, Classifier, ModelConfig, MoeConfig, Normal
 pub use image_input::{
     MAX_DECODE_BYTES, MAX_IMAGE_SIDE, decode_image, decode_image_bytes, load_image, preprocess,
 };
+pub use presets::{FASHION_MNIST_CLASSES, PRESETS, preset, preset_router};
 pub use vit::{ForwardOutput, GroupRecord, MoeLayerRecord, RunOptions, VitMoe};
 pub use weights::{
     FORMAT_METADATA_KEY, FORMAT_NAME, ModelWeights, TensorSpec, block_prefix, check_router_params,
