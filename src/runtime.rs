@@ -21,4 +21,20 @@ pub unsafe fn pin_thread_count() {
         // SAFETY: as above.
         unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "200") };
     }
+    keep_freed_memory();
 }
+
+/// glibc serves allocations above its (dynamic) mmap threshold with fresh mappings and returns
+/// them on free, so every intermediate tensor of a forward pass faults in pages the kernel must zero
+/// again (a sixth of a small model's run time). Keeping freed memory in the heap avoids that.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory() {
+    // SAFETY: mallopt only adjusts allocator parameters; 1 GiB thresholds are valid values.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}

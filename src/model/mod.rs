@@ -5,6 +5,7 @@
 mod config;
 mod image_input;
 mod kernels;
+mod ops;
 mod presets;
 mod vit;
 mod weights;

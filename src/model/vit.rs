@@ -10,11 +10,12 @@
 
 use std::collections::BTreeSet;
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::ModelError;
 use super::config::{Classifier, ModelConfig};
 use super::kernels::StackedMlp;
+use super::ops::{LayerNormOp, SoftmaxLastDim};
 use super::weights::{ModelWeights, block_prefix, check_router_params};
 use crate::routing::ops::{round_to_bf16, softmax_rows};
 use crate::routing::{
@@ -22,7 +23,7 @@ use crate::routing::{
     route_soft,
 };
 
-const LN_EPS: f64 = 1e-6;
+const LN_EPS: f32 = 1e-6;
 
 /// Moves tensor `name` out of `weights` into candle (one copy of the weights, never two).
 fn tensor(weights: &mut ModelWeights, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
@@ -67,35 +68,32 @@ impl Linear {
 }
 
 struct LayerNorm {
-    scale: Tensor,
-    bias: Tensor,
+    scale: Vec<f32>,
+    bias: Vec<f32>,
 }
 
 impl LayerNorm {
-    fn load(weights: &mut ModelWeights, prefix: &str, d: usize) -> Result<Self, ModelError> {
+    fn load(weights: &mut ModelWeights, prefix: &str) -> Result<Self, ModelError> {
         Ok(Self {
-            scale: tensor(weights, &format!("{prefix}/scale"), &[d])?,
-            bias: tensor(weights, &format!("{prefix}/bias"), &[d])?,
+            scale: take(weights, &format!("{prefix}/scale"))?,
+            bias: take(weights, &format!("{prefix}/bias"))?,
         })
     }
 
     /// Flax: `var = max(0, E[x²] − E[x]²)`, `(x − mean)·rsqrt(var + eps)·scale + bias`.
     fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let var = (mean_sq - mean.sqr()?)?.relu()?;
-        let inv = (var + LN_EPS)?.sqrt()?.recip()?;
-        let y = x.broadcast_sub(&mean)?.broadcast_mul(&inv)?;
-        Ok(y.broadcast_mul(&self.scale)?.broadcast_add(&self.bias)?)
+        let op = LayerNormOp {
+            scale: &self.scale,
+            bias: &self.bias,
+            eps: LN_EPS,
+        };
+        Ok(x.contiguous()?.apply_op1_no_bwd(&op)?)
     }
 }
 
 /// Softmax over the last axis (max-subtracted).
 fn softmax_last(x: &Tensor) -> Result<Tensor, ModelError> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let s = e.sum_keepdim(D::Minus1)?;
-    Ok(e.broadcast_div(&s)?)
+    Ok(x.contiguous()?.apply_op1_no_bwd(&SoftmaxLastDim)?)
 }
 
 struct Attention {
@@ -341,13 +339,13 @@ impl VitMoe {
                 }
             };
             blocks.push(EncoderBlock {
-                ln0: LayerNorm::load(weights, &format!("{b}/LayerNorm_0"), d)?,
+                ln0: LayerNorm::load(weights, &format!("{b}/LayerNorm_0"))?,
                 attn: Attention::load(weights, &format!("{b}/SelfAttention"), cfg)?,
-                ln1: LayerNorm::load(weights, &format!("{b}/LayerNorm_1"), d)?,
+                ln1: LayerNorm::load(weights, &format!("{b}/LayerNorm_1"))?,
                 ffn,
             });
         }
-        let encoder_norm = LayerNorm::load(weights, "Encoder/encoder_norm", d)?;
+        let encoder_norm = LayerNorm::load(weights, "Encoder/encoder_norm")?;
         let (pre_logits, head_in) = match cfg.representation_size {
             Some(r) => (Some(Linear::load(weights, "pre_logits", d, r)?), r),
             None => (None, d),
