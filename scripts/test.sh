@@ -15,5 +15,5 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 # One pass of every benchmark in test mode (compiles and runs them once), then all the tests.
-cargo test --locked --benches
+cargo test --locked --bench routers --bench model
 cargo test --locked --lib --bins --tests
