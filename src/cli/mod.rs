@@ -1,5 +1,6 @@
 //! Command-line front end: argument parsing and the subcommands.
 
+mod convert;
 mod init_model;
 mod predict;
 mod route;
@@ -25,6 +26,8 @@ enum Command {
     Predict(predict::PredictArgs),
     /// Write a seeded random checkpoint of a named architecture.
     InitModel(init_model::InitModelArgs),
+    /// Convert a vmoe checkpoint (index + msgpack shards) to a routerscope safetensors checkpoint.
+    Convert(convert::ConvertArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -32,5 +35,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Route(args) => route::run(&args),
         Command::Predict(args) => predict::run(&args),
         Command::InitModel(args) => init_model::run(&args),
+        Command::Convert(args) => convert::run(&args),
     }
 }

@@ -9,7 +9,8 @@ use serde_json::json;
 
 #[derive(clap::Args, Debug)]
 pub struct PredictArgs {
-    /// Model checkpoint (.safetensors with a routerscope model configuration).
+    /// Model checkpoint: .safetensors with a routerscope model configuration, or the `.index` of
+    /// a released vmoe V-MoE checkpoint.
     #[arg(long)]
     model: PathBuf,
     /// Route with this router instead of the checkpoint's (a what-if on the same weights).

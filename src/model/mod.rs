@@ -8,6 +8,8 @@ mod kernels;
 mod ops;
 mod presets;
 mod vit;
+pub mod vmoe_format;
+mod vmoe_presets;
 mod weights;
 
 pub use config::{CONFIG_METADATA_KEY, Classifier, ModelConfig, MoeConfig, Normalization};
@@ -16,9 +18,12 @@ pub use image_input::{
 };
 pub use presets::{FASHION_MNIST_CLASSES, PRESETS, preset, preset_router};
 pub use vit::{ForwardOutput, GroupRecord, MoeLayerRecord, RunOptions, VitMoe};
+pub use vmoe_presets::{
+    CIFAR10_CLASSES, VMOE_TRAINED_GROUP_IMAGES, load_vmoe, match_vmoe_preset, vmoe_presets,
+};
 pub use weights::{
     FORMAT_METADATA_KEY, FORMAT_NAME, ModelWeights, TensorSpec, block_prefix, check_router_params,
-    expected_tensors, load_checkpoint, random_weights, save_checkpoint,
+    check_tensors, expected_tensors, load_checkpoint, random_weights, save_checkpoint,
 };
 
 use crate::routing::RoutingError;
@@ -41,10 +46,25 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
 }
 
+/// Whether `path` names a vmoe checkpoint (its `.index` file) rather than safetensors.
+pub fn is_vmoe_checkpoint(path: &std::path::Path) -> bool {
+    path.extension().is_some_and(|e| e == "index")
+}
+
+/// Loads a checkpoint of either format: safetensors, or a vmoe `.index` whose architecture is a
+/// released preset.
+pub fn load_any(path: &std::path::Path) -> Result<(ModelConfig, ModelWeights), ModelError> {
+    if is_vmoe_checkpoint(path) {
+        load_vmoe(path, None, &mut |_, _| {})
+    } else {
+        load_checkpoint(path)
+    }
+}
+
 impl VitMoe {
-    /// Loads and validates a checkpoint file.
+    /// Loads and validates a checkpoint file (safetensors, or a vmoe `.index`).
     pub fn load(path: &std::path::Path) -> Result<Self, ModelError> {
-        let (cfg, weights) = load_checkpoint(path)?;
+        let (cfg, weights) = load_any(path)?;
         Self::new(cfg, weights)
     }
 }

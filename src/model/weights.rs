@@ -178,39 +178,66 @@ pub fn load_checkpoint(path: &Path) -> Result<(ModelConfig, ModelWeights), Model
     let cfg = ModelConfig::from_json(json)
         .map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))?;
     let specs = expected_tensors(&cfg);
-    let canonical = |n: &str| n.strip_prefix("params/").unwrap_or(n).to_string();
-    let mut in_file: HashMap<String, String> = HashMap::new();
+    let mut tensors = ModelWeights::new();
     for name in file.names()? {
-        let c = canonical(&name);
-        if !specs.iter().any(|s| s.name == c) {
+        // Unknown names are reported by `check_tensors`; decode only what could be valid.
+        let canonical = name.strip_prefix("params/").unwrap_or(&name);
+        let t = match specs.iter().find(|s| s.name == canonical) {
+            Some(spec) => file.f32(&name, &spec.shape_text())?,
+            None => F32Tensor {
+                shape: Vec::new(),
+                data: Vec::new(),
+            },
+        };
+        tensors.insert(name, t);
+    }
+    let weights = check_tensors(&cfg, tensors, &path.display().to_string())?;
+    Ok((cfg, weights))
+}
+
+/// Checks tensors (names with or without `params/`) against what `cfg` implies: no unexpected or
+/// missing tensor, every shape right, every value finite. Returns them under canonical names.
+pub fn check_tensors(
+    cfg: &ModelConfig,
+    tensors: ModelWeights,
+    source: &str,
+) -> Result<ModelWeights, ModelError> {
+    let specs = expected_tensors(cfg);
+    let mut weights = ModelWeights::new();
+    for (name, t) in tensors {
+        let canonical = name.strip_prefix("params/").unwrap_or(&name).to_string();
+        let Some(spec) = specs.iter().find(|s| s.name == canonical) else {
             return Err(ModelError::Tensor(format!(
-                "{}: unexpected tensor `{name}` (not part of this {}-block configuration)",
-                path.display(),
+                "{source}: unexpected tensor `{name}` (not part of this {}-block configuration)",
                 cfg.num_layers
             )));
-        }
-        in_file.insert(c, name);
-    }
-    let mut weights = ModelWeights::new();
-    for spec in &specs {
-        let Some(stored) = in_file.get(&spec.name) else {
-            if spec.required {
-                return Err(ModelError::Tensor(format!(
-                    "{}: missing tensor `{}` (expected f32 {})",
-                    path.display(),
-                    spec.name,
-                    spec.shape_text()
-                )));
-            }
-            continue;
         };
-        let t = file.f32(stored, &spec.shape_text())?;
         if !spec.matches(&t.shape) {
-            return Err(file.shape_error(stored, &t.shape, spec.shape_text()).into());
+            return Err(ModelError::Tensor(format!(
+                "{source}: tensor `{name}` has shape {:?}, expected {}",
+                t.shape,
+                spec.shape_text()
+            )));
         }
-        weights.insert(spec.name.clone(), t);
+        if let Some(at) = t.data.iter().position(|v| !v.is_finite()) {
+            return Err(ModelError::Tensor(format!(
+                "{source}: tensor `{name}` has a non-finite value ({}) at flat index {at}",
+                t.data[at]
+            )));
+        }
+        weights.insert(canonical, t);
     }
-    Ok((cfg, weights))
+    if let Some(spec) = specs
+        .iter()
+        .find(|s| s.required && !weights.contains_key(&s.name))
+    {
+        return Err(ModelError::Tensor(format!(
+            "{source}: missing tensor `{}` (expected f32 {})",
+            spec.name,
+            spec.shape_text()
+        )));
+    }
+    Ok(weights)
 }
 
 /// Writes a checkpoint atomically, with its configuration in the metadata.

@@ -1,0 +1,229 @@
+//! Architectures of the released V-MoE checkpoints (which hold only tensors), matched against a
+//! checkpoint's tensor shapes, and the loader that turns a vmoe checkpoint into a model.
+//!
+//! All released models are Softmax Token Choice V-MoEs with 8 experts and k = 2, a CLS token and
+//! vmoe's `value_range(-1, 1)` input scaling; they were trained with routing groups of 8 images
+//! and capacity factor 1.05 (the viewer routes one image per group unless asked otherwise).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::ModelError;
+use super::config::{Classifier, ModelConfig, MoeConfig, Normalization};
+use super::vmoe_format::{read_arrays, read_index};
+use super::weights::{ModelWeights, check_tensors, expected_tensors};
+use crate::routing::{CapacitySpec, RouterConfig, RouterKind};
+
+/// CIFAR-10's class names, in label order.
+pub const CIFAR10_CLASSES: [&str; 10] = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+];
+
+/// Images per routing group in the released models' training.
+pub const VMOE_TRAINED_GROUP_IMAGES: usize = 8;
+
+#[allow(clippy::too_many_arguments)]
+fn vmoe(
+    name: &str,
+    size: usize,
+    patch: usize,
+    width: usize,
+    depth: usize,
+    mlp: usize,
+    heads: usize,
+    layers: Vec<usize>,
+    classes: usize,
+) -> ModelConfig {
+    let mut router = RouterConfig::new(RouterKind::SoftmaxTokenChoice);
+    router.k = 2;
+    router.capacity = CapacitySpec::Factor(1.05);
+    router.loss_weights.importance = 0.005;
+    router.loss_weights.load = 0.005;
+    ModelConfig {
+        name: name.into(),
+        image_size: [size, size],
+        channels: 3,
+        patch_size: [patch, patch],
+        hidden_size: width,
+        num_layers: depth,
+        num_heads: heads,
+        mlp_dim: mlp,
+        classifier: Classifier::Token,
+        representation_size: None,
+        num_classes: classes,
+        class_names: if classes == 10 {
+            CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect()
+        } else {
+            Vec::new()
+        },
+        normalization: Normalization {
+            mean: vec![0.5; 3],
+            std: vec![0.5; 3],
+        },
+        moe: Some(MoeConfig {
+            layers,
+            num_experts: 8,
+            router,
+            group_images: 1,
+            bfloat16_dispatch: false,
+        }),
+    }
+}
+
+/// The released V-MoE architectures (ImageNet class names are not shipped: classes show as
+/// indices).
+pub fn vmoe_presets() -> Vec<ModelConfig> {
+    let odd = |depth: usize| (1..depth).step_by(2).collect::<Vec<_>>();
+    vec![
+        vmoe(
+            "vmoe_s32_last2_ilsvrc2012",
+            224,
+            32,
+            512,
+            8,
+            2048,
+            8,
+            vec![5, 7],
+            1000,
+        ),
+        vmoe(
+            "vmoe_s32_last2_ilsvrc2012_ft_ilsvrc2012",
+            384,
+            32,
+            512,
+            8,
+            2048,
+            8,
+            vec![5, 7],
+            1000,
+        ),
+        vmoe(
+            "vmoe_b16_imagenet21k_randaug_strong",
+            224,
+            16,
+            768,
+            12,
+            3072,
+            12,
+            odd(12),
+            21843,
+        ),
+        vmoe(
+            "vmoe_b16_imagenet21k_randaug_strong_ft_ilsvrc2012",
+            384,
+            16,
+            768,
+            12,
+            3072,
+            12,
+            odd(12),
+            1000,
+        ),
+        vmoe(
+            "vmoe_b16_imagenet21k_randaug_strong_ft_cifar10",
+            128,
+            16,
+            768,
+            12,
+            3072,
+            12,
+            odd(12),
+            10,
+        ),
+    ]
+}
+
+/// The first preset whose tensors are exactly `shapes` (canonical names, no `params/`).
+pub fn match_vmoe_preset(shapes: &BTreeMap<String, Vec<usize>>) -> Option<ModelConfig> {
+    vmoe_presets().into_iter().find(|cfg| {
+        let specs = expected_tensors(cfg);
+        shapes.len()
+            == specs
+                .iter()
+                .filter(|s| s.required || shapes.contains_key(&s.name))
+                .count()
+            && specs.iter().all(|s| match shapes.get(&s.name) {
+                Some(shape) => {
+                    s.shape.len() == shape.len()
+                        && s.shape
+                            .iter()
+                            .zip(shape)
+                            .all(|(a, b)| a.is_none_or(|a| a == *b))
+                }
+                None => !s.required,
+            })
+    })
+}
+
+/// Loads a vmoe checkpoint (`PREFIX` or `PREFIX.index`). Without `config`, the architecture is the
+/// released preset whose shapes match, or an error asking for a configuration file.
+pub fn load_vmoe(
+    path: &Path,
+    config: Option<ModelConfig>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(ModelConfig, ModelWeights), ModelError> {
+    let index = read_index(path)?;
+    let keep = |name: &str| {
+        index.leaves.iter().any(|l| l.name.starts_with("params/")) == name.starts_with("params/")
+    };
+    let shapes: BTreeMap<String, Vec<usize>> = index
+        .leaves
+        .iter()
+        .filter(|l| keep(&l.name))
+        .map(|l| {
+            (
+                l.name
+                    .strip_prefix("params/")
+                    .unwrap_or(&l.name)
+                    .to_string(),
+                l.shape.clone(),
+            )
+        })
+        .collect();
+    let cfg = match config {
+        Some(cfg) => {
+            cfg.validate()?;
+            cfg
+        }
+        None => match_vmoe_preset(&shapes).ok_or_else(|| {
+            let width = shapes
+                .get("embedding/kernel")
+                .map(|s| format!("{s:?}"))
+                .unwrap_or_else(|| "none".into());
+            ModelError::Config(format!(
+                "{}: no released V-MoE preset matches these tensors (embedding/kernel {width}); \
+                 describe the architecture in a JSON configuration (see docs/checkpoint-format.md)",
+                path.display()
+            ))
+        })?,
+    };
+    // Check names and shapes before reading gigabytes.
+    let placeholders: ModelWeights = shapes
+        .iter()
+        .map(|(n, s)| {
+            (
+                n.clone(),
+                crate::tensor_io::F32Tensor {
+                    shape: s.clone(),
+                    data: Vec::new(),
+                },
+            )
+        })
+        .collect();
+    check_tensors(&cfg, placeholders, &path.display().to_string())?;
+    let arrays: ModelWeights = read_arrays(&index, progress)?
+        .into_iter()
+        .filter(|(n, _)| keep(n))
+        .collect();
+    let weights = check_tensors(&cfg, arrays, &path.display().to_string())?;
+    Ok((cfg, weights))
+}
