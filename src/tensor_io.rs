@@ -7,7 +7,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, SafeTensors};
 
 /// What went wrong with a tensor file, always naming the file and, where there is one, the tensor.
 #[derive(Debug, thiserror::Error)]
@@ -52,19 +52,25 @@ pub struct F32Tensor {
     pub data: Vec<f32>,
 }
 
-/// An opened, header-validated safetensors file.
+/// An opened, header-validated safetensors file, memory-mapped so that decoding a tensor is the
+/// only copy of its data.
 pub struct TensorFile {
     path: PathBuf,
-    bytes: Vec<u8>,
+    bytes: memmap2::Mmap,
 }
 
 impl TensorFile {
-    /// Reads and validates the file (header, offsets) without decoding tensors.
+    /// Maps and validates the file (header, offsets) without decoding tensors.
     pub fn open(path: &Path) -> Result<Self, TensorIoError> {
-        let bytes = fs::read(path).map_err(|err| TensorIoError::Io {
+        let io = |err| TensorIoError::Io {
             path: path.to_owned(),
             err,
-        })?;
+        };
+        let handle = fs::File::open(path).map_err(io)?;
+        // SAFETY: the map is read-only and private to this value. A file truncated by another
+        // process while mapped would fault; checkpoints are not edited in place by this program,
+        // and everything it writes goes through a temporary file and a rename.
+        let bytes = unsafe { memmap2::Mmap::map(&handle) }.map_err(io)?;
         let file = Self {
             path: path.to_owned(),
             bytes,
@@ -129,11 +135,12 @@ impl TensorFile {
             });
         }
         let shape = view.shape().to_vec();
-        let data: Vec<f32> = view
-            .data()
+        let bytes = view.data();
+        let data: Vec<f32> = bytes
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
+        self.release(bytes);
         if let Some(at) = data.iter().position(|v| !v.is_finite()) {
             return Err(TensorIoError::NonFinite {
                 path: self.path.clone(),
@@ -143,6 +150,27 @@ impl TensorFile {
             });
         }
         Ok(F32Tensor { shape, data })
+    }
+
+    /// Drops the mapped pages of a decoded tensor from this process (the data now lives in its
+    /// `Vec`), so loading a large checkpoint never holds it twice.
+    fn release(&self, bytes: &[u8]) {
+        let base = self.bytes.as_ptr() as usize;
+        let page = 4096;
+        let start = (bytes.as_ptr() as usize - base).div_ceil(page) * page;
+        let end = (bytes.as_ptr() as usize - base + bytes.len()) / page * page;
+        if end > start {
+            // SAFETY: the mapping is read-only and file-backed; after MADV_DONTNEED a later access
+            // would simply read the pages from the file again. Nothing here keeps references into
+            // the released range past this point (the bytes were copied into the tensor).
+            let _ = unsafe {
+                self.bytes.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                )
+            };
+        }
     }
 
     /// A shape error for tensor `name` of this file.
@@ -179,58 +207,106 @@ pub struct OutTensor<'a> {
     pub data: &'a [f32],
 }
 
-/// Writes f32 tensors and string metadata as safetensors, atomically.
+/// Borrowed little-endian f32 data for safetensors' streaming writer.
+struct F32View<'a> {
+    shape: &'a [usize],
+    data: &'a [f32],
+}
+
+impl safetensors::View for F32View<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        if cfg!(target_endian = "little") {
+            std::borrow::Cow::Borrowed(bytemuck::cast_slice(self.data))
+        } else {
+            std::borrow::Cow::Owned(self.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+        }
+    }
+    fn data_len(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
+/// Writes f32 tensors and string metadata as safetensors, atomically, streaming the data (no
+/// copy of the tensors is made).
 pub fn write_f32_safetensors(
     path: &Path,
     tensors: &[OutTensor<'_>],
     metadata: HashMap<String, String>,
 ) -> Result<(), TensorIoError> {
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|t| t.data.iter().flat_map(|v| v.to_le_bytes()).collect())
-        .collect();
-    let mut views = Vec::with_capacity(tensors.len());
-    for (t, b) in tensors.iter().zip(&bytes) {
-        let view =
-            TensorView::new(Dtype::F32, t.shape.clone(), b).map_err(|e| TensorIoError::Format {
+    for t in tensors {
+        if t.shape.iter().product::<usize>() != t.data.len() {
+            return Err(TensorIoError::Format {
                 path: path.to_owned(),
-                reason: format!("tensor `{}`: {e}", t.name),
-            })?;
-        views.push((t.name, view));
+                reason: format!(
+                    "tensor `{}`: shape {:?} does not hold {} values",
+                    t.name,
+                    t.shape,
+                    t.data.len()
+                ),
+            });
+        }
     }
+    let views = tensors.iter().map(|t| {
+        (
+            t.name,
+            F32View {
+                shape: &t.shape,
+                data: t.data,
+            },
+        )
+    });
     let meta = if metadata.is_empty() {
         None
     } else {
         Some(metadata)
     };
-    let serialized = safetensors::serialize(views, meta).map_err(|e| TensorIoError::Format {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    })?;
-    write_atomic(path, &serialized)
+    let tmp = temporary_path(path)?;
+    let result = safetensors::serialize_to_file(views, meta, &tmp)
+        .map_err(|e| TensorIoError::Format {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
+        .and_then(|()| {
+            fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .and_then(|()| fs::rename(&tmp, path))
+                .map_err(|err| TensorIoError::Io {
+                    path: path.to_owned(),
+                    err,
+                })
+        });
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TensorIoError> {
-    let io = |err| TensorIoError::Io {
-        path: path.to_owned(),
-        err,
-    };
+/// A temporary file name beside `path` (same folder, so the final rename is atomic).
+fn temporary_path(path: &Path) -> Result<PathBuf, TensorIoError> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
     };
-    let file_name = path.file_name().ok_or_else(|| {
-        io(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a file path",
-        ))
+    let file_name = path.file_name().ok_or_else(|| TensorIoError::Io {
+        path: path.to_owned(),
+        err: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
     })?;
-    let tmp = dir.join(format!(
+    Ok(dir.join(format!(
         ".{}.tmp-{}",
         file_name.to_string_lossy(),
         std::process::id()
-    ));
+    )))
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TensorIoError> {
+    let tmp = temporary_path(path)?;
     let result = (|| {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -240,7 +316,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TensorIoError> {
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    result.map_err(io)
+    result.map_err(|err| TensorIoError::Io {
+        path: path.to_owned(),
+        err,
+    })
 }
 
 #[cfg(test)]
