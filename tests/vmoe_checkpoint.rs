@@ -201,6 +201,17 @@ fn released_presets_are_recognised_by_shape() {
         other.insert("head/bias".into(), vec![7]);
         assert!(match_vmoe_preset(&other).is_none());
     }
+    let names = routerscope::model::imagenet1k_classes();
+    assert_eq!(names.len(), 1000);
+    assert_eq!(
+        (names[0].as_str(), names[999].as_str()),
+        ("tench", "toilet tissue")
+    );
+    let in1k = vmoe_presets()
+        .into_iter()
+        .find(|c| c.num_classes == 1000)
+        .unwrap();
+    assert_eq!(in1k.class_name(1), "goldfish");
     let tiny_shapes: BTreeMap<String, Vec<usize>> = expected_tensors(&tiny())
         .into_iter()
         .map(|s| (s.name, vec![1]))

@@ -19,7 +19,8 @@ pub use image_input::{
 pub use presets::{FASHION_MNIST_CLASSES, PRESETS, preset, preset_router};
 pub use vit::{ForwardOutput, GroupRecord, MoeLayerRecord, RunOptions, VitMoe};
 pub use vmoe_presets::{
-    CIFAR10_CLASSES, VMOE_TRAINED_GROUP_IMAGES, load_vmoe, match_vmoe_preset, vmoe_presets,
+    CIFAR10_CLASSES, VMOE_TRAINED_GROUP_IMAGES, imagenet1k_classes, load_vmoe, match_vmoe_preset,
+    vmoe_presets,
 };
 pub use weights::{
     FORMAT_METADATA_KEY, FORMAT_NAME, ModelWeights, TensorSpec, block_prefix, check_router_params,

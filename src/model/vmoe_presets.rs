@@ -28,6 +28,15 @@ pub const CIFAR10_CLASSES: [&str; 10] = [
     "truck",
 ];
 
+/// ImageNet-1k (ILSVRC-2012) class names in label order (from torchvision, BSD 3-Clause; see
+/// `assets/classes/`).
+pub fn imagenet1k_classes() -> Vec<String> {
+    include_str!("../../assets/classes/imagenet1k.txt")
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
 /// Images per routing group in the released models' training.
 pub const VMOE_TRAINED_GROUP_IMAGES: usize = 8;
 
@@ -60,10 +69,11 @@ fn vmoe(
         classifier: Classifier::Token,
         representation_size: None,
         num_classes: classes,
-        class_names: if classes == 10 {
-            CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect()
-        } else {
-            Vec::new()
+        class_names: match classes {
+            10 => CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect(),
+            1000 => imagenet1k_classes(),
+            // ImageNet-21k's names ship in no package: classes show as indices.
+            _ => Vec::new(),
         },
         normalization: Normalization {
             mean: vec![0.5; 3],
@@ -79,8 +89,8 @@ fn vmoe(
     }
 }
 
-/// The released V-MoE architectures (ImageNet class names are not shipped: classes show as
-/// indices).
+/// The released V-MoE architectures (ImageNet-21k heads show class indices: no package ships
+/// their names).
 pub fn vmoe_presets() -> Vec<ModelConfig> {
     let odd = |depth: usize| (1..depth).step_by(2).collect::<Vec<_>>();
     vec![
