@@ -14,6 +14,10 @@ pub const SCOT_TOL: f32 = 1e-3;
 const ADAM_B1: f32 = 0.9;
 const ADAM_B2: f32 = 0.999;
 const ADAM_EPS: f32 = 1e-8;
+// optax forms `1 − decay` in Python (double precision) before it meets the f32 moments: 0.1 and
+// 0.001 rounded once, not `1 − 0.9f32` (one ulp off, which 20 Adam steps amplify).
+const ONE_MINUS_B1: f32 = 0.1;
+const ONE_MINUS_B2: f32 = 0.001;
 
 /// A sparse plan and how the solver ended.
 #[derive(Clone, Debug, PartialEq)]
@@ -66,14 +70,17 @@ pub fn scot_columns(
     let mut iterations = 0;
     let mut converged = false;
     while iterations < maxiter.max(1) {
-        // ∇F(α) = Σ_j b·p*_j − a
-        grad.iter_mut().for_each(|g| *g = -a);
+        // ∇F(α) = (Σ_j b·p*_j) − a, summed over columns first and `a` subtracted last, as the
+        // reference's autodiff does: with b = n/e the column sum often lands exactly on `a`, and
+        // a residue of one ulp there would become a full-size Adam step (Adam divides by |g|).
+        grad.iter_mut().for_each(|g| *g = 0.0);
         for j in 0..q {
             solver.project_column(j, &cols[j * m..(j + 1) * m], &alpha, b);
             for (&i, &p) in solver.support.iter().zip(&solver.values) {
                 grad[i] += b * p;
             }
         }
+        grad.iter_mut().for_each(|g| *g -= a);
         let norm = grad.iter().map(|g| g * g).sum::<f32>().sqrt();
         iterations += 1;
         let t = iterations as i32;
@@ -81,8 +88,8 @@ pub fn scot_columns(
         let bc2 = 1.0 - ADAM_B2.powi(t);
         for i in 0..m {
             let g = grad[i];
-            mom1[i] = (1.0 - ADAM_B1) * g + ADAM_B1 * mom1[i];
-            mom2[i] = (1.0 - ADAM_B2) * g * g + ADAM_B2 * mom2[i];
+            mom1[i] = ONE_MINUS_B1 * g + ADAM_B1 * mom1[i];
+            mom2[i] = ONE_MINUS_B2 * (g * g) + ADAM_B2 * mom2[i];
             let m_hat = mom1[i] / bc1;
             let v_hat = mom2[i] / bc2;
             alpha[i] += -adam_lr * (m_hat / (v_hat.sqrt() + ADAM_EPS));

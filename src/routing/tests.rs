@@ -406,3 +406,44 @@ fn moe_layer_matches_the_dense_einsums() {
         }
     }
 }
+
+/// Cross-checked with jaxopt + optax (the reference's solver stack): 5 tokens, 15 experts,
+/// capacity 1, so b = 1/3 and three selections sum to exactly 1 in f32. The gradient must be
+/// summed before `a` is subtracted (zero, not a one-ulp residue that Adam would turn into a full
+/// step), and optax's `1 − β` constants are rounded from double precision.
+#[test]
+fn sparse_ec_matches_the_reference_solver_where_the_gradient_vanishes() {
+    let bits: [u32; 75] = [
+        0x3d901890, 0xbdc49c82, 0xbeeb1f0d, 0x3effebe5, 0x3dc8cab0, 0xbe496687, 0x3efda777,
+        0x3e9ce886, 0xbe6201fc, 0xbf564eac, 0xbe18d9fc, 0xbf156617, 0x3e4f27ee, 0x3f10ca71,
+        0x3f4b9800, 0xbe541572, 0x3edf842c, 0xbe832aed, 0x3cb9fca7, 0x3f0ed6f5, 0x3d63656b,
+        0x3e8dab13, 0x3f0fa407, 0xbe128c49, 0x3eb98b97, 0x3fa22080, 0x3da20efb, 0xbce72c8b,
+        0x3ed0cb04, 0xbde02786, 0x3ec5a6f3, 0x3e9d2ee9, 0xbe429efa, 0xbd12c458, 0x3eeec446,
+        0xbe87b259, 0xbf581851, 0xbf74c290, 0x3e078d4c, 0xbed8165b, 0xbf28c8da, 0xbf45f1d6,
+        0xbdcce3fa, 0xbd32a32b, 0x3e87d031, 0x3e00d99a, 0x3f685126, 0x3f024648, 0x3b24e534,
+        0x3f0cb265, 0x3e436698, 0xbf258892, 0x3ea315b9, 0x3f1cb988, 0xbe4a6233, 0x3e467f62,
+        0xbd2a8ced, 0x3ed1b5c3, 0x3e4ef784, 0x3f492a70, 0xbf29b9bc, 0x3f76d95c, 0x3d23485d,
+        0xbdb842f9, 0xbeaab89c, 0x3e45f01a, 0x3ed15667, 0x3e9e3432, 0xbd65c27b, 0xbf62431e,
+        0xbd24b9db, 0xbe755918, 0xbcb25127, 0xbf0d2032, 0x3c23aa7d,
+    ];
+    let logits: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+    let cfg = RouterConfig {
+        multiple_of: 1,
+        ..RouterConfig::new(RouterKind::SparseExpertChoice)
+    };
+    let r = route_logits(&logits, 5, 15, &cfg, Mode::Deterministic).unwrap();
+    assert_eq!(r.capacity, 1);
+    // jaxopt's plan: the token holding each expert's single nonzero.
+    let reference = [2, 4, 3, 0, 2, 4, 4, 1, 2, 1, 1, 3, 2, 0, 0];
+    let chosen: Vec<u32> = r
+        .sparse()
+        .unwrap()
+        .slot_token
+        .iter()
+        .map(|t| t.unwrap())
+        .collect();
+    assert_eq!(chosen, reference);
+    // The gradient reached exactly zero: the solver stopped after 19 updates, as jaxopt did.
+    assert_eq!(r.solver.unwrap().iterations, 19);
+    assert!(r.solver.unwrap().converged);
+}
