@@ -288,7 +288,7 @@ pub fn write_f32_safetensors(
 }
 
 /// A temporary file name beside `path` (same folder, so the final rename is atomic).
-fn temporary_path(path: &Path) -> Result<PathBuf, TensorIoError> {
+pub(crate) fn temporary_path(path: &Path) -> Result<PathBuf, TensorIoError> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),

@@ -787,11 +787,7 @@ fn write_file(
     path: &Path,
     body: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
 ) -> Result<(), ModelError> {
-    let tmp = {
-        let mut s = path.as_os_str().to_owned();
-        s.push(format!(".tmp-{}", std::process::id()));
-        PathBuf::from(s)
-    };
+    let tmp = crate::tensor_io::temporary_path(path)?;
     let result = (|| {
         let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
         body(&mut w)?;
