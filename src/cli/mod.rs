@@ -1,9 +1,11 @@
 //! Command-line front end: argument parsing and the subcommands.
 
 mod convert;
+mod eval;
 mod init_model;
 mod predict;
 mod route;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -14,12 +16,15 @@ use clap::{Parser, Subcommand};
     about = "Look inside vision Mixture-of-Experts routing"
 )]
 pub struct Cli {
+    /// Without a subcommand the desktop viewer opens on the built-in models and sample images.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Open the desktop viewer (optionally on a checkpoint and images).
+    App(AppArgs),
     /// Apply one router to tensors in a safetensors file and write its dispatch and combine tensors.
     Route(route::RouteArgs),
     /// Classify images and summarise how every MoE layer routed their patches.
@@ -28,13 +33,32 @@ enum Command {
     InitModel(init_model::InitModelArgs),
     /// Convert a vmoe checkpoint (index + msgpack shards) to a routerscope safetensors checkpoint.
     Convert(convert::ConvertArgs),
+    /// Train a Fashion-MNIST ViT-MoE with one router (or `dense`), checkpointing every epoch.
+    Train(train::TrainArgs),
+    /// Test accuracy and routing statistics of a checkpoint on Fashion-MNIST.
+    Eval(eval::EvalArgs),
+}
+
+#[derive(clap::Args, Debug, Default)]
+pub struct AppArgs {
+    /// Checkpoint to open (.safetensors or a vmoe .index) in what-if mode.
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
+    /// Images to open besides the sample gallery.
+    images: Vec<std::path::PathBuf>,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+    let Some(command) = cli.command else {
+        return routerscope::app::run_app(Vec::new(), None);
+    };
+    match command {
+        Command::App(a) => routerscope::app::run_app(a.images, a.model),
         Command::Route(args) => route::run(&args),
         Command::Predict(args) => predict::run(&args),
         Command::InitModel(args) => init_model::run(&args),
         Command::Convert(args) => convert::run(&args),
+        Command::Train(args) => train::run(&args),
+        Command::Eval(args) => eval::run(&args),
     }
 }

@@ -16,6 +16,7 @@ pub use config::{CONFIG_METADATA_KEY, Classifier, ModelConfig, MoeConfig, Normal
 pub use image_input::{
     MAX_DECODE_BYTES, MAX_IMAGE_SIDE, decode_image, decode_image_bytes, load_image, preprocess,
 };
+pub use kernels::gelu;
 pub use presets::{FASHION_MNIST_CLASSES, PRESETS, preset, preset_router};
 pub use vit::{ForwardOutput, GroupRecord, MoeLayerRecord, RunOptions, VitMoe};
 pub use vmoe_presets::{
@@ -53,10 +54,18 @@ pub fn is_vmoe_checkpoint(path: &std::path::Path) -> bool {
 }
 
 /// Loads a checkpoint of either format: safetensors, or a vmoe `.index` whose architecture is a
-/// released preset.
+/// released preset or is described by a `PREFIX.config.json` beside it.
 pub fn load_any(path: &std::path::Path) -> Result<(ModelConfig, ModelWeights), ModelError> {
     if is_vmoe_checkpoint(path) {
-        load_vmoe(path, None, &mut |_, _| {})
+        let sidecar = vmoe_format::checkpoint_prefix(path).with_extension("config.json");
+        let config = match std::fs::read_to_string(&sidecar) {
+            Ok(json) => Some(
+                ModelConfig::from_json(&json)
+                    .map_err(|e| ModelError::Config(format!("{}: {e}", sidecar.display())))?,
+            ),
+            Err(_) => None,
+        };
+        load_vmoe(path, config, &mut |_, _| {})
     } else {
         load_checkpoint(path)
     }

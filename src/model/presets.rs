@@ -34,7 +34,7 @@ pub fn preset_router(kind: RouterKind, slots_for_soft: usize) -> RouterConfig {
 /// The architecture called `name` with router `kind`.
 pub fn preset(name: &str, kind: RouterKind) -> Option<ModelConfig> {
     match name {
-        // 28×28 grey, patch 4 (49 patches + CLS), width 128, 6 blocks, MoE in blocks 3 and 5
+        // 28×28 grey, patch 4 (49 patches + CLS), width 64, 6 blocks, MoE in blocks 3 and 5
         // (every other block of the second half), 8 experts. Soft MoE gets 8 slots per expert:
         // 50 tokens, k = 1, CF 1 give c = ceil(50/8) = 7, padded to 8.
         "fashion-mnist" => Some(ModelConfig {
@@ -42,10 +42,10 @@ pub fn preset(name: &str, kind: RouterKind) -> Option<ModelConfig> {
             image_size: [28, 28],
             channels: 1,
             patch_size: [4, 4],
-            hidden_size: 128,
+            hidden_size: 64,
             num_layers: 6,
             num_heads: 4,
-            mlp_dim: 512,
+            mlp_dim: 256,
             classifier: Classifier::Token,
             representation_size: None,
             num_classes: 10,

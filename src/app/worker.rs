@@ -1,0 +1,232 @@
+//! The compute thread: the UI sends jobs (decode images, open a checkpoint, run the model) and
+//! never waits; replies come back through a channel and wake the UI with `request_repaint`.
+//!
+//! Runs are coalesced (only the newest queued run is computed) and a run on the same model and
+//! images as the previous one is a what-if: [`VitMoe::rerun`] restarts at the first MoE layer
+//! whose routing changed.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
+use std::time::Instant;
+
+use image::DynamicImage;
+
+use crate::model::{
+    ForwardOutput, ModelConfig, RunOptions, VitMoe, decode_image, load_any, preprocess,
+};
+
+/// A decoded image and its display copies.
+pub struct DecodedImage {
+    pub path: PathBuf,
+    pub name: String,
+    pub image: Arc<DynamicImage>,
+    /// RGBA at most 512 px on the long side, for the main view.
+    pub display: egui::ColorImage,
+    /// RGBA at most 64 px on the long side, for the gallery.
+    pub thumbnail: egui::ColorImage,
+}
+
+/// A model run for the viewer.
+pub struct RunRequest {
+    pub id: u64,
+    pub model: PathBuf,
+    /// Images in batch order, with stable ids (the what-if cache key).
+    pub images: Vec<(u64, Arc<DynamicImage>)>,
+    pub options: RunOptions,
+}
+
+pub enum Job {
+    DecodeImages(Vec<PathBuf>),
+    OpenModel(PathBuf),
+    Run(RunRequest),
+}
+
+/// The outcome of a run.
+pub struct RunResult {
+    pub id: u64,
+    pub model: PathBuf,
+    pub config: ModelConfig,
+    pub image_ids: Vec<u64>,
+    pub output: ForwardOutput,
+    /// Wall time of the forward (or what-if) computation.
+    pub millis: f64,
+    /// Recomputed from a cached earlier layer (what-if) rather than from the pixels.
+    pub what_if: bool,
+}
+
+pub enum Reply {
+    Images(Vec<Result<DecodedImage, String>>),
+    ModelOpened(Result<(PathBuf, Box<ModelConfig>), String>),
+    Ran(Box<RunResult>),
+    RunFailed { id: u64, error: String },
+}
+
+/// The UI side of the worker.
+pub struct Worker {
+    jobs: Sender<Job>,
+    replies: Receiver<Reply>,
+}
+
+impl Worker {
+    /// Starts the thread; `wake` is called after every reply (the app passes `request_repaint`).
+    pub fn spawn(wake: impl Fn() + Send + 'static) -> Self {
+        let (jobs, job_rx) = channel();
+        let (reply_tx, replies) = channel();
+        std::thread::Builder::new()
+            .name("routerscope-worker".into())
+            .spawn(move || worker_loop(&job_rx, &reply_tx, &wake))
+            .map(|_| ())
+            .unwrap_or_else(|e| tracing_fallback(&e.to_string()));
+        Self { jobs, replies }
+    }
+
+    pub fn send(&self, job: Job) {
+        // The thread only ends with the app; a send error means it panicked, already reported.
+        let _ = self.jobs.send(job);
+    }
+
+    pub fn try_recv(&self) -> Option<Reply> {
+        self.replies.try_recv().ok()
+    }
+
+    /// Blocks until a reply arrives (tests and headless use).
+    pub fn recv_timeout(&self, timeout: std::time::Duration) -> Option<Reply> {
+        self.replies.recv_timeout(timeout).ok()
+    }
+}
+
+fn tracing_fallback(err: &str) {
+    eprintln!("routerscope: cannot start the compute thread: {err}");
+}
+
+struct Cache {
+    models: HashMap<PathBuf, Arc<VitMoe>>,
+    last: Option<(PathBuf, Vec<u64>, ForwardOutput)>,
+}
+
+fn worker_loop(jobs: &Receiver<Job>, replies: &Sender<Reply>, wake: &dyn Fn()) {
+    let mut cache = Cache {
+        models: HashMap::new(),
+        last: None,
+    };
+    while let Ok(first) = jobs.recv() {
+        // Coalesce: of the runs queued now, only the newest matters.
+        let mut batch = vec![first];
+        loop {
+            match jobs.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return,
+            }
+        }
+        let last_run = batch.iter().rposition(|j| matches!(j, Job::Run(_)));
+        for (i, job) in batch.into_iter().enumerate() {
+            let reply = match job {
+                Job::Run(_) if Some(i) != last_run => continue,
+                Job::Run(req) => run(&mut cache, req),
+                Job::DecodeImages(paths) => {
+                    Reply::Images(paths.iter().map(|p| decode(p)).collect())
+                }
+                Job::OpenModel(path) => Reply::ModelOpened(open_model(&mut cache, &path)),
+            };
+            if replies.send(reply).is_err() {
+                return;
+            }
+            wake();
+        }
+    }
+}
+
+fn open_model(cache: &mut Cache, path: &Path) -> Result<(PathBuf, Box<ModelConfig>), String> {
+    let model = model(cache, path)?;
+    Ok((path.to_path_buf(), Box::new(model.config.clone())))
+}
+
+fn model(cache: &mut Cache, path: &Path) -> Result<Arc<VitMoe>, String> {
+    if let Some(m) = cache.models.get(path) {
+        return Ok(m.clone());
+    }
+    let (cfg, weights) = load_any(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let m = Arc::new(VitMoe::new(cfg, weights).map_err(|e| format!("{}: {e}", path.display()))?);
+    // Keep a handful of checkpoints (the seven built-ins fit easily).
+    if cache.models.len() >= 8 {
+        cache.models.clear();
+    }
+    cache.models.insert(path.to_path_buf(), m.clone());
+    Ok(m)
+}
+
+fn run(cache: &mut Cache, req: RunRequest) -> Reply {
+    let fail = |error: String| Reply::RunFailed { id: req.id, error };
+    let m = match model(cache, &req.model) {
+        Ok(m) => m,
+        Err(e) => return fail(e),
+    };
+    let ids: Vec<u64> = req.images.iter().map(|(id, _)| *id).collect();
+    let start = Instant::now();
+    let reusable = cache
+        .last
+        .as_ref()
+        .filter(|(p, i, _)| *p == req.model && *i == ids);
+    let (result, what_if) = match reusable {
+        Some((_, _, prev)) => (m.rerun(prev, &req.options), true),
+        None => {
+            let pixels: Result<Vec<Vec<f32>>, String> = req
+                .images
+                .iter()
+                .map(|(_, img)| preprocess(img, &m.config).map_err(|e| e.to_string()))
+                .collect();
+            match pixels {
+                Ok(p) => (m.forward(&p, &req.options), false),
+                Err(e) => return fail(e),
+            }
+        }
+    };
+    let output = match result {
+        Ok(o) => o,
+        Err(e) => return fail(e.to_string()),
+    };
+    let millis = start.elapsed().as_secs_f64() * 1e3;
+    cache.last = Some((req.model.clone(), ids.clone(), output.clone()));
+    Reply::Ran(Box::new(RunResult {
+        id: req.id,
+        model: req.model,
+        config: m.config.clone(),
+        image_ids: ids,
+        output,
+        millis,
+        what_if,
+    }))
+}
+
+fn decode(path: &Path) -> Result<DecodedImage, String> {
+    let image = decode_image(path).map_err(|e| e.to_string())?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string());
+    Ok(DecodedImage {
+        path: path.to_path_buf(),
+        name,
+        display: color_image(&image, 512),
+        thumbnail: color_image(&image, 64),
+        image: Arc::new(image),
+    })
+}
+
+/// RGBA copy at most `side` px on the long side (small images are kept as they are; the view
+/// scales them up with nearest-neighbour sampling).
+pub fn color_image(img: &DynamicImage, side: u32) -> egui::ColorImage {
+    let img = if img.width().max(img.height()) > side {
+        img.resize(side, side, image::imageops::FilterType::Triangle)
+    } else {
+        img.clone()
+    };
+    let rgba = img.to_rgba8();
+    egui::ColorImage::from_rgba_unmultiplied(
+        [rgba.width() as usize, rgba.height() as usize],
+        rgba.as_raw(),
+    )
+}

@@ -1,0 +1,8 @@
+//! Figures: expert colours and the per-image view of a routing record that the app draws and the
+//! exporters write. No UI code here.
+
+pub mod palette;
+pub mod token_view;
+
+pub use palette::{DROPPED, Palette, Rgb, sequential};
+pub use token_view::{ImageRouting, SoftImage, TokenRouting};

@@ -1,0 +1,244 @@
+//! Fashion-MNIST in its IDX files (as the Debian package `dataset-fashion-mnist` installs them,
+//! gzip-compressed or not): strict parsing with errors that name the file and the problem.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use super::TrainError;
+
+/// Where `dataset-fashion-mnist` installs the files.
+pub const DEFAULT_DATA_DIR: &str = "/usr/share/datasets/fashion-mnist";
+
+/// Images `[len, rows·cols]` as bytes (0 = background) and their labels.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dataset {
+    pub rows: usize,
+    pub cols: usize,
+    pub pixels: Vec<u8>,
+    pub labels: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Test,
+}
+
+impl Split {
+    fn stem(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Test => "t10k",
+        }
+    }
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Image `i` as bytes, row-major.
+    pub fn image(&self, i: usize) -> &[u8] {
+        let px = self.rows * self.cols;
+        &self.pixels[i * px..(i + 1) * px]
+    }
+
+    /// The first `n` examples.
+    pub fn take(&self, n: usize) -> Dataset {
+        let n = n.min(self.len());
+        Dataset {
+            rows: self.rows,
+            cols: self.cols,
+            pixels: self.pixels[..n * self.rows * self.cols].to_vec(),
+            labels: self.labels[..n].to_vec(),
+        }
+    }
+
+    /// Loads `split` from `dir` (`train-images-idx3-ubyte[.gz]`, `train-labels-idx1-ubyte[.gz]`,
+    /// `t10k-…`).
+    pub fn load(dir: &Path, split: Split) -> Result<Self, TrainError> {
+        if !dir.is_dir() {
+            return Err(TrainError::Data(format!(
+                "{}: no such directory; install the Debian package `dataset-fashion-mnist` or pass \
+                 --data DIR with the Fashion-MNIST IDX files",
+                dir.display()
+            )));
+        }
+        let images_path = find(dir, &format!("{}-images-idx3-ubyte", split.stem()))?;
+        let labels_path = find(dir, &format!("{}-labels-idx1-ubyte", split.stem()))?;
+        let (dims, pixels) = read_idx(&images_path, 3)?;
+        let (ldims, labels) = read_idx(&labels_path, 1)?;
+        if dims[0] != ldims[0] {
+            return Err(TrainError::Data(format!(
+                "{} has {} images but {} has {} labels",
+                images_path.display(),
+                dims[0],
+                labels_path.display(),
+                ldims[0]
+            )));
+        }
+        if let Some((i, &l)) = labels.iter().enumerate().find(|(_, l)| **l > 9) {
+            return Err(TrainError::Data(format!(
+                "{}: label {l} at index {i} is not a class 0..9",
+                labels_path.display()
+            )));
+        }
+        Ok(Dataset {
+            rows: dims[1],
+            cols: dims[2],
+            pixels,
+            labels,
+        })
+    }
+}
+
+/// `stem` or `stem.gz` in `dir`.
+fn find(dir: &Path, stem: &str) -> Result<PathBuf, TrainError> {
+    [dir.join(stem), dir.join(format!("{stem}.gz"))]
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            TrainError::Data(format!(
+                "{}: neither `{stem}` nor `{stem}.gz` exists",
+                dir.display()
+            ))
+        })
+}
+
+/// Reads an IDX file of unsigned bytes with `rank` dimensions: magic `0x00 0x00 0x08 rank`, then
+/// `rank` big-endian u32 sizes, then exactly the data.
+pub fn read_idx(path: &Path, rank: usize) -> Result<(Vec<usize>, Vec<u8>), TrainError> {
+    let err = |what: String| TrainError::Data(format!("{}: {what}", path.display()));
+    let raw = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map_err(|e| err(format!("corrupt gzip stream: {e}")))?;
+        out
+    } else {
+        raw
+    };
+    let header = 4 + 4 * rank;
+    if bytes.len() < header {
+        return Err(err(format!(
+            "{} bytes is too short for an IDX header of rank {rank}",
+            bytes.len()
+        )));
+    }
+    if bytes[0] != 0 || bytes[1] != 0 {
+        return Err(err(format!(
+            "bad IDX magic {:02x} {:02x} (expected 00 00)",
+            bytes[0], bytes[1]
+        )));
+    }
+    if bytes[2] != 0x08 {
+        return Err(err(format!(
+            "IDX element type 0x{:02x}, expected 0x08 (unsigned byte)",
+            bytes[2]
+        )));
+    }
+    if bytes[3] as usize != rank {
+        return Err(err(format!(
+            "IDX rank {}, expected {rank}",
+            bytes[3] as usize
+        )));
+    }
+    let dims: Vec<usize> = (0..rank)
+        .map(|i| u32::from_be_bytes([0, 1, 2, 3].map(|k| bytes[4 + 4 * i + k])) as usize)
+        .collect();
+    let want = dims.iter().product::<usize>();
+    let have = bytes.len() - header;
+    if have != want {
+        return Err(err(format!(
+            "dimensions {dims:?} need {want} data bytes but the file has {have} (truncated or \
+             corrupt)"
+        )));
+    }
+    Ok((dims, bytes[header..].to_vec()))
+}
+
+/// Writes an IDX file of unsigned bytes (for fixtures and tests).
+pub fn write_idx(path: &Path, dims: &[usize], data: &[u8]) -> std::io::Result<()> {
+    let mut out = vec![0u8, 0, 0x08, dims.len() as u8];
+    for &d in dims {
+        out.extend_from_slice(&(d as u32).to_be_bytes());
+    }
+    out.extend_from_slice(data);
+    crate::tensor_io::write_atomic(path, &out).map_err(std::io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_committed_fixture() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fashion-mnist");
+        let test = Dataset::load(&dir, Split::Test).unwrap();
+        assert_eq!((test.rows, test.cols), (28, 28));
+        assert!(test.len() >= 500);
+        assert!(test.labels.iter().all(|&l| l < 10));
+        let train = Dataset::load(&dir, Split::Train).unwrap();
+        assert!(train.len() >= 500);
+    }
+
+    #[test]
+    fn corrupt_files_give_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        write_idx(
+            &p.join("t10k-images-idx3-ubyte"),
+            &[2, 28, 28],
+            &[0; 2 * 784],
+        )
+        .unwrap();
+        write_idx(&p.join("t10k-labels-idx1-ubyte"), &[3], &[1, 2, 3]).unwrap();
+        let e = Dataset::load(p, Split::Test).unwrap_err().to_string();
+        assert!(e.contains("2 images but") && e.contains("3 labels"), "{e}");
+
+        // Truncated data.
+        let mut bytes = std::fs::read(p.join("t10k-images-idx3-ubyte")).unwrap();
+        bytes.truncate(100);
+        std::fs::write(p.join("t10k-images-idx3-ubyte"), &bytes).unwrap();
+        let e = Dataset::load(p, Split::Test).unwrap_err().to_string();
+        assert!(
+            e.contains("t10k-images-idx3-ubyte") && e.contains("truncated"),
+            "{e}"
+        );
+
+        // Wrong magic / type / rank.
+        std::fs::write(p.join("t10k-images-idx3-ubyte"), [1u8; 16]).unwrap();
+        let e = Dataset::load(p, Split::Test).unwrap_err().to_string();
+        assert!(e.contains("bad IDX magic"), "{e}");
+        write_idx(&p.join("t10k-images-idx3-ubyte"), &[2, 784], &[0; 2 * 784]).unwrap();
+        let e = Dataset::load(p, Split::Test).unwrap_err().to_string();
+        assert!(e.contains("rank 2, expected 3"), "{e}");
+
+        // Bad label, corrupt gzip, missing files and directory.
+        write_idx(
+            &p.join("t10k-images-idx3-ubyte"),
+            &[2, 28, 28],
+            &[0; 2 * 784],
+        )
+        .unwrap();
+        write_idx(&p.join("t10k-labels-idx1-ubyte"), &[2], &[1, 12]).unwrap();
+        let e = Dataset::load(p, Split::Test).unwrap_err().to_string();
+        assert!(e.contains("label 12 at index 1"), "{e}");
+        std::fs::remove_file(p.join("t10k-labels-idx1-ubyte")).unwrap();
+        std::fs::write(p.join("t10k-labels-idx1-ubyte.gz"), [0x1f, 0x8b, 1, 2, 3]).unwrap();
+        let e = Dataset::load(p, Split::Test).unwrap_err().to_string();
+        assert!(e.contains("corrupt gzip"), "{e}");
+        let e = Dataset::load(p, Split::Train).unwrap_err().to_string();
+        assert!(e.contains("train-images-idx3-ubyte.gz"), "{e}");
+        let e = Dataset::load(&p.join("nope"), Split::Train)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dataset-fashion-mnist"), "{e}");
+    }
+}

@@ -1,0 +1,189 @@
+//! The viewer end to end with egui_kittest on the wgpu renderer (lavapipe in CI): snapshots of
+//! the main view under three routers, a router switch changing the overlay, bad files leaving the
+//! state as it was, keyboard navigation, and opening a vmoe `.index` directly.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use egui_kittest::{Harness, SnapshotOptions};
+use routerscope::app::RouterscopeApp;
+use routerscope::app::settings::{GroupMode, ModelMode, Settings};
+use routerscope::model::vmoe_format::write_checkpoint;
+use routerscope::model::{preset, random_weights};
+use routerscope::routing::RouterKind;
+
+fn harness(settings: Settings) -> Harness<'static, RouterscopeApp> {
+    let wake = egui::Context::default();
+    let mut app = RouterscopeApp::new(&wake, settings);
+    app.hide_timings = true;
+    let mut h = Harness::builder()
+        .with_size([1400.0, 900.0])
+        .wgpu()
+        .build_ui_state(|ui, app: &mut RouterscopeApp| app.show(ui), app);
+    settle(&mut h);
+    h
+}
+
+/// Waits for the worker, then draws until the frame is stable.
+fn settle(h: &mut Harness<'static, RouterscopeApp>) {
+    let ctx = h.ctx.clone();
+    for _ in 0..4 {
+        assert!(
+            h.state_mut().wait_idle(&ctx, Duration::from_secs(120)),
+            "worker did not finish"
+        );
+        h.run_steps(2);
+    }
+}
+
+fn settings(router: RouterKind) -> Settings {
+    Settings {
+        router,
+        ..Settings::default()
+    }
+}
+
+fn snapshot_options() -> SnapshotOptions {
+    // Text antialiasing may differ by a few pixels between Mesa versions.
+    SnapshotOptions::new().max_failed_pixels(200)
+}
+
+/// The main view of the first sample image under `kind`, checked and snapshotted as `name`.
+fn main_view(kind: RouterKind, name: &str) {
+    let mut h = harness(settings(kind));
+    let app = h.state();
+    assert!(app.errors().is_empty(), "{:?}", app.errors());
+    assert!(app.image_count() >= 12);
+    let r = app.image_routing(0).expect("routing of the shown image");
+    assert_eq!(r.router, kind);
+    assert_eq!(r.tokens.len(), 50);
+    assert!(app.prediction().is_some());
+    h.snapshot_options(name, &snapshot_options());
+}
+
+#[test]
+fn main_view_softmax_token_choice() {
+    main_view(RouterKind::SoftmaxTokenChoice, "main_softmax_tc");
+}
+
+#[test]
+fn main_view_softmax_expert_choice() {
+    main_view(RouterKind::SoftmaxExpertChoice, "main_softmax_ec");
+}
+
+#[test]
+fn main_view_soft_moe() {
+    main_view(RouterKind::SoftMoe, "main_soft_moe");
+}
+
+#[test]
+fn switching_the_router_changes_the_overlay() {
+    let mut h = harness(Settings {
+        mode: ModelMode::WhatIf,
+        ..settings(RouterKind::SoftmaxTokenChoice)
+    });
+    let before_img = h.render().expect("render");
+    let before = h.state().image_routing(0).unwrap();
+    h.state_mut().select_router(RouterKind::SoftmaxExpertChoice);
+    settle(&mut h);
+    let after = h.state().image_routing(0).unwrap();
+    assert_eq!(after.router, RouterKind::SoftmaxExpertChoice);
+    assert_ne!(before.tokens, after.tokens);
+    let after_img = h.render().expect("render");
+    assert_ne!(
+        before_img.as_raw(),
+        after_img.as_raw(),
+        "the overlay did not change"
+    );
+    // Keyboard: router 3 is Softmax Expert Choice already; 1 goes back to Token Choice.
+    h.key_press(egui::Key::Num1);
+    h.run_steps(1);
+    settle(&mut h);
+    assert_eq!(
+        h.state().image_routing(0).unwrap().router,
+        RouterKind::SoftmaxTokenChoice
+    );
+}
+
+#[test]
+fn bad_image_and_bad_checkpoint_show_errors_and_keep_the_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = harness(settings(RouterKind::SoftmaxTokenChoice));
+    let images = h.state().image_count();
+    let model = h.state().model_path().unwrap().to_path_buf();
+    let routing = h.state().image_routing(0).unwrap();
+
+    let bad_image = dir.path().join("broken.png");
+    std::fs::write(&bad_image, b"this is not a PNG").unwrap();
+    h.state_mut().open_images(vec![bad_image]);
+    settle(&mut h);
+    let errs = h.state().errors().to_vec();
+    assert!(errs.iter().any(|e| e.contains("broken.png")), "{errs:?}");
+    assert_eq!(h.state().image_count(), images);
+    assert_eq!(h.state().image_routing(0).unwrap(), routing);
+
+    let bad_model = dir.path().join("broken.safetensors");
+    std::fs::write(&bad_model, b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage").unwrap();
+    h.state_mut().open_model(bad_model);
+    settle(&mut h);
+    let errs = h.state().errors().to_vec();
+    assert!(
+        errs.iter().any(|e| e.contains("broken.safetensors")),
+        "{errs:?}"
+    );
+    assert_eq!(h.state().model_path().unwrap(), model);
+    assert_eq!(h.state().image_routing(0).unwrap(), routing);
+    h.snapshot_options("error_state", &snapshot_options());
+}
+
+#[test]
+fn arrow_keys_step_through_images() {
+    let mut h = harness(settings(RouterKind::SoftmaxTokenChoice));
+    assert_eq!(h.state().settings.current_image, 0);
+    h.key_press(egui::Key::ArrowRight);
+    h.run_steps(1);
+    settle(&mut h);
+    assert_eq!(h.state().settings.current_image, 1);
+    assert!(h.state().image_routing(0).is_some());
+    h.key_press(egui::Key::ArrowLeft);
+    h.run_steps(1);
+    assert_eq!(h.state().settings.current_image, 0);
+}
+
+/// A vmoe checkpoint opens as it is (index + shards, architecture from `PREFIX.config.json`),
+/// and routing groups of the trained size are available.
+#[test]
+fn opens_a_vmoe_index_and_routes_groups_as_trained() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = preset("fashion-mnist", RouterKind::SoftmaxTokenChoice).unwrap();
+    if let Some(m) = &mut cfg.moe {
+        m.group_images = 4;
+    }
+    let weights = random_weights(&cfg, 9);
+    let arrays: BTreeMap<String, _> = weights
+        .into_iter()
+        .map(|(n, t)| (format!("params/{n}"), t))
+        .collect();
+    let prefix = dir.path().join("vmoe_ckpt");
+    write_checkpoint(&prefix, &arrays, 2, 5000, 4096).unwrap();
+    std::fs::write(prefix.with_extension("config.json"), cfg.to_json()).unwrap();
+    let index = prefix.with_extension("index");
+
+    let mut h = harness(settings(RouterKind::SoftmaxTokenChoice));
+    h.state_mut().open_model(index.clone());
+    settle(&mut h);
+    assert!(h.state().errors().is_empty(), "{:?}", h.state().errors());
+    assert_eq!(h.state().model_path(), Some(Path::new(&index)));
+    assert_eq!(h.state().settings.mode, ModelMode::WhatIf);
+    let single = h.state().image_routing(0).unwrap();
+    assert_eq!(single.group_images, 1);
+
+    h.state_mut().settings.group = GroupMode::AsTrained;
+    h.state_mut().show_image(5);
+    settle(&mut h);
+    let grouped = h.state().image_routing(0).unwrap();
+    assert_eq!(grouped.group_images, 4);
+    // 4 images × 50 tokens share the capacity: c = ceil(200/8) = 25, padded to 28.
+    assert_eq!(grouped.capacity, 28);
+}
