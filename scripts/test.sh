@@ -1,14 +1,24 @@
 #!/usr/bin/env bash
 # Every check CI runs: formatting, lints, and all tests (unit, property, CLI end-to-end, and one
-# pass of each benchmark in test mode). On a fresh Debian machine, run as root, it first installs
-# the system packages the build and the tests need.
+# pass of each benchmark in test mode, UI snapshot tests on the software Vulkan adapter). On a
+# fresh Debian machine, run as root, it first installs the system packages the build and the
+# tests need.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
-  apt-get install -y -q --no-install-recommends build-essential ca-certificates
+  # mesa-vulkan-drivers + libvulkan1: the software Vulkan adapter (lavapipe) on which the UI
+  # snapshot tests render with wgpu. Without an adapter those tests fail; they never skip.
+  apt-get install -y -q --no-install-recommends build-essential ca-certificates \
+    mesa-vulkan-drivers libvulkan1
+fi
+
+# winit/wayland probing complains without a runtime directory; give it a private one.
+if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
+  export XDG_RUNTIME_DIR="${TMPDIR:-/tmp}/routerscope-xdg-$(id -u)"
+  mkdir -p -m 700 "$XDG_RUNTIME_DIR"
 fi
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"

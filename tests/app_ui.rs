@@ -187,3 +187,41 @@ fn opens_a_vmoe_index_and_routes_groups_as_trained() {
     // 4 images × 50 tokens share the capacity: c = ceil(200/8) = 25, padded to 28.
     assert_eq!(grouped.capacity, 28);
 }
+
+/// The app exports what it shows: PNG at the chosen width, SVG with every patch, CSV per token,
+/// under a default name recording image, model, router, k and capacity factor.
+#[test]
+fn exports_the_current_view() {
+    use routerscope::figures::export::Format;
+    let dir = tempfile::tempdir().unwrap();
+    let h = harness(settings(RouterKind::SinkhornExpertChoice));
+    let job = h.state().export_job().expect("something to export");
+    assert!(
+        job.stem
+            .starts_with("fmnist-00-ankle-boot-test0__fashion-mnist-sinkhorn-ec"),
+        "{}",
+        job.stem
+    );
+    assert!(job.stem.ends_with("sinkhorn-ec_k1_cf1"), "{}", job.stem);
+    let png = dir.path().join("f.png");
+    job.write(&png, Format::Png, 1234).unwrap();
+    assert_eq!(image::open(&png).unwrap().width(), 1234);
+    let svg = dir.path().join("f.svg");
+    job.write(&svg, Format::Svg, 0).unwrap();
+    let text = std::fs::read_to_string(&svg).unwrap();
+    let doc = roxmltree::Document::parse(&text).unwrap();
+    assert_eq!(
+        doc.descendants()
+            .filter(|n| n.attribute("class") == Some("patch"))
+            .count(),
+        49
+    );
+    let csv = dir.path().join("f.csv");
+    job.write(&csv, Format::Csv, 0).unwrap();
+    assert_eq!(std::fs::read_to_string(&csv).unwrap().lines().count(), 51);
+    // An unwritable destination is an error, not a panic.
+    assert!(
+        job.write(&dir.path().join("no/such/dir/f.svg"), Format::Svg, 0)
+            .is_err()
+    );
+}

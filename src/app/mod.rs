@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use image::DynamicImage;
 
+use crate::figures::export::{FigurePanel, FigureSet, Format, default_stem};
 use crate::figures::{ImageRouting, Palette};
 use crate::model::{Classifier, ModelConfig, is_vmoe_checkpoint};
 use crate::routing::{RouterFamily, RouterKind};
@@ -45,6 +46,48 @@ struct CurrentModel {
 enum DialogResult {
     Images(Vec<PathBuf>),
     Model(PathBuf),
+    Exported(Result<PathBuf, String>),
+}
+
+/// What an export needs, owned so the save dialog and rendering run off the UI thread.
+pub struct ExportJob {
+    pub title: String,
+    pub image_name: String,
+    pub image: Arc<DynamicImage>,
+    pub grid: [usize; 2],
+    pub has_cls: bool,
+    pub palette: Palette,
+    pub opacity: f32,
+    pub panels: Vec<FigurePanel>,
+    pub prediction: Vec<(String, f32)>,
+    pub stem: String,
+}
+
+impl ExportJob {
+    /// Renders `format` and writes it atomically to `path`.
+    pub fn write(&self, path: &Path, format: Format, png_width: u32) -> Result<(), String> {
+        let set = FigureSet {
+            title: self.title.clone(),
+            image_name: &self.image_name,
+            image: &self.image,
+            grid: self.grid,
+            has_cls: self.has_cls,
+            palette: self.palette,
+            opacity: self.opacity,
+            panels: self
+                .panels
+                .iter()
+                .map(|p| FigurePanel {
+                    title: p.title.clone(),
+                    block: p.block,
+                    routing: p.routing.clone(),
+                })
+                .collect(),
+            prediction: self.prediction.clone(),
+        };
+        let bytes = set.render(format, png_width)?;
+        crate::tensor_io::write_atomic(path, &bytes).map_err(|e| e.to_string())
+    }
 }
 
 /// The viewer's state.
@@ -74,6 +117,10 @@ pub struct RouterscopeApp {
     frame_ms: f32,
     /// Replies pending from the worker (image decodes and model opens in flight).
     in_flight: usize,
+    /// The last successful action worth telling (an export's destination).
+    notice: Option<String>,
+    /// Width in pixels of exported PNG figures.
+    pub export_width: u32,
 }
 
 impl RouterscopeApp {
@@ -100,6 +147,8 @@ impl RouterscopeApp {
             dialogs: channel(),
             frame_ms: 0.0,
             in_flight: 0,
+            notice: None,
+            export_width: 2000,
         };
         let mut paths = catalog::sample_images();
         paths.extend(
@@ -466,8 +515,99 @@ impl RouterscopeApp {
             match d {
                 DialogResult::Images(p) => self.open_images(p),
                 DialogResult::Model(p) => self.open_model(p),
+                DialogResult::Exported(Ok(p)) => {
+                    self.notice = Some(format!("saved {}", p.display()))
+                }
+                DialogResult::Exported(Err(e)) => self.errors.push(format!("export failed: {e}")),
             }
         }
+    }
+
+    /// The figure of what is shown now: the shown image in the selected MoE layer(s).
+    pub fn export_job(&self) -> Option<ExportJob> {
+        let model = self.model.as_ref()?;
+        let cfg = &model.config;
+        let moe = cfg.moe.as_ref()?;
+        let img = self.images.get(self.settings.current_image)?;
+        let layers: Vec<usize> = match self.settings.layer {
+            LayerView::One(i) => vec![i.min(moe.layers.len().saturating_sub(1))],
+            LayerView::All => (0..moe.layers.len()).collect(),
+        };
+        let panels: Vec<FigurePanel> = layers
+            .iter()
+            .filter_map(|&l| {
+                self.image_routing(l).map(|routing| FigurePanel {
+                    title: format!("block {}", moe.layers[l]),
+                    block: moe.layers[l],
+                    routing,
+                })
+            })
+            .collect();
+        if panels.is_empty() {
+            return None;
+        }
+        let router = self
+            .result
+            .as_ref()
+            .and_then(|r| r.output.options.routers.first().cloned())
+            .unwrap_or_else(|| self.settings.router_config());
+        let model_name = model.path.display().to_string();
+        let mut prediction: Vec<(String, f32)> = self
+            .prediction()
+            .map(|p| {
+                p.iter()
+                    .enumerate()
+                    .map(|(c, &v)| (cfg.class_name(c), v))
+                    .collect()
+            })
+            .unwrap_or_default();
+        prediction.sort_by(|a, b| b.1.total_cmp(&a.1));
+        prediction.truncate(5);
+        let model_stem = model
+            .path
+            .file_stem()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Some(ExportJob {
+            title: format!(
+                "{} · {} · {}",
+                img.name,
+                model_stem,
+                router.kind.display_name()
+            ),
+            image_name: img.name.clone(),
+            image: img.image.clone(),
+            grid: cfg.grid(),
+            has_cls: cfg.classifier == Classifier::Token,
+            palette: self.settings.palette,
+            opacity: self.settings.opacity,
+            panels,
+            prediction,
+            stem: default_stem(&img.name, &model_name, &router),
+        })
+    }
+
+    fn export(&mut self, ctx: &egui::Context, format: Format) {
+        let Some(job) = self.export_job() else {
+            self.errors
+                .push("nothing to export yet: open an image and a model".into());
+            return;
+        };
+        let tx = self.dialogs.0.clone();
+        let ctx = ctx.clone();
+        let width = self.export_width;
+        std::thread::spawn(move || {
+            let ext = format.extension();
+            let dialog = rfd::AsyncFileDialog::new()
+                .set_file_name(format!("{}.{ext}", job.stem))
+                .add_filter(ext, &[ext]);
+            if let Some(file) = pollster::block_on(dialog.save_file()) {
+                let path = file.path().to_path_buf();
+                let result = job.write(&path, format, width).map(|()| path);
+                let _ = tx.send(DialogResult::Exported(result));
+                ctx.request_repaint();
+            }
+        });
     }
 
     fn pick_images(&self, ctx: &egui::Context) {
@@ -566,6 +706,20 @@ impl RouterscopeApp {
             {
                 self.pick_model(ui.ctx());
             }
+            ui.menu_button("Export…", |ui| {
+                ui.add(egui::Slider::new(&mut self.export_width, 400..=6000).text("PNG width (px)"));
+                for (format, label) in [
+                    (Format::Png, "figure as PNG…"),
+                    (Format::Svg, "figure as SVG (vector)…"),
+                    (Format::Csv, "data as CSV (one row per token)…"),
+                    (Format::Json, "data as JSON (tokens, experts, Soft MoE matrices)…"),
+                ] {
+                    if ui.button(label).clicked() {
+                        self.export(ui.ctx(), format);
+                        ui.close();
+                    }
+                }
+            });
             ui.separator();
             match &self.model {
                 Some(m) => {
@@ -646,6 +800,9 @@ impl RouterscopeApp {
         }
         if !self.errors.is_empty() && ui.small_button("dismiss errors").clicked() {
             self.errors.clear();
+        }
+        if let Some(n) = &self.notice {
+            ui.colored_label(egui::Color32::from_rgb(120, 200, 120), n);
         }
         if let Some(e) = &self.run_error {
             ui.colored_label(

@@ -2,6 +2,7 @@
 
 mod convert;
 mod eval;
+mod export;
 mod init_model;
 mod predict;
 mod route;
@@ -37,6 +38,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Test accuracy and routing statistics of a checkpoint on Fashion-MNIST.
     Eval(eval::EvalArgs),
+    /// Routing figures (PNG, SVG) and their data (CSV, JSON) for images, with a run summary.
+    Export(export::ExportArgs),
 }
 
 #[derive(clap::Args, Debug, Default)]
@@ -60,5 +63,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(args) => convert::run(&args),
         Command::Train(args) => train::run(&args),
         Command::Eval(args) => eval::run(&args),
+        Command::Export(args) => export::run(&args),
     }
 }

@@ -1,7 +1,11 @@
 //! Figures: expert colours and the per-image view of a routing record that the app draws and the
 //! exporters write. No UI code here.
 
+pub mod data;
+pub mod export;
 pub mod palette;
+pub mod raster;
+pub mod svg;
 pub mod token_view;
 
 pub use palette::{DROPPED, Palette, Rgb, sequential};

@@ -1,0 +1,313 @@
+//! `routerscope export`: routing figures (PNG, SVG) and their data (CSV, JSON) for every image,
+//! headless, with a per-run summary. A bad image is reported and skipped; the exit status says so.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use routerscope::figures::export::{FigurePanel, FigureSet, Format, default_stem};
+use routerscope::figures::{ImageRouting, Palette};
+use routerscope::model::{Classifier, RunOptions, VitMoe, decode_image, preprocess};
+use routerscope::routing::{CapacitySpec, RouterConfig, RouterKind};
+use serde_json::json;
+
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    /// Model checkpoint (.safetensors or a vmoe .index).
+    #[arg(long)]
+    model: PathBuf,
+    /// Router (default: the checkpoint's own).
+    #[arg(long)]
+    router: Option<RouterKind>,
+    /// Experts per token (Token Choice routers).
+    #[arg(long)]
+    k: Option<usize>,
+    #[arg(long)]
+    capacity_factor: Option<f64>,
+    /// Comma-separated routers to show side by side (what-ifs on the same weights).
+    #[arg(long, value_delimiter = ',')]
+    compare: Vec<RouterKind>,
+    /// Comma-separated formats.
+    #[arg(long, value_delimiter = ',', default_value = "png,svg,csv,json")]
+    format: Vec<Format>,
+    /// Width of the PNG figures in pixels.
+    #[arg(long, default_value_t = 1600)]
+    width: u32,
+    /// Which MoE layer to draw (index into the MoE layers; default: all, side by side; with
+    /// --compare: the first).
+    #[arg(long)]
+    layer: Option<usize>,
+    #[arg(long)]
+    out: PathBuf,
+    /// Image files or directories of images.
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+}
+
+fn images_in(inputs: &[PathBuf]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for p in inputs {
+        if p.is_dir() {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(p)
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file())
+                .collect();
+            v.sort();
+            out.extend(v);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    out
+}
+
+fn router_for(
+    model: &VitMoe,
+    args: &ExportArgs,
+    kind: Option<RouterKind>,
+) -> anyhow::Result<RouterConfig> {
+    let moe = model
+        .config
+        .moe
+        .as_ref()
+        .with_context(|| format!("{} has no MoE layers to draw", args.model.display()))?;
+    let mut r = match kind {
+        Some(k) if k != moe.router.kind => RouterConfig::new(k),
+        _ => moe.router.clone(),
+    };
+    if r.kind == RouterKind::SoftMoe {
+        r.capacity = CapacitySpec::Slots(1);
+    } else if let Some(cf) = args.capacity_factor {
+        r.capacity = CapacitySpec::Factor(cf);
+    }
+    if let Some(k) = args.k {
+        r.k = k;
+    }
+    Ok(r)
+}
+
+pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
+    let model = VitMoe::load(&args.model)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let probe = args.out.join(".routerscope-write-test");
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("{} is not writable", args.out.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    let main_router = router_for(&model, args, args.router)?;
+    let routers: Vec<RouterConfig> = if args.compare.is_empty() {
+        vec![main_router.clone()]
+    } else {
+        args.compare
+            .iter()
+            .map(|&k| router_for(&model, args, Some(k)))
+            .collect::<anyhow::Result<_>>()?
+    };
+    let cfg = model.config.clone();
+    let layers = cfg.moe.as_ref().map_or(0, |m| m.layers.len());
+    if let Some(l) = args.layer.filter(|&l| l >= layers) {
+        anyhow::bail!(
+            "--layer {l}: the model has {layers} MoE layers (0..{})",
+            layers - 1
+        );
+    }
+    let images = images_in(&args.inputs);
+    let bar = ProgressBar::new(images.len() as u64).with_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    let model_name = args.model.display().to_string();
+    let e = cfg.moe.as_ref().map_or(0, |m| m.num_experts);
+    // Summary accumulators: per (panel, expert) token sums, dropped and total tokens.
+    let panels_per_image = if args.compare.is_empty() {
+        args.layer.map_or(layers, |_| 1)
+    } else {
+        routers.len()
+    };
+    let mut load = vec![vec![0.0f64; e]; panels_per_image];
+    let mut dropped = vec![0usize; panels_per_image];
+    let mut tokens = vec![0usize; panels_per_image];
+    let mut panel_names = vec![String::new(); panels_per_image];
+    let mut done = 0usize;
+    let mut skipped: Vec<String> = Vec::new();
+    for path in &images {
+        bar.set_message(
+            path.file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
+        match export_one(&model, path, &routers, args, &model_name) {
+            Ok(panels) => {
+                for (i, (name, r)) in panels.iter().enumerate() {
+                    panel_names[i] = name.clone();
+                    for (l, v) in load[i].iter_mut().zip(r.tokens_per_expert()) {
+                        *l += v as f64;
+                    }
+                    dropped[i] += r.dropped_count();
+                    tokens[i] += r.tokens.len();
+                }
+                done += 1;
+            }
+            Err(err) => {
+                bar.suspend(|| eprintln!("skipped {}: {err:#}", path.display()));
+                skipped.push(format!("{}: {err:#}", path.display()));
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let summary = json!({
+        "model": model_name,
+        "router": main_router,
+        "images_exported": done,
+        "images_skipped": skipped,
+        "panels": panel_names.iter().enumerate().map(|(i, n)| json!({
+            "panel": n,
+            "mean_tokens_per_expert": load[i].iter().map(|v| v / done.max(1) as f64).collect::<Vec<_>>(),
+            "dropped_token_rate": dropped[i] as f64 / tokens[i].max(1) as f64,
+        })).collect::<Vec<_>>(),
+    });
+    let summary_path = args.out.join("summary.json");
+    routerscope::tensor_io::write_atomic(
+        &summary_path,
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    println!(
+        "exported {done} images to {} (summary: {})",
+        args.out.display(),
+        summary_path.display()
+    );
+    for (i, n) in panel_names.iter().enumerate() {
+        let mean: Vec<String> = load[i]
+            .iter()
+            .map(|v| format!("{:.1}", v / done.max(1) as f64))
+            .collect();
+        println!(
+            "  {n}: mean tokens per expert [{}], dropped {:.2}%",
+            mean.join(" "),
+            100.0 * dropped[i] as f64 / tokens[i].max(1) as f64
+        );
+    }
+    if !skipped.is_empty() {
+        anyhow::bail!(
+            "{} of {} images were skipped (see above)",
+            skipped.len(),
+            images.len()
+        );
+    }
+    Ok(())
+}
+
+/// Exports one image; returns its panels' names and routings for the summary.
+fn export_one(
+    model: &VitMoe,
+    path: &Path,
+    routers: &[RouterConfig],
+    args: &ExportArgs,
+    model_name: &str,
+) -> anyhow::Result<Vec<(String, ImageRouting)>> {
+    let cfg = &model.config;
+    let image = decode_image(path)?;
+    let pixels = preprocess(&image, cfg)?;
+    let moe = cfg.moe.as_ref().context("no MoE layers")?;
+    let mut panels = Vec::new();
+    let mut prediction = Vec::new();
+    let base = RunOptions::from_config(cfg);
+    let mut prev: Option<routerscope::model::ForwardOutput> = None;
+    for r in routers {
+        let opts = RunOptions {
+            group_images: 1,
+            ..base.clone().with_router(r.clone())
+        };
+        let out = match &prev {
+            Some(p) => model.rerun(p, &opts)?,
+            None => model.forward(std::slice::from_ref(&pixels), &opts)?,
+        };
+        if prediction.is_empty() {
+            let mut order: Vec<usize> = (0..out.probs[0].len()).collect();
+            order.sort_by(|&a, &b| out.probs[0][b].total_cmp(&out.probs[0][a]));
+            prediction = order
+                .iter()
+                .take(5)
+                .map(|&c| (cfg.class_name(c), out.probs[0][c]))
+                .collect();
+        }
+        let layers: Vec<usize> = match (args.layer, routers.len()) {
+            (Some(l), _) => vec![l],
+            (None, 1) => (0..moe.layers.len()).collect(),
+            (None, _) => vec![0],
+        };
+        for l in layers {
+            let rec = &out.records[l];
+            let routing = ImageRouting::new(&rec.groups[0], 0, cfg.seq_len());
+            let title = if routers.len() > 1 {
+                format!("{} · block {}", r.kind.display_name(), rec.block)
+            } else {
+                format!("block {}", rec.block)
+            };
+            panels.push(FigurePanel {
+                title,
+                block: rec.block,
+                routing,
+            });
+        }
+        prev = Some(out);
+    }
+    let image_name = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let router = &routers[0];
+    let title = if routers.len() > 1 {
+        format!("{image_name} · {} · router comparison", short(model_name))
+    } else {
+        format!(
+            "{image_name} · {} · {} (k = {}, {})",
+            short(model_name),
+            router.kind.display_name(),
+            router.experts_per_token(),
+            capacity_text(router)
+        )
+    };
+    let set = FigureSet {
+        title,
+        image_name: &image_name,
+        image: &image,
+        grid: cfg.grid(),
+        has_cls: cfg.classifier == Classifier::Token,
+        palette: Palette::TolMuted,
+        opacity: 0.55,
+        panels,
+        prediction,
+    };
+    let mut stem = default_stem(&image_name, model_name, router);
+    if routers.len() > 1 {
+        stem = format!(
+            "{}__compare",
+            stem.split("__").take(2).collect::<Vec<_>>().join("__")
+        );
+    }
+    set.write(&args.out, &stem, &args.format, args.width)
+        .map_err(anyhow::Error::msg)?;
+    Ok(set
+        .panels
+        .into_iter()
+        .map(|p| (p.title, p.routing))
+        .collect())
+}
+
+fn short(model: &str) -> String {
+    Path::new(model)
+        .file_stem()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_else(|| model.to_string())
+}
+
+fn capacity_text(r: &RouterConfig) -> String {
+    match r.capacity {
+        CapacitySpec::Factor(f) if r.kind != RouterKind::SoftMoe => format!("capacity factor {f}"),
+        _ => "slots from mu".to_string(),
+    }
+}
