@@ -225,3 +225,21 @@ fn exports_the_current_view() {
             .is_err()
     );
 }
+
+/// Router comparison in the app: the shown image under each trained model's router, side by
+/// side, and exported as one figure.
+#[test]
+fn compares_routers_side_by_side() {
+    let mut h = harness(Settings {
+        compare: true,
+        ..settings(RouterKind::SoftmaxTokenChoice)
+    });
+    settle(&mut h);
+    let job = h.state().export_job().unwrap();
+    let titles: Vec<&str> = job.panels.iter().map(|p| p.title.as_str()).collect();
+    assert_eq!(titles.len(), 6, "{titles:?}");
+    assert!(titles[5].starts_with("Soft MoE"), "{titles:?}");
+    let kinds: Vec<RouterKind> = job.panels.iter().map(|p| p.routing.router).collect();
+    assert!(kinds.contains(&RouterKind::SparseExpertChoice));
+    h.snapshot_options("compare_routers", &snapshot_options());
+}

@@ -121,6 +121,10 @@ pub struct RouterscopeApp {
     notice: Option<String>,
     /// Width in pixels of exported PNG figures.
     pub export_width: u32,
+    latest_compare: u64,
+    compare_image: usize,
+    /// The comparison of the shown image, when enabled: `(image index, entries)`.
+    comparison: Option<(usize, Vec<worker::CompareEntry>)>,
 }
 
 impl RouterscopeApp {
@@ -149,6 +153,9 @@ impl RouterscopeApp {
             in_flight: 0,
             notice: None,
             export_width: 2000,
+            latest_compare: 0,
+            compare_image: 0,
+            comparison: None,
         };
         let mut paths = catalog::sample_images();
         paths.extend(
@@ -260,12 +267,42 @@ impl RouterscopeApp {
             .map(|&i| (self.images[i].id, self.images[i].image.clone()))
             .collect();
         self.pending_batch = batch;
+        let model_path = model.path.clone();
         self.worker.send(Job::Run(RunRequest {
             id: self.latest_run,
-            model: model.path.clone(),
+            model: model_path.clone(),
             images,
             options,
         }));
+        if self.settings.compare {
+            self.request_compare(model_path, current);
+        }
+    }
+
+    /// Asks for the shown image under every router.
+    fn request_compare(&mut self, model: PathBuf, current: usize) {
+        let base = self.settings.router_config();
+        let entries: Vec<(PathBuf, crate::routing::RouterConfig)> = match self.settings.mode {
+            ModelMode::Trained => catalog::TRAINED_ROUTERS
+                .iter()
+                .filter_map(|&k| {
+                    let (path, _) = catalog::model_for(k).ok()?;
+                    Some((path, router_like(&base, k)))
+                })
+                .collect(),
+            ModelMode::WhatIf => RouterKind::ALL
+                .iter()
+                .map(|&k| (model.clone(), router_like(&base, k)))
+                .collect(),
+        };
+        self.latest_compare += 1;
+        self.in_flight += 1;
+        self.worker.send(Job::Compare {
+            id: self.latest_compare,
+            entries,
+            image: self.images[current].image.clone(),
+        });
+        self.compare_image = current;
     }
 
     /// Handles every reply that has arrived.
@@ -372,6 +409,12 @@ impl RouterscopeApp {
                     self.run_error = None;
                     self.result_batch = std::mem::take(&mut self.pending_batch);
                     self.result = Some(r);
+                }
+            }
+            Reply::Compared { id, entries } => {
+                self.in_flight = self.in_flight.saturating_sub(1);
+                if id == self.latest_compare {
+                    self.comparison = Some((self.compare_image, entries));
                 }
             }
             Reply::RunFailed { id, error } => {
@@ -533,16 +576,34 @@ impl RouterscopeApp {
             LayerView::One(i) => vec![i.min(moe.layers.len().saturating_sub(1))],
             LayerView::All => (0..moe.layers.len()).collect(),
         };
-        let panels: Vec<FigurePanel> = layers
-            .iter()
-            .filter_map(|&l| {
-                self.image_routing(l).map(|routing| FigurePanel {
-                    title: format!("block {}", moe.layers[l]),
-                    block: moe.layers[l],
-                    routing,
+        let compared = self
+            .comparison
+            .as_ref()
+            .filter(|(i, _)| self.settings.compare && *i == self.settings.current_image);
+        let panels: Vec<FigurePanel> = match compared {
+            Some((_, entries)) => entries
+                .iter()
+                .filter_map(|(router, res)| {
+                    let (c, out) = res.as_ref().ok()?;
+                    let rec = out.records.get(layers[0])?;
+                    Some(FigurePanel {
+                        title: format!("{} · block {}", router.kind.display_name(), rec.block),
+                        block: rec.block,
+                        routing: ImageRouting::new(&rec.groups[0], 0, c.seq_len()),
+                    })
                 })
-            })
-            .collect();
+                .collect(),
+            None => layers
+                .iter()
+                .filter_map(|&l| {
+                    self.image_routing(l).map(|routing| FigurePanel {
+                        title: format!("block {}", moe.layers[l]),
+                        block: moe.layers[l],
+                        routing,
+                    })
+                })
+                .collect(),
+        };
         if panels.is_empty() {
             return None;
         }
@@ -862,6 +923,9 @@ impl RouterscopeApp {
             show_second_choices: self.settings.show_second_choices,
             highlight: self.highlight,
         };
+        if self.settings.compare {
+            self.comparison_view(ui, img, has_cls, &style, layers[0]);
+        }
         ui.horizontal_top(|ui| {
             for (l, v) in &views {
                 ui.vertical(|ui| {
@@ -900,6 +964,75 @@ impl RouterscopeApp {
                 "combine weights: mean normalised entropy over slots {mean:.2} (0 = one slot per token, 1 = uniform)"
             ));
         }
+    }
+
+    /// The shown image under every router, MoE layer `layer`.
+    fn comparison_view(
+        &self,
+        ui: &mut egui::Ui,
+        img: &ViewImage,
+        has_cls: bool,
+        style: &GridStyle,
+        layer: usize,
+    ) {
+        let Some((image, entries)) = self
+            .comparison
+            .as_ref()
+            .filter(|(i, _)| *i == self.settings.current_image)
+        else {
+            ui.label("Comparing routers…");
+            return;
+        };
+        debug_assert_eq!(*image, self.settings.current_image);
+        ui.label(format!(
+            "Router comparison, MoE layer {} (each panel routed alone):",
+            layer + 1
+        ));
+        let cols = ((ui.available_width() / 210.0).floor() as usize).max(1);
+        egui::Grid::new("comparison")
+            .num_columns(cols)
+            .show(ui, |ui| {
+                for (n, (router, res)) in entries.iter().enumerate() {
+                    ui.vertical(|ui| {
+                        ui.set_width(200.0);
+                        ui.strong(router.kind.display_name());
+                        match res {
+                            Ok((cfg, out)) => match out.records.get(layer) {
+                                Some(rec) => {
+                                    let r = ImageRouting::new(&rec.groups[0], 0, cfg.seq_len());
+                                    patch_grid(
+                                        ui,
+                                        &img.texture,
+                                        &r,
+                                        cfg.grid(),
+                                        has_cls,
+                                        style,
+                                        190.0,
+                                    );
+                                    ui.label(format!(
+                                        "dropped {} of {}",
+                                        r.dropped_count(),
+                                        r.tokens.len()
+                                    ));
+                                }
+                                None => {
+                                    ui.label("no such MoE layer");
+                                }
+                            },
+                            Err(e) => {
+                                ui.colored_label(
+                                    egui::Color32::from_rgb(240, 160, 60),
+                                    format!("unavailable: {e}"),
+                                );
+                            }
+                        }
+                    });
+                    if n % cols == cols - 1 {
+                        ui.end_row();
+                    }
+                }
+            });
+        ui.separator();
     }
 
     fn details(&mut self, ui: &mut egui::Ui) {
@@ -977,6 +1110,27 @@ fn legend(
         }
     });
     clicked
+}
+
+/// `base`'s k, capacity and solver settings for router `kind`.
+fn router_like(
+    base: &crate::routing::RouterConfig,
+    kind: RouterKind,
+) -> crate::routing::RouterConfig {
+    let mut r = crate::routing::RouterConfig::new(kind);
+    r.k = base.k;
+    r.capacity = match kind {
+        RouterKind::SoftMoe => crate::routing::CapacitySpec::Slots(1),
+        _ => match base.capacity {
+            crate::routing::CapacitySpec::Slots(_) => crate::routing::CapacitySpec::Factor(1.0),
+            c => c,
+        },
+    };
+    r.rounding = base.rounding;
+    r.multiple_of = base.multiple_of;
+    r.batch_priority = base.batch_priority;
+    r.max_iterations = base.max_iterations;
+    r
 }
 
 fn is_checkpoint(path: &Path) -> bool {

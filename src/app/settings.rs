@@ -52,6 +52,8 @@ pub struct Settings {
     pub opacity: f32,
     pub palette: Palette,
     pub show_second_choices: bool,
+    /// Show the image under every router side by side.
+    pub compare: bool,
     /// The checkpoint used in what-if mode (`None`: the built-in model of the last router).
     pub model_path: Option<PathBuf>,
     /// Images the user opened (the sample gallery is always there).
@@ -75,6 +77,7 @@ impl Default for Settings {
             opacity: 0.55,
             palette: Palette::TolMuted,
             show_second_choices: true,
+            compare: false,
             model_path: None,
             image_paths: Vec::new(),
             current_image: 0,

@@ -16,6 +16,7 @@ use image::DynamicImage;
 use crate::model::{
     ForwardOutput, ModelConfig, RunOptions, VitMoe, decode_image, load_any, preprocess,
 };
+use crate::routing::RouterConfig;
 
 /// A decoded image and its display copies.
 pub struct DecodedImage {
@@ -41,7 +42,16 @@ pub enum Job {
     DecodeImages(Vec<PathBuf>),
     OpenModel(PathBuf),
     Run(RunRequest),
+    /// One image under several (checkpoint, router) pairs, each routed alone.
+    Compare {
+        id: u64,
+        entries: Vec<(PathBuf, RouterConfig)>,
+        image: Arc<DynamicImage>,
+    },
 }
+
+/// One panel of a comparison: the router and its run (or why it could not run).
+pub type CompareEntry = (RouterConfig, Result<(ModelConfig, ForwardOutput), String>);
 
 /// The outcome of a run.
 pub struct RunResult {
@@ -61,6 +71,7 @@ pub enum Reply {
     ModelOpened(Result<(PathBuf, Box<ModelConfig>), String>),
     Ran(Box<RunResult>),
     RunFailed { id: u64, error: String },
+    Compared { id: u64, entries: Vec<CompareEntry> },
 }
 
 /// The UI side of the worker.
@@ -122,9 +133,15 @@ fn worker_loop(jobs: &Receiver<Job>, replies: &Sender<Reply>, wake: &dyn Fn()) {
             }
         }
         let last_run = batch.iter().rposition(|j| matches!(j, Job::Run(_)));
+        let last_compare = batch.iter().rposition(|j| matches!(j, Job::Compare { .. }));
         for (i, job) in batch.into_iter().enumerate() {
             let reply = match job {
                 Job::Run(_) if Some(i) != last_run => continue,
+                Job::Compare { .. } if Some(i) != last_compare => continue,
+                Job::Compare { id, entries, image } => Reply::Compared {
+                    id,
+                    entries: compare(&mut cache, entries, &image),
+                },
                 Job::Run(req) => run(&mut cache, req),
                 Job::DecodeImages(paths) => {
                     Reply::Images(paths.iter().map(|p| decode(p)).collect())
@@ -199,6 +216,37 @@ fn run(cache: &mut Cache, req: RunRequest) -> Reply {
         millis,
         what_if,
     }))
+}
+
+fn compare(
+    cache: &mut Cache,
+    entries: Vec<(PathBuf, RouterConfig)>,
+    image: &DynamicImage,
+) -> Vec<CompareEntry> {
+    let mut prev: Option<(PathBuf, ForwardOutput)> = None;
+    entries
+        .into_iter()
+        .map(|(path, router)| {
+            let result = (|| {
+                let m = model(cache, &path)?;
+                let opts = RunOptions {
+                    group_images: 1,
+                    ..RunOptions::from_config(&m.config).with_router(router.clone())
+                };
+                let out = match prev.as_ref().filter(|(p, _)| *p == path) {
+                    Some((_, o)) => m.rerun(o, &opts),
+                    None => {
+                        let px = preprocess(image, &m.config).map_err(|e| e.to_string())?;
+                        m.forward(&[px], &opts)
+                    }
+                }
+                .map_err(|e| e.to_string())?;
+                prev = Some((path.clone(), out.clone()));
+                Ok((m.config.clone(), out))
+            })();
+            (router, result)
+        })
+        .collect()
 }
 
 fn decode(path: &Path) -> Result<DecodedImage, String> {

@@ -177,6 +177,8 @@ pub fn controls(
                 });
         });
     }
+    ui.checkbox(&mut s.compare, "compare routers side by side")
+        .on_hover_text("The shown image under every router (trained mode: each router's own model; what-if: these weights), each image routed alone.");
     ui.add(egui::Slider::new(&mut s.opacity, 0.0..=1.0).text("overlay opacity"));
     if family == RouterFamily::TokenChoice {
         ui.checkbox(&mut s.show_second_choices, "show second choices");
@@ -196,7 +198,8 @@ pub fn controls(
         || s.multiple_of != before.multiple_of
         || s.batch_priority != before.batch_priority
         || s.iterations != before.iterations
-        || s.group != before.group;
+        || s.group != before.group
+        || s.compare != before.compare;
     ControlsChange {
         rerun: routing_changed,
     }
