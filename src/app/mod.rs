@@ -961,8 +961,10 @@ impl RouterscopeApp {
             let ent = views::soft_slots::combine_entropy(soft);
             let mean = ent.iter().sum::<f32>() / ent.len().max(1) as f32;
             ui.label(format!(
-                "combine weights: mean normalised entropy over slots {mean:.2} (0 = one slot per token, 1 = uniform)"
+                "combine weights per patch: normalised entropy over the {} slots (light: reads from few slots, dark: from many; mean {mean:.2})",
+                soft.combine.first().map_or(0, |r| r.len())
             ));
+            views::soft_slots::entropy_map(ui, &ent, cfg.grid(), has_cls, 180.0);
         }
     }
 

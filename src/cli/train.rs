@@ -150,13 +150,14 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     )?;
     writeln!(
         card,
-        "- training: {} epochs, {} steps of {} images, AdamW (weight decay {}, {} warm-up steps, cosine decay), {:.0} s on 2 CPU cores ({:.0} images/s)",
+        "- training: {} epochs, {} steps of {} images, AdamW (weight decay {}, {} warm-up steps, cosine decay), {:.0} s on {} CPU thread(s) ({:.0} images/s)",
         state.epochs_done,
         state.step,
         state.options.batch_size,
         state.options.weight_decay,
         state.options.warmup_steps,
         state.seconds,
+        rayon::current_num_threads(),
         (state.step * state.options.batch_size) as f64 / state.seconds.max(1e-9)
     )?;
     writeln!(

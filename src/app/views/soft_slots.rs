@@ -77,3 +77,30 @@ pub fn combine_entropy(soft: &SoftImage) -> Vec<f32> {
         })
         .collect()
 }
+
+/// Per patch, the normalised entropy of its combine weights (`combine_entropy`), as a heatmap
+/// `side` points wide: light = the token reads from few slots, dark = from many.
+pub fn entropy_map(ui: &mut egui::Ui, entropy: &[f32], grid: [usize; 2], has_cls: bool, side: f32) {
+    let [gh, gw] = grid;
+    let (rect, response) = ui.allocate_exact_size(
+        egui::vec2(side, side * gh as f32 / gw as f32),
+        egui::Sense::hover(),
+    );
+    let painter = ui.painter_at(rect);
+    let cw = rect.width() / gw as f32;
+    let ch = rect.height() / gh as f32;
+    let patches = &entropy[usize::from(has_cls)..];
+    for (q, &v) in patches.iter().enumerate().take(gh * gw) {
+        let r = egui::Rect::from_min_size(
+            rect.min + egui::vec2((q % gw) as f32 * cw, (q / gw) as f32 * ch),
+            egui::vec2(cw, ch),
+        );
+        painter.rect_filled(r, 0.0, color(sequential(v), 1.0));
+    }
+    if let Some(pos) = response.hover_pos() {
+        let q = ((pos.y - rect.top()) / ch) as usize * gw + ((pos.x - rect.left()) / cw) as usize;
+        if let Some(v) = patches.get(q) {
+            response.on_hover_text_at_pointer(format!("patch {q}: combine entropy {v:.3}"));
+        }
+    }
+}
