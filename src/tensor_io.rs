@@ -273,7 +273,8 @@ pub fn write_f32_safetensors(
             reason: e.to_string(),
         })
         .and_then(|()| {
-            fs::File::open(&tmp)
+            readable_by_all(&tmp)
+                .and_then(|()| fs::File::open(&tmp))
                 .and_then(|f| f.sync_all())
                 .and_then(|()| fs::rename(&tmp, path))
                 .map_err(|err| TensorIoError::Io {
@@ -285,6 +286,20 @@ pub fn write_f32_safetensors(
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// safetensors creates its file owner-only (0600); a saved model is an ordinary document.
+fn readable_by_all(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o644))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        Ok(())
+    }
 }
 
 /// A temporary file name beside `path` (same folder, so the final rename is atomic).

@@ -295,7 +295,8 @@ fn histogram(
         .chain(requests.iter().map(|&v| v as f32))
         .fold(cap, f32::max)
         .max(1.0);
-    let top = max_v.ceil();
+    // An even top keeps the middle tick an integer.
+    let top = (max_v.ceil() / 2.0).ceil() * 2.0;
     let left = x0 + 28.0;
     let plot_w = w - 28.0;
     let y_of = |v: f32| y0 + h - v / top * h;
