@@ -108,13 +108,16 @@ fn switching_the_router_changes_the_overlay() {
 
 #[test]
 fn bad_image_and_bad_checkpoint_show_errors_and_keep_the_state() {
-    let dir = tempfile::tempdir().unwrap();
+    // A fixed folder: the error messages name the files, and the snapshot must not change.
+    let dir = std::env::temp_dir().join("routerscope-app-ui-bad-files");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
     let mut h = harness(settings(RouterKind::SoftmaxTokenChoice));
     let images = h.state().image_count();
     let model = h.state().model_path().unwrap().to_path_buf();
     let routing = h.state().image_routing(0).unwrap();
 
-    let bad_image = dir.path().join("broken.png");
+    let bad_image = dir.join("broken.png");
     std::fs::write(&bad_image, b"this is not a PNG").unwrap();
     h.state_mut().open_images(vec![bad_image]);
     settle(&mut h);
@@ -123,7 +126,7 @@ fn bad_image_and_bad_checkpoint_show_errors_and_keep_the_state() {
     assert_eq!(h.state().image_count(), images);
     assert_eq!(h.state().image_routing(0).unwrap(), routing);
 
-    let bad_model = dir.path().join("broken.safetensors");
+    let bad_model = dir.join("broken.safetensors");
     std::fs::write(&bad_model, b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage").unwrap();
     h.state_mut().open_model(bad_model);
     settle(&mut h);

@@ -18,7 +18,7 @@ pub fn slot_heatmaps(
     let p = soft.slots_per_expert;
     let [gh, gw] = grid;
     ui.label(format!(
-        "dispatch weights of each slot over the patches ({num_experts} experts × {p} slots; darker = more weight; each heatmap scaled to its own maximum)"
+        "dispatch weights of each slot over the patches ({num_experts} experts × {p} slots; each heatmap from its own minimum, white, to its maximum, dark; hover for the mass)"
     ));
     let gap = 3.0;
     let cols = p.max(1);
@@ -34,7 +34,9 @@ pub fn slot_heatmaps(
             let tr = egui::Rect::from_min_size(origin, egui::vec2(tile, tile));
             let w = &soft.dispatch[slot];
             let patches = &w[usize::from(has_cls)..];
-            let max = patches.iter().cloned().fold(1e-12f32, f32::max);
+            let max = patches.iter().cloned().fold(f32::MIN, f32::max);
+            let min = patches.iter().cloned().fold(f32::MAX, f32::min);
+            let span = (max - min).max(1e-12);
             let cw = tile / gw as f32;
             let ch = tile / gh as f32;
             for (q, &v) in patches.iter().enumerate().take(gh * gw) {
@@ -42,7 +44,7 @@ pub fn slot_heatmaps(
                     origin + egui::vec2((q % gw) as f32 * cw, (q / gw) as f32 * ch),
                     egui::vec2(cw, ch),
                 );
-                painter.rect_filled(cr, 0.0, color(sequential(v / max), 1.0));
+                painter.rect_filled(cr, 0.0, color(sequential((v - min) / span), 1.0));
             }
             painter.rect_stroke(
                 tr,
