@@ -47,13 +47,7 @@ fn shipped_models_are_accurate_and_route_by_the_rules() {
 
         // Routing invariants on the first 64 images, one group per image.
         let images: Vec<Vec<f32>> = (0..64)
-            .map(|i| {
-                slice
-                    .image(i)
-                    .iter()
-                    .map(|&p| (p as f32 / 255.0 - 0.5) / 0.5)
-                    .collect()
-            })
+            .map(|i| slice.normalized(i, 0.5, 0.5).collect())
             .collect();
         let out = model
             .forward(&images, &routerscope::model::RunOptions::from_config(&cfg))

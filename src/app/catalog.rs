@@ -49,12 +49,10 @@ pub fn model_for(kind: RouterKind) -> Result<(PathBuf, bool), String> {
         return Ok((p, true));
     }
     let cfg = preset("fashion-mnist", kind).ok_or("no fashion-mnist preset")?;
-    let path = std::env::temp_dir()
-        .join("routerscope-random")
-        .join(format!(
-            "fashion-mnist-{}-random.safetensors",
-            kind.cli_name()
-        ));
+    let path = random_dir().join(format!(
+        "fashion-mnist-{}-random.safetensors",
+        kind.cli_name()
+    ));
     if !path.is_file() {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -62,6 +60,16 @@ pub fn model_for(kind: RouterKind) -> Result<(PathBuf, bool), String> {
         save_checkpoint(&path, &cfg, &random_weights(&cfg, 0)).map_err(|e| e.to_string())?;
     }
     Ok((path, false))
+}
+
+/// Where [`model_for`] writes its untrained stand-ins.
+fn random_dir() -> PathBuf {
+    std::env::temp_dir().join("routerscope-random")
+}
+
+/// Whether `path` is one of [`model_for`]'s untrained stand-ins.
+pub fn is_random_stand_in(path: &Path) -> bool {
+    path.starts_with(random_dir())
 }
 
 /// The sample images, sorted by name (Fashion-MNIST test images first, then photos).

@@ -74,15 +74,7 @@ impl ExportJob {
             has_cls: self.has_cls,
             palette: self.palette,
             opacity: self.opacity,
-            panels: self
-                .panels
-                .iter()
-                .map(|p| FigurePanel {
-                    title: p.title.clone(),
-                    block: p.block,
-                    routing: p.routing.clone(),
-                })
-                .collect(),
+            panels: &self.panels,
             prediction: self.prediction.clone(),
         };
         let bytes = set.render(format, png_width)?;
@@ -377,8 +369,7 @@ impl RouterscopeApp {
                 let user = self.opening.take().is_some_and(|(_, u)| u);
                 match res {
                     Ok((path, config)) => {
-                        let trained =
-                            !path.starts_with(std::env::temp_dir().join("routerscope-random"));
+                        let trained = !catalog::is_random_stand_in(&path);
                         if user {
                             self.settings.mode = ModelMode::WhatIf;
                             self.settings.model_path = Some(path.clone());

@@ -279,7 +279,7 @@ fn export_one(
         has_cls: cfg.classifier == Classifier::Token,
         palette: Palette::TolMuted,
         opacity: 0.55,
-        panels,
+        panels: &panels,
         prediction,
     };
     let mut stem = default_stem(&image_name, model_name, router);
@@ -291,11 +291,7 @@ fn export_one(
     }
     set.write(&args.out, &stem, &args.format, args.width)
         .map_err(anyhow::Error::msg)?;
-    Ok(set
-        .panels
-        .into_iter()
-        .map(|p| (p.title, p.routing))
-        .collect())
+    Ok(panels.into_iter().map(|p| (p.title, p.routing)).collect())
 }
 
 fn short(model: &str) -> String {

@@ -64,7 +64,7 @@ pub struct FigureSet<'a> {
     pub has_cls: bool,
     pub palette: Palette,
     pub opacity: f32,
-    pub panels: Vec<FigurePanel>,
+    pub panels: &'a [FigurePanel],
     /// Top classes `(name, probability)` of the model's prediction, for the JSON.
     pub prediction: Vec<(String, f32)>,
 }
@@ -137,7 +137,7 @@ impl FigureSet<'_> {
 
     pub fn csv(&self) -> String {
         let mut s = format!("{CSV_HEADER}\n");
-        for p in &self.panels {
+        for p in self.panels {
             s.push_str(&tokens_csv(
                 self.image_name,
                 p.block,

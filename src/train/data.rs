@@ -48,6 +48,13 @@ impl Dataset {
         &self.pixels[i * px..(i + 1) * px]
     }
 
+    /// Image `i` scaled to `[0, 1]` and normalised with `mean`/`std`, as the model expects.
+    pub fn normalized(&self, i: usize, mean: f32, std: f32) -> impl Iterator<Item = f32> + '_ {
+        self.image(i)
+            .iter()
+            .map(move |&p| (p as f32 / 255.0 - mean) / std)
+    }
+
     /// The first `n` examples.
     pub fn take(&self, n: usize) -> Dataset {
         let n = n.min(self.len());

@@ -68,12 +68,7 @@ pub fn evaluate(model: &VitMoe, data: &Dataset, batch: usize) -> Result<EvalRepo
     while done < usable {
         let end = (done + batch).min(usable);
         let images: Vec<Vec<f32>> = (done..end)
-            .map(|i| {
-                data.image(i)
-                    .iter()
-                    .map(|&p| (p as f32 / 255.0 - mean) / std)
-                    .collect()
-            })
+            .map(|i| data.normalized(i, mean, std).collect())
             .collect();
         let out = model
             .forward(&images, &opts)

@@ -24,6 +24,35 @@ fn chunk_rows(d: usize) -> usize {
     (16_384 / d.max(1)).max(1)
 }
 
+/// `out[row] = f(a[row], b[row], out[row])` over rows of `d` values of two same-shape tensors,
+/// in parallel chunks of rows (the backward passes below).
+fn map_row_pairs(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    op: &str,
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let a = contiguous(s1, l1, op)?;
+    let b = contiguous(s2, l2, op)?;
+    let d = last_dim(l1);
+    let mut out = vec![0.0f32; a.len()];
+    let n = d * chunk_rows(d);
+    out.par_chunks_mut(n)
+        .zip(a.par_chunks(n).zip(b.par_chunks(n)))
+        .for_each(|(o, (a, b))| {
+            for ((o, a), b) in o
+                .chunks_exact_mut(d)
+                .zip(a.chunks_exact(d))
+                .zip(b.chunks_exact(d))
+            {
+                f(a, b, o);
+            }
+        });
+    Ok((CpuStorage::F32(out), l1.shape().clone()))
+}
+
 /// `gelu(x)` (tanh approximation).
 pub struct Gelu;
 
@@ -131,26 +160,12 @@ impl CustomOp2 for SoftmaxGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = contiguous(s1, l1, "softmax-grad")?;
-        let g = contiguous(s2, l2, "softmax-grad")?;
-        let d = last_dim(l1);
-        let mut out = vec![0.0f32; y.len()];
-        let n = d * chunk_rows(d);
-        out.par_chunks_mut(n)
-            .zip(y.par_chunks(n).zip(g.par_chunks(n)))
-            .for_each(|(o, (y, g))| {
-                for ((o, y), g) in o
-                    .chunks_exact_mut(d)
-                    .zip(y.chunks_exact(d))
-                    .zip(g.chunks_exact(d))
-                {
-                    let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
-                    for ((o, &yv), &gv) in o.iter_mut().zip(y).zip(g) {
-                        *o = yv * (gv - dot);
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        map_row_pairs(s1, l1, s2, l2, "softmax-grad", |y, g, o| {
+            let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+            for ((o, &yv), &gv) in o.iter_mut().zip(y).zip(g) {
+                *o = yv * (gv - dot);
+            }
+        })
     }
 }
 
@@ -219,35 +234,21 @@ impl CustomOp2 for NormalizeGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, "normalize-grad")?;
-        let g = contiguous(s2, l2, "normalize-grad")?;
-        let d = last_dim(l1);
-        let mut out = vec![0.0f32; x.len()];
-        let n = d * chunk_rows(d);
-        out.par_chunks_mut(n)
-            .zip(x.par_chunks(n).zip(g.par_chunks(n)))
-            .for_each(|(o, (x, g))| {
-                for ((o, x), g) in o
-                    .chunks_exact_mut(d)
-                    .zip(x.chunks_exact(d))
-                    .zip(g.chunks_exact(d))
-                {
-                    let (mean, rstd) = row_stats(x, self.eps);
-                    let inv_d = 1.0 / d as f32;
-                    let g_mean = g.iter().sum::<f32>() * inv_d;
-                    let gy_mean = x
-                        .iter()
-                        .zip(g)
-                        .map(|(&v, &gv)| (v - mean) * rstd * gv)
-                        .sum::<f32>()
-                        * inv_d;
-                    for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
-                        let y = (v - mean) * rstd;
-                        *o = rstd * (gv - g_mean - y * gy_mean);
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        map_row_pairs(s1, l1, s2, l2, "normalize-grad", |x, g, o| {
+            let (mean, rstd) = row_stats(x, self.eps);
+            let inv_d = 1.0 / x.len() as f32;
+            let g_mean = g.iter().sum::<f32>() * inv_d;
+            let gy_mean = x
+                .iter()
+                .zip(g)
+                .map(|(&v, &gv)| (v - mean) * rstd * gv)
+                .sum::<f32>()
+                * inv_d;
+            for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
+                let y = (v - mean) * rstd;
+                *o = rstd * (gv - g_mean - y * gy_mean);
+            }
+        })
     }
 }
 

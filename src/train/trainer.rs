@@ -90,11 +90,7 @@ pub fn batch_tensor(
     let px = data.rows * data.cols;
     let mut v = Vec::with_capacity(idx.len() * px);
     for &i in idx {
-        v.extend(
-            data.image(i)
-                .iter()
-                .map(|&p| (p as f32 / 255.0 - mean) / std),
-        );
+        v.extend(data.normalized(i, mean, std));
     }
     Ok(Tensor::from_vec(v, (idx.len(), px), &Device::Cpu)?)
 }
