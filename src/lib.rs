@@ -8,7 +8,9 @@
 //! - [`tensor_io`]: validated safetensors reading and atomic writing.
 
 pub mod app;
+pub mod backend;
 pub mod figures;
+pub mod gpu;
 pub mod model;
 pub mod routing;
 pub mod runtime;

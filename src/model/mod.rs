@@ -5,9 +5,9 @@
 mod config;
 mod image_input;
 mod kernels;
-mod ops;
+pub(crate) mod ops;
 mod presets;
-mod vit;
+pub(crate) mod vit;
 pub mod vmoe_format;
 mod vmoe_presets;
 mod weights;
@@ -46,6 +46,8 @@ pub enum ModelError {
     Routing(#[from] RoutingError),
     #[error("tensor computation: {0}")]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu::GpuError),
 }
 
 /// Whether `path` names a vmoe checkpoint (its `.index` file) rather than safetensors.
@@ -80,4 +82,4 @@ impl VitMoe {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -9,6 +9,9 @@
 //! first MoE layer whose routing changed ([`VitMoe::rerun`]).
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use eframe::egui_wgpu::wgpu;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -256,8 +259,25 @@ pub struct ForwardOutput {
     /// One record per MoE layer.
     pub records: Vec<MoeLayerRecord>,
     pub options: RunOptions,
-    /// Residual stream entering each MoE sublayer (after that block's attention), `[B, S, d]`.
-    moe_inputs: Vec<Tensor>,
+    /// The preprocessed images, for a backend that cannot resume from `resume`.
+    pub(crate) inputs: Arc<[Vec<f32>]>,
+    /// Residual stream entering each MoE sublayer (after that block's attention), `[B, S, d]`,
+    /// where the backend that produced this output keeps it.
+    pub(crate) resume: Resume,
+}
+
+/// Where a what-if resumes from: candle tensors, or GPU buffers of the backend that ran.
+#[derive(Clone, Debug)]
+pub(crate) enum Resume {
+    Cpu(Vec<Tensor>),
+    Gpu(Vec<wgpu::Buffer>),
+}
+
+impl ForwardOutput {
+    /// Which backend computed this output.
+    pub fn on_gpu(&self) -> bool {
+        matches!(self.resume, Resume::Gpu(_))
+    }
 }
 
 enum Ffn {
@@ -270,6 +290,39 @@ struct EncoderBlock {
     attn: Attention,
     ln1: LayerNorm,
     ffn: Ffn,
+}
+
+/// Checks that `opts` can run on a model with `config` whose checkpoint has the parameters
+/// `has_param` names: one router per MoE layer, parameters for each router, a group size
+/// dividing the batch.
+pub(crate) fn check_run_options(
+    config: &ModelConfig,
+    has_param: impl Fn(&str) -> bool,
+    opts: &RunOptions,
+    batch: usize,
+) -> Result<(), ModelError> {
+    let layers = config
+        .moe
+        .as_ref()
+        .map(|m| m.layers.clone())
+        .unwrap_or_default();
+    if opts.routers.len() != layers.len() {
+        return Err(ModelError::Config(format!(
+            "{} router settings for {} MoE layers",
+            opts.routers.len(),
+            layers.len()
+        )));
+    }
+    if opts.group_images == 0 || !batch.is_multiple_of(opts.group_images) {
+        return Err(ModelError::Config(format!(
+            "{batch} images cannot be split into routing groups of {} images",
+            opts.group_images
+        )));
+    }
+    for (block, router) in layers.iter().zip(&opts.routers) {
+        check_router_params(&has_param, *block, router.kind)?;
+    }
+    Ok(())
 }
 
 /// A loaded ViT-MoE.
@@ -367,29 +420,7 @@ impl VitMoe {
     /// Checks that `opts` can run on this checkpoint: one router per MoE layer, parameters for each
     /// router present, a group size dividing the batch.
     pub fn check_options(&self, opts: &RunOptions, batch: usize) -> Result<(), ModelError> {
-        let layers = self
-            .config
-            .moe
-            .as_ref()
-            .map(|m| m.layers.clone())
-            .unwrap_or_default();
-        if opts.routers.len() != layers.len() {
-            return Err(ModelError::Config(format!(
-                "{} router settings for {} MoE layers",
-                opts.routers.len(),
-                layers.len()
-            )));
-        }
-        if opts.group_images == 0 || !batch.is_multiple_of(opts.group_images) {
-            return Err(ModelError::Config(format!(
-                "{batch} images cannot be split into routing groups of {} images",
-                opts.group_images
-            )));
-        }
-        for (block, router) in layers.iter().zip(&opts.routers) {
-            check_router_params(|n| self.param_names.contains(n), *block, router.kind)?;
-        }
-        Ok(())
+        check_run_options(&self.config, |n| self.param_names.contains(n), opts, batch)
     }
 
     /// Full forward pass of `images` `[B, H, W, C]` (normalised pixels, see `image_input`).
@@ -429,7 +460,8 @@ impl VitMoe {
             probs: Vec::new(),
             records: Vec::new(),
             options: opts.clone(),
-            moe_inputs: Vec::new(),
+            inputs: images.into(),
+            resume: Resume::Cpu(Vec::new()),
         };
         self.encode_from(x, 0, false, &mut out)?;
         Ok(out)
@@ -458,14 +490,19 @@ impl VitMoe {
                 ..prev.clone()
             });
         };
+        let Resume::Cpu(saved) = &prev.resume else {
+            // Computed on the GPU: start over here from the same images.
+            return self.forward(&prev.inputs, opts);
+        };
         let block = prev.records[first].block;
         let mut out = ForwardOutput {
             probs: Vec::new(),
             records: prev.records[..first].to_vec(),
             options: opts.clone(),
-            moe_inputs: prev.moe_inputs[..first].to_vec(),
+            inputs: prev.inputs.clone(),
+            resume: Resume::Cpu(saved[..first].to_vec()),
         };
-        self.encode_from(prev.moe_inputs[first].clone(), block, true, &mut out)?;
+        self.encode_from(saved[first].clone(), block, true, &mut out)?;
         Ok(out)
     }
 
@@ -487,7 +524,9 @@ impl VitMoe {
                 Ffn::Dense(mlp) => dense_mlp(mlp, &y)?,
                 Ffn::Moe(moe) => {
                     let li = out.records.len();
-                    out.moe_inputs.push(x.clone());
+                    if let Resume::Cpu(saved) = &mut out.resume {
+                        saved.push(x.clone());
+                    }
                     let router = &out.options.routers[li];
                     let (delta, record) =
                         self.moe_forward(moe, &y, router, out.options.group_images)?;

@@ -15,8 +15,6 @@ pub fn expert_choice_selection(
 ) -> SparseAssignment {
     debug_assert!(c <= n);
     let mut slot_token = vec![None; e * c];
-    let mut slot_gate = vec![0.0f32; e * c];
-    let mut per_token = vec![0u32; n + 1];
     let mut column = vec![0.0f32; n];
     let mut top = Vec::with_capacity(c);
     for j in 0..e {
@@ -26,8 +24,27 @@ pub fn expert_choice_selection(
         top_k_indices(&column, c, &mut top);
         for (s, &i) in top.iter().enumerate() {
             slot_token[j * c + s] = Some(i as u32);
-            slot_gate[j * c + s] = gates[i * e + j];
-            per_token[i + 1] += 1;
+        }
+    }
+    expert_choice_assignment(slot_token, scores, gates, n, e, c)
+}
+
+/// The sparse assignment of an Expert Choice selection `slot_token` (`[e·c]`, every slot
+/// filled): slot gates from `gates`, per-token choice lists in expert order.
+pub fn expert_choice_assignment(
+    slot_token: Vec<Option<u32>>,
+    scores: Vec<f32>,
+    gates: Vec<f32>,
+    n: usize,
+    e: usize,
+    c: usize,
+) -> SparseAssignment {
+    let mut slot_gate = vec![0.0f32; e * c];
+    let mut per_token = vec![0u32; n + 1];
+    for (slot, token) in slot_token.iter().enumerate() {
+        if let Some(i) = token {
+            slot_gate[slot] = gates[*i as usize * e + slot / c];
+            per_token[*i as usize + 1] += 1;
         }
     }
     // Per-token lists in expert order (CSR).

@@ -7,17 +7,17 @@
 
 mod aux_loss;
 mod capacity;
-mod expert_choice;
+pub(crate) mod expert_choice;
 #[cfg(test)]
 pub(crate) mod golden;
 mod layer;
 pub mod ops;
 mod result;
-mod router;
+pub(crate) mod router;
 mod scot;
 mod sinkhorn;
 mod soft_moe;
-mod token_choice;
+pub(crate) mod token_choice;
 
 pub use aux_loss::{gshard_loss, importance_loss, load_loss};
 pub use capacity::{CapacityRounding, compute_capacity};

@@ -272,7 +272,7 @@ impl Mode<'_> {
     }
 }
 
-fn check_finite(name: &str, data: &[f32], cols: usize) -> Result<(), RoutingError> {
+pub(crate) fn check_finite(name: &str, data: &[f32], cols: usize) -> Result<(), RoutingError> {
     match data.iter().position(|v| !v.is_finite()) {
         None => Ok(()),
         Some(at) => Err(RoutingError::NonFinite(format!(
@@ -282,6 +282,28 @@ fn check_finite(name: &str, data: &[f32], cols: usize) -> Result<(), RoutingErro
             at % cols
         ))),
     }
+}
+
+/// Checks a sparse router's settings for groups of `n` tokens and `e` experts; gives the slots per
+/// expert and the `N` they derive from.
+pub(crate) fn check_sparse_config(
+    cfg: &RouterConfig,
+    n: usize,
+    e: usize,
+) -> Result<(usize, usize), RoutingError> {
+    let (c, capacity_tokens) = cfg.capacity_for(n, e)?;
+    if cfg.kind.uses_adam() && cfg.max_iterations == 0 {
+        return Err(RoutingError::InvalidConfig(
+            "the sparsity-constrained solver needs at least 1 iteration".into(),
+        ));
+    }
+    if cfg.kind.uses_adam() && !(cfg.adam_lr.is_finite() && cfg.adam_lr > 0.0) {
+        return Err(RoutingError::InvalidConfig(format!(
+            "Adam learning rate must be positive, got {}",
+            cfg.adam_lr
+        )));
+    }
+    Ok((c, capacity_tokens))
 }
 
 /// Routes one group given its router logits `[n, e]` (row-major). Soft MoE needs token vectors:
@@ -305,19 +327,8 @@ pub fn route_logits(
         )));
     }
     check_finite("logits", logits, e.max(1))?;
-    let (c, capacity_tokens) = cfg.capacity_for(n, e)?;
+    let (c, capacity_tokens) = check_sparse_config(cfg, n, e)?;
     let k = cfg.experts_per_token();
-    if cfg.kind.uses_adam() && cfg.max_iterations == 0 {
-        return Err(RoutingError::InvalidConfig(
-            "the sparsity-constrained solver needs at least 1 iteration".into(),
-        ));
-    }
-    if cfg.kind.uses_adam() && !(cfg.adam_lr.is_finite() && cfg.adam_lr > 0.0) {
-        return Err(RoutingError::InvalidConfig(format!(
-            "Adam learning rate must be positive, got {}",
-            cfg.adam_lr
-        )));
-    }
 
     // Noisy logits L̃ = L + N(0, (noise_std/e)²) in training, for the routers that have noise.
     let sigma = cfg.noise_std / e as f32;
@@ -355,43 +366,10 @@ pub fn route_logits(
             };
             (plan.plan, gates)
         }
-        RouterKind::SparseExpertChoice => {
+        RouterKind::SparseExpertChoice | RouterKind::SparseTokenChoice => {
             let s = clean_softmax();
-            let b = (n as f64 / e as f64) as f32;
-            let opts = ScotOptions {
-                kappa: c,
-                max_iterations: cfg.max_iterations,
-                adam_lr: cfg.adam_lr,
-            };
-            let out = scot_columns(&s, n, e, (1.0, b), &opts);
-            solver = Some(SolverInfo {
-                iterations: out.iterations,
-                converged: out.converged,
-                log_domain: false,
-            });
-            let gates = if cfg.use_softmax_combine_weights {
-                s
-            } else {
-                out.plan.clone()
-            };
-            (out.plan, gates)
-        }
-        RouterKind::SparseTokenChoice => {
-            let s = clean_softmax();
-            let a = (n as f64 / e as f64) as f32;
-            let st = transpose(&s, n, e);
-            let opts = ScotOptions {
-                kappa: k,
-                max_iterations: cfg.max_iterations,
-                adam_lr: cfg.adam_lr,
-            };
-            let out = scot_columns(&st, e, n, (a, 1.0), &opts);
-            solver = Some(SolverInfo {
-                iterations: out.iterations,
-                converged: out.converged,
-                log_domain: false,
-            });
-            let plan = transpose(&out.plan, e, n);
+            let (plan, info) = sparse_plan(cfg, &s, n, e, c);
+            solver = Some(info);
             let gates = if cfg.use_softmax_combine_weights {
                 s
             } else {
@@ -435,8 +413,46 @@ pub fn route_logits(
     })
 }
 
+/// The sparsity-constrained OT plan `[n, e]` of the SCOT routers from the softmax `s` `[n, e]`:
+/// per expert at most `c` tokens (Expert Choice) or per token at most `k` experts (Token Choice).
+pub(crate) fn sparse_plan(
+    cfg: &RouterConfig,
+    s: &[f32],
+    n: usize,
+    e: usize,
+    c: usize,
+) -> (Vec<f32>, SolverInfo) {
+    let info = |out: &super::scot::ScotPlan| SolverInfo {
+        iterations: out.iterations,
+        converged: out.converged,
+        log_domain: false,
+    };
+    if cfg.kind == RouterKind::SparseExpertChoice {
+        let b = (n as f64 / e as f64) as f32;
+        let opts = ScotOptions {
+            kappa: c,
+            max_iterations: cfg.max_iterations,
+            adam_lr: cfg.adam_lr,
+        };
+        let out = scot_columns(s, n, e, (1.0, b), &opts);
+        let i = info(&out);
+        (out.plan, i)
+    } else {
+        let a = (n as f64 / e as f64) as f32;
+        let st = transpose(s, n, e);
+        let opts = ScotOptions {
+            kappa: cfg.experts_per_token(),
+            max_iterations: cfg.max_iterations,
+            adam_lr: cfg.adam_lr,
+        };
+        let out = scot_columns(&st, e, n, (a, 1.0), &opts);
+        (transpose(&out.plan, e, n), info(&out))
+    }
+}
+
+/// The auxiliary losses of the Token Choice routers (spec §2.0).
 #[allow(clippy::too_many_arguments)]
-fn token_choice_aux(
+pub(crate) fn token_choice_aux(
     cfg: &RouterConfig,
     logits: &[f32],
     noisy: Option<&[f32]>,

@@ -1,0 +1,170 @@
+//! The wgpu device the GPU backend computes on: eframe's own device in the app (one device for
+//! drawing and compute), or a headless one in the CLI and tests. Compiles every kernel once.
+
+use std::sync::Arc;
+
+use eframe::egui_wgpu::wgpu;
+
+use super::kernels::Kernels;
+
+/// Why the GPU backend could not start or run. Every variant leads to the CPU fallback.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GpuError {
+    #[error("no GPU adapter: {0}")]
+    NoAdapter(String),
+    #[error("GPU device request failed: {0}")]
+    Device(String),
+    #[error("the GPU adapter `{adapter}` cannot run the kernels: {why}")]
+    Unsupported { adapter: String, why: String },
+    #[error("GPU device lost: {0}")]
+    Lost(String),
+    #[error("GPU command failed: {0}")]
+    Command(String),
+    #[error("{0}")]
+    Model(String),
+}
+
+/// Limits the kernels need beyond WebGPU's defaults-free minimum.
+const NEED_STORAGE_BUFFERS: u32 = 7;
+const NEED_INVOCATIONS: u32 = 256;
+const NEED_WORKGROUP_BYTES: u32 = 4096 + 256;
+
+/// A device, its queue and the compiled kernels. Cheap to clone (all handles are shared).
+#[derive(Clone)]
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub(crate) kernels: Arc<Kernels>,
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuContext")
+            .field("adapter", &self.info.name)
+            .field("backend", &self.info.backend)
+            .finish()
+    }
+}
+
+/// The device descriptor the app and the headless path both use: the adapter's own limits, so
+/// that compute works even where the defaults would forbid it (wgpu's GL backend asks for WebGL2
+/// limits, which allow no compute workgroups at all).
+pub fn device_descriptor(adapter: &wgpu::Adapter) -> wgpu::DeviceDescriptor<'static> {
+    wgpu::DeviceDescriptor {
+        label: Some("routerscope"),
+        required_limits: adapter.limits(),
+        ..Default::default()
+    }
+}
+
+impl GpuContext {
+    /// A headless device on the best adapter (`WGPU_BACKEND`, `WGPU_ADAPTER_NAME` and
+    /// `WGPU_POWER_PREF` are honoured).
+    pub fn headless() -> Result<Self, GpuError> {
+        pollster::block_on(async {
+            let instance = wgpu::Instance::new(
+                wgpu::InstanceDescriptor::new_without_display_handle_from_env(),
+            );
+            let adapter = instance
+                .request_adapter(&wgpu::RequestAdapterOptions {
+                    power_preference: wgpu::PowerPreference::from_env()
+                        .unwrap_or(wgpu::PowerPreference::HighPerformance),
+                    force_fallback_adapter: false,
+                    compatible_surface: None,
+                    apply_limit_buckets: false,
+                })
+                .await
+                .map_err(|e| GpuError::NoAdapter(e.to_string()))?;
+            let info = adapter.get_info();
+            check_adapter(&adapter, &info)?;
+            let (device, queue) = adapter
+                .request_device(&device_descriptor(&adapter))
+                .await
+                .map_err(|e| {
+                    GpuError::Device(format!("{} ({:?}): {e}", info.name, info.backend))
+                })?;
+            Self::new(device, queue, info)
+        })
+    }
+
+    /// Shares a device someone else created (eframe's), after checking its limits.
+    pub fn shared(
+        adapter: &wgpu::Adapter,
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+    ) -> Result<Self, GpuError> {
+        let info = adapter.get_info();
+        check_limits(&device.limits(), &info)?;
+        Self::new(device, queue, info)
+    }
+
+    fn new(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        info: wgpu::AdapterInfo,
+    ) -> Result<Self, GpuError> {
+        let kernels = Kernels::new(&device)?;
+        Ok(Self {
+            device,
+            queue,
+            info,
+            kernels: Arc::new(kernels),
+        })
+    }
+
+    /// "llvmpipe (LLVM 15.0.6, 256 bits), Vulkan": what the app shows as its device.
+    pub fn describe(&self) -> String {
+        format!("{}, {:?}", self.info.name, self.info.backend)
+    }
+
+    /// Whether the adapter is a software rasteriser (lavapipe, llvmpipe, WARP).
+    pub fn is_software(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+}
+
+fn check_adapter(adapter: &wgpu::Adapter, info: &wgpu::AdapterInfo) -> Result<(), GpuError> {
+    let flags = adapter.get_downlevel_capabilities().flags;
+    if !flags.contains(wgpu::DownlevelFlags::COMPUTE_SHADERS) {
+        return Err(GpuError::Unsupported {
+            adapter: info.name.clone(),
+            why: "no compute shaders".into(),
+        });
+    }
+    check_limits(&adapter.limits(), info)
+}
+
+fn check_limits(l: &wgpu::Limits, info: &wgpu::AdapterInfo) -> Result<(), GpuError> {
+    let short = |what: &str, have: u32, need: u32| {
+        Err(GpuError::Unsupported {
+            adapter: info.name.clone(),
+            why: format!("{what} is {have}, the kernels need {need}"),
+        })
+    };
+    if l.max_storage_buffers_per_shader_stage < NEED_STORAGE_BUFFERS {
+        return short(
+            "max_storage_buffers_per_shader_stage",
+            l.max_storage_buffers_per_shader_stage,
+            NEED_STORAGE_BUFFERS,
+        );
+    }
+    if l.max_compute_invocations_per_workgroup < NEED_INVOCATIONS
+        || l.max_compute_workgroup_size_x < NEED_INVOCATIONS
+    {
+        return short(
+            "max_compute_invocations_per_workgroup",
+            l.max_compute_invocations_per_workgroup
+                .min(l.max_compute_workgroup_size_x),
+            NEED_INVOCATIONS,
+        );
+    }
+    if l.max_compute_workgroup_storage_size < NEED_WORKGROUP_BYTES {
+        return short(
+            "max_compute_workgroup_storage_size",
+            l.max_compute_workgroup_storage_size,
+            NEED_WORKGROUP_BYTES,
+        );
+    }
+    Ok(())
+}

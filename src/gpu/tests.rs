@@ -1,0 +1,512 @@
+//! Every kernel against its CPU reference on random inputs, and the whole GPU model against the
+//! candle model for every router. Without an adapter these tests pass with a note, unless
+//! `ROUTERSCOPE_REQUIRE_GPU=1` (CI sets it), where a missing adapter fails them.
+
+use std::sync::OnceLock;
+
+use eframe::egui_wgpu::wgpu;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+
+use super::kernels::{Activation, Kernel, Matmul, as_f32, as_i32, flat_groups, row_groups, upload};
+use super::model::Recorder;
+use super::parity::compare;
+use super::*;
+use crate::model::tests::tiny_config;
+use crate::model::{RunOptions, VitMoe, gelu, random_weights};
+use crate::routing::expert_choice::expert_choice_selection;
+use crate::routing::ops::softmax_rows;
+use crate::routing::token_choice::token_choice_slotting;
+use crate::routing::{CapacitySpec, RouterConfig, RouterKind, sinkhorn_plan};
+
+/// The shared test device, or `None` (with a note) where there is no adapter.
+pub(crate) fn test_gpu() -> Option<&'static GpuContext> {
+    static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| match GpuContext::headless() {
+        Ok(ctx) => Some(ctx),
+        Err(e) => {
+            assert!(
+                std::env::var("ROUTERSCOPE_REQUIRE_GPU").as_deref() != Ok("1"),
+                "ROUTERSCOPE_REQUIRE_GPU=1 but no GPU device: {e}"
+            );
+            eprintln!("no GPU adapter, GPU test skipped: {e}");
+            None
+        }
+    })
+    .as_ref()
+}
+
+fn randn(rng: &mut ChaCha8Rng, len: usize, std: f32) -> Vec<f32> {
+    (0..len)
+        .map(|_| std * rng.sample::<f32, _>(StandardNormal))
+        .collect()
+}
+
+fn read_f32(rec: &mut Recorder<'_>, buf: &wgpu::Buffer, len: usize) -> Vec<f32> {
+    as_f32(rec.read(&[(buf, len)]).unwrap().remove(0))
+}
+
+fn assert_close(got: &[f32], want: &[f32], rel: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (a - b).abs() <= rel * scale.max(b.abs()),
+            "{what}[{i}]: gpu {a} vs cpu {b} (scale {scale})"
+        );
+    }
+}
+
+fn cpu_matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut c = vec![0.0f32; m * n];
+    for i in 0..m {
+        for t in 0..k {
+            let av = a[i * k + t] as f64;
+            for j in 0..n {
+                c[i * n + j] = (c[i * n + j] as f64 + av * b[t * n + j] as f64) as f32;
+            }
+        }
+    }
+    c
+}
+
+#[test]
+fn matmul_with_bias_activation_and_two_level_batches() {
+    let Some(ctx) = test_gpu() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    // 3 groups × 5 experts of [7, 37] @ [37, 19], odd sizes to exercise the tile edges.
+    let (outer, inner, m, k, n) = (3, 5, 7, 37, 19);
+    let a = randn(&mut rng, outer * inner * m * k, 1.0);
+    let b = randn(&mut rng, inner * k * n, 0.3);
+    let bias = randn(&mut rng, inner * n, 0.5);
+    let c0 = randn(&mut rng, outer * inner * m * n, 1.0);
+    for (act, accumulate) in [
+        (Activation::None, false),
+        (Activation::Gelu, false),
+        (Activation::Tanh, true),
+    ] {
+        let d = &ctx.device;
+        let (ab, bb, biasb, cb) = (
+            upload(d, "a", &a),
+            upload(d, "b", &b),
+            upload(d, "bias", &bias),
+            upload(d, "c", &c0),
+        );
+        let mm = Matmul {
+            outer,
+            inner,
+            a_so: inner * m * k,
+            a_si: m * k,
+            b_si: k * n,
+            c_so: inner * m * n,
+            c_si: m * n,
+            bias_si: n,
+            accumulate,
+            ..Matmul::plain(m, k, n).with_bias().act(act)
+        };
+        let mut rec = Recorder::new(ctx);
+        rec.matmul(mm, &ab, &bb, Some(&biasb), &cb);
+        let got = read_f32(&mut rec, &cb, c0.len());
+        let mut want = Vec::new();
+        for o in 0..outer {
+            for j in 0..inner {
+                let at = (o * inner + j) * m * k;
+                let y = cpu_matmul(&a[at..at + m * k], &b[j * k * n..(j + 1) * k * n], m, k, n);
+                for (r, row) in y.chunks_exact(n).enumerate() {
+                    for (col, v) in row.iter().enumerate() {
+                        let mut v = v + bias[j * n + col];
+                        v = match act {
+                            Activation::None => v,
+                            Activation::Gelu => gelu(v),
+                            Activation::Tanh => v.tanh(),
+                        };
+                        let idx = (o * inner + j) * m * n + r * n + col;
+                        want.push(if accumulate { c0[idx] + v } else { v });
+                    }
+                }
+            }
+        }
+        assert_close(&got, &want, 1e-4, &format!("matmul {act:?}"));
+    }
+}
+
+#[test]
+fn layernorm_softmax_gelu_and_bf16_match_the_cpu() {
+    let Some(ctx) = test_gpu() else { return };
+    let d = &ctx.device;
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let (rows, cols) = (13, 70);
+    let x: Vec<f32> = randn(&mut rng, rows * cols, 2.0)
+        .iter()
+        .map(|v| v + 0.7)
+        .collect();
+    let scale = randn(&mut rng, cols, 1.0);
+    let bias = randn(&mut rng, cols, 1.0);
+    let (xb, sb, bb, yb) = (
+        upload(d, "x", &x),
+        upload(d, "s", &scale),
+        upload(d, "b", &bias),
+        upload(d, "y", &x),
+    );
+    let mut rec = Recorder::new(ctx);
+    rec.launch(
+        Kernel::LayerNorm,
+        &[rows as u32, cols as u32, 1e-6f32.to_bits(), 0],
+        &[&xb, &sb, &bb, &yb],
+        row_groups(rows),
+    );
+    let got = read_f32(&mut rec, &yb, x.len());
+    let t =
+        candle_core::Tensor::from_vec(x.clone(), (rows, cols), &candle_core::Device::Cpu).unwrap();
+    let op = crate::model::ops::LayerNormOp {
+        scale: &scale,
+        bias: &bias,
+        eps: 1e-6,
+    };
+    let want: Vec<f32> = t
+        .apply_op1_no_bwd(&op)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_close(&got, &want, 1e-4, "layernorm");
+
+    rec.launch(
+        Kernel::SoftmaxRows,
+        &[rows as u32, cols as u32, 0, 0],
+        &[&xb, &yb],
+        row_groups(rows),
+    );
+    assert_close(
+        &read_f32(&mut rec, &yb, x.len()),
+        &softmax_rows(&x, cols),
+        1e-4,
+        "softmax",
+    );
+
+    rec.launch(
+        Kernel::Gelu,
+        &[x.len() as u32, 0, 0, 0],
+        &[&xb, &yb],
+        flat_groups(x.len()),
+    );
+    let want: Vec<f32> = x.iter().map(|&v| gelu(v)).collect();
+    assert_close(&read_f32(&mut rec, &yb, x.len()), &want, 1e-4, "gelu");
+
+    rec.launch(
+        Kernel::RoundBf16,
+        &[x.len() as u32, 0, 0, 0],
+        &[&xb, &yb],
+        flat_groups(x.len()),
+    );
+    let want: Vec<f32> = x
+        .iter()
+        .map(|&v| crate::routing::ops::round_to_bf16(v))
+        .collect();
+    assert_eq!(
+        read_f32(&mut rec, &yb, x.len()),
+        want,
+        "bf16 rounding is exact"
+    );
+}
+
+#[test]
+fn attention_matches_softmax_qk_v() {
+    let Some(ctx) = test_gpu() else { return };
+    let d = &ctx.device;
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let (b, s, heads, hd) = (2, 37, 3, 8);
+    let dm = heads * hd;
+    let qkv = randn(&mut rng, b * s * 3 * dm, 1.0);
+    let (qb, ob) = (
+        upload(d, "qkv", &qkv),
+        upload(d, "out", &vec![0.0f32; b * s * dm]),
+    );
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut rec = Recorder::new(ctx);
+    rec.launch(
+        Kernel::Attention,
+        &[s as u32, heads as u32, hd as u32, scale.to_bits()],
+        &[&qb, &ob],
+        [s as u32, heads as u32, b as u32],
+    );
+    let got = read_f32(&mut rec, &ob, b * s * dm);
+    let mut want = vec![0.0f32; b * s * dm];
+    let at = |bi: usize, t: usize, part: usize, h: usize, j: usize| {
+        qkv[(bi * s + t) * 3 * dm + part * dm + h * hd + j]
+    };
+    for bi in 0..b {
+        for h in 0..heads {
+            for i in 0..s {
+                let sc: Vec<f32> = (0..s)
+                    .map(|t| {
+                        (0..hd)
+                            .map(|j| at(bi, i, 0, h, j) * scale * at(bi, t, 1, h, j))
+                            .sum()
+                    })
+                    .collect();
+                let p = softmax_rows(&sc, s);
+                for j in 0..hd {
+                    want[(bi * s + i) * dm + h * hd + j] =
+                        (0..s).map(|t| p[t] * at(bi, t, 2, h, j)).sum();
+                }
+            }
+        }
+    }
+    assert_close(&got, &want, 1e-4, "attention");
+}
+
+/// Random scores with many exact ties (values on a coarse grid), `groups` groups of `[n, e]`.
+fn tied_scores(rng: &mut ChaCha8Rng, groups: usize, n: usize, e: usize) -> Vec<f32> {
+    (0..groups * n * e)
+        .map(|_| (rng.random_range(0..6) as f32) / 8.0)
+        .collect()
+}
+
+#[test]
+fn token_choice_slotting_matches_the_cpu_with_ties_bpr_and_drops() {
+    let Some(ctx) = test_gpu() else { return };
+    let d = &ctx.device;
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let (groups, n, e) = (3, 29, 5);
+    for (k, c, bpr) in [(1, 4, false), (2, 7, true), (2, 3, false), (3, 20, true)] {
+        let scores = tied_scores(&mut rng, groups, n, e);
+        let z = |len: usize| upload(d, "z", &vec![0u32; len]);
+        let sb = upload(d, "scores", &scores);
+        let (chosen, order, cs, st, table, req) = (
+            z(groups * n * k),
+            z(groups * n),
+            z(groups * n * k),
+            z(groups * e * c),
+            z(groups * n * e),
+            z(groups * e),
+        );
+        let params = [
+            n as u32,
+            e as u32,
+            k as u32,
+            c as u32,
+            groups as u32,
+            u32::from(bpr),
+            0,
+            0,
+        ];
+        let bufs = [&sb, &chosen, &order, &cs, &st, &table, &req];
+        let mut rec = Recorder::new(ctx);
+        rec.launch(Kernel::TopK, &params, &bufs, flat_groups(groups * n));
+        rec.launch(Kernel::OrderTokens, &params, &bufs, flat_groups(groups * n));
+        rec.launch(
+            Kernel::TokenChoiceSlots,
+            &params,
+            &bufs,
+            flat_groups(groups * e),
+        );
+        let mut w = rec
+            .read(&[
+                (&chosen, groups * n * k),
+                (&cs, groups * n * k),
+                (&st, groups * e * c),
+                (&req, groups * e),
+                (&table, groups * n * e),
+            ])
+            .unwrap()
+            .into_iter();
+        let (chosen, cs, st, req, table) = (
+            w.next().unwrap(),
+            as_i32(w.next().unwrap()),
+            as_i32(w.next().unwrap()),
+            w.next().unwrap(),
+            as_i32(w.next().unwrap()),
+        );
+        for g in 0..groups {
+            let sc = scores[g * n * e..(g + 1) * n * e].to_vec();
+            let want = token_choice_slotting(sc.clone(), sc, n, e, k, c, bpr);
+            let got_slots: Vec<Option<u32>> = st[g * e * c..(g + 1) * e * c]
+                .iter()
+                .map(|&t| u32::try_from(t).ok())
+                .collect();
+            assert_eq!(
+                got_slots, want.slot_token,
+                "k={k} c={c} bpr={bpr} group {g}: slots"
+            );
+            assert_eq!(&req[g * e..(g + 1) * e], &want.requests[..], "requests");
+            for (ik, ch) in want.choices.iter().enumerate() {
+                assert_eq!(chosen[g * n * k + ik], ch.expert, "choice {ik}");
+                assert_eq!(
+                    u32::try_from(cs[g * n * k + ik]).ok(),
+                    ch.slot,
+                    "slot of choice {ik}"
+                );
+                let i = ik / k;
+                let want_table = ch.slot.map_or(-1, |s| (ch.expert * c as u32 + s) as i32);
+                assert_eq!(table[(g * n + i) * e + ch.expert as usize], want_table);
+            }
+        }
+    }
+}
+
+#[test]
+fn expert_choice_selection_matches_the_cpu_with_ties() {
+    let Some(ctx) = test_gpu() else { return };
+    let d = &ctx.device;
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let (groups, n, e) = (2, 31, 6);
+    for c in [1, 4, 31] {
+        let scores = tied_scores(&mut rng, groups, n, e);
+        let sb = upload(d, "scores", &scores);
+        let st = upload(d, "st", &vec![0u32; groups * e * c]);
+        let table = upload(d, "table", &vec![0u32; groups * n * e]);
+        let mut rec = Recorder::new(ctx);
+        rec.launch(
+            Kernel::ExpertChoiceSelect,
+            &[n as u32, e as u32, c as u32, groups as u32],
+            &[&sb, &st, &table],
+            flat_groups(groups * n * e),
+        );
+        let got = as_i32(rec.read(&[(&st, groups * e * c)]).unwrap().remove(0));
+        for g in 0..groups {
+            let sc = scores[g * n * e..(g + 1) * n * e].to_vec();
+            let want = expert_choice_selection(sc.clone(), sc, n, e, c);
+            let got: Vec<Option<u32>> = got[g * e * c..(g + 1) * e * c]
+                .iter()
+                .map(|&t| u32::try_from(t).ok())
+                .collect();
+            assert_eq!(got, want.slot_token, "c={c} group {g}");
+        }
+    }
+}
+
+#[test]
+fn sinkhorn_matches_the_cpu_and_flags_failures() {
+    let Some(ctx) = test_gpu() else { return };
+    let d = &ctx.device;
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let (groups, n, e) = (3, 40, 8);
+    let mut logits = randn(&mut rng, groups * n * e, 2.0);
+    // Group 1 overflows exp without the global shift; group 2 needs the log domain.
+    for v in &mut logits[n * e..2 * n * e] {
+        *v += 95.0;
+    }
+    for (i, v) in logits[2 * n * e..].iter_mut().enumerate() {
+        *v += if i % e == 0 { 150.0 } else { -150.0 };
+    }
+    let lb = upload(d, "logits", &logits);
+    let plan = upload(d, "plan", &vec![0.0f32; groups * n * e]);
+    let (ub, vb, st) = (
+        upload(d, "u", &vec![0.0f32; groups * n]),
+        upload(d, "v", &vec![0.0f32; groups * e]),
+        upload(d, "st", &vec![0u32; groups]),
+    );
+    let mut rec = Recorder::new(ctx);
+    let beta = n as f32 / e as f32;
+    rec.launch(
+        Kernel::Sinkhorn,
+        &[n as u32, e as u32, 20, beta.to_bits()],
+        &[&lb, &plan, &ub, &vb, &st],
+        [groups as u32, 1, 1],
+    );
+    let mut w = rec
+        .read(&[(&plan, groups * n * e), (&st, groups)])
+        .unwrap()
+        .into_iter();
+    let (got, status) = (as_f32(w.next().unwrap()), w.next().unwrap());
+    for g in 0..2 {
+        let want = sinkhorn_plan(&logits[g * n * e..(g + 1) * n * e], n, e, 20);
+        assert!(!want.log_domain);
+        assert_eq!(status[g], 0, "group {g} ran in kernel mode");
+        for (a, b) in got[g * n * e..(g + 1) * n * e].iter().zip(&want.plan) {
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1e-3),
+                "group {g}: {a} vs {b}"
+            );
+        }
+    }
+    let want = sinkhorn_plan(&logits[2 * n * e..], n, e, 20);
+    assert!(want.log_domain);
+    assert_eq!(status[2], 1, "the degenerate group is handed to the host");
+}
+
+fn perturbed_weights(cfg: &crate::model::ModelConfig, seed: u64) -> crate::model::ModelWeights {
+    let mut w = random_weights(cfg, seed);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed + 100);
+    for (name, t) in w.iter_mut() {
+        let leaf = name.rsplit('/').next().unwrap_or("");
+        if leaf == "bias" || name == "cls" || (leaf == "scale" && !name.contains("Router")) {
+            for v in t.data.iter_mut() {
+                *v += 0.2 * rng.sample::<f32, _>(StandardNormal);
+            }
+        }
+    }
+    w
+}
+
+fn images(cfg: &crate::model::ModelConfig, count: usize, seed: u64) -> Vec<Vec<f32>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let px = cfg.image_size[0] * cfg.image_size[1] * cfg.channels;
+    (0..count).map(|_| randn(&mut rng, px, 1.0)).collect()
+}
+
+/// The whole GPU model equals the candle model for every router, grouped or not, with bf16
+/// dispatch, and its what-if equals a full run.
+#[test]
+fn gpu_model_matches_the_candle_model_for_every_router() {
+    let Some(ctx) = test_gpu() else { return };
+    for kind in RouterKind::ALL {
+        for (group, bf16) in [(1, false), (2, true)] {
+            let mut cfg = tiny_config(kind);
+            if let Some(m) = cfg.moe.as_mut() {
+                m.group_images = group;
+                m.bfloat16_dispatch = bf16;
+            }
+            let w = perturbed_weights(&cfg, 7);
+            let gpu = GpuVitMoe::new(ctx, &cfg, &w).unwrap();
+            let cpu = VitMoe::new(cfg.clone(), w).unwrap();
+            let imgs = images(&cfg, 4, 9);
+            let mut opts = RunOptions::from_config(&cfg);
+            if kind.family() == crate::routing::RouterFamily::TokenChoice {
+                opts.routers[0].k = 2;
+                opts.routers[1].batch_priority = true;
+                opts.routers[1].capacity = CapacitySpec::Factor(0.5);
+            }
+            let a = cpu.forward(&imgs, &opts).unwrap();
+            let b = gpu.forward(&imgs, &opts).unwrap();
+            assert!(b.on_gpu());
+            let r = compare(&a, &b);
+            assert!(r.max_prob_diff < 1e-4, "{kind:?} group {group}: {r:?}");
+            assert_eq!(r.mismatches, 0, "{kind:?} group {group}: {r:?}");
+            assert!(r.max_weight_diff < 1e-4, "{kind:?}: {r:?}");
+            for (la, lb) in a.records.iter().zip(&b.records) {
+                for (ga, gb) in la.groups.iter().zip(&lb.groups) {
+                    assert_eq!(
+                        ga.routing.solver.map(|s| s.iterations),
+                        gb.routing.solver.map(|s| s.iterations)
+                    );
+                    assert_close(&gb.logits, &ga.logits, 1e-4, "router logits");
+                    assert_eq!(
+                        ga.routing.aux.importance.is_some(),
+                        gb.routing.aux.importance.is_some()
+                    );
+                }
+            }
+            // What-if on the GPU from the second MoE layer equals a full run.
+            let mut other = opts.clone();
+            other.routers[1] = match kind {
+                RouterKind::SoftMoe => other.routers[1].clone(),
+                _ => RouterConfig {
+                    capacity: CapacitySpec::Factor(2.0),
+                    ..other.routers[1].clone()
+                },
+            };
+            let full = cpu.forward(&imgs, &other).unwrap();
+            let what_if = gpu.rerun(&b, &other).unwrap();
+            let r = compare(&full, &what_if);
+            assert!(
+                r.max_prob_diff < 1e-4 && r.mismatches == 0,
+                "{kind:?} what-if: {r:?}"
+            );
+        }
+    }
+}
