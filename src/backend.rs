@@ -1,3 +1,298 @@
 //! Which device runs the model: the GPU backend (`crate::gpu`) or candle on the CPU, behind one
 //! type that the app and the CLI use. A GPU that is missing, refuses a device, or fails or is lost
 //! mid-run hands over to the CPU with a notice; routing records look the same from either.
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Mutex;
+
+use crate::gpu::{GpuContext, GpuError, GpuVitMoe};
+use crate::model::{
+    ForwardOutput, ModelConfig, ModelError, ModelWeights, RunOptions, VitMoe, load_any,
+};
+
+/// The user's device choice (`--device`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DeviceChoice {
+    /// A hardware GPU when there is one, else the CPU (a software adapter such as lavapipe is
+    /// slower than candle on the same cores).
+    #[default]
+    Auto,
+    /// The GPU, software adapters included; the CPU only as a fallback.
+    Gpu,
+    Cpu,
+}
+
+impl DeviceChoice {
+    pub const ALL: [DeviceChoice; 3] = [Self::Auto, Self::Gpu, Self::Cpu];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Gpu => "gpu",
+            Self::Cpu => "cpu",
+        }
+    }
+
+    /// The name shown in the app.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Gpu => "GPU",
+            Self::Cpu => "CPU",
+        }
+    }
+
+    /// Whether this choice runs on `ctx` (Auto skips software adapters).
+    pub fn uses(self, ctx: &GpuContext) -> bool {
+        match self {
+            Self::Auto => !ctx.is_software(),
+            Self::Gpu => true,
+            Self::Cpu => false,
+        }
+    }
+
+    /// The device for this choice in the CLI: a headless GPU device, or `None` for the CPU with
+    /// a notice saying why when a GPU was wanted.
+    pub fn headless(self) -> (Option<GpuContext>, Option<String>) {
+        if self == Self::Cpu {
+            return (None, None);
+        }
+        match GpuContext::headless() {
+            Ok(ctx) if self.uses(&ctx) => (Some(ctx), None),
+            Ok(ctx) => (
+                None,
+                Some(format!(
+                    "GPU `{}` is a software adapter; running on the CPU (pass --device gpu to use it)",
+                    ctx.describe()
+                )),
+            ),
+            Err(e) if self == Self::Gpu => (None, Some(format!("{e}; running on the CPU instead"))),
+            Err(_) => (None, None),
+        }
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| format!("unknown device `{s}` (expected auto, gpu or cpu)"))
+    }
+}
+
+/// A model on the CPU, and on a GPU when one is given; runs on the GPU while it works.
+pub struct Engine {
+    pub config: ModelConfig,
+    cpu: VitMoe,
+    gpu: Mutex<Option<GpuVitMoe>>,
+    notice: Mutex<Option<String>>,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("device", &self.device())
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Builds the CPU model and, with `gpu`, uploads it there too (an upload failure leaves the
+    /// CPU model and a notice).
+    pub fn new(
+        config: ModelConfig,
+        weights: ModelWeights,
+        gpu: Option<&GpuContext>,
+    ) -> Result<Self, ModelError> {
+        let (gpu_model, notice) = match gpu {
+            None => (None, None),
+            Some(ctx) => match GpuVitMoe::new(ctx, &config, &weights) {
+                Ok(m) => (Some(m), None),
+                Err(e) => (
+                    None,
+                    Some(format!(
+                        "GPU unavailable for this model ({e}); running on the CPU"
+                    )),
+                ),
+            },
+        };
+        let cpu = VitMoe::new(config.clone(), weights)?;
+        Ok(Self {
+            config,
+            cpu,
+            gpu: Mutex::new(gpu_model),
+            notice: Mutex::new(notice),
+        })
+    }
+
+    /// Loads a checkpoint of either format (see `model::load_any`).
+    pub fn load(path: &Path, gpu: Option<&GpuContext>) -> Result<Self, ModelError> {
+        let (cfg, weights) = load_any(path)?;
+        Self::new(cfg, weights, gpu)
+    }
+
+    /// The CPU reference model.
+    pub fn cpu(&self) -> &VitMoe {
+        &self.cpu
+    }
+
+    /// Whether runs go to the GPU (until it fails).
+    pub fn on_gpu(&self) -> bool {
+        self.gpu.lock().map(|g| g.is_some()).unwrap_or(false)
+    }
+
+    /// "GPU: NVIDIA H200, Vulkan" or "CPU (candle, 2 threads)".
+    pub fn device(&self) -> String {
+        match self.gpu.lock().ok().as_deref() {
+            Some(Some(m)) => format!("GPU: {}", m.context().describe()),
+            _ => format!("CPU (candle, {} threads)", rayon::current_num_threads()),
+        }
+    }
+
+    /// Why the GPU is not (or no longer) used, once.
+    pub fn take_notice(&self) -> Option<String> {
+        self.notice.lock().ok().and_then(|mut n| n.take())
+    }
+
+    pub fn check_options(&self, opts: &RunOptions, batch: usize) -> Result<(), ModelError> {
+        self.cpu.check_options(opts, batch)
+    }
+
+    pub fn forward(
+        &self,
+        images: &[Vec<f32>],
+        opts: &RunOptions,
+    ) -> Result<ForwardOutput, ModelError> {
+        self.with_fallback(
+            |gpu| gpu.forward(images, opts),
+            || self.cpu.forward(images, opts),
+        )
+    }
+
+    /// A what-if from `prev` (a full run where `prev` came from the other backend).
+    pub fn rerun(
+        &self,
+        prev: &ForwardOutput,
+        opts: &RunOptions,
+    ) -> Result<ForwardOutput, ModelError> {
+        self.with_fallback(|gpu| gpu.rerun(prev, opts), || self.cpu.rerun(prev, opts))
+    }
+
+    /// Runs on the GPU if there is one; a GPU failure (not a bad input) drops the GPU model,
+    /// leaves a notice and runs on the CPU.
+    fn with_fallback(
+        &self,
+        on_gpu: impl FnOnce(&GpuVitMoe) -> Result<ForwardOutput, ModelError>,
+        on_cpu: impl FnOnce() -> Result<ForwardOutput, ModelError>,
+    ) -> Result<ForwardOutput, ModelError> {
+        let mut guard = match self.gpu.lock() {
+            Ok(g) => g,
+            Err(_) => return on_cpu(),
+        };
+        let Some(gpu) = guard.as_ref() else {
+            drop(guard);
+            return on_cpu();
+        };
+        match on_gpu(gpu) {
+            Err(ModelError::Gpu(e)) => {
+                *guard = None;
+                drop(guard);
+                self.fail_over(&e);
+                on_cpu()
+            }
+            other => other,
+        }
+    }
+
+    fn fail_over(&self, e: &GpuError) {
+        if let Ok(mut n) = self.notice.lock() {
+            *n = Some(format!("GPU failed ({e}); switched to the CPU"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::tests::test_gpu;
+    use crate::model::random_weights;
+    use crate::model::tests::tiny_config;
+    use crate::routing::RouterKind;
+
+    #[test]
+    fn device_choice_parses_and_auto_skips_software_adapters() {
+        assert_eq!("gpu".parse::<DeviceChoice>(), Ok(DeviceChoice::Gpu));
+        assert!(
+            "tpu"
+                .parse::<DeviceChoice>()
+                .unwrap_err()
+                .contains("auto, gpu or cpu")
+        );
+        let Some(ctx) = test_gpu() else { return };
+        assert!(DeviceChoice::Gpu.uses(ctx));
+        assert!(!DeviceChoice::Cpu.uses(ctx));
+        assert_eq!(DeviceChoice::Auto.uses(ctx), !ctx.is_software());
+    }
+
+    #[test]
+    fn an_engine_without_a_gpu_runs_on_the_cpu() {
+        let cfg = tiny_config(RouterKind::SoftmaxTokenChoice);
+        let engine = Engine::new(cfg.clone(), random_weights(&cfg, 1), None).unwrap();
+        assert!(!engine.on_gpu());
+        assert!(engine.device().starts_with("CPU"));
+        let px = vec![0.1f32; 8 * 12 * 3];
+        let out = engine
+            .forward(&[px], &RunOptions::from_config(&cfg))
+            .unwrap();
+        assert!(!out.on_gpu());
+    }
+
+    /// A GPU failure mid-run (here: the device's buffers destroyed under the model) falls back to
+    /// the CPU with a notice, and later runs stay on the CPU; what-ifs from a GPU output work.
+    #[test]
+    fn a_failing_gpu_falls_back_to_the_cpu_with_a_notice() {
+        let Some(ctx) = test_gpu() else { return };
+        let cfg = tiny_config(RouterKind::SoftmaxExpertChoice);
+        let w = random_weights(&cfg, 2);
+        let engine = Engine::new(cfg.clone(), w, Some(ctx)).unwrap();
+        assert!(engine.on_gpu() && engine.device().starts_with("GPU"));
+        let px = vec![0.3f32; 8 * 12 * 3];
+        let opts = RunOptions::from_config(&cfg);
+        let first = engine.forward(std::slice::from_ref(&px), &opts).unwrap();
+        assert!(first.on_gpu());
+        engine
+            .gpu
+            .lock()
+            .unwrap()
+            .as_ref()
+            .unwrap()
+            .poison_for_test();
+        let second = engine.forward(&[px], &opts).unwrap();
+        assert!(!second.on_gpu());
+        assert!(!engine.on_gpu());
+        let notice = engine.take_notice().unwrap();
+        assert!(notice.contains("switched to the CPU"), "{notice}");
+        let cpu = engine.cpu().forward(&first.inputs, &opts).unwrap();
+        assert_eq!(second.probs, cpu.probs);
+        // A what-if from the GPU output now runs on the CPU from the same images.
+        let what_if = engine
+            .rerun(
+                &first,
+                &opts.clone().with_router(crate::routing::RouterConfig::new(
+                    RouterKind::SoftmaxTokenChoice,
+                )),
+            )
+            .unwrap();
+        assert!(!what_if.on_gpu());
+    }
+}

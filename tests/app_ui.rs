@@ -9,6 +9,8 @@ use std::time::Duration;
 use egui_kittest::{Harness, SnapshotOptions};
 use routerscope::app::RouterscopeApp;
 use routerscope::app::settings::{GroupMode, ModelMode, Settings};
+use routerscope::backend::DeviceChoice;
+use routerscope::gpu::GpuContext;
 use routerscope::model::vmoe_format::write_checkpoint;
 use routerscope::model::{preset, random_weights};
 use routerscope::routing::RouterKind;
@@ -245,4 +247,76 @@ fn compares_routers_side_by_side() {
     let kinds: Vec<RouterKind> = job.panels.iter().map(|p| p.routing.router).collect();
     assert!(kinds.contains(&RouterKind::SparseExpertChoice));
     h.snapshot_options("compare_routers", &snapshot_options());
+}
+
+/// The app computes on the renderer's own wgpu device (as eframe's in the real app): the label
+/// names the adapter, and the routing and prediction equal the CPU run's. Switching to the CPU
+/// runs there; asking for a GPU the app was not given says so and stays on the CPU.
+#[test]
+fn computes_on_the_renderers_wgpu_device() {
+    let rs = egui_kittest::wgpu::create_render_state(
+        egui_kittest::wgpu::default_wgpu_setup(),
+        Default::default(),
+    );
+    let gpu = GpuContext::shared(&rs.adapter, rs.device.clone(), rs.queue.clone())
+        .expect("the renderer's device runs the kernels");
+    let wake = egui::Context::default();
+    let s = Settings {
+        device: DeviceChoice::Gpu,
+        ..settings(RouterKind::SoftmaxExpertChoice)
+    };
+    let mut app = RouterscopeApp::with_gpu(&wake, s, Ok(gpu));
+    app.hide_timings = true;
+    let mut h = Harness::builder()
+        .with_size([1400.0, 900.0])
+        .renderer(egui_kittest::wgpu::WgpuTestRenderer::from_render_state(rs))
+        .build_ui_state(|ui, app: &mut RouterscopeApp| app.show(ui), app);
+    settle(&mut h);
+    let app = h.state();
+    assert!(app.device_label().starts_with("GPU: "), "{}", app.device_label());
+    assert!(app.device_notice().is_none());
+    let on_gpu = app.image_routing(0).expect("routing");
+    let gpu_probs = app.prediction().expect("prediction").to_vec();
+
+    h.state_mut().set_device(DeviceChoice::Cpu);
+    settle(&mut h);
+    let app = h.state();
+    assert!(app.device_label().starts_with("CPU"), "{}", app.device_label());
+    let on_cpu = app.image_routing(0).expect("routing");
+    for (a, b) in on_gpu.tokens.iter().zip(&on_cpu.tokens) {
+        let slots = |t: &routerscope::figures::TokenRouting| -> Vec<(u32, Option<u32>)> {
+            t.choices.iter().map(|c| (c.expert, c.slot)).collect()
+        };
+        assert_eq!(slots(a), slots(b), "token {}", a.index);
+        for (x, y) in a.choices.iter().zip(&b.choices) {
+            assert!((x.gate - y.gate).abs() < 1e-4);
+        }
+        for (x, y) in a.probs.iter().zip(&b.probs) {
+            assert!((x - y).abs() < 1e-4);
+        }
+    }
+    for (x, y) in gpu_probs.iter().zip(app.prediction().expect("prediction")) {
+        assert!((x - y).abs() < 1e-3, "{x} vs {y}");
+    }
+}
+
+#[test]
+fn asking_for_a_gpu_the_app_does_not_have_says_so() {
+    let wake = egui::Context::default();
+    let s = Settings {
+        device: DeviceChoice::Gpu,
+        ..settings(RouterKind::SoftmaxTokenChoice)
+    };
+    let mut app = RouterscopeApp::with_gpu(&wake, s, Err("the window renders with glow".into()));
+    app.hide_timings = true;
+    let mut h = Harness::builder()
+        .with_size([1400.0, 900.0])
+        .wgpu()
+        .build_ui_state(|ui, app: &mut RouterscopeApp| app.show(ui), app);
+    settle(&mut h);
+    let app = h.state();
+    assert!(app.device_label().starts_with("CPU"));
+    let notice = app.device_notice().expect("a notice");
+    assert!(notice.contains("glow") && notice.contains("running on the CPU"), "{notice}");
+    assert!(app.prediction().is_some());
 }

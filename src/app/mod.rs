@@ -22,6 +22,9 @@ use settings::{LayerView, ModelMode, Settings};
 use views::patch_grid::{GridStyle, patch_grid};
 use worker::{Job, Reply, RunRequest, RunResult, Worker};
 
+use crate::backend::DeviceChoice;
+use crate::gpu::GpuContext;
+
 /// Storage key of the persisted settings.
 pub const SETTINGS_KEY: &str = "routerscope.settings";
 
@@ -117,11 +120,33 @@ pub struct RouterscopeApp {
     compare_image: usize,
     /// The comparison of the shown image, when enabled: `(image index, entries)`.
     comparison: Option<(usize, Vec<worker::CompareEntry>)>,
+    /// eframe's wgpu device, when it renders with wgpu and the device can run the kernels, or
+    /// why there is none.
+    gpu: Result<GpuContext, String>,
+    /// Where the last run ran.
+    device_label: String,
+    /// Why the GPU is not used although the device choice asked for it.
+    device_notice: Option<String>,
 }
 
 impl RouterscopeApp {
-    /// Starts the worker and asks it for the sample images, the user's images and the model.
+    /// Starts the worker (on the CPU) and asks it for the sample images, the user's images and
+    /// the model.
     pub fn new(ctx: &egui::Context, settings: Settings) -> Self {
+        Self::with_gpu(
+            ctx,
+            settings,
+            Err("no GPU device was given to the app".into()),
+        )
+    }
+
+    /// As [`new`](Self::new), computing on `gpu` when the settings' device choice allows
+    /// (`Err`: why there is no GPU device, shown if the user asks for one).
+    pub fn with_gpu(
+        ctx: &egui::Context,
+        settings: Settings,
+        gpu: Result<GpuContext, String>,
+    ) -> Self {
         let wake_ctx = ctx.clone();
         let worker = Worker::spawn(move || wake_ctx.request_repaint());
         let mut app = Self {
@@ -148,7 +173,11 @@ impl RouterscopeApp {
             latest_compare: 0,
             compare_image: 0,
             comparison: None,
+            gpu,
+            device_label: cpu_label(),
+            device_notice: None,
         };
+        app.apply_device();
         let mut paths = catalog::sample_images();
         paths.extend(
             app.settings
@@ -162,18 +191,27 @@ impl RouterscopeApp {
         app
     }
 
-    /// The eframe entry: restores settings and opens `images` (and `model`) given on the command
-    /// line.
+    /// The eframe entry: restores settings, shares eframe's wgpu device for compute, and opens
+    /// `images` (and `model`) given on the command line.
     pub fn from_creation_context(
         cc: &eframe::CreationContext<'_>,
         images: Vec<PathBuf>,
         model: Option<PathBuf>,
+        device: Option<DeviceChoice>,
     ) -> Self {
-        let settings: Settings = cc
+        let mut settings: Settings = cc
             .storage
             .and_then(|s| eframe::get_value(s, SETTINGS_KEY))
             .unwrap_or_default();
-        let mut app = Self::new(&cc.egui_ctx, settings);
+        if let Some(d) = device {
+            settings.device = d;
+        }
+        let gpu = match &cc.wgpu_render_state {
+            Some(rs) => GpuContext::shared(&rs.adapter, rs.device.clone(), rs.queue.clone())
+                .map_err(|e| e.to_string()),
+            None => Err("the window does not render with wgpu, so there is no GPU device".into()),
+        };
+        let mut app = Self::with_gpu(&cc.egui_ctx, settings, gpu);
         if !images.is_empty() {
             app.open_images(images);
         }
@@ -181,6 +219,22 @@ impl RouterscopeApp {
             app.open_model(m);
         }
         app
+    }
+
+    /// Tells the worker which device to run on, per the settings' choice.
+    fn apply_device(&mut self) {
+        let choice = self.settings.device;
+        let gpu = self.gpu.as_ref().ok().filter(|g| choice.uses(g)).cloned();
+        self.device_label = match &gpu {
+            Some(g) => format!("GPU: {}", g.describe()),
+            None => cpu_label(),
+        };
+        self.device_notice = match (&self.gpu, choice) {
+            (Err(why), DeviceChoice::Gpu) => Some(format!("{why}; running on the CPU")),
+            _ => None,
+        };
+        // Not counted as in flight: the worker sends no reply.
+        self.worker.send(Job::SetDevice(Box::new(gpu)));
     }
 
     fn send(&mut self, job: Job) {
@@ -399,6 +453,10 @@ impl RouterscopeApp {
                     self.run_started = None;
                     self.run_error = None;
                     self.result_batch = std::mem::take(&mut self.pending_batch);
+                    self.device_label = r.device.clone();
+                    if let Some(n) = &r.notice {
+                        self.device_notice = Some(n.clone());
+                    }
                     self.result = Some(r);
                 }
             }
@@ -447,6 +505,23 @@ impl RouterscopeApp {
     /// The errors shown to the user, oldest first.
     pub fn errors(&self) -> &[String] {
         &self.errors
+    }
+
+    /// Where the last run ran ("GPU: …" or "CPU (candle, …)").
+    pub fn device_label(&self) -> &str {
+        &self.device_label
+    }
+
+    /// Why the GPU is not used although the device choice asked for it.
+    pub fn device_notice(&self) -> Option<&str> {
+        self.device_notice.as_deref()
+    }
+
+    /// Changes the compute device choice (as the controls do).
+    pub fn set_device(&mut self, choice: DeviceChoice) {
+        self.settings.device = choice;
+        self.apply_device();
+        self.request_run();
     }
 
     /// Why the current routing could not run, if it could not.
@@ -719,6 +794,10 @@ impl RouterscopeApp {
                         self.model.as_ref().map(|m| &m.config),
                         group,
                     );
+                    if change.device {
+                        self.apply_device();
+                        self.request_run();
+                    }
                     if self.settings.mode != mode_before || self.settings.router != router_before {
                         if self.settings.mode == ModelMode::WhatIf
                             && mode_before == ModelMode::Trained
@@ -794,7 +873,10 @@ impl RouterscopeApp {
                 let ms = |v: f64| if self.hide_timings { "—".to_string() } else { format!("{v:.1}") };
                 ui.label(format!("frame {} ms", ms(self.frame_ms as f64)));
                 ui.separator();
-                ui.label(format!("device: CPU (candle, {} threads)", candle_core::utils::get_num_threads()));
+                ui.label(format!("device: {}", self.device_label));
+                if let Some(n) = &self.device_notice {
+                    ui.colored_label(egui::Color32::from_rgb(230, 160, 60), "GPU not used").on_hover_text(n);
+                }
                 ui.separator();
                 if let Some(r) = &self.result {
                     ui.label(format!(
@@ -1141,22 +1223,40 @@ impl eframe::App for RouterscopeApp {
 }
 
 /// Opens the viewer window.
-pub fn run_app(images: Vec<PathBuf>, model: Option<PathBuf>) -> anyhow::Result<()> {
-    let options = eframe::NativeOptions {
+pub fn run_app(
+    images: Vec<PathBuf>,
+    model: Option<PathBuf>,
+    device: Option<DeviceChoice>,
+) -> anyhow::Result<()> {
+    let mut options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_inner_size([1400.0, 860.0])
             .with_title("routerscope")
             .with_drag_and_drop(true),
         ..Default::default()
     };
+    // Ask for the adapter's own limits: eframe's defaults on wgpu's GL backend (WebGL2 limits)
+    // allow no compute workgroups, and the model computes on this device.
+    let mut setup = eframe::egui_wgpu::WgpuSetupCreateNew::without_display_handle();
+    setup.device_descriptor = std::sync::Arc::new(|a: &eframe::egui_wgpu::wgpu::Adapter| {
+        crate::gpu::device_descriptor(a)
+    });
+    options.wgpu_options.wgpu_setup = eframe::egui_wgpu::WgpuSetup::CreateNew(setup);
     eframe::run_native(
         "routerscope",
         options,
         Box::new(move |cc| {
             Ok(Box::new(RouterscopeApp::from_creation_context(
-                cc, images, model,
+                cc, images, model, device,
             )))
         }),
     )
     .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))
+}
+
+fn cpu_label() -> String {
+    format!(
+        "CPU (candle, {} threads)",
+        candle_core::utils::get_num_threads()
+    )
 }

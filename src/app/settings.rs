@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::DeviceChoice;
+
 use crate::figures::Palette;
 use crate::model::{ModelConfig, RunOptions};
 use crate::routing::{CapacityRounding, CapacitySpec, RouterConfig, RouterKind};
@@ -59,6 +61,8 @@ pub struct Settings {
     /// Images the user opened (the sample gallery is always there).
     pub image_paths: Vec<PathBuf>,
     pub current_image: usize,
+    /// Where the model runs.
+    pub device: DeviceChoice,
 }
 
 impl Default for Settings {
@@ -81,6 +85,7 @@ impl Default for Settings {
             model_path: None,
             image_paths: Vec::new(),
             current_image: 0,
+            device: DeviceChoice::Auto,
         }
     }
 }

@@ -2,8 +2,9 @@
 //! never waits; replies come back through a channel and wake the UI with `request_repaint`.
 //!
 //! Runs are coalesced (only the newest queued run is computed) and a run on the same model and
-//! images as the previous one is a what-if: [`VitMoe::rerun`] restarts at the first MoE layer
-//! whose routing changed.
+//! images as the previous one is a what-if: [`Engine::rerun`] restarts at the first MoE layer
+//! whose routing changed. Models run on the GPU device the app hands over (eframe's own), or on
+//! the CPU; a GPU failure switches to the CPU and the next reply carries the notice.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,9 +14,9 @@ use std::time::Instant;
 
 use image::DynamicImage;
 
-use crate::model::{
-    ForwardOutput, ModelConfig, RunOptions, VitMoe, decode_image, load_any, preprocess,
-};
+use crate::backend::Engine;
+use crate::gpu::GpuContext;
+use crate::model::{ForwardOutput, ModelConfig, RunOptions, decode_image, load_any, preprocess};
 use crate::routing::RouterConfig;
 
 /// A decoded image and its display copies.
@@ -39,6 +40,8 @@ pub struct RunRequest {
 }
 
 pub enum Job {
+    /// Run models on this GPU from now on (`None`: the CPU); cached models are rebuilt.
+    SetDevice(Box<Option<GpuContext>>),
     DecodeImages(Vec<PathBuf>),
     OpenModel(PathBuf),
     Run(RunRequest),
@@ -64,6 +67,10 @@ pub struct RunResult {
     pub millis: f64,
     /// Recomputed from a cached earlier layer (what-if) rather than from the pixels.
     pub what_if: bool,
+    /// Where it ran ("GPU: …" or "CPU (candle, …)").
+    pub device: String,
+    /// Why the GPU was not used, when it failed during this run.
+    pub notice: Option<String>,
 }
 
 pub enum Reply {
@@ -113,12 +120,14 @@ fn tracing_fallback(err: &str) {
 }
 
 struct Cache {
-    models: HashMap<PathBuf, Arc<VitMoe>>,
+    gpu: Option<GpuContext>,
+    models: HashMap<PathBuf, Arc<Engine>>,
     last: Option<(PathBuf, Vec<u64>, ForwardOutput)>,
 }
 
 fn worker_loop(jobs: &Receiver<Job>, replies: &Sender<Reply>, wake: &dyn Fn()) {
     let mut cache = Cache {
+        gpu: None,
         models: HashMap::new(),
         last: None,
     };
@@ -147,6 +156,12 @@ fn worker_loop(jobs: &Receiver<Job>, replies: &Sender<Reply>, wake: &dyn Fn()) {
                     Reply::Images(paths.iter().map(|p| decode(p)).collect())
                 }
                 Job::OpenModel(path) => Reply::ModelOpened(open_model(&mut cache, &path)),
+                Job::SetDevice(gpu) => {
+                    cache.gpu = *gpu;
+                    cache.models.clear();
+                    cache.last = None;
+                    continue;
+                }
             };
             if replies.send(reply).is_err() {
                 return;
@@ -161,12 +176,15 @@ fn open_model(cache: &mut Cache, path: &Path) -> Result<(PathBuf, Box<ModelConfi
     Ok((path.to_path_buf(), Box::new(model.config.clone())))
 }
 
-fn model(cache: &mut Cache, path: &Path) -> Result<Arc<VitMoe>, String> {
+fn model(cache: &mut Cache, path: &Path) -> Result<Arc<Engine>, String> {
     if let Some(m) = cache.models.get(path) {
         return Ok(m.clone());
     }
     let (cfg, weights) = load_any(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let m = Arc::new(VitMoe::new(cfg, weights).map_err(|e| format!("{}: {e}", path.display()))?);
+    let m = Arc::new(
+        Engine::new(cfg, weights, cache.gpu.as_ref())
+            .map_err(|e| format!("{}: {e}", path.display()))?,
+    );
     // Keep a handful of checkpoints (the seven built-ins fit easily).
     if cache.models.len() >= 8 {
         cache.models.clear();
@@ -215,6 +233,8 @@ fn run(cache: &mut Cache, req: RunRequest) -> Reply {
         output,
         millis,
         what_if,
+        device: m.device(),
+        notice: m.take_notice(),
     }))
 }
 

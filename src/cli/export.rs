@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
+use routerscope::backend::{DeviceChoice, Engine};
 use routerscope::figures::export::{FigurePanel, FigureSet, Format, default_stem};
 use routerscope::figures::{ImageRouting, Palette};
-use routerscope::model::{Classifier, RunOptions, VitMoe, decode_image, preprocess};
+use routerscope::model::{Classifier, RunOptions, decode_image, preprocess};
 use routerscope::routing::{CapacitySpec, RouterConfig, RouterKind};
 use serde_json::json;
 
@@ -16,6 +17,10 @@ pub struct ExportArgs {
     /// Model checkpoint (.safetensors or a vmoe .index).
     #[arg(long)]
     model: PathBuf,
+    /// Where the model runs: auto (a hardware GPU if there is one, else the CPU), gpu (any
+    /// adapter, software ones included; the CPU if none works) or cpu.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
     /// Router (default: the checkpoint's own).
     #[arg(long)]
     router: Option<RouterKind>,
@@ -64,7 +69,7 @@ fn images_in(inputs: &[PathBuf]) -> Vec<PathBuf> {
 }
 
 fn router_for(
-    model: &VitMoe,
+    model: &Engine,
     args: &ExportArgs,
     kind: Option<RouterKind>,
 ) -> anyhow::Result<RouterConfig> {
@@ -89,7 +94,7 @@ fn router_for(
 }
 
 pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
-    let model = VitMoe::load(&args.model)?;
+    let model = super::load_engine(&args.model, args.device)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     let probe = args.out.join(".routerscope-write-test");
@@ -202,7 +207,7 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
 
 /// Exports one image; returns its panels' names and routings for the summary.
 fn export_one(
-    model: &VitMoe,
+    model: &Engine,
     path: &Path,
     routers: &[RouterConfig],
     args: &ExportArgs,

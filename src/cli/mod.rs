@@ -9,6 +9,7 @@ mod route;
 mod train;
 
 use clap::{Parser, Subcommand};
+use routerscope::backend::{DeviceChoice, Engine};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -47,16 +48,20 @@ pub struct AppArgs {
     /// Checkpoint to open (.safetensors or a vmoe .index) in what-if mode.
     #[arg(long)]
     model: Option<std::path::PathBuf>,
+    /// Where the model runs: `auto` (a hardware GPU if there is one), `gpu` (any adapter,
+    /// software ones included) or `cpu` [default: the last choice made in the app, else auto].
+    #[arg(long)]
+    device: Option<DeviceChoice>,
     /// Images to open besides the sample gallery.
     images: Vec<std::path::PathBuf>,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let Some(command) = cli.command else {
-        return routerscope::app::run_app(Vec::new(), None);
+        return routerscope::app::run_app(Vec::new(), None, None);
     };
     match command {
-        Command::App(a) => routerscope::app::run_app(a.images, a.model),
+        Command::App(a) => routerscope::app::run_app(a.images, a.model, a.device),
         Command::Route(args) => route::run(&args),
         Command::Predict(args) => predict::run(&args),
         Command::InitModel(args) => init_model::run(&args),
@@ -64,5 +69,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train::run(&args),
         Command::Eval(args) => eval::run(&args),
         Command::Export(args) => export::run(&args),
+    }
+}
+
+/// Loads `path` on the device `choice` names, printing why the GPU is not used where it was
+/// wanted.
+pub(crate) fn load_engine(path: &std::path::Path, choice: DeviceChoice) -> anyhow::Result<Engine> {
+    let (ctx, notice) = choice.headless();
+    if let Some(n) = notice {
+        eprintln!("routerscope: {n}");
+    }
+    let engine = Engine::load(path, ctx.as_ref())?;
+    report_notice(&engine);
+    Ok(engine)
+}
+
+/// Prints the engine's notice (a GPU that failed over to the CPU), if any.
+pub(crate) fn report_notice(engine: &Engine) {
+    if let Some(n) = engine.take_notice() {
+        eprintln!("routerscope: {n}");
     }
 }

@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use routerscope::model::{RunOptions, VitMoe, load_image};
+use routerscope::backend::{DeviceChoice, Engine};
+use routerscope::model::{RunOptions, load_image};
 use routerscope::routing::{CapacitySpec, RouterConfig, RouterKind};
 use serde_json::json;
 
@@ -28,12 +29,16 @@ pub struct PredictArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Where the model runs: auto (a hardware GPU if there is one, else the CPU), gpu (any
+    /// adapter, software ones included; the CPU if none works) or cpu.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
     /// Image files (PNG, JPEG, GIF, BMP, WebP, TIFF).
     #[arg(required = true)]
     images: Vec<PathBuf>,
 }
 
-fn router_config(model: &VitMoe, args: &PredictArgs) -> anyhow::Result<Option<RouterConfig>> {
+fn router_config(model: &Engine, args: &PredictArgs) -> anyhow::Result<Option<RouterConfig>> {
     let Some(moe) = &model.config.moe else {
         if args.router.is_some() || args.k.is_some() || args.capacity_factor.is_some() {
             anyhow::bail!("{} has no MoE layers to route", args.model.display());
@@ -63,7 +68,7 @@ fn router_config(model: &VitMoe, args: &PredictArgs) -> anyhow::Result<Option<Ro
 }
 
 pub fn run(args: &PredictArgs) -> anyhow::Result<()> {
-    let model = VitMoe::load(&args.model)?;
+    let model = super::load_engine(&args.model, args.device)?;
     let mut opts = RunOptions::from_config(&model.config);
     if let Some(router) = router_config(&model, args)? {
         opts = opts.with_router(router);
@@ -77,6 +82,7 @@ pub fn run(args: &PredictArgs) -> anyhow::Result<()> {
         .map(|p| load_image(p, &model.config))
         .collect::<Result<Vec<_>, _>>()?;
     let out = model.forward(&images, &opts).context("forward pass")?;
+    super::report_notice(&model);
 
     let mut reports = Vec::new();
     for (i, path) in args.images.iter().enumerate() {
@@ -116,11 +122,12 @@ pub fn run(args: &PredictArgs) -> anyhow::Result<()> {
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &json!({"model": args.model.display().to_string(), "images": reports})
+                &json!({"model": args.model.display().to_string(), "device": model.device(), "images": reports})
             )?
         );
         return Ok(());
     }
+    eprintln!("device: {}", model.device());
     for r in &reports {
         println!("{}", r["image"].as_str().unwrap_or_default());
         for (rank, t) in r["top5"].as_array().into_iter().flatten().enumerate() {

@@ -124,7 +124,7 @@ pub struct Kernels {
     layouts: Vec<wgpu::BindGroupLayout>,
     pipelines: HashMap<Kernel, (wgpu::ComputePipeline, usize)>,
     /// Bound where a kernel does not use one of its module's buffers.
-    dummy: wgpu::Buffer,
+    pub(crate) dummy: wgpu::Buffer,
 }
 
 impl Kernels {
@@ -422,17 +422,9 @@ impl Matmul {
         self
     }
 
-    /// Records the launch: `c (+)= act(alpha · a @ b + bias)`.
-    pub fn launch(
-        &self,
-        device: &wgpu::Device,
-        kernels: &Kernels,
-        encoder: &mut wgpu::CommandEncoder,
-        a: &wgpu::Buffer,
-        b: &wgpu::Buffer,
-        bias: Option<&wgpu::Buffer>,
-        c: &wgpu::Buffer,
-    ) {
+    /// The kernel parameters and workgroup counts of this launch
+    /// (`c (+)= act(alpha · a @ b + bias)`).
+    pub fn params(&self) -> ([u32; 16], [u32; 3]) {
         let flags = u32::from(self.bias)
             | match self.act {
                 Activation::None => 0,
@@ -459,18 +451,10 @@ impl Matmul {
             0,
             0,
         ];
-        let mut buffers = vec![a, b, bias.unwrap_or(a), c];
-        if bias.is_none() {
-            buffers[2] = &kernels.dummy;
-        }
         let batch = (self.outer.max(1) * self.inner.max(1)) as u32;
-        kernels.launch(
-            device,
-            encoder,
-            Kernel::Matmul,
-            &params,
-            &buffers,
+        (
+            params,
             [u(self.n).div_ceil(16), u(self.m).div_ceil(16), batch],
-        );
+        )
     }
 }

@@ -13,4 +13,4 @@ pub use context::{GpuContext, GpuError, device_descriptor};
 pub use model::{GpuVitMoe, MAX_TOKENS};
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

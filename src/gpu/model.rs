@@ -264,9 +264,14 @@ impl<'a> Recorder<'a> {
         bias: Option<&wgpu::Buffer>,
         c: &wgpu::Buffer,
     ) {
-        let ctx = self.ctx;
-        let enc = self.encoder();
-        mm.launch(&ctx.device, &ctx.kernels, enc, a, b, bias, c);
+        let (params, groups) = mm.params();
+        let unused = &self.ctx.kernels.dummy;
+        self.launch(
+            Kernel::Matmul,
+            &params,
+            &[a, b, bias.unwrap_or(unused), c],
+            groups,
+        );
     }
 
     pub fn copy(&mut self, src: &wgpu::Buffer, dst: &wgpu::Buffer, len: usize) {
@@ -457,6 +462,12 @@ impl GpuVitMoe {
             head,
             workspace: Mutex::new(Workspace::default()),
         })
+    }
+
+    /// Destroys a weight buffer, so that the next run fails like a lost device would.
+    #[cfg(test)]
+    pub(crate) fn poison_for_test(&self) {
+        self.head.w.destroy();
     }
 
     pub fn context(&self) -> &GpuContext {
@@ -686,7 +697,7 @@ impl GpuVitMoe {
                         b,
                         s,
                         out.options.group_images,
-                        bool::from(cfg.moe.as_ref().is_some_and(|m| m.bfloat16_dispatch)),
+                        cfg.moe.as_ref().is_some_and(|m| m.bfloat16_dispatch),
                         cpu_sinkhorn.contains(&li),
                     )?;
                     pending.push(p);

@@ -4,6 +4,7 @@
 
 use crate::app::catalog::builtin_model;
 use crate::app::settings::{GroupMode, LayerView, ModelMode, Settings};
+use crate::backend::DeviceChoice;
 use crate::figures::Palette;
 use crate::model::ModelConfig;
 use crate::routing::{CapacityRounding, RouterFamily, RouterKind};
@@ -13,6 +14,8 @@ use crate::routing::{CapacityRounding, RouterFamily, RouterKind};
 pub struct ControlsChange {
     /// Routing or model selection changed: run again.
     pub rerun: bool,
+    /// The compute device choice changed.
+    pub device: bool,
 }
 
 /// Keyboard shortcut of router `i` in [`RouterKind::ALL`].
@@ -190,6 +193,19 @@ pub fn controls(
                 ui.selectable_value(&mut s.palette, p, p.name());
             }
         });
+    egui::ComboBox::from_label("compute device")
+        .selected_text(s.device.label())
+        .show_ui(ui, |ui| {
+            for d in DeviceChoice::ALL {
+                ui.selectable_value(&mut s.device, d, d.label());
+            }
+        })
+        .response
+        .on_hover_text(
+            "auto: the window's GPU when it is a hardware one, else the CPU. GPU: the window's \
+             wgpu device, software adapters included. CPU: candle. A GPU that fails hands over \
+             to the CPU with a notice.",
+        );
     let routing_changed = s.router != before.router
         || s.mode != before.mode
         || s.k != before.k
@@ -202,5 +218,6 @@ pub fn controls(
         || s.compare != before.compare;
     ControlsChange {
         rerun: routing_changed,
+        device: s.device != before.device,
     }
 }
