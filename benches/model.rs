@@ -1,41 +1,65 @@
-//! One image through (a) a Fashion-MNIST-sized ViT-MoE (28×28 grey, patch 4, width 128, 6 blocks,
+//! One image through (a) a Fashion-MNIST-sized ViT-MoE (28×28 grey, patch 4, width 64, 6 blocks,
 //! MoE in blocks 3 and 5 with 8 experts) and (b) a ViT-S/16-sized V-MoE (224×224 RGB, width 384,
 //! 12 blocks, MoE in the last 6 with 32 experts): a full forward, and a router what-if that
-//! re-runs from the first MoE layer.
+//! re-runs from the first MoE layer, on the CPU (candle) and, where there is an adapter, on the
+//! GPU backend (`WGPU_BACKEND` / `WGPU_ADAPTER_NAME` pick it).
 
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group};
+use routerscope::gpu::{GpuContext, GpuVitMoe};
 use routerscope::model::{ModelConfig, RunOptions, VitMoe, preset, random_weights};
 use routerscope::routing::{RouterConfig, RouterKind};
 
-fn bench_model(c: &mut Criterion, cfg: ModelConfig) {
+fn bench_model(c: &mut Criterion, cfg: ModelConfig, gpu: Option<&GpuContext>) {
     let image: Vec<f32> = (0..cfg.image_size[0] * cfg.image_size[1] * cfg.channels)
         .map(|i| ((i * 31 % 255) as f32 / 127.5) - 1.0)
         .collect();
     let images = vec![image];
-    let model = VitMoe::new(cfg.clone(), random_weights(&cfg, 0)).expect("model");
+    let weights = random_weights(&cfg, 0);
     let base_opts = RunOptions::from_config(&cfg);
     let what_if = base_opts
         .clone()
         .with_router(RouterConfig::new(RouterKind::SoftmaxExpertChoice));
-    let base = model.forward(&images, &base_opts).expect("forward");
     let mut group = c.benchmark_group(format!("model/{}", cfg.name));
-    group.bench_function("forward", |b| {
-        b.iter(|| model.forward(black_box(&images), &base_opts).unwrap())
+    let cpu = VitMoe::new(cfg.clone(), weights.clone()).expect("model");
+    let base = cpu.forward(&images, &base_opts).expect("forward");
+    group.bench_function("cpu/forward", |b| {
+        b.iter(|| cpu.forward(black_box(&images), &base_opts).unwrap())
     });
-    group.bench_function("what-if-router", |b| {
-        b.iter(|| model.rerun(black_box(&base), &what_if).unwrap())
+    group.bench_function("cpu/what-if-router", |b| {
+        b.iter(|| cpu.rerun(black_box(&base), &what_if).unwrap())
     });
+    if let Some(ctx) = gpu {
+        let model = GpuVitMoe::new(ctx, &cfg, &weights).expect("GPU model");
+        let base = model.forward(&images, &base_opts).expect("GPU forward");
+        group.bench_function("gpu/forward", |b| {
+            b.iter(|| model.forward(black_box(&images), &base_opts).unwrap())
+        });
+        group.bench_function("gpu/what-if-router", |b| {
+            b.iter(|| model.rerun(black_box(&base), &what_if).unwrap())
+        });
+    }
     group.finish();
 }
 
 fn models(c: &mut Criterion) {
+    let gpu = match GpuContext::headless() {
+        Ok(ctx) => {
+            eprintln!("GPU: {}", ctx.describe());
+            Some(ctx)
+        }
+        Err(e) => {
+            eprintln!("no GPU ({e}): CPU only");
+            None
+        }
+    };
     for name in ["fashion-mnist", "vit-s16"] {
         bench_model(
             c,
             preset(name, RouterKind::SoftmaxTokenChoice).expect("preset"),
+            gpu.as_ref(),
         );
     }
 }

@@ -2,6 +2,9 @@
 // two-level batch (workgroup z = outer · inner + inner index) so that one launch covers every
 // expert of every routing group. 16×16 tiles of A and B are staged in workgroup memory.
 // flags: 1 bias, 2 GELU (tanh), 4 tanh, 8 accumulate into C.
+// `main` is the tiled kernel for GPUs; `rowwise` (a 4×4 block per invocation, no workgroup
+// memory or barriers) is for software adapters, where every barrier is a fibre switch per invocation
+// and the tiled kernel runs ~100x slower than a plain loop the compiler can vectorise.
 
 struct Params {
     m: u32, n: u32, k: u32, inner: u32,
@@ -24,6 +27,66 @@ var<workgroup> tile_b: array<array<f32, 16>, 16>;
 fn gelu(x: f32) -> f32 {
     let u2 = 1.595769 * (x + 0.044715 * x * x * x);
     return x / (1.0 + exp(-u2));
+}
+
+fn epilogue(acc: f32, outer: u32, inner: u32, at: u32, col: u32) {
+    var v = acc * p.alpha;
+    if ((p.flags & 1u) != 0u) {
+        v += bias[outer * p.bias_so + inner * p.bias_si + col];
+    }
+    if ((p.flags & 2u) != 0u) {
+        v = gelu(v);
+    }
+    if ((p.flags & 4u) != 0u) {
+        v = tanh(v);
+    }
+    if ((p.flags & 8u) != 0u) {
+        c[at] = c[at] + v;
+    } else {
+        c[at] = v;
+    }
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn rowwise(@builtin(global_invocation_id) gid: vec3<u32>) {
+    // A 4×4 block of C per invocation: 8 loads feed 16 multiply-adds. Edge rows and columns are
+    // clamped for loading (computed twice) and not stored.
+    let outer = gid.z / p.inner;
+    let inner = gid.z % p.inner;
+    let row0 = gid.y * 4u;
+    let col0 = gid.x * 4u;
+    if (col0 >= p.n || row0 >= p.m) {
+        return;
+    }
+    let a0 = outer * p.a_so + inner * p.a_si;
+    let b0 = outer * p.b_so + inner * p.b_si;
+    let r = vec4<u32>(row0, min(row0 + 1u, p.m - 1u), min(row0 + 2u, p.m - 1u), min(row0 + 3u, p.m - 1u)) * p.k + a0;
+    let cl = vec4<u32>(col0, min(col0 + 1u, p.n - 1u), min(col0 + 2u, p.n - 1u), min(col0 + 3u, p.n - 1u)) + b0;
+    var acc0 = vec4<f32>();
+    var acc1 = vec4<f32>();
+    var acc2 = vec4<f32>();
+    var acc3 = vec4<f32>();
+    for (var t = 0u; t < p.k; t++) {
+        let bt = t * p.n;
+        let bv = vec4<f32>(b[cl.x + bt], b[cl.y + bt], b[cl.z + bt], b[cl.w + bt]);
+        acc0 += a[r.x + t] * bv;
+        acc1 += a[r.y + t] * bv;
+        acc2 += a[r.z + t] * bv;
+        acc3 += a[r.w + t] * bv;
+    }
+    let c0 = outer * p.c_so + inner * p.c_si;
+    var rows = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    for (var i = 0u; i < 4u; i++) {
+        let row = row0 + i;
+        if (row < p.m) {
+            for (var j = 0u; j < 4u; j++) {
+                let col = col0 + j;
+                if (col < p.n) {
+                    epilogue(rows[i][j], outer, inner, c0 + row * p.n + col, col);
+                }
+            }
+        }
+    }
 }
 
 @compute @workgroup_size(16, 16, 1)
@@ -56,21 +119,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         workgroupBarrier();
     }
     if (row < p.m && col < p.n) {
-        var v = acc * p.alpha;
-        if ((p.flags & 1u) != 0u) {
-            v += bias[outer * p.bias_so + inner * p.bias_si + col];
-        }
-        if ((p.flags & 2u) != 0u) {
-            v = gelu(v);
-        }
-        if ((p.flags & 4u) != 0u) {
-            v = tanh(v);
-        }
-        let at = c0 + row * p.n + col;
-        if ((p.flags & 8u) != 0u) {
-            c[at] = c[at] + v;
-        } else {
-            c[at] = v;
-        }
+        epilogue(acc, outer, inner, c0 + row * p.n + col, col);
     }
 }

@@ -273,7 +273,11 @@ fn computes_on_the_renderers_wgpu_device() {
         .build_ui_state(|ui, app: &mut RouterscopeApp| app.show(ui), app);
     settle(&mut h);
     let app = h.state();
-    assert!(app.device_label().starts_with("GPU: "), "{}", app.device_label());
+    assert!(
+        app.device_label().starts_with("GPU: "),
+        "{}",
+        app.device_label()
+    );
     assert!(app.device_notice().is_none());
     let on_gpu = app.image_routing(0).expect("routing");
     let gpu_probs = app.prediction().expect("prediction").to_vec();
@@ -281,7 +285,11 @@ fn computes_on_the_renderers_wgpu_device() {
     h.state_mut().set_device(DeviceChoice::Cpu);
     settle(&mut h);
     let app = h.state();
-    assert!(app.device_label().starts_with("CPU"), "{}", app.device_label());
+    assert!(
+        app.device_label().starts_with("CPU"),
+        "{}",
+        app.device_label()
+    );
     let on_cpu = app.image_routing(0).expect("routing");
     for (a, b) in on_gpu.tokens.iter().zip(&on_cpu.tokens) {
         let slots = |t: &routerscope::figures::TokenRouting| -> Vec<(u32, Option<u32>)> {
@@ -317,6 +325,9 @@ fn asking_for_a_gpu_the_app_does_not_have_says_so() {
     let app = h.state();
     assert!(app.device_label().starts_with("CPU"));
     let notice = app.device_notice().expect("a notice");
-    assert!(notice.contains("glow") && notice.contains("running on the CPU"), "{notice}");
+    assert!(
+        notice.contains("glow") && notice.contains("running on the CPU"),
+        "{notice}"
+    );
     assert!(app.prediction().is_some());
 }

@@ -35,7 +35,7 @@ pub struct GpuContext {
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
     pub info: wgpu::AdapterInfo,
-    pub(crate) kernels: Arc<Kernels>,
+    pub kernels: Arc<Kernels>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -104,7 +104,7 @@ impl GpuContext {
         queue: wgpu::Queue,
         info: wgpu::AdapterInfo,
     ) -> Result<Self, GpuError> {
-        let kernels = Kernels::new(&device)?;
+        let kernels = Kernels::new(&device, info.device_type == wgpu::DeviceType::Cpu)?;
         Ok(Self {
             device,
             queue,

@@ -13,6 +13,7 @@ use super::context::GpuError;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
     Matmul,
+    MatmulRowwise,
     LayerNorm,
     SoftmaxRows,
     SoftmaxColumnsT,
@@ -93,8 +94,9 @@ const MODULES: [Module; 10] = [
 ];
 
 /// (kernel, module index, entry point)
-const ENTRIES: [(Kernel, usize, &str); 18] = [
+const ENTRIES: [(Kernel, usize, &str); 19] = [
     (Kernel::Matmul, 0, "main"),
+    (Kernel::MatmulRowwise, 0, "rowwise"),
     (Kernel::LayerNorm, 1, "main"),
     (Kernel::SoftmaxRows, 2, "rows"),
     (Kernel::SoftmaxColumnsT, 2, "columns_t"),
@@ -125,10 +127,14 @@ pub struct Kernels {
     pipelines: HashMap<Kernel, (wgpu::ComputePipeline, usize)>,
     /// Bound where a kernel does not use one of its module's buffers.
     pub(crate) dummy: wgpu::Buffer,
+    /// Use the shared-memory tiled matmul (hardware GPUs) rather than the barrier-free one.
+    pub tiled_matmul: bool,
 }
 
 impl Kernels {
-    pub fn new(device: &wgpu::Device) -> Result<Self, GpuError> {
+    /// Compiles every kernel; `software` (a CPU adapter such as lavapipe) selects the
+    /// barrier-free matmul.
+    pub fn new(device: &wgpu::Device, software: bool) -> Result<Self, GpuError> {
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let mut layouts = Vec::new();
         let mut pipeline_layouts = Vec::new();
@@ -198,6 +204,7 @@ impl Kernels {
             layouts,
             pipelines,
             dummy,
+            tiled_matmul: !software,
         })
     }
 
@@ -422,9 +429,10 @@ impl Matmul {
         self
     }
 
-    /// The kernel parameters and workgroup counts of this launch
-    /// (`c (+)= act(alpha · a @ b + bias)`).
-    pub fn params(&self) -> ([u32; 16], [u32; 3]) {
+    /// The kernel, its parameters and workgroup counts for this launch
+    /// (`c (+)= act(alpha · a @ b + bias)`): the tiled kernel, or with `tiled == false` the
+    /// barrier-free one (a 4×4 block per invocation) while the rows fit one dispatch dimension.
+    pub fn params(&self, tiled: bool) -> (Kernel, [u32; 16], [u32; 3]) {
         let flags = u32::from(self.bias)
             | match self.act {
                 Activation::None => 0,
@@ -452,9 +460,22 @@ impl Matmul {
             0,
         ];
         let batch = (self.outer.max(1) * self.inner.max(1)) as u32;
-        (
-            params,
-            [u(self.n).div_ceil(16), u(self.m).div_ceil(16), batch],
-        )
+        if tiled || self.m.div_ceil(4) > MAX_GROUPS as usize {
+            (
+                Kernel::Matmul,
+                params,
+                [u(self.n).div_ceil(16), u(self.m).div_ceil(16), batch],
+            )
+        } else {
+            (
+                Kernel::MatmulRowwise,
+                params,
+                [
+                    u(self.n).div_ceil(4 * FLAT_WG),
+                    u(self.m).div_ceil(4).max(1),
+                    batch,
+                ],
+            )
+        }
     }
 }

@@ -264,14 +264,9 @@ impl<'a> Recorder<'a> {
         bias: Option<&wgpu::Buffer>,
         c: &wgpu::Buffer,
     ) {
-        let (params, groups) = mm.params();
+        let (kernel, params, groups) = mm.params(self.ctx.kernels.tiled_matmul);
         let unused = &self.ctx.kernels.dummy;
-        self.launch(
-            Kernel::Matmul,
-            &params,
-            &[a, b, bias.unwrap_or(unused), c],
-            groups,
-        );
+        self.launch(kernel, &params, &[a, b, bias.unwrap_or(unused), c], groups);
     }
 
     pub fn copy(&mut self, src: &wgpu::Buffer, dst: &wgpu::Buffer, len: usize) {

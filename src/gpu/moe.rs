@@ -16,6 +16,7 @@ use super::kernels::{Kernel, Matmul, as_f32, as_i32, flat_groups, row_groups, up
 use super::model::{Mlp, Recorder, Workspace};
 use crate::model::{GroupRecord, ModelError, MoeLayerRecord};
 use crate::routing::expert_choice::expert_choice_assignment;
+use crate::routing::ops::softmax_rows;
 use crate::routing::router::{check_finite, check_sparse_config, sparse_plan, token_choice_aux};
 use crate::routing::{
     Assignment, AuxLosses, CapacitySpec, Choice, RouterConfig, RouterFamily, RouterKind,
@@ -273,23 +274,16 @@ pub(crate) fn encode_moe(
             plan
         }
         _ => {
-            // Host solver: Sinkhorn's log-domain fallback, or the SCOT routers.
+            // Host solver: Sinkhorn's log-domain fallback, or the SCOT routers. Both start from the
+            // logits (SCOT from their softmax computed here, exactly as `route_logits` does), so
+            // the host plan is the CPU router's plan for these logits, bit for bit.
             let sinkhorn = router.kind.has_solver() && !router.kind.uses_adam();
-            let source = if sinkhorn { &logits } else { &probs };
-            let words = rec.read(&[(source, bs * e)])?;
+            let words = rec.read(&[(&logits, bs * e)])?;
             let values = as_f32(words.into_iter().next().unwrap_or_default());
             let mut plan = Vec::with_capacity(bs * e);
             for g in 0..groups {
                 let part = &values[g * n * e..(g + 1) * n * e];
-                check_finite(
-                    if sinkhorn {
-                        "logits"
-                    } else {
-                        "router probabilities"
-                    },
-                    part,
-                    e,
-                )?;
+                check_finite("logits", part, e)?;
                 if sinkhorn {
                     let p = sinkhorn_plan(part, n, e, router.max_iterations);
                     pending.host_solver.push(SolverInfo {
@@ -299,7 +293,7 @@ pub(crate) fn encode_moe(
                     });
                     plan.extend(p.plan);
                 } else {
-                    let (p, info) = sparse_plan(router, part, n, e, c);
+                    let (p, info) = sparse_plan(router, &softmax_rows(part, e), n, e, c);
                     pending.host_solver.push(info);
                     plan.extend(p);
                 }
