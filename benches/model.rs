@@ -22,6 +22,11 @@ fn bench_model(c: &mut Criterion, cfg: ModelConfig, gpu: Option<&GpuContext>) {
     let what_if = base_opts
         .clone()
         .with_router(RouterConfig::new(RouterKind::SoftmaxExpertChoice));
+    // The sparsity-constrained solver runs on the host in the GPU backend: this what-if measures
+    // that hand-off (read back the logits, solve, upload the plan) against the same on the CPU.
+    let what_if_scot = base_opts
+        .clone()
+        .with_router(RouterConfig::new(RouterKind::SparseExpertChoice));
     let mut group = c.benchmark_group(format!("model/{}", cfg.name));
     let cpu = VitMoe::new(cfg.clone(), weights.clone()).expect("model");
     let base = cpu.forward(&images, &base_opts).expect("forward");
@@ -31,6 +36,9 @@ fn bench_model(c: &mut Criterion, cfg: ModelConfig, gpu: Option<&GpuContext>) {
     group.bench_function("cpu/what-if-router", |b| {
         b.iter(|| cpu.rerun(black_box(&base), &what_if).unwrap())
     });
+    group.bench_function("cpu/what-if-sparse-ec", |b| {
+        b.iter(|| cpu.rerun(black_box(&base), &what_if_scot).unwrap())
+    });
     if let Some(ctx) = gpu {
         let model = GpuVitMoe::new(ctx, &cfg, &weights).expect("GPU model");
         let base = model.forward(&images, &base_opts).expect("GPU forward");
@@ -39,6 +47,9 @@ fn bench_model(c: &mut Criterion, cfg: ModelConfig, gpu: Option<&GpuContext>) {
         });
         group.bench_function("gpu/what-if-router", |b| {
             b.iter(|| model.rerun(black_box(&base), &what_if).unwrap())
+        });
+        group.bench_function("gpu/what-if-sparse-ec", |b| {
+            b.iter(|| model.rerun(black_box(&base), &what_if_scot).unwrap())
         });
     }
     group.finish();

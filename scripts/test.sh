@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every check CI runs: formatting, lints, and all tests (unit, property, CLI end-to-end, and one
-# pass of each benchmark in test mode, UI snapshot tests on the software Vulkan adapter). On a
+# pass of each benchmark in test mode, UI snapshot tests and GPU-versus-CPU parity tests on the
+# software Vulkan adapter). On a
 # fresh Debian machine, run as root, it first installs the system packages the build and the
 # tests need.
 set -euo pipefail
@@ -10,7 +11,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   # mesa-vulkan-drivers + libvulkan1: the software Vulkan adapter (lavapipe) on which the UI
-  # snapshot tests render with wgpu. Without an adapter those tests fail; they never skip.
+  # snapshot tests render with wgpu and the GPU backend's kernels run their parity tests.
   apt-get install -y -q --no-install-recommends build-essential ca-certificates \
     mesa-vulkan-drivers libvulkan1
 fi
@@ -22,6 +23,9 @@ if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
 fi
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# The GPU parity tests skip (with a note) where there is no adapter; here a missing adapter must
+# fail them instead.
+export ROUTERSCOPE_REQUIRE_GPU="${ROUTERSCOPE_REQUIRE_GPU:-1}"
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 # One pass of every benchmark in test mode (compiles and runs them once), then all the tests.

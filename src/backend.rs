@@ -7,6 +7,8 @@ use std::path::Path;
 use std::str::FromStr;
 use std::sync::Mutex;
 
+use eframe::egui_wgpu::wgpu;
+
 use crate::gpu::{GpuContext, GpuError, GpuVitMoe};
 use crate::model::{
     ForwardOutput, ModelConfig, ModelError, ModelWeights, RunOptions, VitMoe, load_any,
@@ -53,23 +55,21 @@ impl DeviceChoice {
         }
     }
 
-    /// The device for this choice in the CLI: a headless GPU device, or `None` for the CPU with
-    /// a notice saying why when a GPU was wanted.
+    /// The device for this choice in the CLI: a headless GPU device, or `None` for the CPU, with
+    /// a notice saying why when `gpu` was asked for and none works. `auto` looks at the adapter
+    /// first and creates no device on a software one.
     pub fn headless(self) -> (Option<GpuContext>, Option<String>) {
-        if self == Self::Cpu {
-            return (None, None);
-        }
-        match GpuContext::headless() {
-            Ok(ctx) if self.uses(&ctx) => (Some(ctx), None),
-            Ok(ctx) => (
-                None,
-                Some(format!(
-                    "GPU `{}` is a software adapter; running on the CPU (pass --device gpu to use it)",
-                    ctx.describe()
-                )),
-            ),
-            Err(e) if self == Self::Gpu => (None, Some(format!("{e}; running on the CPU instead"))),
-            Err(_) => (None, None),
+        match self {
+            Self::Cpu => (None, None),
+            Self::Auto => match GpuContext::headless_if(|i| i.device_type != wgpu::DeviceType::Cpu)
+            {
+                Ok(ctx) => (ctx, None),
+                Err(_) => (None, None),
+            },
+            Self::Gpu => match GpuContext::headless() {
+                Ok(ctx) => (Some(ctx), None),
+                Err(e) => (None, Some(format!("{e}; running on the CPU instead"))),
+            },
         }
     }
 }

@@ -191,3 +191,80 @@ fn predict_errors_name_the_problem() {
         assert!(!err.contains("panicked"));
     }
 }
+
+fn run_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_routerscope"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn top1(out: &std::process::Output) -> (String, Vec<f64>) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let probs = v["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|i| i["top5"].as_array().unwrap().clone())
+        .map(|t| t["probability"].as_f64().unwrap())
+        .collect();
+    (v["device"].as_str().unwrap().to_string(), probs)
+}
+
+/// `--device gpu` runs on the GPU backend (the software Vulkan adapter in CI) and predicts what
+/// `--device cpu` predicts; `--device cpu` says so.
+#[test]
+fn predict_on_gpu_matches_cpu() {
+    let require = std::env::var("ROUTERSCOPE_REQUIRE_GPU").as_deref() == Ok("1");
+    let dir = tempfile::tempdir().unwrap();
+    let (model, images) = setup(dir.path());
+    let (m, a, b) = (
+        model.to_str().unwrap(),
+        images[0].to_str().unwrap(),
+        images[1].to_str().unwrap(),
+    );
+    let (cpu_dev, cpu) = top1(&run(&[
+        "predict", "--model", m, "--device", "cpu", "--json", a, b,
+    ]));
+    assert!(cpu_dev.starts_with("CPU"), "{cpu_dev}");
+    let out = run(&["predict", "--model", m, "--device", "gpu", "--json", a, b]);
+    let (gpu_dev, gpu) = top1(&out);
+    if !gpu_dev.starts_with("GPU") {
+        assert!(!require, "no GPU: {}", String::from_utf8_lossy(&out.stderr));
+        return;
+    }
+    assert_eq!(cpu.len(), gpu.len());
+    for (x, y) in cpu.iter().zip(&gpu) {
+        assert!((x - y).abs() < 1e-3, "{x} vs {y}");
+    }
+}
+
+/// Asking for a GPU where there is none (the Vulkan loader pointed at no driver) runs on the CPU
+/// and says why on stderr; it does not fail.
+#[test]
+fn predict_without_an_adapter_falls_back_to_the_cpu_with_a_notice() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, images) = setup(dir.path());
+    let (m, a) = (model.to_str().unwrap(), images[0].to_str().unwrap());
+    let no_gpu = [
+        ("WGPU_BACKEND", "vulkan"),
+        ("VK_ICD_FILENAMES", "/nonexistent/icd.json"),
+        ("VK_DRIVER_FILES", "/nonexistent/icd.json"),
+    ];
+    let out = run_env(
+        &["predict", "--model", m, "--device", "gpu", "--json", a],
+        &no_gpu,
+    );
+    let (dev, probs) = top1(&out);
+    assert!(dev.starts_with("CPU"), "{dev}");
+    assert!(!probs.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("running on the CPU"), "{err}");
+}

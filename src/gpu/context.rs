@@ -62,6 +62,15 @@ impl GpuContext {
     /// A headless device on the best adapter (`WGPU_BACKEND`, `WGPU_ADAPTER_NAME` and
     /// `WGPU_POWER_PREF` are honoured).
     pub fn headless() -> Result<Self, GpuError> {
+        Self::headless_if(|_| true)?
+            .ok_or_else(|| GpuError::NoAdapter("the adapter was not accepted".into()))
+    }
+
+    /// As [`headless`](Self::headless), but only on an adapter `accept` takes (`Ok(None)`
+    /// otherwise, before any device is created).
+    pub fn headless_if(
+        accept: impl Fn(&wgpu::AdapterInfo) -> bool,
+    ) -> Result<Option<Self>, GpuError> {
         pollster::block_on(async {
             let instance = wgpu::Instance::new(
                 wgpu::InstanceDescriptor::new_without_display_handle_from_env(),
@@ -77,6 +86,9 @@ impl GpuContext {
                 .await
                 .map_err(|e| GpuError::NoAdapter(e.to_string()))?;
             let info = adapter.get_info();
+            if !accept(&info) {
+                return Ok(None);
+            }
             check_adapter(&adapter, &info)?;
             let (device, queue) = adapter
                 .request_device(&device_descriptor(&adapter))
@@ -84,7 +96,16 @@ impl GpuContext {
                 .map_err(|e| {
                     GpuError::Device(format!("{} ({:?}): {e}", info.name, info.backend))
                 })?;
-            Self::new(device, queue, info)
+            // Our own device: errors outside a run's error scopes and a device loss are
+            // reported, never a panic (wgpu's default handler panics); the run then fails and
+            // the backend falls back to the CPU.
+            device.on_uncaptured_error(std::sync::Arc::new(|e: wgpu::Error| {
+                eprintln!("routerscope: GPU error: {e}");
+            }));
+            device.set_device_lost_callback(|reason, msg| {
+                eprintln!("routerscope: GPU device lost ({reason:?}): {msg}");
+            });
+            Self::new(device, queue, info).map(Some)
         })
     }
 

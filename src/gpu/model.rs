@@ -348,7 +348,8 @@ impl GpuVitMoe {
             .into());
         }
         let device = &ctx.device;
-        let scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let d = cfg.hidden_size;
         let [ph, pw] = cfg.patch_size;
         let embedding = Linear::load(device, weights, "embedding", ph * pw * cfg.channels, d)?;
@@ -441,7 +442,11 @@ impl GpuVitMoe {
             None => (None, d),
         };
         let head = Linear::load(device, weights, "head", head_in, cfg.num_classes)?;
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        let errors = [
+            pollster::block_on(validation.pop()),
+            pollster::block_on(oom.pop()),
+        ];
+        if let Some(e) = errors.into_iter().flatten().next() {
             return Err(GpuError::Device(format!("uploading the weights: {e}")).into());
         }
         Ok(Self {

@@ -513,3 +513,300 @@ fn gpu_model_matches_the_candle_model_for_every_router() {
         }
     }
 }
+
+#[test]
+fn patch_embedding_plumbing_and_pooling_match_the_cpu_layout() {
+    let Some(ctx) = test_gpu() else { return };
+    let d = &ctx.device;
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let (b, h, w, ch, ph, pw) = (2, 8, 12, 3, 4, 4);
+    let (gh, gw) = (h / ph, w / pw);
+    let (np, pin, dim) = (gh * gw, ph * pw * ch, 5);
+    let img = randn(&mut rng, b * h * w * ch, 1.0);
+    let cls = randn(&mut rng, dim, 1.0);
+    let emb = randn(&mut rng, b * np * dim, 1.0);
+    let pos = randn(&mut rng, (np + 1) * dim, 1.0);
+    let s = np + 1;
+    let (ib, cb, eb, pb) = (
+        upload(d, "img", &img),
+        upload(d, "cls", &cls),
+        upload(d, "emb", &emb),
+        upload(d, "pos", &pos),
+    );
+    let patches = upload(d, "patches", &vec![0.0f32; b * np * pin]);
+    let x = upload(d, "x", &vec![0.0f32; b * s * dim]);
+    let pooled = upload(d, "pooled", &vec![0.0f32; b * dim]);
+    let u = |v: usize| v as u32;
+    let mut params = [
+        u(b),
+        u(h),
+        u(w),
+        u(ch),
+        u(ph),
+        u(pw),
+        u(gh),
+        u(gw),
+        u(s),
+        u(dim),
+        1,
+        0,
+    ];
+    let mut rec = Recorder::new(ctx);
+    rec.launch(
+        Kernel::Patchify,
+        &params,
+        &[&ib, &ib, &ib, &patches],
+        flat_groups(b * np * pin),
+    );
+    rec.launch(
+        Kernel::Assemble,
+        &params,
+        &[&eb, &cb, &pb, &x],
+        flat_groups(b * s * dim),
+    );
+    rec.launch(
+        Kernel::Pool,
+        &params,
+        &[&x, &x, &x, &pooled],
+        flat_groups(b * dim),
+    );
+    let mut wds = rec
+        .read(&[
+            (&patches, b * np * pin),
+            (&x, b * s * dim),
+            (&pooled, b * dim),
+        ])
+        .unwrap()
+        .into_iter();
+    let (got_p, got_x, got_cls) = (
+        as_f32(wds.next().unwrap()),
+        as_f32(wds.next().unwrap()),
+        as_f32(wds.next().unwrap()),
+    );
+    // The candle model's order: (b, gh, ph, gw, pw, c) permuted to (b, gh, gw, ph, pw, c).
+    let t = candle_core::Tensor::from_vec(
+        img.clone(),
+        (b, gh, ph, gw, pw, ch),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let want: Vec<f32> = t
+        .permute((0, 1, 3, 2, 4, 5))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(got_p, want, "patchify");
+    for bi in 0..b {
+        for ti in 0..s {
+            for j in 0..dim {
+                let v = if ti == 0 {
+                    cls[j]
+                } else {
+                    emb[(bi * np + ti - 1) * dim + j]
+                };
+                assert_eq!(got_x[(bi * s + ti) * dim + j], v + pos[ti * dim + j]);
+            }
+        }
+        assert_eq!(
+            &got_cls[bi * dim..(bi + 1) * dim],
+            &got_x[bi * s * dim..bi * s * dim + dim]
+        );
+    }
+    params[11] = 1;
+    rec.launch(
+        Kernel::Pool,
+        &params,
+        &[&x, &x, &x, &pooled],
+        flat_groups(b * dim),
+    );
+    let got = read_f32(&mut rec, &pooled, b * dim);
+    let want: Vec<f32> = (0..b * dim)
+        .map(|i| {
+            (0..s)
+                .map(|ti| got_x[((i / dim) * s + ti) * dim + i % dim])
+                .sum::<f32>()
+                / s as f32
+        })
+        .collect();
+    assert_close(&got, &want, 1e-5, "mean pooling");
+}
+
+#[test]
+fn soft_moe_normalisation_and_both_softmaxes_match_the_cpu() {
+    let Some(ctx) = test_gpu() else { return };
+    let d = &ctx.device;
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let (groups, n, dim, ep) = (2, 23, 7, 6);
+    let x = randn(&mut rng, groups * n * dim, 1.5);
+    let logits = randn(&mut rng, groups * n * ep, 3.0);
+    let (xb, lb) = (upload(d, "x", &x), upload(d, "logits", &logits));
+    let xn = upload(d, "xn", &vec![0.0f32; x.len()]);
+    let comb = upload(d, "combine", &vec![0.0f32; logits.len()]);
+    let disp = upload(d, "dispatch_t", &vec![0.0f32; logits.len()]);
+    let mut rec = Recorder::new(ctx);
+    rec.launch(
+        Kernel::L2NormalizeRows,
+        &[x.len() as u32, dim as u32, 1e-6f32.to_bits(), 0],
+        &[&xb, &xn],
+        flat_groups(groups * n),
+    );
+    rec.launch(
+        Kernel::SoftmaxRows,
+        &[(groups * n) as u32, ep as u32, 0, 0],
+        &[&lb, &comb],
+        row_groups(groups * n),
+    );
+    rec.launch(
+        Kernel::SoftmaxColumnsT,
+        &[0, ep as u32, n as u32, groups as u32],
+        &[&lb, &disp],
+        flat_groups(groups * ep),
+    );
+    let mut w = rec
+        .read(&[(&xn, x.len()), (&comb, logits.len()), (&disp, logits.len())])
+        .unwrap()
+        .into_iter();
+    let (got_xn, got_c, got_d) = (
+        as_f32(w.next().unwrap()),
+        as_f32(w.next().unwrap()),
+        as_f32(w.next().unwrap()),
+    );
+    let want_xn: Vec<f32> = x
+        .chunks_exact(dim)
+        .flat_map(|r| {
+            let m = 1.0 / (r.iter().map(|v| v * v).sum::<f32>() + 1e-6).sqrt();
+            r.iter().map(move |v| v * m)
+        })
+        .collect();
+    assert_close(&got_xn, &want_xn, 1e-5, "l2 normalisation");
+    for g in 0..groups {
+        let part = logits[g * n * ep..(g + 1) * n * ep].to_vec();
+        let want = crate::routing::soft_weights(part, n, ep);
+        assert_close(
+            &got_c[g * n * ep..(g + 1) * n * ep],
+            &want.combine,
+            1e-4,
+            "combine",
+        );
+        let dt = &got_d[g * ep * n..(g + 1) * ep * n];
+        let got: Vec<f32> = (0..n * ep).map(|k| dt[(k % ep) * n + k / ep]).collect();
+        assert_close(&got, &want.dispatch, 1e-4, "dispatch");
+    }
+}
+
+/// Gather and combine reproduce a Token Choice routing with k = 2 and drops: slot inputs are the
+/// routed tokens (bf16-rounded when asked), outputs add Σ gate · slot output over kept choices.
+#[test]
+fn gather_and_combine_follow_the_routing_records() {
+    let Some(ctx) = test_gpu() else { return };
+    let d = &ctx.device;
+    let mut rng = ChaCha8Rng::seed_from_u64(10);
+    let (n, e, dim) = (30, 4, 9);
+    let logits = randn(&mut rng, n * e, 2.0);
+    let cfg = RouterConfig {
+        k: 2,
+        capacity: CapacitySpec::Factor(0.5),
+        ..RouterConfig::new(RouterKind::SoftmaxTokenChoice)
+    };
+    let rr = crate::routing::route_logits(&logits, n, e, &cfg, crate::routing::Mode::Deterministic)
+        .unwrap();
+    let sp = rr.sparse().unwrap();
+    let c = rr.capacity;
+    let st: Vec<i32> = sp
+        .slot_token
+        .iter()
+        .map(|t| t.map_or(-1, |t| t as i32))
+        .collect();
+    let mut table = vec![-1i32; n * e];
+    for i in 0..n {
+        for ch in rr.token_choices(i) {
+            if let Some(s) = ch.slot {
+                table[i * e + ch.expert as usize] = (ch.expert as usize * c + s as usize) as i32;
+            }
+        }
+    }
+    let x = randn(&mut rng, n * dim, 1.0);
+    let out0 = randn(&mut rng, n * dim, 1.0);
+    let slot_out = randn(&mut rng, e * c * dim, 1.0);
+    for bf16 in [false, true] {
+        let round = |v: f32| {
+            if bf16 {
+                crate::routing::ops::round_to_bf16(v)
+            } else {
+                v
+            }
+        };
+        let (xb, stb, tb, gb) = (
+            upload(d, "x", &x),
+            upload(d, "st", &st),
+            upload(d, "table", &table),
+            upload(d, "gates", &sp.gates),
+        );
+        let slots = upload(d, "slots", &vec![0.0f32; e * c * dim]);
+        let (sob, ob) = (upload(d, "slot_out", &slot_out), upload(d, "out", &out0));
+        let params = [
+            n as u32,
+            e as u32,
+            c as u32,
+            dim as u32,
+            1,
+            u32::from(bf16),
+            0,
+            0,
+        ];
+        let mut rec = Recorder::new(ctx);
+        rec.launch(
+            Kernel::Gather,
+            &params,
+            &[&xb, &stb, &gb, &slots],
+            flat_groups(e * c * dim),
+        );
+        rec.launch(
+            Kernel::Combine,
+            &params,
+            &[&sob, &tb, &gb, &ob],
+            flat_groups(n * dim),
+        );
+        let mut w = rec
+            .read(&[(&slots, e * c * dim), (&ob, n * dim)])
+            .unwrap()
+            .into_iter();
+        let (got_slots, got_out) = (as_f32(w.next().unwrap()), as_f32(w.next().unwrap()));
+        for (slot, t) in sp.slot_token.iter().enumerate() {
+            let want: Vec<f32> = match t {
+                Some(t) => x[*t as usize * dim..][..dim]
+                    .iter()
+                    .map(|&v| round(v))
+                    .collect(),
+                None => vec![0.0; dim],
+            };
+            assert_eq!(
+                &got_slots[slot * dim..(slot + 1) * dim],
+                &want[..],
+                "slot {slot}"
+            );
+        }
+        for i in 0..n {
+            for k in 0..dim {
+                let add: f32 = rr
+                    .token_choices(i)
+                    .iter()
+                    .filter_map(|ch| {
+                        ch.slot.map(|s| {
+                            ch.gate
+                                * round(slot_out[(ch.expert as usize * c + s as usize) * dim + k])
+                        })
+                    })
+                    .sum();
+                let want = out0[i * dim + k] + add;
+                assert!(
+                    (got_out[i * dim + k] - want).abs() < 1e-5,
+                    "token {i}: {} vs {want}",
+                    got_out[i * dim + k]
+                );
+            }
+        }
+    }
+}
