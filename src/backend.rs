@@ -90,6 +90,39 @@ impl FromStr for DeviceChoice {
     }
 }
 
+/// Anything that runs the ViT-MoE forward pass: the CPU model, the GPU model, or an [`Engine`].
+pub trait Forward {
+    fn config(&self) -> &ModelConfig;
+    fn forward(&self, images: &[Vec<f32>], opts: &RunOptions) -> Result<ForwardOutput, ModelError>;
+}
+
+impl Forward for VitMoe {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn forward(&self, images: &[Vec<f32>], opts: &RunOptions) -> Result<ForwardOutput, ModelError> {
+        VitMoe::forward(self, images, opts)
+    }
+}
+
+impl Forward for GpuVitMoe {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn forward(&self, images: &[Vec<f32>], opts: &RunOptions) -> Result<ForwardOutput, ModelError> {
+        GpuVitMoe::forward(self, images, opts)
+    }
+}
+
+impl Forward for Engine {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn forward(&self, images: &[Vec<f32>], opts: &RunOptions) -> Result<ForwardOutput, ModelError> {
+        Engine::forward(self, images, opts)
+    }
+}
+
 /// A model on the CPU, and on a GPU when one is given; runs on the GPU while it works.
 pub struct Engine {
     pub config: ModelConfig,

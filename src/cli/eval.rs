@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use routerscope::model::{VitMoe, load_any};
+use routerscope::backend::DeviceChoice;
 use routerscope::train::eval::evaluate;
 use routerscope::train::{DEFAULT_DATA_DIR, Dataset, Split};
 
@@ -19,6 +19,10 @@ pub struct EvalArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Where the model runs: auto (a hardware GPU if there is one, else the CPU), gpu (any
+    /// adapter, software ones included; the CPU if none works) or cpu.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
 }
 
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
@@ -26,9 +30,10 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     if let Some(n) = args.limit {
         test = test.take(n);
     }
-    let (cfg, weights) = load_any(&args.model)?;
-    let model = VitMoe::new(cfg, weights)?;
+    let model = super::load_engine(&args.model, args.device)?;
     let r = evaluate(&model, &test, 500)?;
+    super::report_notice(&model);
+    eprintln!("device: {}", model.device());
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());

@@ -8,7 +8,8 @@ use serde::Serialize;
 
 use super::TrainError;
 use super::data::Dataset;
-use crate::model::{RunOptions, VitMoe};
+use crate::backend::Forward;
+use crate::model::RunOptions;
 use crate::routing::Assignment;
 
 /// Routing statistics of one MoE layer over the evaluated images.
@@ -44,8 +45,12 @@ pub struct EvalReport {
 }
 
 /// Evaluates `model` with its own routing on all of `data`, `batch` images at a time.
-pub fn evaluate(model: &VitMoe, data: &Dataset, batch: usize) -> Result<EvalReport, TrainError> {
-    let cfg = &model.config;
+pub fn evaluate<M: Forward + ?Sized>(
+    model: &M,
+    data: &Dataset,
+    batch: usize,
+) -> Result<EvalReport, TrainError> {
+    let cfg = model.config();
     if [data.rows, data.cols] != cfg.image_size || cfg.channels != 1 {
         return Err(TrainError::Data(format!(
             "the data has {}x{} grey images but the model expects {}x{}x{}",
