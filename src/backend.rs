@@ -290,6 +290,32 @@ mod tests {
         assert!(!out.on_gpu());
     }
 
+    /// A checkpoint the GPU cannot hold (here a tensor beyond the device's per-buffer binding
+    /// limit) stays on the CPU with a notice naming the tensor.
+    #[test]
+    fn a_model_the_gpu_cannot_hold_runs_on_the_cpu_with_a_notice() {
+        if test_gpu().is_none() {
+            return;
+        }
+        let small = GpuContext::headless_with_limits(|l| l.max_storage_buffer_binding_size = 4096)
+            .expect("a device with a 4 KiB binding limit");
+        let cfg = tiny_config(RouterKind::SoftmaxTokenChoice);
+        let engine = Engine::new(cfg.clone(), random_weights(&cfg, 3), Some(&small)).unwrap();
+        assert!(!engine.on_gpu());
+        let notice = engine.take_notice().unwrap();
+        assert!(
+            notice.contains("Moe/Mlp/Dense_0/kernel") || notice.contains("kernel"),
+            "{notice}"
+        );
+        assert!(notice.contains("4096 bytes per buffer"), "{notice}");
+        let px = vec![0.2f32; 8 * 12 * 3];
+        assert!(
+            engine
+                .forward(&[px], &RunOptions::from_config(&cfg))
+                .is_ok()
+        );
+    }
+
     /// A GPU failure mid-run (here: the device's buffers destroyed under the model) falls back to
     /// the CPU with a notice, and later runs stay on the CPU; what-ifs from a GPU output work.
     #[test]

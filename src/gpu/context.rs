@@ -109,6 +109,29 @@ impl GpuContext {
         })
     }
 
+    /// A headless device whose limits `adjust` lowers (tests of what a smaller GPU refuses).
+    #[cfg(test)]
+    pub(crate) fn headless_with_limits(
+        adjust: impl Fn(&mut wgpu::Limits),
+    ) -> Result<Self, GpuError> {
+        pollster::block_on(async {
+            let instance = wgpu::Instance::new(
+                wgpu::InstanceDescriptor::new_without_display_handle_from_env(),
+            );
+            let adapter = instance
+                .request_adapter(&wgpu::RequestAdapterOptions::default())
+                .await
+                .map_err(|e| GpuError::NoAdapter(e.to_string()))?;
+            let mut desc = device_descriptor(&adapter);
+            adjust(&mut desc.required_limits);
+            let (device, queue) = adapter
+                .request_device(&desc)
+                .await
+                .map_err(|e| GpuError::Device(e.to_string()))?;
+            Self::new(device, queue, adapter.get_info())
+        })
+    }
+
     /// Shares a device someone else created (eframe's), after checking its limits.
     pub fn shared(
         adapter: &wgpu::Adapter,
@@ -116,6 +139,8 @@ impl GpuContext {
         queue: wgpu::Queue,
     ) -> Result<Self, GpuError> {
         let info = adapter.get_info();
+        check_compute(adapter, &info)?;
+        // The device's limits, not the adapter's: its creator may have asked for less.
         check_limits(&device.limits(), &info)?;
         Self::new(device, queue, info)
     }
@@ -146,6 +171,11 @@ impl GpuContext {
 }
 
 fn check_adapter(adapter: &wgpu::Adapter, info: &wgpu::AdapterInfo) -> Result<(), GpuError> {
+    check_compute(adapter, info)?;
+    check_limits(&adapter.limits(), info)
+}
+
+fn check_compute(adapter: &wgpu::Adapter, info: &wgpu::AdapterInfo) -> Result<(), GpuError> {
     let flags = adapter.get_downlevel_capabilities().flags;
     if !flags.contains(wgpu::DownlevelFlags::COMPUTE_SHADERS) {
         return Err(GpuError::Unsupported {
@@ -153,7 +183,7 @@ fn check_adapter(adapter: &wgpu::Adapter, info: &wgpu::AdapterInfo) -> Result<()
             why: "no compute shaders".into(),
         });
     }
-    check_limits(&adapter.limits(), info)
+    Ok(())
 }
 
 fn check_limits(l: &wgpu::Limits, info: &wgpu::AdapterInfo) -> Result<(), GpuError> {

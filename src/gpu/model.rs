@@ -348,6 +348,17 @@ impl GpuVitMoe {
             .into());
         }
         let device = &ctx.device;
+        let limit = device.limits().max_storage_buffer_binding_size as usize;
+        if let Some((name, t)) = weights.iter().find(|(_, t)| t.data.len() * 4 > limit) {
+            return Err(GpuError::Model(format!(
+                "tensor `{name}` takes {} MiB ({} bytes); `{}` binds at most {} bytes per buffer",
+                (t.data.len() * 4) >> 20,
+                t.data.len() * 4,
+                ctx.info.name,
+                limit
+            ))
+            .into());
+        }
         let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let d = cfg.hidden_size;
