@@ -36,6 +36,9 @@ pub struct GpuContext {
     pub queue: wgpu::Queue,
     pub info: wgpu::AdapterInfo,
     pub kernels: Arc<Kernels>,
+    /// Use the shared-memory tiled matmul (hardware GPUs) rather than the barrier-free one
+    /// (software adapters, where barriers are expensive).
+    pub tiled_matmul: bool,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -150,8 +153,9 @@ impl GpuContext {
         queue: wgpu::Queue,
         info: wgpu::AdapterInfo,
     ) -> Result<Self, GpuError> {
-        let kernels = Kernels::new(&device, info.device_type == wgpu::DeviceType::Cpu)?;
+        let kernels = Kernels::new(&device)?;
         Ok(Self {
+            tiled_matmul: info.device_type != wgpu::DeviceType::Cpu,
             device,
             queue,
             info,

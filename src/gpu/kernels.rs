@@ -127,14 +127,11 @@ pub struct Kernels {
     pipelines: HashMap<Kernel, (wgpu::ComputePipeline, usize)>,
     /// Bound where a kernel does not use one of its module's buffers.
     pub(crate) dummy: wgpu::Buffer,
-    /// Use the shared-memory tiled matmul (hardware GPUs) rather than the barrier-free one.
-    pub tiled_matmul: bool,
 }
 
 impl Kernels {
-    /// Compiles every kernel; `software` (a CPU adapter such as lavapipe) selects the
-    /// barrier-free matmul.
-    pub fn new(device: &wgpu::Device, software: bool) -> Result<Self, GpuError> {
+    /// Compiles every kernel.
+    pub fn new(device: &wgpu::Device) -> Result<Self, GpuError> {
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let mut layouts = Vec::new();
         let mut pipeline_layouts = Vec::new();
@@ -204,7 +201,6 @@ impl Kernels {
             layouts,
             pipelines,
             dummy,
-            tiled_matmul: !software,
         })
     }
 

@@ -264,7 +264,7 @@ impl<'a> Recorder<'a> {
         bias: Option<&wgpu::Buffer>,
         c: &wgpu::Buffer,
     ) {
-        let (kernel, params, groups) = mm.params(self.ctx.kernels.tiled_matmul);
+        let (kernel, params, groups) = mm.params(self.ctx.tiled_matmul);
         let unused = &self.ctx.kernels.dummy;
         self.launch(kernel, &params, &[a, b, bias.unwrap_or(unused), c], groups);
     }

@@ -453,10 +453,21 @@ fn images(cfg: &crate::model::ModelConfig, count: usize, seed: u64) -> Vec<Vec<f
 }
 
 /// The whole GPU model equals the candle model for every router, grouped or not, with bf16
-/// dispatch, and its what-if equals a full run.
+/// dispatch, and its what-if equals a full run; with the matmul variant of this adapter and with
+/// the other one (hardware GPUs use the tiled kernel, software adapters the barrier-free one).
 #[test]
 fn gpu_model_matches_the_candle_model_for_every_router() {
     let Some(ctx) = test_gpu() else { return };
+    for tiled in [ctx.tiled_matmul, !ctx.tiled_matmul] {
+        let ctx = &GpuContext {
+            tiled_matmul: tiled,
+            ..ctx.clone()
+        };
+        model_parity(ctx);
+    }
+}
+
+fn model_parity(ctx: &GpuContext) {
     for kind in RouterKind::ALL {
         for (group, bf16) in [(1, false), (2, true)] {
             let mut cfg = tiny_config(kind);
