@@ -204,8 +204,9 @@ impl Kernels {
         })
     }
 
-    /// Records one launch of `kernel` with `params` (padded to 16 bytes) over `groups`
-    /// workgroups; `buffers` fill the module's storage bindings in order, unused ones get a dummy.
+    /// Records one launch of `kernel` with `params` (in a uniform buffer of its own) over
+    /// `groups` workgroups; `buffers` fill the module's storage bindings in order, unused ones get
+    /// a dummy. Runs use [`launch_with`](Self::launch_with) and a [`ParamArena`] instead.
     pub fn launch(
         &self,
         device: &wgpu::Device,
@@ -215,19 +216,37 @@ impl Kernels {
         buffers: &[&wgpu::Buffer],
         groups: [u32; 3],
     ) {
-        let (pipeline, module) = &self.pipelines[&kernel];
-        let mut words = params.to_vec();
-        words.resize(params.len().div_ceil(4).max(1) * 4, 0);
         let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("params"),
-            contents: bytemuck::cast_slice(&words),
+            contents: bytemuck::cast_slice(&padded_params(params)),
             usage: wgpu::BufferUsages::UNIFORM,
         });
+        self.launch_with(
+            device,
+            encoder,
+            kernel,
+            uniform.as_entire_binding(),
+            buffers,
+            groups,
+        );
+    }
+
+    /// As [`launch`](Self::launch), with the parameters already in a uniform buffer.
+    pub fn launch_with(
+        &self,
+        device: &wgpu::Device,
+        encoder: &mut wgpu::CommandEncoder,
+        kernel: Kernel,
+        params: wgpu::BindingResource<'_>,
+        buffers: &[&wgpu::Buffer],
+        groups: [u32; 3],
+    ) {
+        let (pipeline, module) = &self.pipelines[&kernel];
         let storage = MODULES[*module].storage;
         debug_assert!(buffers.len() <= storage, "{kernel:?}: too many buffers");
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
-            resource: uniform.as_entire_binding(),
+            resource: params,
         }];
         for b in 0..storage {
             entries.push(wgpu::BindGroupEntry {
@@ -251,6 +270,82 @@ impl Kernels {
         pass.set_pipeline(pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+    }
+}
+
+/// Parameters padded to the 16-byte multiple a uniform struct occupies.
+fn padded_params(params: &[u32]) -> Vec<u32> {
+    let mut words = params.to_vec();
+    words.resize(params.len().div_ceil(4).max(1) * 4, 0);
+    words
+}
+
+/// Largest parameter block of any kernel (`matmul.wgsl`'s 16 words).
+const PARAM_BYTES: u64 = 64;
+/// Launches per arena buffer.
+const ARENA_SLOTS: u64 = 256;
+
+/// The kernel parameters of a run's launches in a few uniform buffers instead of one buffer per
+/// launch: each launch's block sits at an offset aligned to the device's uniform offset alignment,
+/// and the blocks reach the GPU with one `write_buffer` per buffer before the run is submitted.
+pub struct ParamArena {
+    stride: u64,
+    full: Vec<(wgpu::Buffer, Vec<u8>)>,
+    current: Option<(wgpu::Buffer, Vec<u8>)>,
+}
+
+impl ParamArena {
+    pub fn new(device: &wgpu::Device) -> Self {
+        let align = u64::from(device.limits().min_uniform_buffer_offset_alignment).max(16);
+        Self {
+            stride: PARAM_BYTES.div_ceil(align) * align,
+            full: Vec::new(),
+            current: None,
+        }
+    }
+
+    /// Places `params` and gives the binding to launch with.
+    pub fn push(&mut self, device: &wgpu::Device, params: &[u32]) -> wgpu::BindingResource<'_> {
+        let stride = self.stride;
+        let capacity = (stride * ARENA_SLOTS) as usize;
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|(_, bytes)| bytes.len() + stride as usize > capacity)
+            && let Some(full) = self.current.take()
+        {
+            self.full.push(full);
+        }
+        let (buffer, bytes) = self.current.get_or_insert_with(|| {
+            let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("params"),
+                size: capacity as u64,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            (buffer, Vec::with_capacity(capacity))
+        });
+        let offset = bytes.len() as u64;
+        let words = padded_params(params);
+        bytes.extend_from_slice(bytemuck::cast_slice(&words));
+        bytes.resize(offset as usize + stride as usize, 0);
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer,
+            offset,
+            size: wgpu::BufferSize::new(PARAM_BYTES),
+        })
+    }
+
+    /// Queues the parameter uploads; they land before the next submission's commands run.
+    pub fn flush(&mut self, queue: &wgpu::Queue) {
+        for (buffer, bytes) in self.full.iter_mut().chain(self.current.iter_mut()) {
+            if !bytes.is_empty() {
+                queue.write_buffer(buffer, 0, bytes);
+                bytes.clear();
+            }
+        }
+        self.full.clear();
+        self.current = None;
     }
 }
 

@@ -11,7 +11,7 @@ use eframe::egui_wgpu::wgpu;
 
 use super::context::{GpuContext, GpuError};
 use super::kernels::{
-    Activation, Kernel, Matmul, as_f32, flat_groups, row_groups, storage, upload,
+    Activation, Kernel, Matmul, ParamArena, as_f32, flat_groups, row_groups, storage, upload,
 };
 use super::moe::{LayerPending, MoeWeights, SoftWeights, encode_moe, finish_layer};
 use crate::model::vit::{Resume, check_run_options};
@@ -228,11 +228,16 @@ struct Block {
 pub(crate) struct Recorder<'a> {
     pub ctx: &'a GpuContext,
     encoder: Option<wgpu::CommandEncoder>,
+    params: ParamArena,
 }
 
 impl<'a> Recorder<'a> {
     pub fn new(ctx: &'a GpuContext) -> Self {
-        Self { ctx, encoder: None }
+        Self {
+            ctx,
+            encoder: None,
+            params: ParamArena::new(&ctx.device),
+        }
     }
 
     pub fn encoder(&mut self) -> &mut wgpu::CommandEncoder {
@@ -251,9 +256,13 @@ impl<'a> Recorder<'a> {
         groups: [u32; 3],
     ) {
         let ctx = self.ctx;
-        let enc = self.encoder();
+        let enc = self.encoder.get_or_insert_with(|| {
+            ctx.device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("run") })
+        });
+        let binding = self.params.push(&ctx.device, params);
         ctx.kernels
-            .launch(&ctx.device, enc, k, params, buffers, groups);
+            .launch_with(&ctx.device, enc, k, binding, buffers, groups);
     }
 
     pub fn matmul(
@@ -285,6 +294,7 @@ impl<'a> Recorder<'a> {
                     label: Some("read"),
                 }),
         };
+        self.params.flush(&self.ctx.queue);
         super::kernels::read_words(&self.ctx.device, &self.ctx.queue, enc, reads)
     }
 }
