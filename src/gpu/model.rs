@@ -1,7 +1,9 @@
 //! The ViT-MoE forward pass on the GPU, step for step the candle model of `crate::model::vit`:
 //! weights are uploaded once (the query, key and value kernels side by side as one matrix), and a
-//! run records every kernel into one command buffer. Per-run buffers live in a workspace that is
-//! reused while the batch shape stays the same. The residual stream entering each MoE layer is
+//! run records every kernel into one command buffer (split only where the host solves a
+//! sparsity-constrained plan), with all launch parameters in one uniform arena, and reads back
+//! once at the end. Per-run buffers live in a workspace that is reused while the batch shape
+//! stays the same. The residual stream entering each MoE layer is
 //! kept on the GPU, so a router what-if restarts at the first MoE layer whose routing changed.
 
 use std::collections::{BTreeSet, HashMap};

@@ -5,8 +5,8 @@
 //!
 //! The sparsity-constrained OT solver (SCOT) runs on the host: its per-column sparse simplex
 //! projection is a sort per column per Adam step, a poor fit for a GPU at these sizes, and it is
-//! tiny (`n × e`); the host reads the softmax, solves, and uploads the plan, and selection,
-//! dispatch and combine stay on the GPU. Sinkhorn runs on the GPU in kernel mode; a group whose
+//! tiny (`n × e`); the host reads the logits, solves on their softmax exactly as `route_logits`
+//! does, and uploads the plan; selection, dispatch and combine stay on the GPU. Sinkhorn runs on the GPU in kernel mode; a group whose
 //! iterations fail (spec §5.8) is re-solved on the host in the log domain and the layer re-run.
 
 use eframe::egui_wgpu::wgpu;
