@@ -5,7 +5,7 @@
 //! the deciding scores tie within float error (counted and printed), class probabilities within
 //! 1e-3. With `ROUTERSCOPE_REQUIRE_GPU=1` (CI) a missing adapter fails the test.
 
-use std::path::PathBuf;
+mod common;
 
 use routerscope::app::catalog::sample_images;
 use routerscope::gpu::parity::{ParityReport, compare};
@@ -16,20 +16,6 @@ use routerscope::train::{Dataset, Split};
 
 /// Images of the committed test slice per model (the software adapter runs ~1 GFLOP/s).
 const SLICE_IMAGES: usize = 250;
-
-const MODELS: [&str; 7] = [
-    "softmax-tc",
-    "sinkhorn-tc",
-    "softmax-ec",
-    "sinkhorn-ec",
-    "sparse-ec",
-    "soft",
-    "dense",
-];
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn gpu() -> Option<GpuContext> {
     match GpuContext::headless() {
@@ -58,11 +44,11 @@ fn check(what: &str, r: &ParityReport) {
 fn shipped_models_agree_on_gpu_and_cpu() {
     let Some(ctx) = gpu() else { return };
     eprintln!("GPU: {}", ctx.describe());
-    let slice = Dataset::load(&root().join("tests/fixtures/fashion-mnist"), Split::Test).unwrap();
+    let slice = Dataset::load(&common::fixture_dir(), Split::Test).unwrap();
     let mut total = ParityReport::default();
     let mut runs = 0;
-    for name in MODELS {
-        let path = root().join(format!("assets/models/fashion-mnist-{name}.safetensors"));
+    for name in common::MODELS {
+        let path = common::model_path(name);
         let (cfg, weights) = load_checkpoint(&path).unwrap();
         let gpu = GpuVitMoe::new(&ctx, &cfg, &weights).unwrap();
         let cpu = VitMoe::new(cfg.clone(), weights).unwrap();

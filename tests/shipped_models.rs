@@ -3,32 +3,18 @@
 //! tokens per expert, one token per slot, full Expert Choice slots, Soft MoE weights that are
 //! distributions.
 
-use std::path::PathBuf;
+mod common;
 
 use routerscope::model::{VitMoe, load_checkpoint};
 use routerscope::routing::{Assignment, RouterFamily};
 use routerscope::train::eval::evaluate;
 use routerscope::train::{Dataset, Split};
 
-const MODELS: [&str; 7] = [
-    "softmax-tc",
-    "sinkhorn-tc",
-    "softmax-ec",
-    "sinkhorn-ec",
-    "sparse-ec",
-    "soft",
-    "dense",
-];
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 #[test]
 fn shipped_models_are_accurate_and_route_by_the_rules() {
-    let slice = Dataset::load(&root().join("tests/fixtures/fashion-mnist"), Split::Test).unwrap();
-    for name in MODELS {
-        let path = root().join(format!("assets/models/fashion-mnist-{name}.safetensors"));
+    let slice = Dataset::load(&common::fixture_dir(), Split::Test).unwrap();
+    for name in common::MODELS {
+        let path = common::model_path(name);
         let (cfg, weights) = load_checkpoint(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(path.with_extension("md").is_file(), "{name}: no model card");
         match (&cfg.moe, name) {

@@ -537,22 +537,15 @@ impl GpuVitMoe {
     ) -> Result<ForwardOutput, ModelError> {
         let batch = prev.probs.len();
         check_run_options(&self.config, |n| self.param_names.contains(n), opts, batch)?;
-        let Resume::Gpu(saved) = &prev.resume else {
-            return self.forward(&prev.inputs, opts);
-        };
-        let first = if opts.group_images != prev.options.group_images {
-            Some(0)
-        } else {
-            opts.routers
-                .iter()
-                .zip(&prev.options.routers)
-                .position(|(a, b)| a != b)
-        };
-        let Some(first) = first else {
+        let Some(first) = opts.first_change_from(&prev.options) else {
             return Ok(ForwardOutput {
                 options: opts.clone(),
                 ..prev.clone()
             });
+        };
+        let Resume::Gpu(saved) = &prev.resume else {
+            // Computed on the CPU: start over here from the same images.
+            return self.forward(&prev.inputs, opts);
         };
         let out = ForwardOutput {
             probs: Vec::new(),

@@ -196,21 +196,3 @@ fn score_ties(cpu: &RoutingResult, differing: &[usize]) -> BTreeSet<usize> {
     }
     out
 }
-
-/// Compares the routing of one group (no replay): Soft MoE weights or sparse assignments.
-pub fn compare_routing(cpu: &RoutingResult, gpu: &RoutingResult) -> ParityReport {
-    let mut r = ParityReport::default();
-    if let (Some(a), Some(b)) = (cpu.soft(), gpu.soft()) {
-        r.max_weight_diff =
-            max_diff(&a.dispatch, &b.dispatch).max(max_diff(&a.combine, &b.combine));
-        return r;
-    }
-    r.tokens = cpu.num_tokens;
-    let differing: Vec<usize> = (0..cpu.num_tokens.min(gpu.num_tokens))
-        .filter(|&i| kept(cpu.token_choices(i)) != kept(gpu.token_choices(i)))
-        .collect();
-    let ties = score_ties(cpu, &differing);
-    r.tie_mismatches = ties.len();
-    r.mismatches = differing.len() - ties.len();
-    r
-}

@@ -244,6 +244,18 @@ impl RunOptions {
         }
     }
 
+    /// The first MoE layer whose routing differs from `prev` (every layer when the group size
+    /// changed), or `None` when nothing changed: where a what-if resumes.
+    pub fn first_change_from(&self, prev: &RunOptions) -> Option<usize> {
+        if self.group_images != prev.group_images {
+            return Some(0);
+        }
+        self.routers
+            .iter()
+            .zip(&prev.routers)
+            .position(|(a, b)| a != b)
+    }
+
     /// The same router for every MoE layer.
     pub fn with_router(mut self, router: RouterConfig) -> Self {
         self.routers.iter_mut().for_each(|r| *r = router.clone());
@@ -476,15 +488,7 @@ impl VitMoe {
     ) -> Result<ForwardOutput, ModelError> {
         let batch = prev.probs.len();
         self.check_options(opts, batch)?;
-        let first = if opts.group_images != prev.options.group_images {
-            Some(0)
-        } else {
-            opts.routers
-                .iter()
-                .zip(&prev.options.routers)
-                .position(|(a, b)| a != b)
-        };
-        let Some(first) = first else {
+        let Some(first) = opts.first_change_from(&prev.options) else {
             return Ok(ForwardOutput {
                 options: opts.clone(),
                 ..prev.clone()
