@@ -4,7 +4,6 @@
 
 use std::time::Instant;
 
-use eframe::egui_wgpu::wgpu;
 use routerscope::gpu::GpuContext;
 use routerscope::gpu::kernels::{Kernel, Matmul, flat_groups, upload};
 

@@ -28,6 +28,23 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export ROUTERSCOPE_REQUIRE_GPU="${ROUTERSCOPE_REQUIRE_GPU:-1}"
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
+
+# Layering: the routing core and the CPU model know nothing of the backends or the app above them,
+# and the library without default features pulls in none of the GUI stack.
+if grep -rnE 'crate::(gpu|app|backend)' src/model src/routing; then
+  echo "error: src/model or src/routing imports a higher layer (above)" >&2
+  exit 1
+fi
+if cargo tree --locked --no-default-features -e normal --prefix none |
+  grep -E '^(eframe|egui|egui_plot|egui-wgpu|egui-winit|winit|rfd) v'; then
+  echo "error: the library without default features depends on the GUI crates above" >&2
+  exit 1
+fi
+
 # One pass of every benchmark in test mode (compiles and runs them once), then all the tests.
 cargo test --locked --bench routers --bench model
 cargo test --locked --lib --bins --tests
+# The library and the command line without the app (`--no-default-features`): their own tests
+# and the CLI's end-to-end tests, built without eframe/egui/rfd.
+cargo test --locked --no-default-features --lib --bins \
+  --test cli_route --test cli_predict --test cli_export --test vmoe_checkpoint

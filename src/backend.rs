@@ -7,11 +7,9 @@ use std::path::Path;
 use std::str::FromStr;
 use std::sync::Mutex;
 
-use eframe::egui_wgpu::wgpu;
-
 use crate::gpu::{GpuContext, GpuError, GpuVitMoe};
 use crate::model::{
-    ForwardOutput, ModelConfig, ModelError, ModelWeights, RunOptions, VitMoe, load_any,
+    Forward, ForwardOutput, ModelConfig, ModelError, ModelWeights, RunOptions, VitMoe, load_any,
 };
 
 /// The user's device choice (`--device`).
@@ -87,30 +85,6 @@ impl FromStr for DeviceChoice {
             .into_iter()
             .find(|d| d.name() == s)
             .ok_or_else(|| format!("unknown device `{s}` (expected auto, gpu or cpu)"))
-    }
-}
-
-/// Anything that runs the ViT-MoE forward pass: the CPU model, the GPU model, or an [`Engine`].
-pub trait Forward {
-    fn config(&self) -> &ModelConfig;
-    fn forward(&self, images: &[Vec<f32>], opts: &RunOptions) -> Result<ForwardOutput, ModelError>;
-}
-
-impl Forward for VitMoe {
-    fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-    fn forward(&self, images: &[Vec<f32>], opts: &RunOptions) -> Result<ForwardOutput, ModelError> {
-        VitMoe::forward(self, images, opts)
-    }
-}
-
-impl Forward for GpuVitMoe {
-    fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-    fn forward(&self, images: &[Vec<f32>], opts: &RunOptions) -> Result<ForwardOutput, ModelError> {
-        GpuVitMoe::forward(self, images, opts)
     }
 }
 
@@ -225,7 +199,7 @@ impl Engine {
     /// leaves a notice and runs on the CPU.
     fn with_fallback(
         &self,
-        on_gpu: impl FnOnce(&GpuVitMoe) -> Result<ForwardOutput, ModelError>,
+        on_gpu: impl FnOnce(&GpuVitMoe) -> Result<ForwardOutput, GpuError>,
         on_cpu: impl FnOnce() -> Result<ForwardOutput, ModelError>,
     ) -> Result<ForwardOutput, ModelError> {
         let mut guard = match self.gpu.lock() {
@@ -237,13 +211,14 @@ impl Engine {
             return on_cpu();
         };
         match on_gpu(gpu) {
-            Err(ModelError::Gpu(e)) => {
+            Ok(out) => Ok(out),
+            Err(GpuError::Input(e)) => Err(e),
+            Err(e) => {
                 *guard = None;
                 drop(guard);
                 self.fail_over(&e);
                 on_cpu()
             }
-            other => other,
         }
     }
 
@@ -287,7 +262,7 @@ mod tests {
         let out = engine
             .forward(&[px], &RunOptions::from_config(&cfg))
             .unwrap();
-        assert!(!out.on_gpu());
+        assert!(out.on_cpu());
     }
 
     /// A checkpoint the GPU cannot hold (here a tensor beyond the device's per-buffer binding
@@ -328,7 +303,7 @@ mod tests {
         let px = vec![0.3f32; 8 * 12 * 3];
         let opts = RunOptions::from_config(&cfg);
         let first = engine.forward(std::slice::from_ref(&px), &opts).unwrap();
-        assert!(first.on_gpu());
+        assert!(crate::gpu::computed_on_gpu(&first));
         engine
             .gpu
             .lock()
@@ -337,7 +312,7 @@ mod tests {
             .unwrap()
             .poison_for_test();
         let second = engine.forward(&[px], &opts).unwrap();
-        assert!(!second.on_gpu());
+        assert!(second.on_cpu());
         assert!(!engine.on_gpu());
         let notice = engine.take_notice().unwrap();
         assert!(notice.contains("switched to the CPU"), "{notice}");
@@ -352,6 +327,6 @@ mod tests {
                 )),
             )
             .unwrap();
-        assert!(!what_if.on_gpu());
+        assert!(what_if.on_cpu());
     }
 }

@@ -1,14 +1,23 @@
 //! routerscope: look inside vision Mixture-of-Experts models.
 //!
+//! Layers, bottom up; a module only uses the ones above it in this list:
 //! - [`routing`]: the routers of "Routers in Vision Mixture of Experts" as pure functions.
-//! - [`model`]: the ViT-MoE on candle, its checkpoints and image input.
-//! - [`figures`]: expert colours and per-image routing views for the app and the exporters.
+//! - [`tensor_io`], [`runtime`]: validated safetensors reading and atomic writing; thread
+//!   settings.
+//! - [`model`]: the ViT-MoE on candle (CPU), its checkpoints and image input.
+//! - [`gpu`]: the same forward pass as WGSL compute shaders on wgpu.
+//! - [`backend`]: the device choice and the engine that runs on the GPU with CPU fallback.
 //! - [`train`]: training the built-in Fashion-MNIST models and evaluating them.
-//! - [`app`]: the desktop viewer (eframe/egui), its worker thread and one module per panel.
-//! - [`tensor_io`]: validated safetensors reading and atomic writing.
+//! - [`figures`]: expert colours, per-image routing views, SVG/PNG/CSV/JSON export.
+//! - [`catalog`]: the built-in models and sample images.
+//! - [`app`] (feature `app`, on by default): the desktop viewer (eframe/egui).
+//!
+//! Without default features (`default-features = false`) nothing of the GUI stack is compiled.
 
+#[cfg(feature = "app")]
 pub mod app;
 pub mod backend;
+pub mod catalog;
 pub mod figures;
 pub mod gpu;
 pub mod model;

@@ -380,3 +380,26 @@ fn unknown_router_is_a_usage_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown router `top-2`"));
 }
+
+/// Built without the app, `routerscope` alone says so and how to go on, instead of opening a
+/// window; `app` is no subcommand there.
+#[cfg(not(feature = "app"))]
+#[test]
+fn without_the_app_feature_there_is_no_window_to_open() {
+    let out = routerscope(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("without the desktop app"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let out = routerscope(&["app"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "clap rejects an unknown subcommand"
+    );
+    // The command line itself is all there.
+    let help = String::from_utf8_lossy(&routerscope(&["--help"]).stdout).into_owned();
+    for sub in ["route", "predict", "export", "convert", "train", "eval"] {
+        assert!(help.contains(sub), "{help}");
+    }
+}

@@ -7,7 +7,7 @@
 
 mod common;
 
-use routerscope::app::catalog::sample_images;
+use routerscope::catalog::sample_images;
 use routerscope::gpu::parity::{ParityReport, compare};
 use routerscope::gpu::{GpuContext, GpuVitMoe};
 use routerscope::model::{RunOptions, VitMoe, decode_image, load_checkpoint, preprocess};

@@ -26,6 +26,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Open the desktop viewer (optionally on a checkpoint and images).
+    #[cfg(feature = "app")]
     App(AppArgs),
     /// Apply one router to tensors in a safetensors file and write its dispatch and combine tensors.
     Route(route::RouteArgs),
@@ -43,6 +44,7 @@ enum Command {
     Export(export::ExportArgs),
 }
 
+#[cfg(feature = "app")]
 #[derive(clap::Args, Debug, Default)]
 pub struct AppArgs {
     /// Checkpoint to open (.safetensors or a vmoe .index) in what-if mode.
@@ -58,9 +60,10 @@ pub struct AppArgs {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let Some(command) = cli.command else {
-        return routerscope::app::run_app(Vec::new(), None, None);
+        return default_command();
     };
     match command {
+        #[cfg(feature = "app")]
         Command::App(a) => routerscope::app::run_app(a.images, a.model, a.device),
         Command::Route(args) => route::run(&args),
         Command::Predict(args) => predict::run(&args),
@@ -70,6 +73,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => eval::run(&args),
         Command::Export(args) => export::run(&args),
     }
+}
+
+#[cfg(feature = "app")]
+fn default_command() -> anyhow::Result<()> {
+    routerscope::app::run_app(Vec::new(), None, None)
+}
+
+#[cfg(not(feature = "app"))]
+fn default_command() -> anyhow::Result<()> {
+    anyhow::bail!(
+        "this routerscope was built without the desktop app (feature `app`); \
+         give a subcommand (see `routerscope --help`)"
+    )
 }
 
 /// Loads `path` on the device `choice` names, printing why the GPU is not used where it was

@@ -3,26 +3,8 @@
 
 use std::sync::Arc;
 
-use eframe::egui_wgpu::wgpu;
-
+use super::error::GpuError;
 use super::kernels::Kernels;
-
-/// Why the GPU backend could not start or run. Every variant leads to the CPU fallback.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum GpuError {
-    #[error("no GPU adapter: {0}")]
-    NoAdapter(String),
-    #[error("GPU device request failed: {0}")]
-    Device(String),
-    #[error("the GPU adapter `{adapter}` cannot run the kernels: {why}")]
-    Unsupported { adapter: String, why: String },
-    #[error("GPU device lost: {0}")]
-    Lost(String),
-    #[error("GPU command failed: {0}")]
-    Command(String),
-    #[error("{0}")]
-    Model(String),
-}
 
 /// Limits the kernels need beyond WebGPU's defaults-free minimum.
 const NEED_STORAGE_BUFFERS: u32 = 7;

@@ -4,10 +4,9 @@
 
 use std::collections::HashMap;
 
-use eframe::egui_wgpu::wgpu;
 use wgpu::util::DeviceExt;
 
-use super::context::GpuError;
+use super::error::GpuError;
 
 /// Every kernel entry point.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -6,212 +6,27 @@
 //! stays the same. The residual stream entering each MoE layer is
 //! kept on the GPU, so a router what-if restarts at the first MoE layer whose routing changed.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 
-use eframe::egui_wgpu::wgpu;
-
-use super::context::{GpuContext, GpuError};
-use super::kernels::{
-    Activation, Kernel, Matmul, ParamArena, as_f32, flat_groups, row_groups, storage, upload,
-};
+use super::context::GpuContext;
+use super::error::GpuError;
+use super::kernels::{Activation, Kernel, as_f32, flat_groups, row_groups, storage, upload};
+use super::layers::{LayerNorm, Linear, Mlp, get};
 use super::moe::{LayerPending, MoeWeights, SoftWeights, encode_moe, finish_layer};
+use super::recorder::{Recorder, Workspace};
 use crate::model::vit::{Resume, check_run_options};
 use crate::model::{
-    Classifier, ForwardOutput, ModelConfig, ModelError, ModelWeights, RunOptions, block_prefix,
+    Classifier, Forward, ForwardOutput, ModelConfig, ModelError, ModelWeights, RunOptions,
+    block_prefix,
 };
 
-const LN_EPS: f32 = 1e-6;
+/// What a what-if resumes from on the GPU: the residual stream entering each MoE layer
+/// (`ForwardOutput`'s backend state for outputs of this backend).
+struct GpuResume(Vec<wgpu::Buffer>);
+
 /// Keys one attention workgroup can hold (`MAX_S` in `shaders/attention.wgsl`).
 pub const MAX_TOKENS: usize = 1024;
-
-fn get<'a>(weights: &'a ModelWeights, name: &str) -> Result<&'a [f32], ModelError> {
-    weights
-        .get(name)
-        .map(|t| t.data.as_slice())
-        .ok_or_else(|| ModelError::Tensor(format!("missing tensor `{name}`")))
-}
-
-pub(crate) struct Linear {
-    pub w: wgpu::Buffer,
-    pub b: wgpu::Buffer,
-    pub fan_in: usize,
-    pub fan_out: usize,
-}
-
-impl Linear {
-    fn load(
-        device: &wgpu::Device,
-        weights: &ModelWeights,
-        prefix: &str,
-        fan_in: usize,
-        fan_out: usize,
-    ) -> Result<Self, ModelError> {
-        let w = get(weights, &format!("{prefix}/kernel"))?;
-        let b = get(weights, &format!("{prefix}/bias"))?;
-        Self::from_parts(device, prefix, w, b, fan_in, fan_out)
-    }
-
-    fn from_parts(
-        device: &wgpu::Device,
-        label: &str,
-        w: &[f32],
-        b: &[f32],
-        fan_in: usize,
-        fan_out: usize,
-    ) -> Result<Self, ModelError> {
-        if w.len() != fan_in * fan_out || b.len() != fan_out {
-            return Err(ModelError::Tensor(format!(
-                "`{label}`: kernel has {} values and bias {}, expected {fan_in}x{fan_out} and {fan_out}",
-                w.len(),
-                b.len()
-            )));
-        }
-        Ok(Self {
-            w: upload(device, label, w),
-            b: upload(device, label, b),
-            fan_in,
-            fan_out,
-        })
-    }
-
-    /// `out (+)= act(x @ W + b)` for `rows` rows.
-    pub fn encode(
-        &self,
-        rec: &mut Recorder<'_>,
-        x: &wgpu::Buffer,
-        out: &wgpu::Buffer,
-        rows: usize,
-        act: Activation,
-        accumulate: bool,
-    ) {
-        let mut mm = Matmul::plain(rows, self.fan_in, self.fan_out)
-            .with_bias()
-            .act(act);
-        mm.accumulate = accumulate;
-        rec.matmul(mm, x, &self.w, Some(&self.b), out);
-    }
-}
-
-struct LayerNorm {
-    scale: wgpu::Buffer,
-    bias: wgpu::Buffer,
-    d: usize,
-}
-
-impl LayerNorm {
-    fn load(
-        device: &wgpu::Device,
-        weights: &ModelWeights,
-        prefix: &str,
-        d: usize,
-    ) -> Result<Self, ModelError> {
-        let scale = get(weights, &format!("{prefix}/scale"))?;
-        let bias = get(weights, &format!("{prefix}/bias"))?;
-        if scale.len() != d || bias.len() != d {
-            return Err(ModelError::Tensor(format!(
-                "`{prefix}`: expected {d} scales and biases"
-            )));
-        }
-        Ok(Self {
-            scale: upload(device, prefix, scale),
-            bias: upload(device, prefix, bias),
-            d,
-        })
-    }
-
-    fn encode(&self, rec: &mut Recorder<'_>, x: &wgpu::Buffer, y: &wgpu::Buffer, rows: usize) {
-        rec.launch(
-            Kernel::LayerNorm,
-            &[rows as u32, self.d as u32, LN_EPS.to_bits(), 0],
-            &[x, &self.scale, &self.bias, y],
-            row_groups(rows),
-        );
-    }
-}
-
-/// `num` stacked `Dense_0 → GELU → Dense_1` MLPs.
-pub(crate) struct Mlp {
-    pub w0: wgpu::Buffer,
-    pub b0: wgpu::Buffer,
-    pub w1: wgpu::Buffer,
-    pub b1: wgpu::Buffer,
-    pub dim: usize,
-    pub hidden: usize,
-}
-
-impl Mlp {
-    fn load(
-        device: &wgpu::Device,
-        weights: &ModelWeights,
-        prefix: &str,
-        num: usize,
-        cfg: &ModelConfig,
-    ) -> Result<Self, ModelError> {
-        let (d, m) = (cfg.hidden_size, cfg.mlp_dim);
-        let part = |name: &str, len: usize| -> Result<wgpu::Buffer, ModelError> {
-            let full = format!("{prefix}/{name}");
-            let data = get(weights, &full)?;
-            if data.len() != len {
-                return Err(ModelError::Tensor(format!(
-                    "`{full}` has {} values, expected {len}",
-                    data.len()
-                )));
-            }
-            Ok(upload(device, &full, data))
-        };
-        Ok(Self {
-            w0: part("Dense_0/kernel", num * d * m)?,
-            b0: part("Dense_0/bias", num * m)?,
-            w1: part("Dense_1/kernel", num * m * d)?,
-            b1: part("Dense_1/bias", num * d)?,
-            dim: d,
-            hidden: m,
-        })
-    }
-
-    /// `out (+)= MLP_j(x_j)` over `outer × num` batches of `rows` rows; `x` is
-    /// `[outer, num, rows, d]`, MLP `j` serves batch `(·, j)`. `hidden` is scratch.
-    #[allow(clippy::too_many_arguments)]
-    pub fn encode(
-        &self,
-        rec: &mut Recorder<'_>,
-        x: &wgpu::Buffer,
-        hidden: &wgpu::Buffer,
-        out: &wgpu::Buffer,
-        outer: usize,
-        num: usize,
-        rows: usize,
-        accumulate: bool,
-    ) {
-        let (d, m) = (self.dim, self.hidden);
-        let up = Matmul {
-            outer,
-            inner: num,
-            a_so: num * rows * d,
-            a_si: rows * d,
-            b_si: d * m,
-            c_so: num * rows * m,
-            c_si: rows * m,
-            bias_si: m,
-            ..Matmul::plain(rows, d, m).with_bias().act(Activation::Gelu)
-        };
-        rec.matmul(up, x, &self.w0, Some(&self.b0), hidden);
-        let mut down = Matmul {
-            outer,
-            inner: num,
-            a_so: num * rows * m,
-            a_si: rows * m,
-            b_si: m * d,
-            c_so: num * rows * d,
-            c_si: rows * d,
-            bias_si: d,
-            ..Matmul::plain(rows, m, d).with_bias()
-        };
-        down.accumulate = accumulate;
-        rec.matmul(down, hidden, &self.w1, Some(&self.b1), out);
-    }
-}
 
 enum Ffn {
     Dense(Mlp),
@@ -224,102 +39,6 @@ struct Block {
     out: Linear,
     ln1: LayerNorm,
     ffn: Ffn,
-}
-
-/// Records kernels into a command encoder; a host read submits what is recorded so far.
-pub(crate) struct Recorder<'a> {
-    pub ctx: &'a GpuContext,
-    encoder: Option<wgpu::CommandEncoder>,
-    params: ParamArena,
-}
-
-impl<'a> Recorder<'a> {
-    pub fn new(ctx: &'a GpuContext) -> Self {
-        Self {
-            ctx,
-            encoder: None,
-            params: ParamArena::new(&ctx.device),
-        }
-    }
-
-    pub fn encoder(&mut self) -> &mut wgpu::CommandEncoder {
-        self.encoder.get_or_insert_with(|| {
-            self.ctx
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("run") })
-        })
-    }
-
-    pub fn launch(
-        &mut self,
-        k: Kernel,
-        params: &[u32],
-        buffers: &[&wgpu::Buffer],
-        groups: [u32; 3],
-    ) {
-        let ctx = self.ctx;
-        let enc = self.encoder.get_or_insert_with(|| {
-            ctx.device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("run") })
-        });
-        let binding = self.params.push(&ctx.device, params);
-        ctx.kernels
-            .launch_with(&ctx.device, enc, k, binding, buffers, groups);
-    }
-
-    pub fn matmul(
-        &mut self,
-        mm: Matmul,
-        a: &wgpu::Buffer,
-        b: &wgpu::Buffer,
-        bias: Option<&wgpu::Buffer>,
-        c: &wgpu::Buffer,
-    ) {
-        let (kernel, params, groups) = mm.params(self.ctx.tiled_matmul);
-        let unused = &self.ctx.kernels.dummy;
-        self.launch(kernel, &params, &[a, b, bias.unwrap_or(unused), c], groups);
-    }
-
-    pub fn copy(&mut self, src: &wgpu::Buffer, dst: &wgpu::Buffer, len: usize) {
-        self.encoder()
-            .copy_buffer_to_buffer(src, 0, dst, 0, (len * 4) as u64);
-    }
-
-    /// Submits everything recorded and reads `len` words of each buffer.
-    pub fn read(&mut self, reads: &[(&wgpu::Buffer, usize)]) -> Result<Vec<Vec<u32>>, GpuError> {
-        let enc = match self.encoder.take() {
-            Some(e) => e,
-            None => self
-                .ctx
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("read"),
-                }),
-        };
-        self.params.flush(&self.ctx.queue);
-        super::kernels::read_words(&self.ctx.device, &self.ctx.queue, enc, reads)
-    }
-}
-
-/// Per-run buffers by name, reused while they are large enough.
-#[derive(Default)]
-pub(crate) struct Workspace {
-    buffers: HashMap<String, (wgpu::Buffer, usize)>,
-}
-
-impl Workspace {
-    /// A buffer of at least `len` values named `name` (its contents are undefined).
-    pub fn get(&mut self, device: &wgpu::Device, name: &str, len: usize) -> wgpu::Buffer {
-        let len = len.max(4);
-        match self.buffers.get(name) {
-            Some((b, have)) if *have >= len => b.clone(),
-            _ => {
-                let b = storage(device, name, len);
-                self.buffers.insert(name.to_string(), (b.clone(), len));
-                b
-            }
-        }
-    }
 }
 
 /// A ViT-MoE resident on a GPU.
@@ -349,27 +68,25 @@ impl GpuVitMoe {
         ctx: &GpuContext,
         config: &ModelConfig,
         weights: &ModelWeights,
-    ) -> Result<Self, ModelError> {
+    ) -> Result<Self, GpuError> {
         config.validate()?;
         let cfg = config;
         if cfg.seq_len() > MAX_TOKENS {
-            return Err(GpuError::Model(format!(
+            return Err(GpuError::Failed(format!(
                 "{} tokens per image; the attention kernel holds at most {MAX_TOKENS}",
                 cfg.seq_len()
-            ))
-            .into());
+            )));
         }
         let device = &ctx.device;
         let limit = device.limits().max_storage_buffer_binding_size as usize;
         if let Some((name, t)) = weights.iter().find(|(_, t)| t.data.len() * 4 > limit) {
-            return Err(GpuError::Model(format!(
+            return Err(GpuError::Failed(format!(
                 "tensor `{name}` takes {} MiB ({} bytes); `{}` binds at most {} bytes per buffer",
                 (t.data.len() * 4) >> 20,
                 t.data.len() * 4,
                 ctx.info.name,
                 limit
-            ))
-            .into());
+            )));
         }
         let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -386,7 +103,8 @@ impl GpuVitMoe {
                 "`Encoder/posembed_input/pos_embedding` has {} values, expected {}x{d}",
                 pos.len(),
                 cfg.seq_len()
-            )));
+            ))
+            .into());
         }
         let pos_embedding = upload(device, "pos_embedding", pos);
         let hd = cfg.num_heads * cfg.head_dim();
@@ -409,7 +127,8 @@ impl GpuVitMoe {
                 if k.len() != d * hd {
                     return Err(ModelError::Tensor(format!(
                         "`{att}`: projection kernels must be {d}x{hd}"
-                    )));
+                    ))
+                    .into());
                 }
             }
             for r in 0..d {
@@ -470,7 +189,7 @@ impl GpuVitMoe {
             pollster::block_on(oom.pop()),
         ];
         if let Some(e) = errors.into_iter().flatten().next() {
-            return Err(GpuError::Device(format!("uploading the weights: {e}")).into());
+            return Err(GpuError::Device(format!("uploading the weights: {e}")));
         }
         Ok(Self {
             ctx: ctx.clone(),
@@ -502,11 +221,11 @@ impl GpuVitMoe {
         &self,
         images: &[Vec<f32>],
         opts: &RunOptions,
-    ) -> Result<ForwardOutput, ModelError> {
+    ) -> Result<ForwardOutput, GpuError> {
         let cfg = &self.config;
         let b = images.len();
         if b == 0 {
-            return Err(ModelError::Config("no images to run".into()));
+            return Err(ModelError::Config("no images to run".into()).into());
         }
         check_run_options(cfg, |n| self.param_names.contains(n), opts, b)?;
         let [h, w] = cfg.image_size;
@@ -516,16 +235,17 @@ impl GpuVitMoe {
                 "image {i} has {} values, expected {h}x{w}x{} = {px}",
                 img.len(),
                 cfg.channels
-            )));
+            ))
+            .into());
         }
         let out = ForwardOutput {
             probs: Vec::new(),
             records: Vec::new(),
             options: opts.clone(),
             inputs: images.into(),
-            resume: Resume::Gpu(Vec::new()),
+            resume: Resume::Pending,
         };
-        self.run(out, None, &[])
+        self.run(out, Vec::new(), None, &[])
     }
 
     /// A what-if, as [`VitMoe::rerun`](crate::model::VitMoe::rerun); an output computed on
@@ -534,7 +254,7 @@ impl GpuVitMoe {
         &self,
         prev: &ForwardOutput,
         opts: &RunOptions,
-    ) -> Result<ForwardOutput, ModelError> {
+    ) -> Result<ForwardOutput, GpuError> {
         let batch = prev.probs.len();
         check_run_options(&self.config, |n| self.param_names.contains(n), opts, batch)?;
         let Some(first) = opts.first_change_from(&prev.options) else {
@@ -543,8 +263,8 @@ impl GpuVitMoe {
                 ..prev.clone()
             });
         };
-        let Resume::Gpu(saved) = &prev.resume else {
-            // Computed on the CPU: start over here from the same images.
+        let Some(GpuResume(saved)) = prev.backend_state::<GpuResume>() else {
+            // Computed on another backend: start over here from the same images.
             return self.forward(&prev.inputs, opts);
         };
         let out = ForwardOutput {
@@ -552,40 +272,51 @@ impl GpuVitMoe {
             records: prev.records[..first].to_vec(),
             options: opts.clone(),
             inputs: prev.inputs.clone(),
-            resume: Resume::Gpu(saved[..first].to_vec()),
+            resume: Resume::Pending,
         };
-        self.run(out, Some((first, saved[first].clone())), &[])
+        self.run(
+            out,
+            saved[..first].to_vec(),
+            Some((first, saved[first].clone())),
+            &[],
+        )
     }
 
-    /// Runs from the input (`resume` = None) or from MoE layer `resume.0` with its saved residual.
-    /// `cpu_sinkhorn` lists MoE layers whose Sinkhorn plan must be computed on the host (the
-    /// GPU's kernel-mode iterations failed there on an earlier try).
+    /// Runs from the input (`resume` = None) or from MoE layer `resume.0` with its saved residual;
+    /// `saved` holds the residuals of the MoE layers before it. `cpu_sinkhorn` lists MoE layers
+    /// whose Sinkhorn plan must be computed on the host (the GPU's kernel-mode iterations failed
+    /// there on an earlier try).
     fn run(
         &self,
         mut out: ForwardOutput,
+        saved: Vec<wgpu::Buffer>,
         resume: Option<(usize, wgpu::Buffer)>,
         cpu_sinkhorn: &[usize],
-    ) -> Result<ForwardOutput, ModelError> {
+    ) -> Result<ForwardOutput, GpuError> {
         let template = out.clone();
         let device = &self.ctx.device;
         let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let result = self.encode_run(&mut out, resume.clone(), cpu_sinkhorn);
+        let mut residuals = saved.clone();
+        let result = self.encode_run(&mut out, &mut residuals, resume.clone(), cpu_sinkhorn);
         let errors = [
             pollster::block_on(validation.pop()),
             pollster::block_on(oom.pop()),
         ];
         if let Some(e) = errors.into_iter().flatten().next() {
-            return Err(GpuError::Command(e.to_string()).into());
+            return Err(GpuError::Command(e.to_string()));
         }
         match result? {
             Some(failed) => {
                 // Retry with those layers' plans from the host (spec §5.8 log-domain fallback).
                 let mut layers = cpu_sinkhorn.to_vec();
                 layers.extend(failed);
-                self.run(template, resume, &layers)
+                self.run(template, saved, resume, &layers)
             }
-            None => Ok(out),
+            None => {
+                out.resume = Resume::Backend(Arc::new(GpuResume(residuals)));
+                Ok(out)
+            }
         }
     }
 
@@ -594,9 +325,10 @@ impl GpuVitMoe {
     fn encode_run(
         &self,
         out: &mut ForwardOutput,
+        residuals: &mut Vec<wgpu::Buffer>,
         resume: Option<(usize, wgpu::Buffer)>,
         cpu_sinkhorn: &[usize],
-    ) -> Result<Option<Vec<usize>>, ModelError> {
+    ) -> Result<Option<Vec<usize>>, GpuError> {
         let cfg = &self.config;
         let ctx = &self.ctx;
         let device = &ctx.device;
@@ -604,7 +336,7 @@ impl GpuVitMoe {
         let (s, d) = (cfg.seq_len(), cfg.hidden_size);
         let bs = b * s;
         let mut ws = self.workspace.lock().map_err(|_| {
-            GpuError::Model("the GPU workspace was poisoned by a failed run".into())
+            GpuError::Failed("the GPU workspace was poisoned by a failed run".into())
         })?;
         let hd = cfg.num_heads * cfg.head_dim();
         let x = ws.get(device, "x", bs * d);
@@ -698,9 +430,7 @@ impl GpuVitMoe {
                     let li = out.records.len() + pending.len();
                     let saved = storage(device, "moe input", bs * d);
                     rec.copy(&x, &saved, bs * d);
-                    if let Resume::Gpu(v) = &mut out.resume {
-                        v.push(saved);
-                    }
+                    residuals.push(saved);
                     let router = &out.options.routers[li];
                     let p = encode_moe(
                         &mut rec,
@@ -775,4 +505,18 @@ impl GpuVitMoe {
         }
         Ok((!failed.is_empty()).then_some(failed))
     }
+}
+
+impl Forward for GpuVitMoe {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn forward(&self, images: &[Vec<f32>], opts: &RunOptions) -> Result<ForwardOutput, ModelError> {
+        Ok(GpuVitMoe::forward(self, images, opts)?)
+    }
+}
+
+/// Whether the GPU backend computed `out` (so a what-if from it resumes on the GPU).
+pub fn computed_on_gpu(out: &ForwardOutput) -> bool {
+    out.backend_state::<GpuResume>().is_some()
 }

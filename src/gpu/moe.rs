@@ -9,11 +9,10 @@
 //! does, and uploads the plan; selection, dispatch and combine stay on the GPU. Sinkhorn runs on the GPU in kernel mode; a group whose
 //! iterations fail (spec §5.8) is re-solved on the host in the log domain and the layer re-run.
 
-use eframe::egui_wgpu::wgpu;
-
-use super::context::GpuError;
+use super::error::GpuError;
 use super::kernels::{Kernel, Matmul, as_f32, as_i32, flat_groups, row_groups, upload};
-use super::model::{Mlp, Recorder, Workspace};
+use super::layers::Mlp;
+use super::recorder::{Recorder, Workspace};
 use crate::model::{GroupRecord, ModelError, MoeLayerRecord};
 use crate::routing::expert_choice::expert_choice_assignment;
 use crate::routing::ops::softmax_rows;
@@ -117,7 +116,7 @@ pub(crate) fn encode_moe(
     group_images: usize,
     bf16: bool,
     host_sinkhorn: bool,
-) -> Result<LayerPending, ModelError> {
+) -> Result<LayerPending, GpuError> {
     let device = rec.ctx.device.clone();
     let device = &device;
     let (d, m, e) = (moe.experts.dim, moe.experts.hidden, moe.num_experts);
@@ -397,13 +396,13 @@ pub(crate) fn encode_moe(
 pub(crate) fn finish_layer(
     p: LayerPending,
     words: Vec<Vec<u32>>,
-) -> Result<Result<MoeLayerRecord, usize>, ModelError> {
+) -> Result<Result<MoeLayerRecord, usize>, GpuError> {
     let (n, e, c) = (p.n, p.e, p.c);
     let mut words = words.into_iter();
     let mut next = || {
         words
             .next()
-            .ok_or_else(|| ModelError::from(GpuError::Model("missing readback".into())))
+            .ok_or_else(|| GpuError::Failed("missing readback".into()))
     };
     let mut groups = Vec::with_capacity(p.groups);
     let result = |assignment, aux, solver| RoutingResult {

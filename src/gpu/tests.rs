@@ -4,15 +4,13 @@
 
 use std::sync::OnceLock;
 
-use eframe::egui_wgpu::wgpu;
-
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
 use super::kernels::{Activation, Kernel, Matmul, as_f32, as_i32, flat_groups, row_groups, upload};
-use super::model::Recorder;
 use super::parity::compare;
+use super::recorder::Recorder;
 use super::*;
 use crate::model::tests::tiny_config;
 use crate::model::{RunOptions, VitMoe, gelu, random_weights};
@@ -487,7 +485,7 @@ fn model_parity(ctx: &GpuContext) {
             }
             let a = cpu.forward(&imgs, &opts).unwrap();
             let b = gpu.forward(&imgs, &opts).unwrap();
-            assert!(b.on_gpu());
+            assert!(super::computed_on_gpu(&b));
             let r = compare(&a, &b);
             assert!(r.max_prob_diff < 1e-4, "{kind:?} group {group}: {r:?}");
             assert_eq!(r.mismatches, 0, "{kind:?} group {group}: {r:?}");

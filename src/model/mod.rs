@@ -18,7 +18,7 @@ pub use image_input::{
 };
 pub use kernels::gelu;
 pub use presets::{FASHION_MNIST_CLASSES, PRESETS, preset, preset_router};
-pub use vit::{ForwardOutput, GroupRecord, MoeLayerRecord, RunOptions, VitMoe};
+pub use vit::{Forward, ForwardOutput, GroupRecord, MoeLayerRecord, RunOptions, VitMoe};
 pub use vmoe_presets::{
     CIFAR10_CLASSES, VMOE_TRAINED_GROUP_IMAGES, imagenet1k_classes, load_vmoe, match_vmoe_preset,
     vmoe_presets,
@@ -46,8 +46,9 @@ pub enum ModelError {
     Routing(#[from] RoutingError),
     #[error("tensor computation: {0}")]
     Candle(#[from] candle_core::Error),
+    /// A failure of the backend that ran the model (for the GPU backend, its `GpuError`).
     #[error(transparent)]
-    Gpu(#[from] crate::gpu::GpuError),
+    Backend(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Whether `path` names a vmoe checkpoint (its `.index` file) rather than safetensors.

@@ -8,10 +8,9 @@
 //! residual stream entering each MoE sublayer is kept, so a router what-if re-runs only from the
 //! first MoE layer whose routing changed ([`VitMoe::rerun`]).
 
+use std::any::Any;
 use std::collections::BTreeSet;
 use std::sync::Arc;
-
-use eframe::egui_wgpu::wgpu;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -278,17 +277,38 @@ pub struct ForwardOutput {
     pub(crate) resume: Resume,
 }
 
-/// Where a what-if resumes from: candle tensors, or GPU buffers of the backend that ran.
-#[derive(Clone, Debug)]
+/// Where a what-if resumes from: the candle tensors of this model, or the state of another
+/// backend that computed the output (opaque here: that backend owns its type and downcasts it).
+#[derive(Clone)]
 pub(crate) enum Resume {
+    /// Not yet known: a run in progress on another backend.
+    Pending,
     Cpu(Vec<Tensor>),
-    Gpu(Vec<wgpu::Buffer>),
+    Backend(Arc<dyn Any + Send + Sync>),
+}
+
+impl std::fmt::Debug for Resume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Pending => f.write_str("Pending"),
+            Self::Cpu(saved) => f.debug_tuple("Cpu").field(&saved.len()).finish(),
+            Self::Backend(_) => f.write_str("Backend(..)"),
+        }
+    }
 }
 
 impl ForwardOutput {
-    /// Which backend computed this output.
-    pub fn on_gpu(&self) -> bool {
-        matches!(self.resume, Resume::Gpu(_))
+    /// Whether the candle model computed this output (else another backend did).
+    pub fn on_cpu(&self) -> bool {
+        matches!(self.resume, Resume::Cpu(_))
+    }
+
+    /// The resume state of the backend that computed this output, if it is a `T`.
+    pub(crate) fn backend_state<T: Any>(&self) -> Option<&T> {
+        match &self.resume {
+            Resume::Backend(state) => state.downcast_ref(),
+            Resume::Pending | Resume::Cpu(_) => None,
+        }
     }
 }
 
@@ -335,6 +355,22 @@ pub(crate) fn check_run_options(
         check_router_params(&has_param, *block, router.kind)?;
     }
     Ok(())
+}
+
+/// Anything that runs the ViT-MoE forward pass: this candle model, or a backend built on top of
+/// the model layer (the GPU model, the engine that picks a device).
+pub trait Forward {
+    fn config(&self) -> &ModelConfig;
+    fn forward(&self, images: &[Vec<f32>], opts: &RunOptions) -> Result<ForwardOutput, ModelError>;
+}
+
+impl Forward for VitMoe {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn forward(&self, images: &[Vec<f32>], opts: &RunOptions) -> Result<ForwardOutput, ModelError> {
+        VitMoe::forward(self, images, opts)
+    }
 }
 
 /// A loaded ViT-MoE.
@@ -495,7 +531,7 @@ impl VitMoe {
             });
         };
         let Resume::Cpu(saved) = &prev.resume else {
-            // Computed on the GPU: start over here from the same images.
+            // Computed by another backend: start over here from the same images.
             return self.forward(&prev.inputs, opts);
         };
         let block = prev.records[first].block;

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::TrainError;
 use super::data::Dataset;
-use crate::backend::Forward;
+use crate::model::Forward;
 use crate::model::RunOptions;
 use crate::routing::Assignment;
 

@@ -2,9 +2,9 @@
 //! factor after rounding), Batch Priority Routing, solver iterations, routing group, layer and
 //! overlay options. Returns whether anything that changes the routing changed.
 
-use crate::app::catalog::builtin_model;
 use crate::app::settings::{GroupMode, LayerView, ModelMode, Settings};
 use crate::backend::DeviceChoice;
+use crate::catalog::builtin_model;
 use crate::figures::Palette;
 use crate::model::ModelConfig;
 use crate::routing::{CapacityRounding, RouterFamily, RouterKind};

@@ -1,0 +1,8 @@
+//! The window's panels, one file each, as `RouterscopeApp` methods that `layout.rs` places.
+
+mod central;
+mod comparison;
+mod controls;
+mod details;
+mod gallery;
+mod top_bar;

@@ -1,0 +1,135 @@
+//! Handling the worker's replies: decoded images become textures, opened checkpoints become the
+//! current model, finished runs and comparisons replace the shown ones (stale ones are dropped).
+
+use std::time::{Duration, Instant};
+
+use crate::app::settings::{LayerView, ModelMode};
+use crate::app::worker::Reply;
+use crate::app::{CurrentModel, RouterscopeApp, ViewImage};
+use crate::catalog;
+
+impl RouterscopeApp {
+    /// Handles every reply that has arrived.
+    pub fn poll_worker(&mut self, ctx: &egui::Context) {
+        while let Some(reply) = self.worker.try_recv() {
+            self.handle(ctx, reply);
+        }
+    }
+
+    /// Blocks until the worker has answered everything sent so far (tests, screenshots).
+    pub fn wait_idle(&mut self, ctx: &egui::Context, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.in_flight > 0 || self.run_started.is_some() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match self.worker.recv_timeout(left) {
+                Some(r) => self.handle(ctx, r),
+                None => return false,
+            }
+        }
+        true
+    }
+
+    pub(super) fn handle(&mut self, ctx: &egui::Context, reply: Reply) {
+        match reply {
+            Reply::Images(list) => {
+                self.in_flight = self.in_flight.saturating_sub(1);
+                let had = self.images.len();
+                for item in list {
+                    match item {
+                        Ok(d) => {
+                            let id = self.next_image_id;
+                            self.next_image_id += 1;
+                            let texture = ctx.load_texture(
+                                format!("image-{id}"),
+                                d.display,
+                                egui::TextureOptions::NEAREST,
+                            );
+                            let thumbnail = ctx.load_texture(
+                                format!("thumb-{id}"),
+                                d.thumbnail,
+                                egui::TextureOptions::LINEAR,
+                            );
+                            let is_sample = d.path.starts_with(catalog::assets_dir());
+                            if !is_sample && !self.settings.image_paths.contains(&d.path) {
+                                self.settings.image_paths.push(d.path.clone());
+                            }
+                            self.images.push(ViewImage {
+                                id,
+                                path: d.path,
+                                name: d.name,
+                                image: d.image,
+                                texture,
+                                thumbnail,
+                            });
+                        }
+                        Err(e) => self.errors.push(format!("cannot open image: {e}")),
+                    }
+                }
+                if self.images.len() > had {
+                    if had > 0 {
+                        // Show the first newly opened image.
+                        self.settings.current_image = had;
+                    }
+                    self.request_run();
+                }
+            }
+            Reply::ModelOpened(res) => {
+                self.in_flight = self.in_flight.saturating_sub(1);
+                let user = self.opening.take().is_some_and(|(_, u)| u);
+                match res {
+                    Ok((path, config)) => {
+                        let trained = !catalog::is_random_stand_in(&path);
+                        if user {
+                            self.settings.mode = ModelMode::WhatIf;
+                            self.settings.model_path = Some(path.clone());
+                            if let Some(m) = &config.moe {
+                                self.settings.router = m.router.kind;
+                            }
+                        }
+                        if let LayerView::One(i) = self.settings.layer {
+                            let layers = config.moe.as_ref().map_or(0, |m| m.layers.len());
+                            if i >= layers {
+                                self.settings.layer = LayerView::One(0);
+                            }
+                        }
+                        self.model = Some(CurrentModel {
+                            path,
+                            config: *config,
+                            trained,
+                        });
+                        self.run_error = None;
+                        self.request_run();
+                    }
+                    Err(e) => self.errors.push(format!("cannot open checkpoint: {e}")),
+                }
+            }
+            Reply::Ran(r) => {
+                if r.id == self.latest_run {
+                    self.run_started = None;
+                    self.run_error = None;
+                    self.result_batch = std::mem::take(&mut self.pending_batch);
+                    self.device_label = r.device.clone();
+                    if let Some(n) = &r.notice {
+                        self.device_notice = Some(n.clone());
+                    }
+                    self.result = Some(r);
+                }
+            }
+            Reply::Compared { id, entries } => {
+                self.in_flight = self.in_flight.saturating_sub(1);
+                if id == self.latest_compare {
+                    self.comparison = Some((self.compare_image, entries));
+                }
+            }
+            Reply::RunFailed { id, error } => {
+                if id == self.latest_run {
+                    self.run_started = None;
+                    self.run_error = Some(error);
+                }
+            }
+        }
+    }
+}
