@@ -21,6 +21,7 @@ pub mod catalog;
 pub mod figures;
 pub mod gpu;
 pub mod model;
+pub mod moefy;
 pub mod routing;
 pub mod runtime;
 pub mod tensor_io;

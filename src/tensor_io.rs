@@ -36,6 +36,13 @@ pub enum TensorIoError {
         found: Vec<usize>,
         expected: String,
     },
+    #[error("{path}: tensor `{name}` has {value} at index {index:?}, beyond f16's range (±65504)")]
+    BeyondF16 {
+        path: PathBuf,
+        name: String,
+        value: f32,
+        index: Vec<usize>,
+    },
     #[error("{path}: tensor `{name}` has a non-finite value ({value}) at index {index:?}")]
     NonFinite {
         path: PathBuf,
@@ -120,26 +127,52 @@ impl TensorFile {
     /// Reads tensor `name` as f32, checking dtype and that every value is finite.
     /// `expected` describes the tensor for the "missing" message (e.g. "f32 [n, e]").
     pub fn f32(&self, name: &str, expected: &str) -> Result<F32Tensor, TensorIoError> {
+        self.read_float(name, expected, &[Dtype::F32])
+    }
+
+    /// Reads tensor `name` stored as f32, f16 or bf16, widened to f32 (exactly: every half value
+    /// is an f32), checking that every value is finite.
+    pub fn float(&self, name: &str, expected: &str) -> Result<F32Tensor, TensorIoError> {
+        self.read_float(name, expected, &[Dtype::F32, Dtype::F16, Dtype::BF16])
+    }
+
+    fn read_float(
+        &self,
+        name: &str,
+        expected: &str,
+        dtypes: &[Dtype],
+    ) -> Result<F32Tensor, TensorIoError> {
         let st = self.parsed()?;
         let view = st.tensor(name).map_err(|_| TensorIoError::Missing {
             path: self.path.clone(),
             name: name.into(),
             expected: expected.into(),
         })?;
-        if view.dtype() != Dtype::F32 {
+        if !dtypes.contains(&view.dtype()) {
+            let names: Vec<String> = dtypes.iter().map(|d| format!("{d:?}")).collect();
             return Err(TensorIoError::Dtype {
                 path: self.path.clone(),
                 name: name.into(),
                 found: format!("{:?}", view.dtype()),
-                expected: "F32".into(),
+                expected: names.join(" or "),
             });
         }
         let shape = view.shape().to_vec();
         let bytes = view.data();
-        let data: Vec<f32> = bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let data: Vec<f32> = match view.dtype() {
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            _ => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        };
         self.release(bytes);
         if let Some(at) = data.iter().position(|v| !v.is_finite()) {
             return Err(TensorIoError::NonFinite {
@@ -207,28 +240,60 @@ pub struct OutTensor<'a> {
     pub data: &'a [f32],
 }
 
-/// Borrowed little-endian f32 data for safetensors' streaming writer.
+/// How floats are stored in a written file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    #[default]
+    F32,
+    /// IEEE half precision (rounded to nearest even; finite values beyond ±65504 become ±inf and
+    /// are refused).
+    F16,
+    /// bfloat16 (f32's range, 8 bits of mantissa).
+    BF16,
+}
+
+/// Borrowed f32 data for safetensors' streaming writer, little-endian in the chosen precision.
 struct F32View<'a> {
     shape: &'a [usize],
     data: &'a [f32],
+    precision: Precision,
 }
 
 impl safetensors::View for F32View<'_> {
     fn dtype(&self) -> Dtype {
-        Dtype::F32
+        match self.precision {
+            Precision::F32 => Dtype::F32,
+            Precision::F16 => Dtype::F16,
+            Precision::BF16 => Dtype::BF16,
+        }
     }
     fn shape(&self) -> &[usize] {
         self.shape
     }
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        if cfg!(target_endian = "little") {
-            std::borrow::Cow::Borrowed(bytemuck::cast_slice(self.data))
-        } else {
-            std::borrow::Cow::Owned(self.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+        use std::borrow::Cow;
+        match self.precision {
+            Precision::F32 if cfg!(target_endian = "little") => {
+                Cow::Borrowed(bytemuck::cast_slice(self.data))
+            }
+            Precision::F32 => Cow::Owned(self.data.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            Precision::F16 => Cow::Owned(
+                (self.data.iter())
+                    .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                    .collect(),
+            ),
+            Precision::BF16 => Cow::Owned(
+                (self.data.iter())
+                    .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                    .collect(),
+            ),
         }
     }
     fn data_len(&self) -> usize {
-        self.data.len() * 4
+        match self.precision {
+            Precision::F32 => self.data.len() * 4,
+            Precision::F16 | Precision::BF16 => self.data.len() * 2,
+        }
     }
 }
 
@@ -239,7 +304,31 @@ pub fn write_f32_safetensors(
     tensors: &[OutTensor<'_>],
     metadata: HashMap<String, String>,
 ) -> Result<(), TensorIoError> {
+    write_safetensors(path, tensors, metadata, Precision::F32)
+}
+
+/// As [`write_f32_safetensors`], storing the floats in `precision`; a value that does not fit
+/// (beyond f16's range) is an error naming the tensor, and nothing is written.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[OutTensor<'_>],
+    metadata: HashMap<String, String>,
+    precision: Precision,
+) -> Result<(), TensorIoError> {
     for t in tensors {
+        if precision == Precision::F16
+            && let Some(at) = t
+                .data
+                .iter()
+                .position(|v| v.abs() > f32::from(half::f16::MAX))
+        {
+            return Err(TensorIoError::BeyondF16 {
+                path: path.to_owned(),
+                name: t.name.into(),
+                value: t.data[at],
+                index: unravel(at, &t.shape),
+            });
+        }
         if t.shape.iter().product::<usize>() != t.data.len() {
             return Err(TensorIoError::Format {
                 path: path.to_owned(),
@@ -258,6 +347,7 @@ pub fn write_f32_safetensors(
             F32View {
                 shape: &t.shape,
                 data: t.data,
+                precision,
             },
         )
     });

@@ -22,6 +22,8 @@ fn config() -> ModelConfig {
         classifier: Classifier::Token,
         representation_size: None,
         num_classes: 7,
+        gelu: Default::default(),
+        layer_scale: false,
         class_names: (0..7).map(|i| format!("class-{i}")).collect(),
         normalization: Normalization {
             mean: vec![0.5; 3],
@@ -33,6 +35,8 @@ fn config() -> ModelConfig {
             router: RouterConfig::new(RouterKind::SoftmaxTokenChoice),
             group_images: 1,
             bfloat16_dispatch: false,
+            combine: Default::default(),
+            expert_mlp_dim: None,
         }),
     }
 }

@@ -29,6 +29,8 @@ fn tiny() -> ModelConfig {
         classifier: Classifier::Token,
         representation_size: None,
         num_classes: 3,
+        gelu: Default::default(),
+        layer_scale: false,
         class_names: Vec::new(),
         normalization: Normalization {
             mean: vec![0.5; 3],
@@ -40,6 +42,8 @@ fn tiny() -> ModelConfig {
             router,
             group_images: 1,
             bfloat16_dispatch: false,
+            combine: Default::default(),
+            expert_mlp_dim: None,
         }),
     }
 }

@@ -17,8 +17,8 @@ use super::moe::{LayerPending, MoeWeights, SoftWeights, encode_moe, finish_layer
 use super::recorder::{Recorder, Workspace};
 use crate::model::vit::{Resume, check_run_options};
 use crate::model::{
-    Classifier, Forward, ForwardOutput, ModelConfig, ModelError, ModelWeights, RunOptions,
-    block_prefix,
+    Classifier, Combine, Forward, ForwardOutput, Gelu, ModelConfig, ModelError, ModelWeights,
+    RunOptions, block_prefix,
 };
 
 /// What a what-if resumes from on the GPU: the residual stream entering each MoE layer
@@ -71,6 +71,11 @@ impl GpuVitMoe {
     ) -> Result<Self, GpuError> {
         config.validate()?;
         let cfg = config;
+        if let Some(missing) = unsupported(cfg) {
+            return Err(GpuError::Failed(format!(
+                "the GPU backend has no {missing} yet"
+            )));
+        }
         if cfg.seq_len() > MAX_TOKENS {
             return Err(GpuError::Failed(format!(
                 "{} tokens per image; the attention kernel holds at most {MAX_TOKENS}",
@@ -240,6 +245,7 @@ impl GpuVitMoe {
         }
         let out = ForwardOutput {
             probs: Vec::new(),
+            features: Vec::new(),
             records: Vec::new(),
             options: opts.clone(),
             inputs: images.into(),
@@ -269,6 +275,7 @@ impl GpuVitMoe {
         };
         let out = ForwardOutput {
             probs: Vec::new(),
+            features: Vec::new(),
             records: prev.records[..first].to_vec(),
             options: opts.clone(),
             inputs: prev.inputs.clone(),
@@ -487,13 +494,16 @@ impl GpuVitMoe {
             row_groups(b),
         );
 
-        let mut reads: Vec<(&wgpu::Buffer, usize)> = vec![(&probs, b * classes)];
+        // `hbuf` still holds the final LayerNorm output: the features.
+        let mut reads: Vec<(&wgpu::Buffer, usize)> = vec![(&probs, b * classes), (&hbuf, bs * d)];
         for p in &pending {
             reads.extend(p.reads());
         }
         let mut words = rec.read(&reads)?.into_iter();
         let probs = as_f32(words.next().unwrap_or_default());
         out.probs = probs.chunks_exact(classes).map(<[f32]>::to_vec).collect();
+        let features = as_f32(words.next().unwrap_or_default());
+        out.features = features.chunks_exact(s * d).map(<[f32]>::to_vec).collect();
         let mut failed = Vec::new();
         for p in pending {
             let n = p.reads().len();
@@ -513,6 +523,24 @@ impl Forward for GpuVitMoe {
     }
     fn forward(&self, images: &[Vec<f32>], opts: &RunOptions) -> Result<ForwardOutput, ModelError> {
         Ok(GpuVitMoe::forward(self, images, opts)?)
+    }
+}
+
+/// What `cfg` needs that the GPU kernels do not have yet (the engine then runs on the CPU).
+fn unsupported(cfg: &ModelConfig) -> Option<&'static str> {
+    let moe = cfg.moe.as_ref();
+    if cfg.layer_scale {
+        Some("LayerScale")
+    } else if cfg.gelu != Gelu::Tanh {
+        Some("exact (erf) GELU")
+    } else if cfg.is_feature_model() {
+        Some("feature models (no classifier head)")
+    } else if moe.is_some_and(|m| m.combine != Combine::Gated) {
+        Some("unit-weight expert combine")
+    } else if moe.is_some_and(|m| m.expert_hidden(cfg.mlp_dim) != cfg.mlp_dim) {
+        Some("experts narrower than the dense MLP")
+    } else {
+        None
     }
 }
 

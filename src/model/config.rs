@@ -27,6 +27,30 @@ pub struct Normalization {
     pub std: Vec<f32>,
 }
 
+/// The GELU of the MLPs: vmoe's tanh approximation, or the exact erf form (PyTorch's default,
+/// DINOv2).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Gelu {
+    #[default]
+    Tanh,
+    Erf,
+}
+
+/// How a sparse MoE layer adds its experts' outputs back to a token.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Combine {
+    /// Weighted by the router's gates (vmoe).
+    #[default]
+    Gated,
+    /// Summed with weight 1, plus the layer's output bias `Moe/bias` once per token: the experts
+    /// are parts of one dense MLP (MoEfication), so with every expert chosen the layer is that
+    /// MLP. It belongs to the model: router, k and capacity what-ifs keep it. Soft MoE always
+    /// mixes by its combine weights.
+    Unit,
+}
+
 /// The MoE part: which blocks, how many experts, which router.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MoeConfig {
@@ -42,6 +66,19 @@ pub struct MoeConfig {
     /// `Bfloat16Dispatcher`, always on for its Soft MoE runs).
     #[serde(default)]
     pub bfloat16_dispatch: bool,
+    /// How expert outputs are combined.
+    #[serde(default)]
+    pub combine: Combine,
+    /// Hidden units per expert (default: the model's `mlp_dim`).
+    #[serde(default)]
+    pub expert_mlp_dim: Option<usize>,
+}
+
+impl MoeConfig {
+    /// Hidden units of each expert MLP.
+    pub fn expert_hidden(&self, mlp_dim: usize) -> usize {
+        self.expert_mlp_dim.unwrap_or(mlp_dim)
+    }
 }
 
 fn one() -> usize {
@@ -66,10 +103,19 @@ pub struct ModelConfig {
     /// Optional `pre_logits` Dense + tanh before the head.
     #[serde(default)]
     pub representation_size: Option<usize>,
+    /// Classes of the head; 0 for a feature model (no head: its result is the final LayerNorm
+    /// output of every token).
     pub num_classes: usize,
     #[serde(default)]
     pub class_names: Vec<String>,
     pub normalization: Normalization,
+    /// The MLP activation.
+    #[serde(default)]
+    pub gelu: Gelu,
+    /// LayerScale (CaiT, DINOv2): a learned per-channel scale on each residual branch,
+    /// `{block}/LayerScale_0/scale` after attention and `LayerScale_1/scale` after the MLP.
+    #[serde(default)]
+    pub layer_scale: bool,
     #[serde(default)]
     pub moe: Option<MoeConfig>,
 }
@@ -91,6 +137,11 @@ impl ModelConfig {
     /// Tokens per image entering the encoder (patches, plus the CLS token if any).
     pub fn seq_len(&self) -> usize {
         self.num_patches() + usize::from(self.classifier == Classifier::Token)
+    }
+
+    /// Whether this is a feature model (no classifier head).
+    pub fn is_feature_model(&self) -> bool {
+        self.num_classes == 0
     }
 
     pub fn head_dim(&self) -> usize {
@@ -132,9 +183,12 @@ impl ModelConfig {
                 "image size {h}x{w} must be a positive multiple of the patch size {ph}x{pw}"
             ));
         }
-        if self.channels == 0 || self.hidden_size == 0 || self.mlp_dim == 0 || self.num_classes == 0
+        if self.channels == 0 || self.hidden_size == 0 || self.mlp_dim == 0 || self.num_layers == 0
         {
-            return bad("channels, hidden_size, mlp_dim and num_classes must be positive".into());
+            return bad("channels, hidden_size, mlp_dim and num_layers must be positive".into());
+        }
+        if self.is_feature_model() && self.representation_size.is_some() {
+            return bad("a feature model (num_classes 0) has no pre_logits layer".into());
         }
         if self.num_heads == 0 || !self.hidden_size.is_multiple_of(self.num_heads) {
             return bad(format!(
@@ -162,8 +216,11 @@ impl ModelConfig {
             ));
         }
         if let Some(moe) = &self.moe {
-            if moe.num_experts == 0 || moe.group_images == 0 {
-                return bad("moe.num_experts and moe.group_images must be positive".into());
+            if moe.num_experts == 0 || moe.group_images == 0 || moe.expert_mlp_dim == Some(0) {
+                return bad(
+                    "moe.num_experts, moe.group_images and moe.expert_mlp_dim must be positive"
+                        .into(),
+                );
             }
             if let Some(&l) = moe.layers.iter().find(|&&l| l >= self.num_layers) {
                 return bad(format!(

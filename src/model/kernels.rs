@@ -5,6 +5,8 @@
 
 use rayon::prelude::*;
 
+use super::config::Gelu;
+
 /// GELU, tanh approximation, written as `x·σ(2u)` (identical to `0.5·x·(1 + tanh u)`) so it costs
 /// one `exp` instead of a `tanh`.
 #[inline]
@@ -12,6 +14,22 @@ pub fn gelu(x: f32) -> f32 {
     const TWO_SQRT_2_OVER_PI: f32 = 1.595_769;
     let u2 = TWO_SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
     x / (1.0 + (-u2).exp())
+}
+
+/// GELU, exact: `0.5·x·(1 + erf(x/√2))` (PyTorch's default, DINOv2's MLPs).
+#[inline]
+pub fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+impl Gelu {
+    /// The activation as a function.
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Gelu::Tanh => gelu(x),
+            Gelu::Erf => gelu_erf(x),
+        }
+    }
 }
 
 /// `dst[rows, n] = a[rows, k] @ b[k, n]` (all row-major), single-threaded or with `threads`.
@@ -63,6 +81,7 @@ pub struct StackedMlp {
     pub b0: Vec<f32>,
     pub w1: Vec<f32>,
     pub b1: Vec<f32>,
+    pub act: Gelu,
 }
 
 impl StackedMlp {
@@ -90,8 +109,12 @@ impl StackedMlp {
             );
             let b0 = &self.b0[j * m..(j + 1) * m];
             for row in h.chunks_exact_mut(m) {
-                for (v, &b) in row.iter_mut().zip(b0) {
-                    *v = gelu(*v + b);
+                match self.act {
+                    Gelu::Tanh => row.iter_mut().zip(b0).for_each(|(v, &b)| *v = gelu(*v + b)),
+                    Gelu::Erf => row
+                        .iter_mut()
+                        .zip(b0)
+                        .for_each(|(v, &b)| *v = gelu_erf(*v + b)),
                 }
             }
             matmul(out_j, &h, &self.w1[j * m * d..], rows, m, d, inner);
@@ -127,6 +150,24 @@ mod tests {
         assert_eq!(gelu(1000.0), 1000.0);
     }
 
+    /// The exact GELU against values of `0.5·x·(1 + erf(x/√2))` computed in double precision.
+    #[test]
+    fn exact_gelu_matches_the_erf_form() {
+        for (x, want) in [
+            (-3.0f32, -0.004_049_694_1f64),
+            (-1.0, -0.158_655_253_9),
+            (0.5, 0.345_731_230_6),
+            (1.0, 0.841_344_746_1),
+            (2.5, 2.484_475_836_7),
+        ] {
+            let got = gelu_erf(x) as f64;
+            assert!((got - want).abs() < 1e-6, "x {x}: {got} vs {want}");
+        }
+        assert_eq!(Gelu::Erf.apply(0.0), 0.0);
+        // The two forms differ where the tanh approximation is least exact.
+        assert!((gelu_erf(-1.5) - gelu(-1.5)).abs() > 1e-5);
+    }
+
     #[test]
     fn stacked_mlp_matches_a_naive_loop() {
         let (e, rows, d, m) = (3, 5, 4, 6);
@@ -139,6 +180,7 @@ mod tests {
             b0: (0..e * m).map(|i| val(i + 3)).collect(),
             w1: (0..e * m * d).map(|i| val(i + 5)).collect(),
             b1: (0..e * d).map(|i| val(i + 7)).collect(),
+            act: Gelu::Tanh,
         };
         let x: Vec<f32> = (0..e * rows * d).map(|i| val(i + 11)).collect();
         let got = mlp.forward(&x, rows);

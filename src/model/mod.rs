@@ -12,11 +12,13 @@ pub mod vmoe_format;
 mod vmoe_presets;
 mod weights;
 
-pub use config::{CONFIG_METADATA_KEY, Classifier, ModelConfig, MoeConfig, Normalization};
+pub use config::{
+    CONFIG_METADATA_KEY, Classifier, Combine, Gelu, ModelConfig, MoeConfig, Normalization,
+};
 pub use image_input::{
     MAX_DECODE_BYTES, MAX_IMAGE_SIDE, decode_image, decode_image_bytes, load_image, preprocess,
 };
-pub use kernels::gelu;
+pub use kernels::{gelu, gelu_erf};
 pub use presets::{FASHION_MNIST_CLASSES, PRESETS, preset, preset_router};
 pub use vit::{Forward, ForwardOutput, GroupRecord, MoeLayerRecord, RunOptions, VitMoe};
 pub use vmoe_presets::{
@@ -26,6 +28,7 @@ pub use vmoe_presets::{
 pub use weights::{
     FORMAT_METADATA_KEY, FORMAT_NAME, ModelWeights, TensorSpec, block_prefix, check_router_params,
     check_tensors, expected_tensors, load_checkpoint, random_weights, save_checkpoint,
+    save_checkpoint_as,
 };
 
 use crate::routing::RoutingError;

@@ -49,6 +49,8 @@ pub fn preset(name: &str, kind: RouterKind) -> Option<ModelConfig> {
             classifier: Classifier::Token,
             representation_size: None,
             num_classes: 10,
+            gelu: Default::default(),
+            layer_scale: false,
             class_names: FASHION_MNIST_CLASSES
                 .iter()
                 .map(|s| s.to_string())
@@ -63,6 +65,8 @@ pub fn preset(name: &str, kind: RouterKind) -> Option<ModelConfig> {
                 router: preset_router(kind, 8),
                 group_images: 1,
                 bfloat16_dispatch: false,
+                combine: Default::default(),
+                expert_mlp_dim: None,
             }),
         }),
         // ViT-S/16 at 224 px with MoE in the last 6 blocks and 32 experts (the paper's count).
@@ -78,6 +82,8 @@ pub fn preset(name: &str, kind: RouterKind) -> Option<ModelConfig> {
             classifier: Classifier::Token,
             representation_size: None,
             num_classes: 1000,
+            gelu: Default::default(),
+            layer_scale: false,
             class_names: Vec::new(),
             normalization: Normalization {
                 mean: vec![0.5; 3],
@@ -89,6 +95,8 @@ pub fn preset(name: &str, kind: RouterKind) -> Option<ModelConfig> {
                 router: preset_router(kind, 8),
                 group_images: 1,
                 bfloat16_dispatch: false,
+                combine: Default::default(),
+                expert_mlp_dim: None,
             }),
         }),
         _ => None,

@@ -24,6 +24,8 @@ pub(crate) fn tiny_config(router: RouterKind) -> ModelConfig {
         classifier: Classifier::Token,
         representation_size: None,
         num_classes: 5,
+        gelu: Default::default(),
+        layer_scale: false,
         class_names: (0..5).map(|i| format!("c{i}")).collect(),
         normalization: Normalization {
             mean: vec![0.5; 3],
@@ -35,6 +37,8 @@ pub(crate) fn tiny_config(router: RouterKind) -> ModelConfig {
             router: r,
             group_images: 1,
             bfloat16_dispatch: false,
+            combine: Default::default(),
+            expert_mlp_dim: None,
         }),
     }
 }
@@ -254,10 +258,10 @@ fn bad_files_are_errors() {
         .values()
         .map(|t| t.data.iter().flat_map(|v| v.to_le_bytes()).collect())
         .collect();
-    let half = vec![0u8; 16 * 2];
+    let wide = vec![0u8; 16 * 8];
     for ((name, t), bytes) in w.iter().zip(&raw) {
         let view = if name == "embedding/bias" {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F16, vec![16], &half).unwrap()
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F64, vec![16], &wide).unwrap()
         } else {
             safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), bytes)
                 .unwrap()
@@ -265,13 +269,71 @@ fn bad_files_are_errors() {
         tensors.push((name.clone(), view));
     }
     let meta = HashMap::from([(CONFIG_METADATA_KEY.to_string(), cfg.to_json())]);
-    let f16 = dir.path().join("f16.safetensors");
-    std::fs::write(&f16, safetensors::serialize(tensors, Some(meta)).unwrap()).unwrap();
-    let e = VitMoe::load(&f16).err().unwrap().to_string();
+    let f64_file = dir.path().join("f64.safetensors");
+    std::fs::write(
+        &f64_file,
+        safetensors::serialize(tensors, Some(meta)).unwrap(),
+    )
+    .unwrap();
+    let e = VitMoe::load(&f64_file).err().unwrap().to_string();
     assert!(
-        e.contains("tensor `embedding/bias` has dtype F16, expected F32"),
+        e.contains("tensor `embedding/bias` has dtype F64, expected F32 or F16 or BF16"),
         "{e}"
     );
+}
+
+/// Half-precision checkpoints (f16 and bf16) load widened to f32: the weights are the f32 ones
+/// rounded to that precision, the file is about half the size, and the model runs. A value
+/// beyond f16's range is refused by name, and nothing is written.
+#[test]
+fn half_precision_checkpoints_load_widened() {
+    use crate::tensor_io::Precision;
+    let cfg = tiny_config(RouterKind::SoftmaxTokenChoice);
+    let w = random_weights(&cfg, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let full = dir.path().join("f32.safetensors");
+    save_checkpoint(&full, &cfg, &w).unwrap();
+    let full_len = std::fs::metadata(&full).unwrap().len();
+    for (precision, round) in [
+        (
+            Precision::F16,
+            (|v: f32| half::f16::from_f32(v).to_f32()) as fn(f32) -> f32,
+        ),
+        (Precision::BF16, |v: f32| half::bf16::from_f32(v).to_f32()),
+    ] {
+        let path = dir.path().join(format!("{precision:?}.safetensors"));
+        save_checkpoint_as(&path, &cfg, &w, precision).unwrap();
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert!(
+            len * 10 < full_len * 6,
+            "{precision:?}: {len} vs {full_len} bytes"
+        );
+        let (c, loaded) = load_checkpoint(&path).unwrap();
+        assert_eq!(c, cfg);
+        for (name, t) in &w {
+            let got = &loaded[name];
+            assert_eq!(got.shape, t.shape, "{name}");
+            for (a, b) in got.data.iter().zip(&t.data) {
+                assert_eq!(*a, round(*b), "{precision:?} {name}");
+            }
+        }
+        let model = VitMoe::new(c, loaded).unwrap();
+        let out = model
+            .forward(&[vec![0.5; 8 * 12 * 3]], &RunOptions::from_config(&cfg))
+            .unwrap();
+        assert!(out.probs[0].iter().all(|p| p.is_finite()));
+    }
+    let mut big = w.clone();
+    big.get_mut("embedding/bias").unwrap().data[3] = 70_000.0;
+    let path = dir.path().join("big.safetensors");
+    let e = save_checkpoint_as(&path, &cfg, &big, Precision::F16)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`embedding/bias`") && e.contains("beyond f16"),
+        "{e}"
+    );
+    assert!(!path.exists());
 }
 
 #[test]
@@ -316,6 +378,8 @@ fn dense_vs_identical_experts(router: RouterConfig) {
         router: router.clone(),
         group_images: 1,
         bfloat16_dispatch: false,
+        combine: Default::default(),
+        expert_mlp_dim: None,
     });
     let mut moe_w = dense_w.clone();
     let b = "Encoder/encoderblock_1";

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use super::ModelError;
-use super::config::{Classifier, ModelConfig};
+use super::config::{Classifier, Combine, ModelConfig};
 use super::kernels::StackedMlp;
 use super::ops::{LayerNormOp, SoftmaxLastDim};
 use super::weights::{ModelWeights, block_prefix, check_router_params};
@@ -161,12 +161,14 @@ fn load_mlps(
     weights: &mut ModelWeights,
     prefix: &str,
     num: usize,
+    hidden: usize,
     cfg: &ModelConfig,
 ) -> Result<StackedMlp, ModelError> {
     Ok(StackedMlp {
         num,
         dim: cfg.hidden_size,
-        hidden: cfg.mlp_dim,
+        hidden,
+        act: cfg.gelu,
         w0: take(weights, &format!("{prefix}/Dense_0/kernel"))?,
         b0: take(weights, &format!("{prefix}/Dense_0/bias"))?,
         w1: take(weights, &format!("{prefix}/Dense_1/kernel"))?,
@@ -196,6 +198,8 @@ struct MoeLayer {
     router_kernel: Option<Tensor>,
     soft: Option<SoftParams>,
     experts: StackedMlp,
+    /// `Some(bias)` under [`Combine::Unit`]: the layer's output bias, added once per token.
+    unit_bias: Option<Vec<f32>>,
 }
 
 /// Routing of one group in one MoE layer, for the viewer.
@@ -265,8 +269,11 @@ impl RunOptions {
 /// Result of a forward pass, with what a what-if needs to resume.
 #[derive(Clone, Debug)]
 pub struct ForwardOutput {
-    /// `[B][classes]` class probabilities.
+    /// `[B][classes]` class probabilities (empty per image for a feature model).
     pub probs: Vec<Vec<f32>>,
+    /// `[B][S·d]` the final LayerNorm output of every token (token 0 is the CLS token when the
+    /// model has one): a feature model's result, the representation of any model.
+    pub features: Vec<Vec<f32>>,
     /// One record per MoE layer.
     pub records: Vec<MoeLayerRecord>,
     pub options: RunOptions,
@@ -322,6 +329,8 @@ struct EncoderBlock {
     attn: Attention,
     ln1: LayerNorm,
     ffn: Ffn,
+    /// LayerScale of the attention and the MLP branch, `[d]` each.
+    layer_scale: Option<(Tensor, Tensor)>,
 }
 
 /// Checks that `opts` can run on a model with `config` whose checkpoint has the parameters
@@ -384,7 +393,8 @@ pub struct VitMoe {
     blocks: Vec<EncoderBlock>,
     encoder_norm: LayerNorm,
     pre_logits: Option<Linear>,
-    head: Linear,
+    /// The classifier; `None` for a feature model.
+    head: Option<Linear>,
 }
 
 impl VitMoe {
@@ -411,7 +421,13 @@ impl VitMoe {
         for i in 0..cfg.num_layers {
             let b = block_prefix(i);
             let ffn = match cfg.moe.as_ref().filter(|moe| moe.layers.contains(&i)) {
-                None => Ffn::Dense(load_mlps(weights, &format!("{b}/Mlp"), 1, cfg)?),
+                None => Ffn::Dense(load_mlps(
+                    weights,
+                    &format!("{b}/Mlp"),
+                    1,
+                    cfg.mlp_dim,
+                    cfg,
+                )?),
                 Some(moe) => {
                     let e = moe.num_experts;
                     let kernel_name = format!("{b}/Moe/Router/dense/kernel");
@@ -430,20 +446,39 @@ impl VitMoe {
                         }),
                         _ => None,
                     };
+                    let unit_bias = match moe.combine {
+                        Combine::Unit => Some(take(weights, &format!("{b}/Moe/bias"))?),
+                        Combine::Gated => None,
+                    };
                     Ffn::Moe(MoeLayer {
                         block: i,
                         num_experts: e,
                         router_kernel,
                         soft,
-                        experts: load_mlps(weights, &format!("{b}/Moe/Mlp"), e, cfg)?,
+                        experts: load_mlps(
+                            weights,
+                            &format!("{b}/Moe/Mlp"),
+                            e,
+                            moe.expert_hidden(cfg.mlp_dim),
+                            cfg,
+                        )?,
+                        unit_bias,
                     })
                 }
+            };
+            let layer_scale = match cfg.layer_scale {
+                true => Some((
+                    tensor(weights, &format!("{b}/LayerScale_0/scale"), &[d])?,
+                    tensor(weights, &format!("{b}/LayerScale_1/scale"), &[d])?,
+                )),
+                false => None,
             };
             blocks.push(EncoderBlock {
                 ln0: LayerNorm::load(weights, &format!("{b}/LayerNorm_0"))?,
                 attn: Attention::load(weights, &format!("{b}/SelfAttention"), cfg)?,
                 ln1: LayerNorm::load(weights, &format!("{b}/LayerNorm_1"))?,
                 ffn,
+                layer_scale,
             });
         }
         let encoder_norm = LayerNorm::load(weights, "Encoder/encoder_norm")?;
@@ -451,7 +486,10 @@ impl VitMoe {
             Some(r) => (Some(Linear::load(weights, "pre_logits", d, r)?), r),
             None => (None, d),
         };
-        let head = Linear::load(weights, "head", head_in, cfg.num_classes)?;
+        let head = match cfg.is_feature_model() {
+            true => None,
+            false => Some(Linear::load(weights, "head", head_in, cfg.num_classes)?),
+        };
         Ok(Self {
             config,
             param_names,
@@ -477,12 +515,29 @@ impl VitMoe {
         images: &[Vec<f32>],
         opts: &RunOptions,
     ) -> Result<ForwardOutput, ModelError> {
-        let cfg = &self.config;
         let b = images.len();
         if b == 0 {
             return Err(ModelError::Config("no images to run".into()));
         }
         self.check_options(opts, b)?;
+        let x = self.embed(images)?;
+        let mut out = ForwardOutput {
+            probs: Vec::new(),
+            features: Vec::new(),
+            records: Vec::new(),
+            options: opts.clone(),
+            inputs: images.into(),
+            resume: Resume::Cpu(Vec::new()),
+        };
+        self.encode_from(x, 0, false, &mut out)?;
+        Ok(out)
+    }
+
+    /// Patch embedding, CLS token and position embedding of `images`: the encoder's input
+    /// `[B, S, d]`.
+    fn embed(&self, images: &[Vec<f32>]) -> Result<Tensor, ModelError> {
+        let cfg = &self.config;
+        let b = images.len();
         let [h, w] = cfg.image_size;
         let [ph, pw] = cfg.patch_size;
         let [gh, gw] = cfg.grid();
@@ -503,16 +558,51 @@ impl VitMoe {
         if let Some(cls) = &self.cls {
             x = Tensor::cat(&[&cls.broadcast_as((b, 1, cfg.hidden_size))?, &x], 1)?;
         }
-        let x = x.broadcast_add(&self.pos_embedding)?;
-        let mut out = ForwardOutput {
-            probs: Vec::new(),
-            records: Vec::new(),
-            options: opts.clone(),
-            inputs: images.into(),
-            resume: Resume::Cpu(Vec::new()),
-        };
-        self.encode_from(x, 0, false, &mut out)?;
-        Ok(out)
+        Ok(x.broadcast_add(&self.pos_embedding)?)
+    }
+
+    /// The MLP inputs (`LN_1` outputs, `[B·S, d]` row-major) of the dense blocks `blocks` for
+    /// `images`: what MoEfication clusters and fits its routers on. Every block up to the last
+    /// one asked for must be dense.
+    pub fn mlp_inputs(
+        &self,
+        images: &[Vec<f32>],
+        blocks: &[usize],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        if images.is_empty() {
+            return Err(ModelError::Config("no images to run".into()));
+        }
+        let last = blocks.iter().copied().max().unwrap_or(0);
+        if last >= self.blocks.len() {
+            return Err(ModelError::Config(format!(
+                "block {last} is beyond the {} blocks",
+                self.blocks.len()
+            )));
+        }
+        let mut x = self.embed(images)?;
+        let mut found = vec![Vec::new(); blocks.len()];
+        for (i, block) in self.blocks.iter().enumerate().take(last + 1) {
+            let Ffn::Dense(mlp) = &block.ffn else {
+                return Err(ModelError::Config(format!(
+                    "block {i} is already an MoE layer; MLP inputs are taken from dense blocks"
+                )));
+            };
+            let mut a = block.attn.forward(&block.ln0.forward(&x)?)?;
+            if let Some((ls0, _)) = &block.layer_scale {
+                a = a.broadcast_mul(ls0)?;
+            }
+            x = (&x + a)?;
+            let y = block.ln1.forward(&x)?;
+            for (slot, _) in blocks.iter().enumerate().filter(|(_, b)| **b == i) {
+                found[slot] = y.flatten_all()?.to_vec1()?;
+            }
+            let mut delta = dense_mlp(mlp, &y)?;
+            if let Some((_, ls1)) = &block.layer_scale {
+                delta = delta.broadcast_mul(ls1)?;
+            }
+            x = (x + delta)?;
+        }
+        Ok(found)
     }
 
     /// Re-runs `prev` with new routing options, starting at the first MoE layer whose router (or
@@ -537,6 +627,7 @@ impl VitMoe {
         let block = prev.records[first].block;
         let mut out = ForwardOutput {
             probs: Vec::new(),
+            features: Vec::new(),
             records: prev.records[..first].to_vec(),
             options: opts.clone(),
             inputs: prev.inputs.clone(),
@@ -557,7 +648,11 @@ impl VitMoe {
     ) -> Result<(), ModelError> {
         for (i, block) in self.blocks.iter().enumerate().skip(start) {
             if !(resume_at_moe && i == start) {
-                x = (&x + block.attn.forward(&block.ln0.forward(&x)?)?)?;
+                let mut a = block.attn.forward(&block.ln0.forward(&x)?)?;
+                if let Some((ls0, _)) = &block.layer_scale {
+                    a = a.broadcast_mul(ls0)?;
+                }
+                x = (&x + a)?;
             }
             let y = block.ln1.forward(&x)?;
             let delta = match &block.ffn {
@@ -574,9 +669,19 @@ impl VitMoe {
                     delta
                 }
             };
+            let delta = match &block.layer_scale {
+                Some((_, ls1)) => delta.broadcast_mul(ls1)?,
+                None => delta,
+            };
             x = (x + delta)?;
         }
         let x = self.encoder_norm.forward(&x)?;
+        let b = x.dim(0)?;
+        out.features = x.flatten_from(1)?.to_vec2()?;
+        let Some(head) = &self.head else {
+            out.probs = vec![Vec::new(); b];
+            return Ok(());
+        };
         let pooled = match self.config.classifier {
             Classifier::Token => x.narrow(1, 0, 1)?.squeeze(1)?,
             Classifier::Gap => x.mean(1)?,
@@ -585,7 +690,7 @@ impl VitMoe {
             Some(p) => p.forward(&pooled)?.tanh()?,
             None => pooled,
         };
-        let logits = self.head.forward(&pooled)?;
+        let logits = head.forward(&pooled)?;
         out.probs = softmax_last(&logits)?.to_dtype(DType::F32)?.to_vec2()?;
         Ok(())
     }
@@ -705,8 +810,13 @@ impl VitMoe {
                     for ch in rec.routing.token_choices(i) {
                         if let Some(sl) = ch.slot {
                             let src = at(ch.expert as usize, sl as usize);
+                            let gate = if moe.unit_bias.is_some() {
+                                1.0
+                            } else {
+                                ch.gate
+                            };
                             for (o, &v) in out.iter_mut().zip(&expert_out[src..src + d]) {
-                                *o += ch.gate * round(v);
+                                *o += gate * round(v);
                             }
                         }
                     }
@@ -723,6 +833,11 @@ impl VitMoe {
                         }
                     }
                 }
+            }
+        }
+        if let Some(bias) = &moe.unit_bias {
+            for out in combined.chunks_exact_mut(d) {
+                out.iter_mut().zip(bias).for_each(|(o, &b)| *o += b);
             }
         }
         let delta = Tensor::from_vec(combined, (b, s, d), &Device::Cpu)?;

@@ -69,6 +69,8 @@ fn vmoe(
         classifier: Classifier::Token,
         representation_size: None,
         num_classes: classes,
+        gelu: Default::default(),
+        layer_scale: false,
         class_names: match classes {
             10 => CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect(),
             1000 => imagenet1k_classes(),
@@ -85,6 +87,8 @@ fn vmoe(
             router,
             group_images: 1,
             bfloat16_dispatch: false,
+            combine: Default::default(),
+            expert_mlp_dim: None,
         }),
     }
 }

@@ -12,9 +12,9 @@ use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 
 use super::ModelError;
-use super::config::{CONFIG_METADATA_KEY, Classifier, ModelConfig};
+use super::config::{CONFIG_METADATA_KEY, Classifier, Combine, ModelConfig};
 use crate::routing::{CapacitySpec, RouterFamily, RouterKind};
-use crate::tensor_io::{F32Tensor, OutTensor, TensorFile, write_f32_safetensors};
+use crate::tensor_io::{F32Tensor, OutTensor, Precision, TensorFile, write_safetensors};
 
 /// The tensors of a model by canonical name (no `params/` prefix).
 pub type ModelWeights = BTreeMap<String, F32Tensor>;
@@ -103,6 +103,10 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<TensorSpec> {
             &[heads, hd, d],
         ));
         v.push(TensorSpec::new(format!("{b}/SelfAttention/out/bias"), &[d]));
+        if cfg.layer_scale {
+            v.push(TensorSpec::new(format!("{b}/LayerScale_0/scale"), &[d]));
+            v.push(TensorSpec::new(format!("{b}/LayerScale_1/scale"), &[d]));
+        }
         match cfg.moe.as_ref().filter(|moe| moe.layers.contains(&i)) {
             None => {
                 v.push(TensorSpec::new(format!("{b}/Mlp/Dense_0/kernel"), &[d, m]));
@@ -112,6 +116,7 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<TensorSpec> {
             }
             Some(moe) => {
                 let e = moe.num_experts;
+                let m = moe.expert_hidden(m);
                 let soft = moe.router.kind == RouterKind::SoftMoe;
                 // The trained router's parameters are required; the other family's are optional
                 // (present, they enable what-ifs across families).
@@ -148,8 +153,14 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<TensorSpec> {
                     format!("{b}/Moe/Mlp/Dense_1/bias"),
                     &[e, d],
                 ));
+                if moe.combine == Combine::Unit {
+                    v.push(TensorSpec::new(format!("{b}/Moe/bias"), &[d]));
+                }
             }
         }
+    }
+    if cfg.is_feature_model() {
+        return v;
     }
     let mut head_in = d;
     if let Some(r) = cfg.representation_size {
@@ -183,7 +194,7 @@ pub fn load_checkpoint(path: &Path) -> Result<(ModelConfig, ModelWeights), Model
         // Unknown names are reported by `check_tensors`; decode only what could be valid.
         let canonical = name.strip_prefix("params/").unwrap_or(&name);
         let t = match specs.iter().find(|s| s.name == canonical) {
-            Some(spec) => file.f32(&name, &spec.shape_text())?,
+            Some(spec) => file.float(&name, &spec.shape_text())?,
             None => F32Tensor {
                 shape: Vec::new(),
                 data: Vec::new(),
@@ -246,6 +257,17 @@ pub fn save_checkpoint(
     cfg: &ModelConfig,
     weights: &ModelWeights,
 ) -> Result<(), ModelError> {
+    save_checkpoint_as(path, cfg, weights, Precision::F32)
+}
+
+/// As [`save_checkpoint`], storing the tensors in `precision` (half precision halves the file;
+/// loading widens them back to f32).
+pub fn save_checkpoint_as(
+    path: &Path,
+    cfg: &ModelConfig,
+    weights: &ModelWeights,
+    precision: Precision,
+) -> Result<(), ModelError> {
     let tensors: Vec<OutTensor<'_>> = weights
         .iter()
         .map(|(name, t)| OutTensor {
@@ -258,7 +280,7 @@ pub fn save_checkpoint(
         (CONFIG_METADATA_KEY.to_string(), cfg.to_json()),
         (FORMAT_METADATA_KEY.to_string(), FORMAT_NAME.to_string()),
     ]);
-    write_f32_safetensors(path, &tensors, meta)?;
+    write_safetensors(path, &tensors, meta, precision)?;
     Ok(())
 }
 

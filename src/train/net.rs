@@ -43,6 +43,11 @@ pub enum NetMode<'a, R: Rng> {
 impl TrainNet {
     /// Wraps `weights` (every tensor the configuration implies; others are ignored) as variables.
     pub fn from_weights(config: ModelConfig, weights: &ModelWeights) -> Result<Self, TrainError> {
+        if let Some(what) = untrainable(&config) {
+            return Err(TrainError::Model(format!(
+                "training supports vmoe's architecture only, not {what}"
+            )));
+        }
         let mut params = BTreeMap::new();
         for spec in expected_tensors(&config) {
             // Only the configured router's parameters train; the other family's optional ones are
@@ -406,4 +411,24 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor, TrainEr
     let logp = shifted.broadcast_sub(&lse)?;
     let picked = logp.gather(&labels.unsqueeze(1)?, 1)?;
     Ok((picked.mean_all()? * -1.0)?)
+}
+
+/// What `cfg` has that this training graph does not implement.
+fn untrainable(cfg: &ModelConfig) -> Option<&'static str> {
+    use crate::model::{Combine, Gelu};
+    if cfg.layer_scale {
+        Some("LayerScale")
+    } else if cfg.gelu != Gelu::Tanh {
+        Some("the exact (erf) GELU")
+    } else if cfg.is_feature_model() {
+        Some("a feature model (no classifier head)")
+    } else if cfg
+        .moe
+        .as_ref()
+        .is_some_and(|m| m.combine != Combine::Gated || m.expert_hidden(cfg.mlp_dim) != cfg.mlp_dim)
+    {
+        Some("unit-weight experts narrower than the MLP (a moefied model)")
+    } else {
+        None
+    }
 }
