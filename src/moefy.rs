@@ -485,3 +485,81 @@ fn insert_experts(
 
 #[cfg(test)]
 mod tests;
+
+/// Image files under `dir`, searched recursively, sorted (extensions as the viewer opens).
+pub fn image_files(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>, MoefyError> {
+    const EXTENSIONS: [&str; 8] = ["png", "jpg", "jpeg", "gif", "bmp", "webp", "tif", "tiff"];
+    let meta = std::fs::metadata(dir)
+        .map_err(|e| MoefyError::Config(format!("{}: {e}", dir.display())))?;
+    if !meta.is_dir() {
+        return Err(MoefyError::Config(format!(
+            "{}: not a folder of calibration images",
+            dir.display()
+        )));
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(&d)
+            .map_err(|e| MoefyError::Config(format!("{}: {e}", d.display())))?;
+        for entry in entries.flatten() {
+            let p = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(p),
+                Ok(t) if t.is_file() => {
+                    let ext = p
+                        .extension()
+                        .and_then(|e| e.to_str())
+                        .map(str::to_lowercase);
+                    if ext.is_some_and(|e| EXTENSIONS.contains(&e.as_str())) {
+                        out.push(p);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// `crops` seeded random square crops (a side of 50–100% of the shorter side, anywhere in the
+/// image, mirrored with probability ½) of every image, preprocessed for `cfg`. Unreadable files
+/// are skipped and returned with why.
+pub fn calibration_crops(
+    files: &[std::path::PathBuf],
+    cfg: &ModelConfig,
+    crops: usize,
+    seed: u64,
+) -> (Vec<Vec<f32>>, Vec<(std::path::PathBuf, String)>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x006d_6f65_6679);
+    let (mut out, mut skipped) = (Vec::new(), Vec::new());
+    for f in files {
+        let img = match crate::model::decode_image(f) {
+            Ok(i) => i,
+            Err(e) => {
+                skipped.push((f.clone(), e.to_string()));
+                continue;
+            }
+        };
+        let (w, h) = (img.width(), img.height());
+        let short = w.min(h).max(1);
+        for _ in 0..crops {
+            let side = rng.random_range(short.div_ceil(2)..=short).max(1);
+            let x = rng.random_range(0..=w - side);
+            let y = rng.random_range(0..=h - side);
+            let mut crop = img.crop_imm(x, y, side, side);
+            if rng.random_bool(0.5) {
+                crop = crop.fliph();
+            }
+            match crate::model::preprocess(&crop, cfg) {
+                Ok(px) => out.push(px),
+                Err(e) => {
+                    skipped.push((f.clone(), e.to_string()));
+                    break;
+                }
+            }
+        }
+    }
+    (out, skipped)
+}

@@ -3,7 +3,10 @@
 mod convert;
 mod eval;
 mod export;
+mod features;
+mod import;
 mod init_model;
+mod moefy;
 mod predict;
 mod route;
 mod train;
@@ -42,6 +45,12 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Routing figures (PNG, SVG) and their data (CSV, JSON) for images, with a run summary.
     Export(export::ExportArgs),
+    /// Import a dense ViT from ONNX (DINOv2 as Hugging Face exports it) as a feature model.
+    Import(import::ImportArgs),
+    /// Turn a dense checkpoint's MLPs into MoE layers (MoEfication), calibrated on photos.
+    Moefy(moefy::MoefyArgs),
+    /// Write every token's final features for images, under the model's routing or a what-if.
+    Features(features::FeaturesArgs),
 }
 
 #[cfg(feature = "app")]
@@ -72,6 +81,46 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train::run(&args),
         Command::Eval(args) => eval::run(&args),
         Command::Export(args) => export::run(&args),
+        Command::Import(args) => import::run(&args),
+        Command::Moefy(args) => moefy::run(&args),
+        Command::Features(args) => features::run(&args),
+    }
+}
+
+/// `--precision`: how a written checkpoint stores its floats.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PrecisionArg(pub routerscope::tensor_io::Precision);
+
+impl std::str::FromStr for PrecisionArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        use routerscope::tensor_io::Precision;
+        match s {
+            "f32" => Ok(Self(Precision::F32)),
+            "f16" => Ok(Self(Precision::F16)),
+            "bf16" => Ok(Self(Precision::BF16)),
+            _ => Err(format!(
+                "unknown precision `{s}` (expected f32, f16 or bf16)"
+            )),
+        }
+    }
+}
+
+/// `H` or `HxW` in pixels.
+pub(crate) fn parse_size(s: &str) -> anyhow::Result<[usize; 2]> {
+    let parse = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| (1..=16_384).contains(&n))
+            .ok_or_else(|| anyhow::anyhow!("image size `{s}`: expected H or HxW, 1 to 16384 px"))
+    };
+    match s.split_once('x') {
+        Some((h, w)) => Ok([parse(h)?, parse(w)?]),
+        None => {
+            let n = parse(s)?;
+            Ok([n, n])
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 mod config;
 mod image_input;
 mod kernels;
+pub mod onnx_import;
 pub(crate) mod ops;
 mod presets;
 pub(crate) mod vit;
