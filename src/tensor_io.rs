@@ -341,26 +341,24 @@ pub fn write_safetensors(
             });
         }
     }
-    let views = tensors.iter().map(|t| {
-        (
-            t.name,
-            F32View {
-                shape: &t.shape,
-                data: t.data,
-                precision,
-            },
-        )
-    });
-    let meta = if metadata.is_empty() {
-        None
-    } else {
-        Some(metadata)
-    };
+    let views: Vec<(&str, F32View<'_>)> = tensors
+        .iter()
+        .map(|t| {
+            (
+                t.name,
+                F32View {
+                    shape: &t.shape,
+                    data: t.data,
+                    precision,
+                },
+            )
+        })
+        .collect();
     let tmp = temporary_path(path)?;
-    let result = safetensors::serialize_to_file(views, meta, &tmp)
-        .map_err(|e| TensorIoError::Format {
+    let result = serialize_sorted(&views, &metadata, &tmp)
+        .map_err(|reason| TensorIoError::Format {
             path: path.to_owned(),
-            reason: e.to_string(),
+            reason,
         })
         .and_then(|()| {
             readable_by_all(&tmp)
@@ -376,6 +374,50 @@ pub fn write_safetensors(
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// The safetensors layout with a reproducible header: metadata keys sorted and tensors in the
+/// given order, so the same tensors always give the same bytes (safetensors' own writer takes the
+/// metadata as a `HashMap`, whose order changes from run to run).
+fn serialize_sorted(
+    views: &[(&str, F32View<'_>)],
+    metadata: &HashMap<String, String>,
+    path: &Path,
+) -> Result<(), String> {
+    use safetensors::View;
+    use serde_json::{Map, Value, json};
+    let mut header = Map::new();
+    if !metadata.is_empty() {
+        let sorted: std::collections::BTreeMap<&String, &String> = metadata.iter().collect();
+        header.insert("__metadata__".into(), json!(sorted));
+    }
+    let mut offset = 0usize;
+    for (name, v) in views {
+        let end = offset + v.data_len();
+        let entry = json!({
+            "dtype": format!("{:?}", v.dtype()),
+            "shape": v.shape(),
+            "data_offsets": [offset, end],
+        });
+        if header.insert((*name).to_string(), entry).is_some() {
+            return Err(format!("tensor `{name}` is given twice"));
+        }
+        offset = end;
+    }
+    let mut text = serde_json::to_string(&Value::Object(header)).map_err(|e| e.to_string())?;
+    // The data starts 8-byte aligned, as safetensors' writer pads it.
+    while !(8 + text.len()).is_multiple_of(8) {
+        text.push(' ');
+    }
+    let io = |e: std::io::Error| e.to_string();
+    let mut out = std::io::BufWriter::new(fs::File::create(path).map_err(io)?);
+    out.write_all(&(text.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    out.write_all(text.as_bytes()).map_err(io)?;
+    for (_, v) in views {
+        out.write_all(&v.data()).map_err(io)?;
+    }
+    out.into_inner().map(drop).map_err(|e| e.to_string())
 }
 
 /// safetensors creates its file owner-only (0600); a saved model is an ordinary document.

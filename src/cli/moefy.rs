@@ -64,16 +64,17 @@ pub fn run(args: &MoefyArgs) -> anyhow::Result<()> {
         seed: args.seed,
         max_cluster_tokens: args.cluster_tokens,
     };
+    routerscope::moefy::check(&cfg, &opts)?;
     let files = image_files(&args.calibration)?;
     if files.is_empty() {
         anyhow::bail!("{}: no images in this folder", args.calibration.display());
     }
     let (images, skipped) = calibration_crops(&files, &cfg, args.crops, args.seed);
-    for (f, why) in &skipped {
-        eprintln!("routerscope: skipped {}: {why}", f.display());
+    for (_, why) in &skipped {
+        eprintln!("routerscope: skipped {why}");
     }
     eprintln!(
-        "calibration: {} crops of {} photos ({} skipped)",
+        "routerscope: calibration: {} crops of {} photos ({} skipped)",
         images.len(),
         files.len() - skipped.len(),
         skipped.len()

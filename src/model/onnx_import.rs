@@ -204,9 +204,7 @@ impl<'a> Graph<'a> {
     /// The nodes that read `value`.
     fn consumers(&self, value: &str) -> impl Iterator<Item = &'a NodeProto> + '_ {
         let value = value.to_string();
-        self.nodes
-            .iter()
-            .filter(move |n| n.input.contains(&value))
+        self.nodes.iter().filter(move |n| n.input.contains(&value))
     }
 
     /// The `[in, out]` weight of the linear layer whose bias initializer is `bias`: the graph
@@ -786,4 +784,111 @@ pub fn resize_cubic(src: &[f32], [h, w]: [usize; 2], [oh, ow]: [usize; 2], d: us
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    fn init(name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
+        TensorProto {
+            dims: dims.to_vec(),
+            data_type: Some(FLOAT),
+            name: Some(name.into()),
+            raw_data: Some(data.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            ..Default::default()
+        }
+    }
+
+    fn model(initializer: Vec<TensorProto>) -> ModelProto {
+        ModelProto {
+            graph: Some(GraphProto {
+                initializer,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn import_err(m: &ModelProto) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.onnx");
+        std::fs::write(&path, m.encode_to_vec()).unwrap();
+        import_onnx(&path, &ImportOptions::default())
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn graphs_it_does_not_understand_are_clear_errors() {
+        let e = import_err(&model(vec![init("w", &[2, 2], &[0.0; 4])]));
+        assert!(e.contains("no `embeddings.cls_token` initializer"), "{e}");
+        let cls = init("vit.embeddings.cls_token", &[1, 1, 4], &[0.0; 4]);
+        let e = import_err(&model(vec![cls.clone()]));
+        assert!(
+            e.contains("missing initializer `vit.embeddings.patch_embeddings.projection.weight`"),
+            "{e}"
+        );
+        let mut short = init(
+            "vit.embeddings.patch_embeddings.projection.weight",
+            &[4, 3, 2, 2],
+            &[0.0; 4],
+        );
+        let e = import_err(&model(vec![cls.clone(), short.clone()]));
+        assert!(e.contains("holds 16 bytes, expected 192"), "{e}");
+        short.data_location = Some(1);
+        let e = import_err(&model(vec![cls.clone(), short.clone()]));
+        assert!(e.contains("stored in an external file"), "{e}");
+        let mut ints = short.clone();
+        ints.data_location = None;
+        ints.data_type = Some(INT64);
+        let e = import_err(&model(vec![cls, ints]));
+        assert!(e.contains("data type 7, expected 1 (float32)"), "{e}");
+    }
+
+    #[test]
+    fn files_that_are_not_onnx_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = ImportOptions::default();
+        let text = dir.path().join("notes.onnx");
+        std::fs::write(&text, b"\xff\xff\xff\xff not a protobuf").unwrap();
+        let e = import_onnx(&text, &opts).unwrap_err().to_string();
+        assert!(e.contains("notes.onnx: not an ONNX model (protobuf"), "{e}");
+        let full = model(vec![init("a", &[64], &[1.0; 64])]).encode_to_vec();
+        let cut = dir.path().join("cut.onnx");
+        std::fs::write(&cut, &full[..full.len() / 2]).unwrap();
+        let e = import_onnx(&cut, &opts).unwrap_err().to_string();
+        assert!(e.contains("cut.onnx: not an ONNX model"), "{e}");
+        let e = import_onnx(dir.path(), &opts).unwrap_err().to_string();
+        assert!(e.contains("is not a regular file"), "{e}");
+        let e = import_onnx(&dir.path().join("absent.onnx"), &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("absent.onnx"), "{e}");
+    }
+
+    /// The cubic resize keeps a same-size table, keeps constants (its weights sum to 1), and
+    /// matches a hand computation of ONNX's formula at one point.
+    #[test]
+    fn cubic_resize_follows_the_onnx_formula() {
+        let src: Vec<f32> = (0..16).map(|v| (v * v) as f32).collect();
+        assert_eq!(resize_cubic(&src, [4, 4], [4, 4], 1), src);
+        let flat = resize_cubic(&[2.5; 9 * 2], [3, 3], [7, 5], 2);
+        assert!(flat.iter().all(|v| (v - 2.5).abs() < 1e-5));
+        // 1-D along rows (width 1): output 0 of 4 -> 2 maps to x = (0.5)·2 - 0.5 = 0.5, t = 0.5,
+        // taps at -1 (clamped to 0), 0, 1, 2 with weights c(1.5), c(0.5), c(0.5), c(1.5).
+        let col = [1.0f32, 2.0, 4.0, 8.0];
+        let got = resize_cubic(&col, [4, 1], [2, 1], 1);
+        let a = -0.75f64;
+        let c1 = |x: f64| ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0;
+        let c2 = |x: f64| ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a;
+        let want = c2(1.5) * 1.0 + c1(0.5) * 1.0 + c1(0.5) * 2.0 + c2(1.5) * 4.0;
+        assert!(
+            (f64::from(got[0]) - want).abs() < 1e-5,
+            "{} vs {want}",
+            got[0]
+        );
+    }
 }
