@@ -30,6 +30,50 @@ pub fn builtin_model(kind: RouterKind) -> Option<PathBuf> {
         .then(|| model_path(kind.cli_name()))
 }
 
+/// The built-in photo model: DINOv2-S/14, moefied (a feature model).
+pub fn photo_model() -> PathBuf {
+    assets_dir()
+        .join("models")
+        .join("dinov2-s14-moe.safetensors")
+}
+
+/// Which built-in models an image opens under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ImageKind {
+    /// A 28×28 grey image: the Fashion-MNIST models.
+    FashionMnist,
+    /// Anything else: the photo model.
+    Photo,
+}
+
+impl ImageKind {
+    /// The rule: 28×28 grey images are Fashion-MNIST images, everything else is a photo.
+    pub fn of(img: &image::DynamicImage) -> Self {
+        let grey = matches!(
+            img.color(),
+            image::ColorType::L8
+                | image::ColorType::L16
+                | image::ColorType::La8
+                | image::ColorType::La16
+        ) || {
+            let rgb = img.to_rgb8();
+            rgb.pixels().all(|p| p[0] == p[1] && p[1] == p[2])
+        };
+        if img.width() == 28 && img.height() == 28 && grey {
+            Self::FashionMnist
+        } else {
+            Self::Photo
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::FashionMnist => "Fashion-MNIST models",
+            Self::Photo => "photo model (DINOv2-S/14 MoE)",
+        }
+    }
+}
+
 /// The dense baseline.
 pub fn dense_model() -> PathBuf {
     model_path("dense")
@@ -87,4 +131,29 @@ pub fn sample_images() -> Vec<PathBuf> {
         .collect();
     v.sort();
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_grey_images_are_fashion_mnist_and_the_rest_photos() {
+        let grey = image::DynamicImage::ImageLuma8(image::GrayImage::new(28, 28));
+        assert_eq!(ImageKind::of(&grey), ImageKind::FashionMnist);
+        let grey_rgb = image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(
+            28,
+            28,
+            image::Rgb([7, 7, 7]),
+        ));
+        assert_eq!(ImageKind::of(&grey_rgb), ImageKind::FashionMnist);
+        let colour = image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(
+            28,
+            28,
+            image::Rgb([7, 8, 7]),
+        ));
+        assert_eq!(ImageKind::of(&colour), ImageKind::Photo);
+        let big_grey = image::DynamicImage::ImageLuma8(image::GrayImage::new(56, 56));
+        assert_eq!(ImageKind::of(&big_grey), ImageKind::Photo);
+    }
 }

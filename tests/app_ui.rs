@@ -331,3 +331,77 @@ fn asking_for_a_gpu_the_app_does_not_have_says_so() {
     );
     assert!(app.prediction().is_some());
 }
+
+/// The index of sample image `name` in the gallery.
+fn sample_index(h: &Harness<'static, RouterscopeApp>, name: &str) -> usize {
+    let samples = routerscope::catalog::sample_images();
+    let pos = samples.iter().position(|p| p.ends_with(name));
+    assert!(pos.is_some() && pos.unwrap() < h.state().image_count());
+    pos.unwrap()
+}
+
+/// A photo opens under the photo model (trained mode, "by image"): 16×16 patches + CLS, its
+/// top-2 routing, and the fidelity readout instead of classes; it follows every what-if (k),
+/// the export carries it, and a Fashion-MNIST image switches back to the Fashion-MNIST model.
+#[test]
+fn photos_open_under_the_photo_model_with_a_live_fidelity_readout() {
+    let mut h = harness(settings(RouterKind::SoftmaxTokenChoice));
+    let chelsea = sample_index(&h, "photo-chelsea.png");
+    h.state_mut().show_image(chelsea);
+    settle(&mut h);
+    let app = h.state();
+    assert!(app.errors().is_empty(), "{:?}", app.errors());
+    assert!(
+        app.model_path()
+            .unwrap()
+            .ends_with("dinov2-s14-moe.safetensors")
+    );
+    assert_eq!(app.settings.k, 2);
+    assert!((app.settings.capacity_factor - 1.25).abs() < 1e-9);
+    let r = app.image_routing(0).expect("routing of the photo");
+    assert_eq!(r.tokens.len(), 257);
+    let top2 = app.fidelity().expect("a fidelity readout");
+    assert!((0.0..1.0).contains(&top2), "{top2}");
+    h.snapshot_options("main_photo", &snapshot_options());
+    let job = h.state().export_job().unwrap();
+    assert!(job.title.contains("fidelity"), "{}", job.title);
+    assert!(job.fidelity.is_some());
+
+    // More experts per token: closer to the dense model.
+    h.state_mut().settings.k = 8;
+    h.state_mut().show_image(chelsea);
+    h.state_mut().select_router(RouterKind::SoftmaxTokenChoice);
+    settle(&mut h);
+    let all = h.state().fidelity().unwrap();
+    assert!(all > top2 && all > 0.99, "{all} vs {top2}");
+
+    h.state_mut().show_image(0);
+    settle(&mut h);
+    let app = h.state();
+    assert!(
+        app.model_path()
+            .unwrap()
+            .ends_with("fashion-mnist-softmax-tc.safetensors")
+    );
+    assert_eq!(app.settings.k, 1);
+    assert!(app.fidelity().is_none() && app.prediction().is_some());
+}
+
+/// The rule can be overridden: with "Fashion-MNIST" a photo runs under the clothing models.
+#[test]
+fn the_model_family_can_be_forced() {
+    use routerscope::app::settings::ModelFamily;
+    let mut h = harness(Settings {
+        family: ModelFamily::FashionMnist,
+        ..settings(RouterKind::SoftmaxTokenChoice)
+    });
+    let coffee = sample_index(&h, "photo-coffee.png");
+    h.state_mut().show_image(coffee);
+    settle(&mut h);
+    assert!(
+        h.state()
+            .model_path()
+            .unwrap()
+            .ends_with("fashion-mnist-softmax-tc.safetensors")
+    );
+}

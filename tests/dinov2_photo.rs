@@ -55,7 +55,12 @@ fn compare(features: &[Vec<f32>], d: usize) -> (f32, f64) {
             for (a, b) in got.iter().zip(w) {
                 max = max.max((a - b).abs());
             }
-            min_cos = min_cos.min(mean_patch_cosine(&[got.to_vec()], std::slice::from_ref(w), d, 0));
+            min_cos = min_cos.min(mean_patch_cosine(
+                &[got.to_vec()],
+                std::slice::from_ref(w),
+                d,
+                0,
+            ));
         }
     }
     (max, min_cos)

@@ -23,6 +23,8 @@ pub struct ExportJob {
     pub opacity: f32,
     pub panels: Vec<FigurePanel>,
     pub prediction: Vec<(String, f32)>,
+    /// A feature model's fidelity (mean patch cosine against all experts).
+    pub fidelity: Option<f64>,
     pub stem: String,
 }
 
@@ -39,6 +41,7 @@ impl ExportJob {
             opacity: self.opacity,
             panels: &self.panels,
             prediction: self.prediction.clone(),
+            fidelity: self.fidelity,
         };
         let bytes = set.render(format, png_width)?;
         crate::tensor_io::write_atomic(path, &bytes).map_err(|e| e.to_string())
@@ -109,12 +112,16 @@ impl RouterscopeApp {
             .file_stem()
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default();
+        let fidelity = self.fidelity().filter(|_| compared.is_none());
         Some(ExportJob {
             title: format!(
-                "{} · {} · {}",
+                "{} · {} · {}{}",
                 img.name,
                 model_stem,
-                router.kind.display_name()
+                router.kind.display_name(),
+                fidelity.map_or(String::new(), |f| format!(
+                    " · fidelity {f:.3} (mean patch cosine vs all experts)"
+                ))
             ),
             image_name: img.name.clone(),
             image: img.image.clone(),
@@ -124,6 +131,7 @@ impl RouterscopeApp {
             opacity: self.settings.opacity,
             panels,
             prediction,
+            fidelity,
             stem: default_stem(&img.name, &model_name, &router),
         })
     }

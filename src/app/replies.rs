@@ -7,6 +7,7 @@ use crate::app::settings::{LayerView, ModelMode};
 use crate::app::worker::Reply;
 use crate::app::{CurrentModel, RouterscopeApp, ViewImage};
 use crate::catalog;
+use crate::routing::CapacitySpec;
 
 impl RouterscopeApp {
     /// Handles every reply that has arrived.
@@ -73,7 +74,7 @@ impl RouterscopeApp {
                         // Show the first newly opened image.
                         self.settings.current_image = had;
                     }
-                    self.request_run();
+                    self.select_model_for_mode();
                 }
             }
             Reply::ModelOpened(res) => {
@@ -87,6 +88,19 @@ impl RouterscopeApp {
                             self.settings.model_path = Some(path.clone());
                             if let Some(m) = &config.moe {
                                 self.settings.router = m.router.kind;
+                            }
+                        }
+                        let was_photo = self.model.as_ref().map(|m| m.config.is_feature_model());
+                        if !user && was_photo != Some(config.is_feature_model()) {
+                            // Switching between the Fashion-MNIST models and the photo model
+                            // (trained mode): start from the new checkpoint's own k and capacity.
+                            if let Some(r) = config.moe.as_ref().map(|m| &m.router)
+                                && (was_photo.is_some() || config.is_feature_model())
+                            {
+                                self.settings.k = r.k;
+                                if let CapacitySpec::Factor(cf) = r.capacity {
+                                    self.settings.capacity_factor = cf;
+                                }
                             }
                         }
                         if let LayerView::One(i) = self.settings.layer {

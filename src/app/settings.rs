@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::DeviceChoice;
+use crate::catalog::ImageKind;
 
 use crate::figures::Palette;
 use crate::model::{ModelConfig, RunOptions};
@@ -18,6 +19,38 @@ pub enum ModelMode {
     Trained,
     /// The current checkpoint's weights, routed with the selected rule.
     WhatIf,
+}
+
+/// Which built-in models the shown image runs under in trained mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ModelFamily {
+    /// By the image: 28×28 grey images under the Fashion-MNIST models, photos under the photo
+    /// model.
+    #[default]
+    ByImage,
+    FashionMnist,
+    Photo,
+}
+
+impl ModelFamily {
+    pub const ALL: [ModelFamily; 3] = [Self::ByImage, Self::FashionMnist, Self::Photo];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::ByImage => "by image",
+            Self::FashionMnist => "Fashion-MNIST",
+            Self::Photo => "photo model",
+        }
+    }
+
+    /// The kind of model `img` runs under.
+    pub fn for_image(self, img: &image::DynamicImage) -> ImageKind {
+        match self {
+            Self::ByImage => ImageKind::of(img),
+            Self::FashionMnist => ImageKind::FashionMnist,
+            Self::Photo => ImageKind::Photo,
+        }
+    }
 }
 
 /// Which images form a routing group.
@@ -63,6 +96,8 @@ pub struct Settings {
     pub current_image: usize,
     /// Where the model runs.
     pub device: DeviceChoice,
+    /// Which built-in models images open under (trained mode).
+    pub family: ModelFamily,
 }
 
 impl Default for Settings {
@@ -86,6 +121,7 @@ impl Default for Settings {
             image_paths: Vec::new(),
             current_image: 0,
             device: DeviceChoice::Auto,
+            family: ModelFamily::ByImage,
         }
     }
 }

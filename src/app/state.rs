@@ -9,7 +9,7 @@ use crate::app::settings::{ModelMode, Settings};
 use crate::app::worker::{Job, RunRequest, Worker};
 use crate::app::{RouterscopeApp, SETTINGS_KEY};
 use crate::backend::DeviceChoice;
-use crate::catalog;
+use crate::catalog::{self, ImageKind};
 use crate::figures::ImageRouting;
 use crate::gpu::GpuContext;
 use crate::routing::RouterKind;
@@ -144,6 +144,7 @@ impl RouterscopeApp {
     /// The model the current mode asks for.
     pub(super) fn select_model_for_mode(&mut self) {
         let target = match self.settings.mode {
+            ModelMode::Trained if self.shown_kind() == ImageKind::Photo => catalog::photo_model(),
             ModelMode::Trained => match catalog::model_for(self.settings.router) {
                 Ok((p, _)) => p,
                 Err(e) => {
@@ -263,6 +264,11 @@ impl RouterscopeApp {
         r.output.probs.get(pos).map(|v| v.as_slice())
     }
 
+    /// For a feature model: the last result's mean patch cosine against all experts.
+    pub fn fidelity(&self) -> Option<f64> {
+        self.result.as_ref().and_then(|r| r.fidelity)
+    }
+
     /// The errors shown to the user, oldest first.
     pub fn errors(&self) -> &[String] {
         &self.errors
@@ -298,7 +304,17 @@ impl RouterscopeApp {
         self.images.len()
     }
 
-    /// Shows image `i` (clamped).
+    /// Which built-in models the shown image runs under in trained mode (Fashion-MNIST before
+    /// any image is loaded).
+    pub fn shown_kind(&self) -> ImageKind {
+        match self.images.get(self.settings.current_image) {
+            Some(img) => self.settings.family.for_image(&img.image),
+            None => ImageKind::FashionMnist,
+        }
+    }
+
+    /// Shows image `i` (clamped); in trained mode a photo after a Fashion-MNIST image (or the
+    /// reverse) switches models.
     pub fn show_image(&mut self, i: usize) {
         if self.images.is_empty() {
             return;
@@ -306,13 +322,16 @@ impl RouterscopeApp {
         let i = i.min(self.images.len() - 1);
         if i != self.settings.current_image {
             self.settings.current_image = i;
-            self.request_run();
+            self.select_model_for_mode();
         }
     }
 
     /// Selects a router as the controls do.
     pub fn select_router(&mut self, kind: RouterKind) {
-        if self.settings.mode == ModelMode::Trained && catalog::builtin_model(kind).is_none() {
+        if self.settings.mode == ModelMode::Trained
+            && self.shown_kind() == ImageKind::FashionMnist
+            && catalog::builtin_model(kind).is_none()
+        {
             self.run_error = Some(format!(
                 "no built-in model was trained with {}; switch to what-if to route with it",
                 kind.display_name()

@@ -17,6 +17,7 @@ use image::DynamicImage;
 use crate::backend::Engine;
 use crate::gpu::GpuContext;
 use crate::model::{ForwardOutput, ModelConfig, RunOptions, decode_image, load_any, preprocess};
+use crate::moefy::{all_experts_options, mean_patch_cosine};
 use crate::routing::RouterConfig;
 
 /// A decoded image and its display copies.
@@ -71,6 +72,9 @@ pub struct RunResult {
     pub device: String,
     /// Why the GPU was not used, when it failed during this run.
     pub notice: Option<String>,
+    /// For a feature model with MoE layers: the mean cosine similarity of the final patch
+    /// features against the same images with every expert chosen (the dense model).
+    pub fidelity: Option<f64>,
 }
 
 pub enum Reply {
@@ -119,10 +123,15 @@ fn tracing_fallback(err: &str) {
     eprintln!("routerscope: cannot start the compute thread: {err}");
 }
 
+/// What a fidelity reference depends on: model, image ids, group size.
+type ReferenceKey = (PathBuf, Vec<u64>, usize);
+
 struct Cache {
     gpu: Option<GpuContext>,
     models: HashMap<PathBuf, Arc<Engine>>,
     last: Option<(PathBuf, Vec<u64>, ForwardOutput)>,
+    /// The all-experts features of the last fidelity reference.
+    reference: Option<(ReferenceKey, Vec<Vec<f32>>)>,
 }
 
 fn worker_loop(jobs: &Receiver<Job>, replies: &Sender<Reply>, wake: &dyn Fn()) {
@@ -130,6 +139,7 @@ fn worker_loop(jobs: &Receiver<Job>, replies: &Sender<Reply>, wake: &dyn Fn()) {
         gpu: None,
         models: HashMap::new(),
         last: None,
+        reference: None,
     };
     while let Ok(first) = jobs.recv() {
         // Coalesce: of the runs queued now, only the newest matters.
@@ -160,6 +170,7 @@ fn worker_loop(jobs: &Receiver<Job>, replies: &Sender<Reply>, wake: &dyn Fn()) {
                     cache.gpu = *gpu;
                     cache.models.clear();
                     cache.last = None;
+                    cache.reference = None;
                     continue;
                 }
             };
@@ -224,6 +235,7 @@ fn run(cache: &mut Cache, req: RunRequest) -> Reply {
         Err(e) => return fail(e.to_string()),
     };
     let millis = start.elapsed().as_secs_f64() * 1e3;
+    let fidelity = fidelity(cache, &m, &req, &ids, &output);
     cache.last = Some((req.model.clone(), ids.clone(), output.clone()));
     Reply::Ran(Box::new(RunResult {
         id: req.id,
@@ -235,7 +247,41 @@ fn run(cache: &mut Cache, req: RunRequest) -> Reply {
         what_if,
         device: m.device(),
         notice: m.take_notice(),
+        fidelity,
     }))
+}
+
+/// How far this run's routing moves a feature model's representation: mean patch cosine against
+/// the all-experts run of the same images (computed once per model, images and group, as a
+/// what-if from `output`). `None` for classifiers, dense models, or when the reference fails.
+fn fidelity(
+    cache: &mut Cache,
+    m: &Engine,
+    req: &RunRequest,
+    ids: &[u64],
+    output: &ForwardOutput,
+) -> Option<f64> {
+    let cfg = &m.config;
+    if !cfg.is_feature_model() || cfg.moe.is_none() {
+        return None;
+    }
+    let key = (req.model.clone(), ids.to_vec(), req.options.group_images);
+    if cache.reference.as_ref().is_none_or(|(k, _)| *k != key) {
+        let all = RunOptions {
+            group_images: req.options.group_images,
+            ..all_experts_options(cfg)
+        };
+        let reference = m.rerun(output, &all).ok()?;
+        cache.reference = Some((key, reference.features));
+    }
+    let (_, reference) = cache.reference.as_ref()?;
+    let skip = cfg.seq_len() - cfg.num_patches();
+    Some(mean_patch_cosine(
+        &output.features,
+        reference,
+        cfg.hidden_size,
+        skip,
+    ))
 }
 
 fn compare(

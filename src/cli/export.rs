@@ -9,6 +9,7 @@ use routerscope::backend::{DeviceChoice, Engine};
 use routerscope::figures::export::{FigurePanel, FigureSet, Format, default_stem};
 use routerscope::figures::{ImageRouting, Palette};
 use routerscope::model::{Classifier, RunOptions, decode_image, preprocess};
+use routerscope::moefy::{all_experts_options, mean_patch_cosine};
 use routerscope::routing::{CapacitySpec, RouterConfig, RouterKind};
 use serde_json::json;
 
@@ -260,6 +261,20 @@ fn export_one(
         }
         prev = Some(out);
     }
+    // A feature model's figure says how far this routing moves its representation.
+    let fidelity = match (&prev, routers.len()) {
+        (Some(out), 1) if cfg.is_feature_model() => {
+            let all = model.rerun(out, &all_experts_options(cfg))?;
+            let skip = cfg.seq_len() - cfg.num_patches();
+            Some(mean_patch_cosine(
+                &out.features,
+                &all.features,
+                cfg.hidden_size,
+                skip,
+            ))
+        }
+        _ => None,
+    };
     let image_name = path
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
@@ -276,6 +291,10 @@ fn export_one(
             capacity_text(router)
         )
     };
+    let title = match fidelity {
+        Some(f) => format!("{title} · fidelity {f:.3} (mean patch cosine vs all experts)"),
+        None => title,
+    };
     let set = FigureSet {
         title,
         image_name: &image_name,
@@ -286,6 +305,7 @@ fn export_one(
         opacity: 0.55,
         panels: &panels,
         prediction,
+        fidelity,
     };
     let mut stem = default_stem(&image_name, model_name, router);
     if routers.len() > 1 {

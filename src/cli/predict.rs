@@ -130,6 +130,11 @@ pub fn run(args: &PredictArgs) -> anyhow::Result<()> {
     eprintln!("device: {}", model.device());
     for r in &reports {
         println!("{}", r["image"].as_str().unwrap_or_default());
+        if model.config.is_feature_model() {
+            println!(
+                "  feature model: no classes (`routerscope features` writes its token features)"
+            );
+        }
         for (rank, t) in r["top5"].as_array().into_iter().flatten().enumerate() {
             println!(
                 "  {}. {:<24} {:.4}",

@@ -67,6 +67,8 @@ pub struct FigureSet<'a> {
     pub panels: &'a [FigurePanel],
     /// Top classes `(name, probability)` of the model's prediction, for the JSON.
     pub prediction: Vec<(String, f32)>,
+    /// A feature model's mean patch cosine against all experts (the dense model), for the JSON.
+    pub fidelity: Option<f64>,
 }
 
 /// `{image}__{model}__{router}_k{k}_cf{cf}` (characters outside `[A-Za-z0-9._-]` become `_`).
@@ -155,6 +157,7 @@ impl FigureSet<'_> {
             "title": self.title,
             "image": self.image_name,
             "prediction": self.prediction.iter().map(|(c, p)| json!({"class": c, "probability": p})).collect::<Vec<_>>(),
+            "fidelity_mean_patch_cosine": self.fidelity,
             "panels": self.panels.iter().map(|p| {
                 let mut v = routing_json(self.image_name, p.block, &p.routing, self.grid, self.has_cls);
                 v["title"] = json!(p.title);

@@ -19,6 +19,7 @@ impl RouterscopeApp {
         };
         let mode_before = self.settings.mode;
         let router_before = self.settings.router;
+        let family_before = self.settings.family;
         let change = views::controls::controls(
             ui,
             &mut self.settings,
@@ -29,7 +30,10 @@ impl RouterscopeApp {
             self.apply_device();
             self.request_run();
         }
-        if self.settings.mode != mode_before || self.settings.router != router_before {
+        if self.settings.mode != mode_before
+            || self.settings.router != router_before
+            || self.settings.family != family_before
+        {
             if self.settings.mode == ModelMode::WhatIf && mode_before == ModelMode::Trained {
                 self.settings.model_path = self.model.as_ref().map(|m| m.path.clone());
             }

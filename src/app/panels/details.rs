@@ -1,4 +1,5 @@
-//! The details panel on the right: the prediction and the expert load plot.
+//! The details panel on the right: the prediction (for a feature model, how far the routing
+//! moves its representation from the dense model) and the expert load plot.
 
 use crate::app::RouterscopeApp;
 use crate::app::settings::LayerView;
@@ -7,10 +8,32 @@ use crate::routing::RouterFamily;
 
 impl RouterscopeApp {
     pub(in crate::app) fn details(&mut self, ui: &mut egui::Ui) {
-        ui.heading("Prediction");
         let cfg = self.model.as_ref().map(|m| m.config.clone());
-        match (self.prediction(), &cfg) {
+        if cfg.as_ref().is_some_and(|c| c.is_feature_model()) {
+            ui.heading("Fidelity to the dense model");
+            match self.fidelity() {
+                Some(f) => {
+                    ui.label(
+                        egui::RichText::new(format!("mean patch cosine {f:.3}"))
+                            .size(18.0)
+                            .strong(),
+                    );
+                    ui.label(
+                        "Cosine similarity of the final features of every patch under this \
+                         routing against the same image with every expert chosen (which is the \
+                         dense model), averaged over the patches. 1 = unchanged.",
+                    );
+                }
+                None => {
+                    ui.label("—");
+                }
+            }
+        } else {
+            ui.heading("Prediction");
+        }
+        match (self.prediction().filter(|p| !p.is_empty()), &cfg) {
             (Some(p), Some(cfg)) => views::prediction::prediction(ui, p, |c| cfg.class_name(c)),
+            (None, Some(c)) if c.is_feature_model() => {}
             _ => {
                 ui.label("—");
             }

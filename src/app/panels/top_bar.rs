@@ -42,6 +42,9 @@ impl RouterscopeApp {
                         ui.colored_label(egui::Color32::from_rgb(230, 160, 60), "(untrained random weights)");
                     }
                     let mode = match self.settings.mode {
+                        ModelMode::Trained if m.config.is_feature_model() => {
+                            "photo model (for photos)"
+                        }
                         ModelMode::Trained => "trained for this router",
                         ModelMode::WhatIf => "what-if: routing swapped on these weights",
                     };

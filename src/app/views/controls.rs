@@ -2,7 +2,7 @@
 //! factor after rounding), Batch Priority Routing, solver iterations, routing group, layer and
 //! overlay options. Returns whether anything that changes the routing changed.
 
-use crate::app::settings::{GroupMode, LayerView, ModelMode, Settings};
+use crate::app::settings::{GroupMode, LayerView, ModelFamily, ModelMode, Settings};
 use crate::backend::DeviceChoice;
 use crate::catalog::builtin_model;
 use crate::figures::Palette;
@@ -51,11 +51,19 @@ pub fn controls(
         ui.radio_value(&mut s.mode, ModelMode::WhatIf, "what-if")
             .on_hover_text("Keep the current weights and swap only the routing rule.");
     });
+    ui.add_enabled_ui(s.mode == ModelMode::Trained, |ui| {
+        ui.horizontal(|ui| {
+            ui.label("built-in models:");
+            family_combo(ui, s);
+        });
+    });
     ui.separator();
     ui.heading("Router");
+    // The photo model is one checkpoint: every router is a what-if on it.
+    let photo = cfg.is_some_and(|c| c.is_feature_model());
     for (i, kind) in RouterKind::ALL.into_iter().enumerate() {
         let label = format!("{}  [{}]", kind.display_name(), i + 1);
-        let available = s.mode == ModelMode::WhatIf || builtin_model(kind).is_some();
+        let available = s.mode == ModelMode::WhatIf || builtin_model(kind).is_some() || photo;
         let resp = ui.add_enabled(available, egui::RadioButton::new(s.router == kind, label));
         let resp = if available {
             resp
@@ -215,9 +223,27 @@ pub fn controls(
         || s.batch_priority != before.batch_priority
         || s.iterations != before.iterations
         || s.group != before.group
-        || s.compare != before.compare;
+        || s.compare != before.compare
+        || s.family != before.family;
     ControlsChange {
         rerun: routing_changed,
         device: s.device != before.device,
     }
+}
+
+/// Which built-in models images open under (trained mode).
+fn family_combo(ui: &mut egui::Ui, s: &mut Settings) {
+    egui::ComboBox::from_id_salt("model family")
+        .selected_text(s.family.label())
+        .show_ui(ui, |ui| {
+            for f in ModelFamily::ALL {
+                ui.selectable_value(&mut s.family, f, f.label());
+            }
+        })
+        .response
+        .on_hover_text(
+            "by image: 28×28 grey images open under the Fashion-MNIST models (one per router), \
+             every other image under the photo model (DINOv2-S/14 with 8 experts in blocks 9 and \
+             11; every router is a what-if on it).",
+        );
 }
