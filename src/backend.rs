@@ -291,6 +291,27 @@ mod tests {
         );
     }
 
+    /// What the GPU kernels lack (here LayerScale and the exact GELU of an imported DINOv2) keeps
+    /// the model on the CPU with a notice that says so; its results are the CPU model's.
+    #[test]
+    fn a_model_with_features_the_gpu_lacks_runs_on_the_cpu_with_a_notice() {
+        let Some(ctx) = test_gpu() else { return };
+        let mut cfg = tiny_config(RouterKind::SoftmaxTokenChoice);
+        cfg.layer_scale = true;
+        cfg.gelu = crate::model::Gelu::Erf;
+        let engine = Engine::new(cfg.clone(), random_weights(&cfg, 5), Some(ctx)).unwrap();
+        assert!(!engine.on_gpu());
+        let notice = engine.take_notice().unwrap();
+        assert!(
+            notice.contains("no LayerScale yet") && notice.contains("CPU"),
+            "{notice}"
+        );
+        let out = engine
+            .forward(&[vec![0.1; 8 * 12 * 3]], &RunOptions::from_config(&cfg))
+            .unwrap();
+        assert!(out.on_cpu());
+    }
+
     /// A GPU failure mid-run (here: the device's buffers destroyed under the model) falls back to
     /// the CPU with a notice, and later runs stay on the CPU; what-ifs from a GPU output work.
     #[test]

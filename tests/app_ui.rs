@@ -367,6 +367,19 @@ fn photos_open_under_the_photo_model_with_a_live_fidelity_readout() {
     assert!(job.title.contains("fidelity"), "{}", job.title);
     assert!(job.fidelity.is_some());
 
+    // The router comparison of a photo runs every router on the photo model.
+    h.state_mut().settings.compare = true;
+    h.state_mut().select_router(RouterKind::SoftmaxTokenChoice);
+    settle(&mut h);
+    let job = h.state().export_job().unwrap();
+    assert_eq!(
+        job.panels.len(),
+        6,
+        "every router but Soft MoE (no mu) on the photo model"
+    );
+    assert!(job.panels.iter().all(|p| p.routing.tokens.len() == 257));
+    h.state_mut().settings.compare = false;
+
     // More experts per token: closer to the dense model.
     h.state_mut().settings.k = 8;
     h.state_mut().show_image(chelsea);

@@ -215,6 +215,11 @@ impl RouterscopeApp {
     pub(super) fn request_compare(&mut self, model: PathBuf, current: usize) {
         let base = self.settings.router_config();
         let entries: Vec<(PathBuf, crate::routing::RouterConfig)> = match self.settings.mode {
+            // The photo model is one checkpoint: compare every router on it.
+            ModelMode::Trained if self.shown_kind() == ImageKind::Photo => RouterKind::ALL
+                .iter()
+                .map(|&k| (model.clone(), router_like(&base, k)))
+                .collect(),
             ModelMode::Trained => catalog::TRAINED_ROUTERS
                 .iter()
                 .filter_map(|&k| {
