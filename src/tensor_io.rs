@@ -52,6 +52,24 @@ pub enum TensorIoError {
     },
 }
 
+/// Checks that `path` is a regular file before it is opened as an input: opening a FIFO blocks
+/// forever, and a directory or device gives an unhelpful OS error ("No such device").
+pub fn check_regular_file(path: &Path) -> std::io::Result<()> {
+    let meta = fs::metadata(path)?;
+    if meta.is_file() {
+        return Ok(());
+    }
+    let what = if meta.is_dir() {
+        "a directory"
+    } else {
+        "a FIFO, socket or device"
+    };
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("is not a regular file (it is {what})"),
+    ))
+}
+
 /// A float32 tensor read from a file.
 #[derive(Clone, Debug, PartialEq)]
 pub struct F32Tensor {
@@ -73,6 +91,7 @@ impl TensorFile {
             path: path.to_owned(),
             err,
         };
+        check_regular_file(path).map_err(io)?;
         let handle = fs::File::open(path).map_err(io)?;
         // SAFETY: the map is read-only and private to this value. A file truncated by another
         // process while mapped would fault; checkpoints are not edited in place by this program,

@@ -28,6 +28,7 @@ fn limits() -> Limits {
 /// Decodes an image file with limits and EXIF orientation.
 pub fn decode_image(path: &Path) -> Result<DynamicImage, ModelError> {
     let err = |e: &dyn std::fmt::Display| ModelError::Image(format!("{}: {e}", path.display()));
+    crate::tensor_io::check_regular_file(path).map_err(|e| err(&e))?;
     let reader = ImageReader::open(path).map_err(|e| err(&e))?;
     decode_reader(reader).map_err(|e| err(&e))
 }
@@ -44,6 +45,18 @@ fn decode_reader<R: BufRead + Seek>(
     let mut reader = reader.with_guessed_format()?;
     reader.limits(limits());
     let mut decoder = reader.into_decoder()?;
+    // The decoded image itself must fit the budget (the decoder's own limit covers only its
+    // working buffers).
+    let bytes = decoder.total_bytes();
+    if bytes > MAX_DECODE_BYTES {
+        let (w, h) = decoder.dimensions();
+        return Err(image::ImageError::IoError(std::io::Error::other(format!(
+            "{w}x{h} {:?} decodes to {} MB, beyond the {} MB decode limit",
+            decoder.color_type(),
+            bytes >> 20,
+            MAX_DECODE_BYTES >> 20
+        ))));
+    }
     let orientation = decoder.orientation()?;
     let mut img = DynamicImage::from_decoder(decoder)?;
     img.apply_orientation(orientation);
@@ -186,6 +199,78 @@ mod tests {
         // The red left column is now the top row.
         let top = rotated.to_rgb8().get_pixel(0, 0).0;
         assert!(top[0] > 200, "{top:?}");
+    }
+
+    /// A PNG whose header declares `w × h` RGBA8 pixels (and no pixel data).
+    fn png_header(w: u32, h: u32) -> Vec<u8> {
+        fn crc(bytes: &[u8]) -> u32 {
+            let mut c = 0xffff_ffffu32;
+            for &b in bytes {
+                c ^= u32::from(b);
+                for _ in 0..8 {
+                    c = if c & 1 == 1 {
+                        0xedb8_8320 ^ (c >> 1)
+                    } else {
+                        c >> 1
+                    };
+                }
+            }
+            !c
+        }
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut chunk = |kind: &[u8], data: &[u8]| {
+            out.extend((data.len() as u32).to_be_bytes());
+            let body: Vec<u8> = kind.iter().chain(data).copied().collect();
+            out.extend(&body);
+            out.extend(crc(&body).to_be_bytes());
+        };
+        let mut ihdr = Vec::new();
+        ihdr.extend(w.to_be_bytes());
+        ihdr.extend(h.to_be_bytes());
+        ihdr.extend([8, 6, 0, 0, 0]);
+        chunk(b"IHDR", &ihdr);
+        // An empty zlib stream: the header is all the decoder reads before its size is known.
+        chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+        chunk(b"IEND", &[]);
+        out
+    }
+
+    /// The 512 MB promise holds for the decoded image itself: a 16384 × 16384 RGBA8 PNG (1 GB
+    /// decoded) is refused from its header, naming the size and the limit.
+    #[test]
+    fn images_beyond_the_decode_budget_are_refused_before_decoding() {
+        let e = decode_image_bytes(&png_header(16_384, 16_384), "big.png")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("16384x16384") && e.contains("1024 MB") && e.contains("512 MB"),
+            "{e}"
+        );
+    }
+
+    /// A directory or a FIFO is not an image: a clear error, at once (a FIFO would block).
+    #[test]
+    fn only_regular_files_are_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = decode_image(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("is not a regular file (it is a directory)"),
+            "{e}"
+        );
+        let fifo = dir.path().join("pipe.png");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates the node.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = decode_image(&fifo).unwrap_err().to_string();
+        assert!(e.contains("is not a regular file (it is a FIFO"), "{e}");
+        let e = crate::tensor_io::TensorFile::open(&fifo)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("pipe.png") && e.contains("not a regular file"),
+            "{e}"
+        );
     }
 
     #[test]

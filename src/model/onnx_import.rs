@@ -137,10 +137,8 @@ pub fn import_onnx(
     opts: &ImportOptions,
 ) -> Result<(ModelConfig, ModelWeights), ModelError> {
     let at = |m: String| ModelError::Config(format!("{}: {m}", path.display()));
+    crate::tensor_io::check_regular_file(path).map_err(|e| at(e.to_string()))?;
     let meta = std::fs::metadata(path).map_err(|e| at(e.to_string()))?;
-    if !meta.is_file() {
-        return Err(at("is not a regular file".into()));
-    }
     if meta.len() > MAX_ONNX_BYTES {
         return Err(at(format!(
             "{} bytes is beyond the {MAX_ONNX_BYTES}-byte limit for ONNX files",

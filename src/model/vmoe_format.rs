@@ -192,6 +192,7 @@ fn parse_slicend(
 pub fn read_index(path: &Path) -> Result<VmoeIndex, ModelError> {
     let prefix = checkpoint_prefix(path);
     let ipath = index_path(&prefix);
+    crate::tensor_io::check_regular_file(&ipath).map_err(|e| err(&ipath, e))?;
     let bytes = std::fs::read(&ipath).map_err(|e| err(&ipath, e))?;
     let root = decode(&bytes, "index").map_err(|e| err(&ipath, e))?;
     let field = |k: &str| {
@@ -392,7 +393,8 @@ pub fn read_arrays(
     let mut done = 0u64;
     for shard in 0..index.shard_count {
         let path = index.shard_path(shard);
-        let file = File::open(&path)
+        let file = crate::tensor_io::check_regular_file(&path)
+            .and_then(|()| File::open(&path))
             .map_err(|e| err(&path, format!("missing or unreadable shard ({e})")))?;
         let mut rd = Counting {
             inner: BufReader::with_capacity(1 << 20, file),

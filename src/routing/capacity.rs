@@ -78,7 +78,11 @@ pub fn compute_capacity(
     }
     let mut c = c as usize;
     if multiple_of > 0 {
-        c = c.div_ceil(multiple_of) * multiple_of;
+        // Overflow-safe padding, capped at what the group can fill: no expert ever gets more
+        // than `num_tokens` requests, so slots beyond that would stay empty (and a hostile
+        // `multiple_of` near 2^64 would otherwise wrap or allocate terabytes).
+        let padded = c.div_ceil(multiple_of).saturating_mul(multiple_of);
+        c = padded.min(num_tokens.max(c));
     }
     Ok(c)
 }
@@ -87,6 +91,17 @@ pub fn compute_capacity(
 mod tests {
     use super::CapacityRounding::{Ceil, Round};
     use super::*;
+
+    /// A padding near 2^64 neither wraps nor asks for more slots than the group has tokens.
+    #[test]
+    fn huge_paddings_are_capped_at_the_group() {
+        assert_eq!(compute_capacity(196, 32, 1.0, Ceil, 1 << 62).unwrap(), 196);
+        assert_eq!(
+            compute_capacity(196, 32, 1.0, Ceil, usize::MAX).unwrap(),
+            196
+        );
+        assert_eq!(compute_capacity(50, 8, 1.0, Ceil, 4).unwrap(), 8);
+    }
 
     #[test]
     fn worked_values_of_the_spec() {

@@ -27,8 +27,8 @@ pub use result::{
     SparseAssignment,
 };
 pub use router::{
-    CapacitySpec, LossWeights, Mode, RouterConfig, RouterFamily, RouterKind, route_logits,
-    route_soft,
+    CapacitySpec, LossWeights, MAX_SOLVER_ITERATIONS, Mode, RouterConfig, RouterFamily, RouterKind,
+    route_logits, route_soft,
 };
 pub use scot::{ScotOptions, ScotPlan, scot_columns, sparse_simplex_projection};
 pub use sinkhorn::{SinkhornPlan, sinkhorn_iterations, sinkhorn_plan};

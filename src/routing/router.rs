@@ -284,6 +284,10 @@ pub(crate) fn check_finite(name: &str, data: &[f32], cols: usize) -> Result<(), 
     }
 }
 
+/// The most Sinkhorn or sparsity-constrained solver iterations a router may ask for (the
+/// routers paper uses 20; 10,000 keep a 1,576 × 8 group under a few seconds).
+pub const MAX_SOLVER_ITERATIONS: usize = 10_000;
+
 /// Checks a sparse router's settings for groups of `n` tokens and `e` experts; gives the slots per
 /// expert and the `N` they derive from.
 pub(crate) fn check_sparse_config(
@@ -292,6 +296,17 @@ pub(crate) fn check_sparse_config(
     e: usize,
 ) -> Result<(usize, usize), RoutingError> {
     let (c, capacity_tokens) = cfg.capacity_for(n, e)?;
+    let solves = cfg.kind.uses_adam()
+        || matches!(
+            cfg.kind,
+            RouterKind::SinkhornTokenChoice | RouterKind::SinkhornExpertChoice
+        );
+    if solves && cfg.max_iterations > MAX_SOLVER_ITERATIONS {
+        return Err(RoutingError::InvalidConfig(format!(
+            "{} solver iterations is beyond the limit of {MAX_SOLVER_ITERATIONS}",
+            cfg.max_iterations
+        )));
+    }
     if cfg.kind.uses_adam() && cfg.max_iterations == 0 {
         return Err(RoutingError::InvalidConfig(
             "the sparsity-constrained solver needs at least 1 iteration".into(),

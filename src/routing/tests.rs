@@ -447,3 +447,26 @@ fn sparse_ec_matches_the_reference_solver_where_the_gradient_vanishes() {
     assert_eq!(r.solver.unwrap().iterations, 19);
     assert!(r.solver.unwrap().converged);
 }
+
+/// Solver iterations are bounded (a checkpoint or `--iterations` asking for 10^9 would run for
+/// minutes): beyond the limit is an error naming it; at the limit the solve runs.
+#[test]
+fn solver_iterations_are_capped() {
+    for kind in [
+        RouterKind::SinkhornTokenChoice,
+        RouterKind::SinkhornExpertChoice,
+        RouterKind::SparseExpertChoice,
+    ] {
+        let mut c = cfg(kind, 1, false);
+        c.max_iterations = 1_000_000_000;
+        let e = route_logits(&GOLDEN_LOGITS, 8, 4, &c, Mode::Deterministic)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("1000000000 solver iterations is beyond the limit of 10000"),
+            "{e}"
+        );
+        c.max_iterations = MAX_SOLVER_ITERATIONS;
+        assert!(route_logits(&GOLDEN_LOGITS, 8, 4, &c, Mode::Deterministic).is_ok());
+    }
+}

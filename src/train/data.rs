@@ -121,6 +121,7 @@ fn find(dir: &Path, stem: &str) -> Result<PathBuf, TrainError> {
 /// `rank` big-endian u32 sizes, then exactly the data.
 pub fn read_idx(path: &Path, rank: usize) -> Result<(Vec<usize>, Vec<u8>), TrainError> {
     let err = |what: String| TrainError::Data(format!("{}: {what}", path.display()));
+    crate::tensor_io::check_regular_file(path).map_err(|e| err(format!("cannot read: {e}")))?;
     let raw = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
     let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
