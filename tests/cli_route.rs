@@ -403,3 +403,29 @@ fn without_the_app_feature_there_is_no_window_to_open() {
         assert!(help.contains(sub), "{help}");
     }
 }
+
+/// Valid but enormous: 300,000 tokens under Expert Choice would need dense [n, e, c] outputs of
+/// hundreds of GB. `route` says so before allocating them, and writes nothing.
+#[test]
+fn outputs_beyond_the_size_limit_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 300_000;
+    let logits: Vec<f32> = (0..n * 2).map(|i| (i % 7) as f32 * 0.1).collect();
+    let input = dir.path().join("big.safetensors");
+    write(&input, &[("logits", vec![n, 2], &logits)]);
+    let output = dir.path().join("out.safetensors");
+    let out = routerscope(&[
+        "route",
+        "--router",
+        "softmax-tc",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("beyond the 2048 MB output limit"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!output.exists());
+}

@@ -36,8 +36,8 @@ pub struct ExportArgs {
     /// Comma-separated formats.
     #[arg(long, value_delimiter = ',', default_value = "png,svg,csv,json")]
     format: Vec<Format>,
-    /// Width of the PNG figures in pixels.
-    #[arg(long, default_value_t = 1600)]
+    /// Width of the PNG figures in pixels (100 to 16384).
+    #[arg(long, default_value_t = 1600, value_parser = clap::value_parser!(u32).range(100..=16384))]
     width: u32,
     /// Which MoE layer to draw (index into the MoE layers; default: all, side by side; with
     /// --compare: the first).

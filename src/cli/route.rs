@@ -181,8 +181,24 @@ pub fn run(args: &RouteArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The dense `dispatch` and `combine` tensors `route` writes may take at most this many bytes.
+const MAX_DENSE_OUTPUT_BYTES: u64 = 2 << 30;
+
 fn write_output(args: &RouteArgs, r: &RoutingResult) -> anyhow::Result<()> {
     let shape = vec![r.num_tokens, r.num_experts, r.capacity];
+    // Sized before allocating: [n, e, c] grows with n² for Expert Choice and large capacities.
+    let bytes = shape
+        .iter()
+        .try_fold(8u64, |a, &d| a.checked_mul(d as u64))
+        .unwrap_or(u64::MAX);
+    if bytes > MAX_DENSE_OUTPUT_BYTES {
+        anyhow::bail!(
+            "the dense dispatch and combine tensors {shape:?} would take {} MB, beyond the {} MB \
+             output limit of `route` (route fewer tokens per group, or lower the capacity)",
+            bytes >> 20,
+            MAX_DENSE_OUTPUT_BYTES >> 20
+        );
+    }
     let dispatch = r.dispatch_dense();
     let combine = r.combine_dense();
     let mut tensors = vec![

@@ -187,6 +187,25 @@ impl ModelConfig {
         {
             return bad("channels, hidden_size, mlp_dim and num_layers must be positive".into());
         }
+        // Bounds before anything is sized from them (a hostile configuration would otherwise
+        // wrap the patch count or allocate gigabytes of tensor specs before failing).
+        if h.max(w) > 16_384 {
+            return bad(format!(
+                "image side {} is beyond the limit of 16384",
+                h.max(w)
+            ));
+        }
+        let limits = [
+            ("channels", self.channels, 64),
+            ("hidden_size", self.hidden_size, 65_536),
+            ("num_layers", self.num_layers, 1_024),
+            ("mlp_dim", self.mlp_dim, 1 << 20),
+            ("num_classes", self.num_classes, 1 << 20),
+            ("tokens per image", self.seq_len(), 1 << 20),
+        ];
+        if let Some((what, v, max)) = limits.iter().find(|(_, v, max)| v > max) {
+            return bad(format!("{what} {v} is beyond the limit of {max}"));
+        }
         if self.is_feature_model() && self.representation_size.is_some() {
             return bad("a feature model (num_classes 0) has no pre_logits layer".into());
         }
@@ -216,6 +235,16 @@ impl ModelConfig {
             ));
         }
         if let Some(moe) = &self.moe {
+            if moe.num_experts > 4096
+                || moe.group_images > 4096
+                || moe.expert_mlp_dim.is_some_and(|m| m > 1 << 20)
+            {
+                return bad(format!(
+                    "moe.num_experts {} and moe.group_images {} must be at most 4096, \
+                     moe.expert_mlp_dim {:?} at most 1048576",
+                    moe.num_experts, moe.group_images, moe.expert_mlp_dim
+                ));
+            }
             if moe.num_experts == 0 || moe.group_images == 0 || moe.expert_mlp_dim == Some(0) {
                 return bad(
                     "moe.num_experts, moe.group_images and moe.expert_mlp_dim must be positive"

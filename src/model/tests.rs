@@ -338,6 +338,23 @@ fn half_precision_checkpoints_load_widened() {
 
 #[test]
 fn bad_configurations_are_errors() {
+    // Sizes beyond the limits are refused before anything is sized from them (no wrap, no
+    // gigabytes of tensor specs).
+    let mut cfg = tiny_config(RouterKind::SoftmaxTokenChoice);
+    cfg.image_size = [1 << 62, 1 << 62];
+    cfg.patch_size = [1, 1];
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("image side 4611686018427387904 is beyond the limit"),
+        "{e}"
+    );
+    let mut cfg = tiny_config(RouterKind::SoftmaxTokenChoice);
+    cfg.num_layers = 1_000_000;
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("num_layers 1000000 is beyond the limit of 1024"),
+        "{e}"
+    );
     let mut cfg = tiny_config(RouterKind::SoftmaxTokenChoice);
     cfg.patch_size = [3, 4];
     assert!(

@@ -117,17 +117,38 @@ fn find(dir: &Path, stem: &str) -> Result<PathBuf, TrainError> {
         })
 }
 
+/// The largest IDX payload read (raw or decompressed); Fashion-MNIST's largest file is 47 MB.
+pub const MAX_IDX_BYTES: u64 = 512 << 20;
+
 /// Reads an IDX file of unsigned bytes with `rank` dimensions: magic `0x00 0x00 0x08 rank`, then
 /// `rank` big-endian u32 sizes, then exactly the data.
 pub fn read_idx(path: &Path, rank: usize) -> Result<(Vec<usize>, Vec<u8>), TrainError> {
+    read_idx_within(path, rank, MAX_IDX_BYTES)
+}
+
+fn read_idx_within(
+    path: &Path,
+    rank: usize,
+    limit: u64,
+) -> Result<(Vec<usize>, Vec<u8>), TrainError> {
     let err = |what: String| TrainError::Data(format!("{}: {what}", path.display()));
     crate::tensor_io::check_regular_file(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let too_big = |n: String| err(format!("{n} is beyond the IDX limit of {} MB", limit >> 20));
+    let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    if len > limit {
+        return Err(too_big(format!("{len} bytes")));
+    }
     let raw = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
     let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
+        // Decompressed within the limit: a small gzip can expand to gigabytes.
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])
+            .take(limit + 1)
             .read_to_end(&mut out)
             .map_err(|e| err(format!("corrupt gzip stream: {e}")))?;
+        if out.len() as u64 > limit {
+            return Err(too_big("its decompressed data".into()));
+        }
         out
     } else {
         raw
@@ -184,6 +205,28 @@ pub fn write_idx(path: &Path, dims: &[usize], data: &[u8]) -> std::io::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A gzip that expands beyond the limit (a "zip bomb") stops at the limit with a clear error;
+    /// so does a raw file beyond it. Both are checked before the data is held whole.
+    #[test]
+    fn payloads_beyond_the_limit_are_refused() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let bomb = dir.path().join("bomb-idx1-ubyte.gz");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&[0u8; 100_000]).unwrap();
+        std::fs::write(&bomb, gz.finish().unwrap()).unwrap();
+        assert!(std::fs::metadata(&bomb).unwrap().len() < 1000);
+        let e = read_idx_within(&bomb, 1, 10_000).unwrap_err().to_string();
+        assert!(
+            e.contains("its decompressed data is beyond the IDX limit"),
+            "{e}"
+        );
+        let raw = dir.path().join("raw-idx1-ubyte");
+        std::fs::write(&raw, vec![0u8; 20_000]).unwrap();
+        let e = read_idx_within(&raw, 1, 10_000).unwrap_err().to_string();
+        assert!(e.contains("20000 bytes is beyond the IDX limit"), "{e}");
+    }
 
     #[test]
     fn reads_the_committed_fixture() {
