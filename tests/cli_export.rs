@@ -226,3 +226,48 @@ fn bad_images_are_skipped_and_unwritable_outputs_are_errors() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("a-file"));
 }
+
+/// Two folders that both hold `same.png` give two sets of files (named by their folder), never
+/// one over the other; the summary counts what is on disk. An empty folder is an error.
+#[test]
+fn inputs_with_one_name_never_overwrite_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path(), RouterKind::SoftmaxTokenChoice);
+    for sub in ["a", "b"] {
+        std::fs::create_dir(dir.path().join(sub)).unwrap();
+        std::fs::copy(
+            sample("fmnist-00-ankle-boot-test0.png"),
+            dir.path().join(sub).join("same.png"),
+        )
+        .unwrap();
+    }
+    let out = dir.path().join("out");
+    let run = |inputs: &[&Path]| {
+        let mut c = Command::new(exe());
+        c.args(["export", "--model", m.to_str().unwrap(), "--device", "cpu"])
+            .args(["--format", "json", "--out", out.to_str().unwrap()])
+            .args(inputs);
+        c.output().unwrap()
+    };
+    let r = run(&[&dir.path().join("a"), &dir.path().join("b")]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "summary.json")
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(
+        names[0].starts_with("a_same") && names[1].starts_with("b_same"),
+        "{names:?}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["images_exported"], 2);
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let r = run(&[&empty]);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("no image files"));
+}

@@ -1,6 +1,7 @@
 //! `routerscope export`: routing figures (PNG, SVG) and their data (CSV, JSON) for every image,
 //! headless, with a per-run summary. A bad image is reported and skipped; the exit status says so.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -50,8 +51,11 @@ pub struct ExportArgs {
     inputs: Vec<PathBuf>,
 }
 
-fn images_in(inputs: &[PathBuf]) -> Vec<PathBuf> {
-    let mut out = Vec::new();
+/// The images to export, each with the name its files get: the file name, or where two inputs
+/// share one (`a/same.png`, `b/same.png`), the path below the input folder (`a_same.png`), and a
+/// counter when even that repeats, so no export overwrites another.
+fn images_in(inputs: &[PathBuf]) -> Vec<(PathBuf, String)> {
+    let mut found: Vec<(PathBuf, PathBuf)> = Vec::new();
     for p in inputs {
         if p.is_dir() {
             let mut v: Vec<PathBuf> = std::fs::read_dir(p)
@@ -61,12 +65,50 @@ fn images_in(inputs: &[PathBuf]) -> Vec<PathBuf> {
                 .filter(|p| p.is_file())
                 .collect();
             v.sort();
-            out.extend(v);
+            found.extend(v.into_iter().map(|f| (f, p.clone())));
         } else {
-            out.push(p.clone());
+            found.push((
+                p.clone(),
+                p.parent().map(Path::to_path_buf).unwrap_or_default(),
+            ));
         }
     }
-    out
+    let file_name = |p: &Path| {
+        p.file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for (f, _) in &found {
+        *count.entry(file_name(f)).or_default() += 1;
+    }
+    let mut used: HashMap<String, usize> = HashMap::new();
+    found
+        .into_iter()
+        .map(|(f, root)| {
+            let mut name = file_name(&f);
+            if count[&name] > 1 {
+                // Disambiguate by the folder the file sits in (relative to its input).
+                let parent = f.parent().unwrap_or(Path::new(""));
+                let below = parent.strip_prefix(&root).unwrap_or(parent);
+                let tag = below
+                    .components()
+                    .chain(root.file_name().map(std::path::Component::Normal))
+                    .last()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if !tag.is_empty() {
+                    name = format!("{tag}_{name}");
+                }
+            }
+            let n = used.entry(name.clone()).or_default();
+            *n += 1;
+            if *n > 1 {
+                name = format!("{}-{n}", name);
+            }
+            (f, name)
+        })
+        .collect()
 }
 
 fn router_for(
@@ -120,6 +162,9 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
         );
     }
     let images = images_in(&args.inputs);
+    if images.is_empty() {
+        anyhow::bail!("no image files in {:?}", args.inputs);
+    }
     let bar = ProgressBar::new(images.len() as u64).with_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
             .map_err(|e| anyhow::anyhow!("{e}"))?,
@@ -138,13 +183,9 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
     let mut panel_names = vec![String::new(); panels_per_image];
     let mut done = 0usize;
     let mut skipped: Vec<String> = Vec::new();
-    for path in &images {
-        bar.set_message(
-            path.file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        );
-        match export_one(&model, path, &routers, args, &model_name) {
+    for (path, name) in &images {
+        bar.set_message(name.clone());
+        match export_one(&model, path, name, &routers, args, &model_name) {
             Ok(panels) => {
                 for (i, (name, r)) in panels.iter().enumerate() {
                     panel_names[i] = name.clone();
@@ -210,6 +251,7 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
 fn export_one(
     model: &Engine,
     path: &Path,
+    image_name: &str,
     routers: &[RouterConfig],
     args: &ExportArgs,
     model_name: &str,
@@ -275,10 +317,6 @@ fn export_one(
         }
         _ => None,
     };
-    let image_name = path
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_default();
     let router = &routers[0];
     let title = if routers.len() > 1 {
         format!("{image_name} · {} · router comparison", short(model_name))

@@ -73,7 +73,10 @@ mod limit_tests {
     fn rasters_beyond_the_limit_are_refused() {
         let svg = r#"<svg xmlns="http://www.w3.org/2000/svg" width="40" height="30"><rect width="40" height="30" fill="red"/></svg>"#;
         let e = svg_to_png(svg, 100_000).unwrap_err().to_string();
-        assert!(e.contains("100000x75000") && e.contains("raster limit"), "{e}");
+        assert!(
+            e.contains("100000x75000") && e.contains("raster limit"),
+            "{e}"
+        );
         let e = svg_to_png(svg, 16_000).unwrap_err().to_string();
         assert!(e.contains("512 MB"), "{e}");
         assert!(!svg_to_png(svg, 400).unwrap().is_empty());
