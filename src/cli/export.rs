@@ -335,7 +335,7 @@ fn export_one(
     };
     let set = FigureSet {
         title,
-        image_name: &image_name,
+        image_name,
         image: &image,
         grid: cfg.grid(),
         has_cls: cfg.classifier == Classifier::Token,
