@@ -345,7 +345,7 @@ fn export_one(
         prediction,
         fidelity,
     };
-    let mut stem = default_stem(&image_name, model_name, router);
+    let mut stem = default_stem(image_name, model_name, router);
     if routers.len() > 1 {
         stem = format!(
             "{}__compare",
