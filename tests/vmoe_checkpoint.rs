@@ -284,3 +284,90 @@ fn convert_and_predict_from_the_command_line() {
         "{e}"
     );
 }
+
+/// Reads `PREFIX.index`, lets `f` change its msgpack tree, writes it back.
+fn rewrite_index(prefix: &Path, f: impl FnOnce(&mut rmpv::Value)) {
+    let path = prefix.with_extension("index");
+    let bytes = std::fs::read(&path).unwrap();
+    let mut v = rmpv::decode::read_value(&mut &bytes[..]).unwrap();
+    f(&mut v);
+    let mut out = Vec::new();
+    rmpv::encode::write_value(&mut out, &v).unwrap();
+    std::fs::write(&path, out).unwrap();
+}
+
+fn field<'a>(v: &'a mut rmpv::Value, key: &str) -> &'a mut rmpv::Value {
+    let rmpv::Value::Map(entries) = v else {
+        panic!("not a map")
+    };
+    &mut entries
+        .iter_mut()
+        .find(|(k, _)| k.as_str() == Some(key))
+        .unwrap()
+        .1
+}
+
+/// The first index leaf (depth first) with at least two chunks, as its decoded info array.
+fn edit_first_chunked_leaf(v: &mut rmpv::Value, f: &mut dyn FnMut(&mut Vec<rmpv::Value>)) -> bool {
+    match v {
+        rmpv::Value::Map(entries) => entries
+            .iter_mut()
+            .any(|(_, c)| edit_first_chunked_leaf(c, f)),
+        rmpv::Value::Ext(8, payload) => {
+            let mut info = rmpv::decode::read_value(&mut &payload[..]).unwrap();
+            let rmpv::Value::Array(parts) = &mut info else {
+                return false;
+            };
+            let rmpv::Value::Array(regions) = &parts[1] else {
+                return false;
+            };
+            if regions.len() < 2 {
+                return false;
+            }
+            f(parts);
+            let mut out = Vec::new();
+            rmpv::encode::write_value(&mut out, &info).unwrap();
+            *payload = out;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// The reader proves exact coverage from the index (overlapping chunks, or chunks that leave
+/// part of an array unwritten, are errors naming the array), bounds the shard count before it
+/// touches the file system, and checks the declared data against the shards' sizes.
+#[test]
+fn hostile_indexes_are_refused_before_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let (prefix, _) = write_tiny(dir.path(), "overlap", 50);
+    rewrite_index(&prefix, |v| {
+        let tree = field(v, "index");
+        assert!(edit_first_chunked_leaf(tree, &mut |parts| {
+            let rmpv::Value::Array(regions) = &mut parts[1] else {
+                unreachable!()
+            };
+            regions[1] = regions[0].clone();
+        }));
+    });
+    let e = read_err(&prefix);
+    assert!(e.contains("overlap"), "{e}");
+
+    let (prefix, _) = write_tiny(dir.path(), "shards", 50);
+    rewrite_index(&prefix, |v| {
+        *field(v, "shard_count") = rmpv::Value::from(1u64 << 40)
+    });
+    let e = read_err(&prefix);
+    assert!(
+        e.contains("`shard_count` 1099511627776 is outside 1..=65536"),
+        "{e}"
+    );
+
+    // Shards cut to a byte: the index declares more data than the shards hold.
+    let (prefix, _) = write_tiny(dir.path(), "small", 50);
+    for i in 0..3 {
+        std::fs::write(shard(&prefix, i), b"\x80").unwrap();
+    }
+    let e = read_err(&prefix);
+    assert!(e.contains("but its 3 shards hold only"), "{e}");
+}

@@ -226,11 +226,20 @@ pub fn read_index(path: &Path) -> Result<VmoeIndex, ModelError> {
     }
     let shard_count = field("shard_count")
         .and_then(Value::as_u64)
-        .ok_or_else(|| err(&ipath, "missing `shard_count`"))? as usize;
+        .ok_or_else(|| err(&ipath, "missing `shard_count`"))?;
+    // Bounded before any shard name is formed or opened.
+    if shard_count == 0 || shard_count > MAX_SHARDS {
+        return Err(err(
+            &ipath,
+            format!("`shard_count` {shard_count} is outside 1..={MAX_SHARDS}"),
+        ));
+    }
+    let shard_count = shard_count as usize;
     let tree = field("index").ok_or_else(|| err(&ipath, "missing `index` tree"))?;
     let mut leaves = Vec::new();
     walk(tree, String::new(), &mut leaves).map_err(|e| err(&ipath, e))?;
     for leaf in &leaves {
+        check_exact_cover(leaf).map_err(|e| err(&ipath, e))?;
         for c in &leaf.chunks {
             if c.shard >= shard_count {
                 return Err(err(
@@ -248,6 +257,44 @@ pub fn read_index(path: &Path) -> Result<VmoeIndex, ModelError> {
         shard_count,
         leaves,
     })
+}
+
+/// The most shards an index may declare.
+pub const MAX_SHARDS: u64 = 65_536;
+
+/// Proves from the index alone that `leaf`'s chunks cover every element exactly once: a
+/// bounded size, pairwise disjoint regions, and volumes that add up to the array.
+fn check_exact_cover(leaf: &VmoeLeaf) -> Result<(), String> {
+    let size = leaf
+        .shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .filter(|&n| n <= 1 << 36)
+        .ok_or_else(|| format!("`{}` declares shape {:?}, too large", leaf.name, leaf.shape))?;
+    let volume = |r: &[(usize, usize)]| r.iter().map(|(a, b)| b - a).product::<usize>();
+    let total: usize = leaf.chunks.iter().map(|c| volume(&c.region)).sum();
+    for (i, a) in leaf.chunks.iter().enumerate() {
+        for b in &leaf.chunks[i + 1..] {
+            let overlap = a
+                .region
+                .iter()
+                .zip(&b.region)
+                .all(|((a0, a1), (b0, b1))| a0.max(b0) < a1.min(b1));
+            if overlap && !leaf.shape.is_empty() {
+                return Err(format!(
+                    "`{}`: chunks {:?} and {:?} overlap",
+                    leaf.name, a.region, b.region
+                ));
+            }
+        }
+    }
+    if total != size || (leaf.shape.is_empty() && leaf.chunks.len() != 1) {
+        return Err(format!(
+            "`{}`: its chunks cover {total} of its {size} values",
+            leaf.name
+        ));
+    }
+    Ok(())
 }
 
 /// Depth-first over the tree with sorted keys (JAX's flatten order), collecting leaves.
@@ -378,6 +425,28 @@ pub fn read_arrays(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<BTreeMap<String, F32Tensor>, ModelError> {
     let total = index.data_bytes();
+    // The arrays' data must come from the shards: what the index declares is checked against
+    // the shards' sizes before anything is allocated for it.
+    let mut shard_bytes = 0u64;
+    for shard in 0..index.shard_count {
+        let path = index.shard_path(shard);
+        crate::tensor_io::check_regular_file(&path)
+            .map_err(|e| err(&path, format!("missing or unreadable shard ({e})")))?;
+        shard_bytes += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    }
+    let declared: u64 = (index.leaves.iter())
+        .map(|l| {
+            let n: u64 = l.shape.iter().map(|&d| d as u64).product();
+            n.saturating_mul(dtype_size(&l.dtype).unwrap_or(4) as u64)
+        })
+        .fold(0u64, u64::saturating_add);
+    if declared > shard_bytes {
+        return Err(ModelError::Tensor(format!(
+            "{}: the index declares {declared} bytes of arrays, but its {} shards hold only {shard_bytes}",
+            index.prefix.display(),
+            index.shard_count
+        )));
+    }
     let mut buffers: Vec<Vec<f32>> = Vec::with_capacity(index.leaves.len());
     for leaf in &index.leaves {
         if dtype_size(&leaf.dtype).is_none() {
@@ -389,7 +458,9 @@ pub fn read_arrays(
         buffers.push(vec![0.0; leaf.shape.iter().product()]);
     }
     let mut covered = vec![0usize; index.leaves.len()];
-    let mut seen = vec![0usize; index.leaves.len()];
+    let mut seen: Vec<Vec<bool>> = (index.leaves.iter())
+        .map(|l| vec![false; l.chunks.len()])
+        .collect();
     let mut done = 0u64;
     for shard in 0..index.shard_count {
         let path = index.shard_path(shard);
@@ -413,12 +484,13 @@ pub fn read_arrays(
         done += rd.read;
     }
     let mut out = BTreeMap::new();
-    for ((leaf, data), (&cov, &n)) in index
+    for ((leaf, data), (&cov, read)) in index
         .leaves
         .iter()
         .zip(buffers)
         .zip(covered.iter().zip(&seen))
     {
+        let n = read.iter().filter(|&&r| r).count();
         if n != leaf.chunks.len() || cov != data.len() {
             return Err(ModelError::Tensor(format!(
                 "`{}`: the shards hold {n} of its {} chunks ({cov} of {} values)",
@@ -449,7 +521,7 @@ fn read_shard<R: Read>(
     rd: &mut Counting<R>,
     buffers: &mut [Vec<f32>],
     covered: &mut [usize],
-    seen: &mut [usize],
+    seen: &mut [Vec<bool>],
     progress: &mut dyn FnMut(u64),
 ) -> Result<(), String> {
     let entries = rmp::decode::read_map_len(rd).map_err(rmp_err)?;
@@ -501,7 +573,7 @@ fn read_shard<R: Read>(
                         leaf.name
                     ));
                 }
-                let _shape = rmpv::decode::read_value(rd).map_err(rmp_err)?;
+                let piece_shape = rmpv::decode::read_value(rd).map_err(rmp_err)?;
                 let dtype = rmpv::decode::read_value(rd).map_err(rmp_err)?;
                 if dtype.as_str() != Some(leaf.dtype.as_str()) {
                     return Err(format!(
@@ -510,9 +582,37 @@ fn read_shard<R: Read>(
                     ));
                 }
                 let len = rmp::decode::read_bin_len(rd).map_err(rmp_err)? as usize;
+                let elems = piece_shape
+                    .as_array()
+                    .and_then(|d| {
+                        d.iter()
+                            .try_fold(1usize, |a, v| a.checked_mul(v.as_u64()? as usize))
+                    })
+                    .ok_or_else(|| format!("a piece of `{}` has no valid shape", leaf.name))?;
+                if elems.checked_mul(item) != Some(len) {
+                    return Err(format!(
+                        "a piece of `{}` has shape {piece_shape} but {len} bytes of {}",
+                        leaf.name, leaf.dtype
+                    ));
+                }
+                let limit = leaf.shape.iter().product::<usize>() * item;
                 let at = raw.len();
-                raw.resize(at + len, 0);
-                rd.read_exact(&mut raw[at..]).map_err(rmp_err)?;
+                if at + len > limit {
+                    return Err(format!(
+                        "a piece of `{}` declares {len} bytes, more than the array holds ({limit})",
+                        leaf.name
+                    ));
+                }
+                // Read as it arrives (a declared length is not trusted with a zero-filled buffer).
+                let got = std::io::Read::take(&mut *rd, len as u64)
+                    .read_to_end(&mut raw)
+                    .map_err(rmp_err)?;
+                if got != len {
+                    return Err(format!(
+                        "a piece of `{}` is truncated ({got} of {len} bytes)",
+                        leaf.name
+                    ));
+                }
                 if rd.read - start != meta.size as u64 {
                     return Err(format!(
                         "a piece of `{}` disagrees with its extension size",
@@ -527,6 +627,12 @@ fn read_shard<R: Read>(
                     leaf.name, meta.typeid
                 ));
             }
+            if meta.size > 1 << 16 {
+                return Err(format!(
+                    "the region of a chunk of `{}` declares {} bytes",
+                    leaf.name, meta.size
+                ));
+            }
             let mut payload = vec![0u8; meta.size as usize];
             rd.read_exact(&mut payload).map_err(rmp_err)?;
             let region = parse_slicend(
@@ -534,13 +640,19 @@ fn read_shard<R: Read>(
                 &leaf.shape,
                 &format!("a chunk of `{}`", leaf.name),
             )?;
-            if !leaf
+            let Some(ci) = leaf
                 .chunks
                 .iter()
-                .any(|c| c.shard == shard && c.region == region)
-            {
+                .position(|c| c.shard == shard && c.region == region)
+            else {
                 return Err(format!(
                     "a chunk of `{}` covers {region:?}, which the index does not list in shard {shard}",
+                    leaf.name
+                ));
+            };
+            if std::mem::replace(&mut seen[li][ci], true) {
+                return Err(format!(
+                    "a chunk of `{}` covering {region:?} appears twice",
                     leaf.name
                 ));
             }
@@ -556,7 +668,6 @@ fn read_shard<R: Read>(
             to_f32(&raw, &leaf.dtype, &mut values);
             place(&mut buffers[li], &leaf.shape, &region, &values);
             covered[li] += count;
-            seen[li] += 1;
             progress(rd.read);
         }
     }
