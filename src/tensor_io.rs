@@ -16,6 +16,8 @@ pub enum TensorIoError {
     Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: not a valid safetensors file ({reason})")]
     Format { path: PathBuf, reason: String },
+    #[error("{path}: cannot write ({reason})")]
+    Write { path: PathBuf, reason: String },
     #[error("{path}: missing tensor `{name}` ({expected})")]
     Missing {
         path: PathBuf,
@@ -349,7 +351,7 @@ pub fn write_safetensors(
             });
         }
         if t.shape.iter().product::<usize>() != t.data.len() {
-            return Err(TensorIoError::Format {
+            return Err(TensorIoError::Write {
                 path: path.to_owned(),
                 reason: format!(
                     "tensor `{}`: shape {:?} does not hold {} values",
@@ -375,7 +377,7 @@ pub fn write_safetensors(
         .collect();
     let tmp = temporary_path(path)?;
     let result = serialize_sorted(&views, &metadata, &tmp)
-        .map_err(|reason| TensorIoError::Format {
+        .map_err(|reason| TensorIoError::Write {
             path: path.to_owned(),
             reason,
         })
@@ -463,11 +465,44 @@ pub(crate) fn temporary_path(path: &Path) -> Result<PathBuf, TensorIoError> {
         path: path.to_owned(),
         err: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
     })?;
-    Ok(dir.join(format!(
-        ".{}.tmp-{}",
-        file_name.to_string_lossy(),
-        std::process::id()
-    )))
+    let stem = format!(".{}.tmp-", file_name.to_string_lossy());
+    remove_stale_temporaries(&dir, &stem);
+    Ok(dir.join(format!("{stem}{}", std::process::id())))
+}
+
+/// Removes `{stem}{pid}` files beside a destination whose process is gone (a run killed with
+/// SIGKILL, or interrupted, cannot clean up; the next write to the same path does).
+fn remove_stale_temporaries(dir: &Path, stem: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(stem))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() as i32 && !process_alive(pid) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
+fn process_alive(pid: i32) -> bool {
+    #[cfg(unix)]
+    {
+        // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+        let r = unsafe { libc::kill(pid, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
@@ -586,5 +621,31 @@ mod tests {
         let path = dir.path().join("no/such/dir/out.safetensors");
         let err = write_atomic(&path, b"x").unwrap_err();
         assert!(err.to_string().contains("out.safetensors"), "{err}");
+        let t = [OutTensor {
+            name: "x",
+            shape: vec![1],
+            data: &[1.0],
+        }];
+        let e = write_f32_safetensors(&path, &t, HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("out.safetensors: cannot write (") && !e.contains("not a valid"),
+            "{e}"
+        );
+    }
+
+    /// A temporary file left by a killed run (its process is gone) is removed by the next write
+    /// to the same destination.
+    #[test]
+    fn stale_temporary_files_are_cleaned_by_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.bin");
+        // Pid 2^22 + 1 is above Linux's pid_max default range; no such process.
+        let stale = dir.path().join(".out.bin.tmp-4194305");
+        fs::write(&stale, b"half").unwrap();
+        write_atomic(&path, b"whole").unwrap();
+        assert!(!stale.exists());
+        assert_eq!(fs::read(&path).unwrap(), b"whole");
     }
 }

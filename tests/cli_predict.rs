@@ -158,7 +158,7 @@ fn predict_errors_name_the_problem() {
     save_checkpoint(&sparse_only, &cfg, &w).unwrap();
     let bad = dir.path().join("notes.png");
     std::fs::write(&bad, b"not an image").unwrap();
-    let cases: [(Vec<&str>, &str); 5] = [
+    let cases: [(Vec<&str>, &str); 6] = [
         (
             vec!["predict", "--model", m, a, bad.to_str().unwrap()],
             "notes.png",
@@ -183,6 +183,19 @@ fn predict_errors_name_the_problem() {
             "cannot be split",
         ),
         (vec!["predict", "--model", m, "--k", "9", a], "k = 9"),
+        (
+            vec![
+                "predict",
+                "--model",
+                m,
+                "--router",
+                "softmax-ec",
+                "--k",
+                "2",
+                a,
+            ],
+            "--k does not apply to softmax-ec",
+        ),
     ];
     for (args, needle) in cases {
         let out = run(&args);

@@ -130,8 +130,12 @@ fn router_for(
     } else if let Some(cf) = args.capacity_factor {
         r.capacity = CapacitySpec::Factor(cf);
     }
-    if let Some(k) = args.k {
+    if let Some(k) = args.k
+        && r.kind.family() == routerscope::routing::RouterFamily::TokenChoice
+    {
         r.k = k;
+    } else if args.k.is_some() && args.compare.is_empty() {
+        super::check_k_applies(r.kind)?;
     }
     Ok(r)
 }

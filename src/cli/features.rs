@@ -46,6 +46,7 @@ pub fn run(args: &FeaturesArgs) -> anyhow::Result<()> {
             _ => moe.router.clone(),
         };
         if let Some(k) = args.k {
+            super::check_k_applies(router.kind)?;
             router.k = k;
         }
         if let Some(cf) = args.capacity_factor {

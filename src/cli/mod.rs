@@ -106,6 +106,17 @@ impl std::str::FromStr for PrecisionArg {
     }
 }
 
+/// `--k` is Token Choice's experts per token; elsewhere it is refused, not ignored (as `route`).
+pub(crate) fn check_k_applies(kind: routerscope::routing::RouterKind) -> anyhow::Result<()> {
+    if kind.family() != routerscope::routing::RouterFamily::TokenChoice {
+        anyhow::bail!(
+            "--k does not apply to {} (Expert Choice and Soft MoE have no experts per token)",
+            kind.cli_name()
+        );
+    }
+    Ok(())
+}
+
 /// `H` or `HxW` in pixels.
 pub(crate) fn parse_size(s: &str) -> anyhow::Result<[usize; 2]> {
     let parse = |v: &str| {

@@ -54,6 +54,7 @@ fn router_config(model: &Engine, args: &PredictArgs) -> anyhow::Result<Option<Ro
         cfg.capacity = CapacitySpec::Slots(1);
     }
     if let Some(k) = args.k {
+        super::check_k_applies(cfg.kind)?;
         cfg.k = k;
     }
     if let Some(cf) = args.capacity_factor {

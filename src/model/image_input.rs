@@ -3,7 +3,7 @@
 //! converted to its channels and normalised. Decoding is bounded so a hostile or gigantic file is
 //! an error, not an exhausted machine.
 
-use std::io::{BufRead, Cursor, Seek};
+use std::io::{BufRead, Cursor, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use image::imageops::FilterType;
@@ -43,6 +43,17 @@ fn decode_reader<R: BufRead + Seek>(
     reader: ImageReader<R>,
 ) -> Result<DynamicImage, image::ImageError> {
     let mut reader = reader.with_guessed_format()?;
+    if reader.format() == Some(image::ImageFormat::Jpeg) {
+        // The JPEG decoder fills a cut-off file with grey and succeeds; a complete file ends
+        // with the end-of-image marker.
+        let mut inner = reader.into_inner();
+        if !jpeg_is_complete(&mut inner)? {
+            return Err(image::ImageError::IoError(std::io::Error::other(
+                "truncated JPEG: the file does not end with the end-of-image marker (FFD9)",
+            )));
+        }
+        reader = ImageReader::with_format(inner, image::ImageFormat::Jpeg);
+    }
     reader.limits(limits());
     let mut decoder = reader.into_decoder()?;
     // The decoded image itself must fit the budget (the decoder's own limit covers only its
@@ -61,6 +72,21 @@ fn decode_reader<R: BufRead + Seek>(
     let mut img = DynamicImage::from_decoder(decoder)?;
     img.apply_orientation(orientation);
     Ok(img)
+}
+
+/// Whether the JPEG stream ends (trailing zero padding aside) with FFD9; the position is kept.
+fn jpeg_is_complete<R: Read + Seek>(r: &mut R) -> std::io::Result<bool> {
+    let pos = r.stream_position()?;
+    let end = r.seek(SeekFrom::End(0))?;
+    let n = (end - pos).min(4096);
+    r.seek(SeekFrom::Start(end - n))?;
+    let mut tail = vec![0u8; n as usize];
+    r.read_exact(&mut tail)?;
+    r.seek(SeekFrom::Start(pos))?;
+    while tail.last() == Some(&0) {
+        tail.pop();
+    }
+    Ok(tail.ends_with(&[0xFF, 0xD9]))
 }
 
 /// Model input `[H, W, C]` (row-major, channels last) from a decoded image: resized to the model's
@@ -246,6 +272,27 @@ mod tests {
             e.contains("16384x16384") && e.contains("1024 MB") && e.contains("512 MB"),
             "{e}"
         );
+    }
+
+    /// A JPEG cut off in its entropy-coded data is an error, not half a grey image; the whole
+    /// file (with or without trailing zero padding) decodes.
+    #[test]
+    fn truncated_jpegs_are_errors() {
+        let photo = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/images/photo-rocket.jpg");
+        let bytes = std::fs::read(&photo).unwrap();
+        assert!(decode_image_bytes(&bytes, "whole.jpg").is_ok());
+        let mut padded = bytes.clone();
+        padded.extend([0u8; 16]);
+        assert!(decode_image_bytes(&padded, "padded.jpg").is_ok());
+        let e = decode_image_bytes(&bytes[..bytes.len() / 2], "half.jpg")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("half.jpg: truncated JPEG"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let cut = dir.path().join("cut.jpg");
+        std::fs::write(&cut, &bytes[..bytes.len() - 300]).unwrap();
+        let e = decode_image(&cut).unwrap_err().to_string();
+        assert!(e.contains("cut.jpg: truncated JPEG"), "{e}");
     }
 
     /// A directory or a FIFO is not an image: a clear error, at once (a FIFO would block).
