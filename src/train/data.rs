@@ -181,14 +181,15 @@ fn read_idx_within(
     let dims: Vec<usize> = (0..rank)
         .map(|i| u32::from_be_bytes([0, 1, 2, 3].map(|k| bytes[4 + 4 * i + k])) as usize)
         .collect();
-    let want = dims.iter().product::<usize>();
+    let want = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
     let have = bytes.len() - header;
-    if have != want {
+    let Some(_) = want.filter(|&w| w == have) else {
+        let want = want.map_or("more than 2^64".to_string(), |w| w.to_string());
         return Err(err(format!(
             "dimensions {dims:?} need {want} data bytes but the file has {have} (truncated or \
              corrupt)"
         )));
-    }
+    };
     Ok((dims, bytes[header..].to_vec()))
 }
 
