@@ -24,7 +24,7 @@ pub enum MoefyError {
     Config(String),
     #[error(transparent)]
     Model(#[from] ModelError),
-    #[error("tensor computation: {0}")]
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
 

@@ -202,8 +202,16 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
                 done += 1;
             }
             Err(err) => {
-                bar.suspend(|| eprintln!("skipped {}: {err:#}", path.display()));
-                skipped.push(format!("{}: {err:#}", path.display()));
+                // The error names the file when it comes from reading it; say it once.
+                let text = format!("{err:#}");
+                let shown = path.display().to_string();
+                let text = if text.starts_with(&shown) {
+                    text
+                } else {
+                    format!("{shown}: {text}")
+                };
+                bar.suspend(|| eprintln!("skipped {text}"));
+                skipped.push(text);
             }
         }
         bar.inc(1);
@@ -230,7 +238,7 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
         args.out.display(),
         summary_path.display()
     );
-    for (i, n) in panel_names.iter().enumerate() {
+    for (i, n) in panel_names.iter().enumerate().filter(|_| done > 0) {
         let mean: Vec<String> = load[i]
             .iter()
             .map(|v| format!("{:.1}", v / done.max(1) as f64))

@@ -174,6 +174,11 @@ pub fn run(args: &RouteArgs) -> anyhow::Result<()> {
         let &[n, e] = logits.shape.as_slice() else {
             return Err(input.shape_error("logits", &logits.shape, "[n, e]").into());
         };
+        // The dense outputs' size is known before routing: refuse at once, not after a long
+        // solve (10^6 tokens under a sparsity-constrained router).
+        if let Ok((c, _)) = cfg.capacity_for(n, e) {
+            check_dense_size([n, e, c])?;
+        }
         route_logits(&logits.data, n, e, &cfg, mode).with_context(|| format!("{in_name}"))?
     };
     write_output(args, &result)?;
@@ -184,9 +189,9 @@ pub fn run(args: &RouteArgs) -> anyhow::Result<()> {
 /// The dense `dispatch` and `combine` tensors `route` writes may take at most this many bytes.
 const MAX_DENSE_OUTPUT_BYTES: u64 = 2 << 30;
 
-fn write_output(args: &RouteArgs, r: &RoutingResult) -> anyhow::Result<()> {
-    let shape = vec![r.num_tokens, r.num_experts, r.capacity];
-    // Sized before allocating: [n, e, c] grows with n² for Expert Choice and large capacities.
+/// Sized before allocating: the dense `[n, e, c]` outputs grow with n² for Expert Choice and
+/// large capacities.
+fn check_dense_size(shape: [usize; 3]) -> anyhow::Result<()> {
     let bytes = shape
         .iter()
         .try_fold(8u64, |a, &d| a.checked_mul(d as u64))
@@ -199,6 +204,12 @@ fn write_output(args: &RouteArgs, r: &RoutingResult) -> anyhow::Result<()> {
             MAX_DENSE_OUTPUT_BYTES >> 20
         );
     }
+    Ok(())
+}
+
+fn write_output(args: &RouteArgs, r: &RoutingResult) -> anyhow::Result<()> {
+    let shape = vec![r.num_tokens, r.num_experts, r.capacity];
+    check_dense_size([r.num_tokens, r.num_experts, r.capacity])?;
     let dispatch = r.dispatch_dense();
     let combine = r.combine_dense();
     let mut tensors = vec![

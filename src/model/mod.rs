@@ -46,9 +46,9 @@ pub enum ModelError {
     Tensor(String),
     #[error("{0}")]
     Image(String),
-    #[error("routing: {0}")]
+    #[error(transparent)]
     Routing(#[from] RoutingError),
-    #[error("tensor computation: {0}")]
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
     /// A failure of the backend that ran the model (for the GPU backend, its `GpuError`).
     #[error(transparent)]

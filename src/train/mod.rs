@@ -22,9 +22,9 @@ pub enum TrainError {
     Resume(String),
     #[error("training diverged: {0}")]
     Diverged(String),
-    #[error("routing: {0}")]
+    #[error(transparent)]
     Routing(#[from] crate::routing::RoutingError),
-    #[error("tensor computation: {0}")]
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
 
