@@ -9,6 +9,12 @@ use clap::Parser;
 fn main() -> ExitCode {
     // SAFETY: first statement of main, no other thread exists yet.
     unsafe { routerscope::runtime::pin_thread_count() };
+    // Ctrl-C: no half-written output stays behind.
+    let _ = ctrlc::set_handler(|| {
+        routerscope::tensor_io::remove_pending_temporaries();
+        eprintln!("\nrouterscope: interrupted");
+        std::process::exit(130);
+    });
     let args = cli::Cli::parse();
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,

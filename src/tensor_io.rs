@@ -376,6 +376,7 @@ pub fn write_safetensors(
         })
         .collect();
     let tmp = temporary_path(path)?;
+    let _pending = Pending::new(&tmp);
     let result = serialize_sorted(&views, &metadata, &tmp)
         .map_err(|reason| TensorIoError::Write {
             path: path.to_owned(),
@@ -455,6 +456,39 @@ fn readable_by_all(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Temporary files being written now, removed by [`remove_pending_temporaries`] (the command
+/// line calls it on Ctrl-C).
+static PENDING: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Removes every temporary file a write in progress has made (for an interrupt handler).
+pub fn remove_pending_temporaries() {
+    if let Ok(mut pending) = PENDING.lock() {
+        for p in pending.drain(..) {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// Registers `tmp` while it is written; the guard unregisters it.
+struct Pending(PathBuf);
+
+impl Pending {
+    fn new(tmp: &Path) -> Self {
+        if let Ok(mut p) = PENDING.lock() {
+            p.push(tmp.to_path_buf());
+        }
+        Self(tmp.to_path_buf())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Ok(mut p) = PENDING.lock() {
+            p.retain(|x| *x != self.0);
+        }
+    }
+}
+
 /// A temporary file name beside `path` (same folder, so the final rename is atomic).
 pub(crate) fn temporary_path(path: &Path) -> Result<PathBuf, TensorIoError> {
     let dir = match path.parent() {
@@ -508,6 +542,7 @@ fn process_alive(pid: i32) -> bool {
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TensorIoError> {
     let tmp = temporary_path(path)?;
+    let _pending = Pending::new(&tmp);
     let result = (|| {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -633,6 +668,18 @@ mod tests {
             e.contains("out.safetensors: cannot write (") && !e.contains("not a valid"),
             "{e}"
         );
+    }
+
+    /// An interrupt removes the temporary files of writes in progress.
+    #[test]
+    fn pending_temporaries_are_removed_on_interrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join(".x.tmp-1");
+        fs::write(&tmp, b"half").unwrap();
+        let guard = Pending::new(&tmp);
+        remove_pending_temporaries();
+        assert!(!tmp.exists());
+        drop(guard);
     }
 
     /// A temporary file left by a killed run (its process is gone) is removed by the next write

@@ -256,3 +256,48 @@ fn features_are_written_for_any_model() {
     );
     assert!(!out2.exists());
 }
+
+/// Regressions of the hostile-input corpus: a directory or a device as the model says so, an
+/// export width that would need a 33 GB raster is a usage error.
+#[test]
+fn non_files_and_huge_widths_are_refused() {
+    let img = root().join("assets/images/fmnist-00-ankle-boot-test0.png");
+    let dir = tempfile::tempdir().unwrap();
+    fails(
+        &[
+            "predict",
+            "--model",
+            s(dir.path()),
+            "--device",
+            "cpu",
+            s(&img),
+        ],
+        "is not a regular file (it is a directory)",
+    );
+    fails(
+        &[
+            "predict",
+            "--model",
+            "/dev/null",
+            "--device",
+            "cpu",
+            s(&img),
+        ],
+        "/dev/null: is not a regular file",
+    );
+    let model = root().join("assets/models/fashion-mnist-softmax-tc.safetensors");
+    let out = dir.path().join("out");
+    let r = routerscope(&[
+        "export",
+        "--model",
+        s(&model),
+        "--width",
+        "100000",
+        "--out",
+        s(&out),
+        s(&img),
+    ]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("100000"));
+    assert!(!out.exists());
+}

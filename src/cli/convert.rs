@@ -32,10 +32,12 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
     };
     let start = Instant::now();
     let mut last = 0u64;
+    let mut printed = false;
     let mut progress = |done: u64, total: u64| {
         let pct = (done * 100).checked_div(total).unwrap_or(100);
         if pct >= last + 5 || pct == 100 {
             last = pct;
+            printed = true;
             eprint!(
                 "\rreading vmoe checkpoint: {pct:3}% ({} of {} MB)",
                 done >> 20,
@@ -44,8 +46,12 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
             let _ = std::io::stderr().flush();
         }
     };
-    let (cfg, weights) = load_vmoe(&args.from_vmoe, config, &mut progress)?;
-    eprintln!();
+    let loaded = load_vmoe(&args.from_vmoe, config, &mut progress);
+    if printed {
+        // End the progress line, so that an error starts a line of its own.
+        eprintln!();
+    }
+    let (cfg, weights) = loaded?;
     save_checkpoint(&args.out, &cfg, &weights)?;
     let params: usize = weights.values().map(|t| t.data.len()).sum();
     println!(
