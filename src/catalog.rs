@@ -49,6 +49,10 @@ pub enum ImageKind {
 impl ImageKind {
     /// The rule: 28×28 grey images are Fashion-MNIST images, everything else is a photo.
     pub fn of(img: &image::DynamicImage) -> Self {
+        // Size first: only a 28×28 image needs its pixels looked at.
+        if img.width() != 28 || img.height() != 28 {
+            return Self::Photo;
+        }
         let grey = matches!(
             img.color(),
             image::ColorType::L8
@@ -59,7 +63,7 @@ impl ImageKind {
             let rgb = img.to_rgb8();
             rgb.pixels().all(|p| p[0] == p[1] && p[1] == p[2])
         };
-        if img.width() == 28 && img.height() == 28 && grey {
+        if grey {
             Self::FashionMnist
         } else {
             Self::Photo
