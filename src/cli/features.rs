@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use routerscope::backend::DeviceChoice;
 use routerscope::model::{RunOptions, load_image};
-use routerscope::routing::{CapacitySpec, RouterConfig, RouterKind};
+use routerscope::routing::RouterKind;
 use routerscope::tensor_io::{OutTensor, write_f32_safetensors};
 
 #[derive(clap::Args, Debug)]
@@ -40,24 +40,10 @@ pub fn run(args: &FeaturesArgs) -> anyhow::Result<()> {
     let model = super::load_engine(&args.model, args.device)?;
     let cfg = &model.config;
     let mut opts = RunOptions::from_config(cfg);
-    if let Some(moe) = &cfg.moe {
-        let mut router = match args.router {
-            Some(kind) if kind != moe.router.kind => RouterConfig::new(kind),
-            _ => moe.router.clone(),
-        };
-        if let Some(k) = args.k {
-            super::check_k_applies(router.kind)?;
-            router.k = k;
-        }
-        if let Some(cf) = args.capacity_factor {
-            if router.kind == RouterKind::SoftMoe {
-                anyhow::bail!("--capacity-factor does not apply to Soft MoE");
-            }
-            router.capacity = CapacitySpec::Factor(cf);
-        }
+    if let Some(router) =
+        super::router_override(cfg, &args.model, args.router, args.k, args.capacity_factor)?
+    {
         opts = opts.with_router(router);
-    } else if args.router.is_some() || args.k.is_some() || args.capacity_factor.is_some() {
-        anyhow::bail!("{} has no MoE layers to route", args.model.display());
     }
     let images = args
         .images

@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use routerscope::backend::{DeviceChoice, Engine};
+use routerscope::backend::DeviceChoice;
 use routerscope::model::{RunOptions, load_image};
-use routerscope::routing::{CapacitySpec, RouterConfig, RouterKind};
+use routerscope::routing::RouterKind;
 use serde_json::json;
 
 #[derive(clap::Args, Debug)]
@@ -38,40 +38,16 @@ pub struct PredictArgs {
     images: Vec<PathBuf>,
 }
 
-fn router_config(model: &Engine, args: &PredictArgs) -> anyhow::Result<Option<RouterConfig>> {
-    let Some(moe) = &model.config.moe else {
-        if args.router.is_some() || args.k.is_some() || args.capacity_factor.is_some() {
-            anyhow::bail!("{} has no MoE layers to route", args.model.display());
-        }
-        return Ok(None);
-    };
-    let mut cfg = match args.router {
-        Some(kind) if kind != moe.router.kind => RouterConfig::new(kind),
-        _ => moe.router.clone(),
-    };
-    if cfg.kind == RouterKind::SoftMoe {
-        // Soft MoE's slots are fixed by `mu`; the model fills them in.
-        cfg.capacity = CapacitySpec::Slots(1);
-    }
-    if let Some(k) = args.k {
-        super::check_k_applies(cfg.kind)?;
-        cfg.k = k;
-    }
-    if let Some(cf) = args.capacity_factor {
-        if cfg.kind == RouterKind::SoftMoe {
-            anyhow::bail!(
-                "--capacity-factor does not apply to Soft MoE: its slots per expert are the shape of `mu`"
-            );
-        }
-        cfg.capacity = CapacitySpec::Factor(cf);
-    }
-    Ok(Some(cfg))
-}
-
 pub fn run(args: &PredictArgs) -> anyhow::Result<()> {
     let model = super::load_engine(&args.model, args.device)?;
     let mut opts = RunOptions::from_config(&model.config);
-    if let Some(router) = router_config(&model, args)? {
+    if let Some(router) = super::router_override(
+        &model.config,
+        &args.model,
+        args.router,
+        args.k,
+        args.capacity_factor,
+    )? {
         opts = opts.with_router(router);
     }
     if let Some(g) = args.group_images {
