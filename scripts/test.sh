@@ -13,7 +13,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   # mesa-vulkan-drivers + libvulkan1: the software Vulkan adapter (lavapipe) on which the UI
   # snapshot tests render with wgpu and the GPU backend's kernels run their parity tests.
   apt-get install -y -q --no-install-recommends build-essential ca-certificates \
-    mesa-vulkan-drivers libvulkan1
+    mesa-vulkan-drivers libvulkan1 dataset-fashion-mnist
 fi
 
 # winit/wayland probing complains without a runtime directory; give it a private one.

@@ -95,6 +95,9 @@ impl Forward for Engine {
     fn forward(&self, images: &[Vec<f32>], opts: &RunOptions) -> Result<ForwardOutput, ModelError> {
         Engine::forward(self, images, opts)
     }
+    fn rerun(&self, prev: &ForwardOutput, opts: &RunOptions) -> Result<ForwardOutput, ModelError> {
+        Engine::rerun(self, prev, opts)
+    }
 }
 
 /// A model on the CPU, and on a GPU when one is given; runs on the GPU while it works.

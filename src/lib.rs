@@ -8,6 +8,7 @@
 //! - [`gpu`]: the same forward pass as WGSL compute shaders on wgpu.
 //! - [`backend`]: the device choice and the engine that runs on the GPU with CPU fallback.
 //! - [`train`]: training the built-in Fashion-MNIST models and evaluating them.
+//! - [`analysis`]: routing statistics and the expert atlas over a whole dataset.
 //! - [`figures`]: expert colours, per-image routing views, SVG/PNG/CSV/JSON export.
 //! - [`catalog`]: the built-in models and sample images.
 //! - [`app`] (feature `app`, on by default): the desktop viewer (eframe/egui).
@@ -16,6 +17,7 @@
 
 #[cfg(feature = "app")]
 pub mod app;
+pub mod analysis;
 pub mod backend;
 pub mod catalog;
 pub mod figures;

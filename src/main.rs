@@ -9,8 +9,13 @@ use clap::Parser;
 fn main() -> ExitCode {
     // SAFETY: first statement of main, no other thread exists yet.
     unsafe { routerscope::runtime::pin_thread_count() };
-    // Ctrl-C: no half-written output stays behind.
+    // Ctrl-C: a stoppable run (`analyze`) winds down and writes what it did; otherwise, or on a
+    // second Ctrl-C, exit at once, leaving no half-written output behind.
     let _ = ctrlc::set_handler(|| {
+        if routerscope::runtime::request_stop() {
+            eprintln!("\nrouterscope: stopping after the current batch (Ctrl-C again to quit now)");
+            return;
+        }
         routerscope::tensor_io::remove_pending_temporaries();
         eprintln!("\nrouterscope: interrupted");
         std::process::exit(130);

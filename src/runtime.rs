@@ -38,3 +38,34 @@ fn keep_freed_memory() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_freed_memory() {}
+
+static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static STOPPABLE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Ctrl-C's flag for long runs that stop between steps and write what they have done.
+pub fn stop_flag() -> &'static std::sync::atomic::AtomicBool {
+    &STOP_REQUESTED
+}
+
+/// While the guard lives, the first Ctrl-C only raises [`stop_flag`] (see [`request_stop`]).
+pub struct StoppableRun(());
+
+impl StoppableRun {
+    pub fn begin() -> Self {
+        STOPPABLE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        StoppableRun(())
+    }
+}
+
+impl Drop for StoppableRun {
+    fn drop(&mut self) {
+        STOPPABLE.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The Ctrl-C handler's question: `true` when a stoppable run is in progress and this is the first
+/// request (it raises [`stop_flag`] and the run winds down); `false` means exit now.
+pub fn request_stop() -> bool {
+    use std::sync::atomic::Ordering;
+    STOPPABLE.load(Ordering::SeqCst) > 0 && !STOP_REQUESTED.swap(true, Ordering::SeqCst)
+}

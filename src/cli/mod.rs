@@ -1,5 +1,6 @@
 //! Command-line front end: argument parsing and the subcommands.
 
+mod analyze;
 mod convert;
 mod eval;
 mod export;
@@ -45,6 +46,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Routing figures (PNG, SVG) and their data (CSV, JSON) for images, with a run summary.
     Export(export::ExportArgs),
+    /// Routing statistics, figures and the expert atlas over a dataset (a folder or Fashion-MNIST).
+    Analyze(analyze::AnalyzeArgs),
     /// Import a dense ViT from ONNX (DINOv2 as Hugging Face exports it) as a feature model.
     Import(import::ImportArgs),
     /// Turn a dense checkpoint's MLPs into MoE layers (MoEfication), calibrated on photos.
@@ -81,6 +84,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train::run(&args),
         Command::Eval(args) => eval::run(&args),
         Command::Export(args) => export::run(&args),
+        Command::Analyze(args) => analyze::run(&args),
         Command::Import(args) => import::run(&args),
         Command::Moefy(args) => moefy::run(&args),
         Command::Features(args) => features::run(&args),

@@ -2,6 +2,7 @@
 //! exporters write. No UI code here.
 
 pub mod data;
+pub mod dataset;
 pub mod export;
 pub mod palette;
 pub mod raster;

@@ -371,6 +371,11 @@ pub(crate) fn check_run_options(
 pub trait Forward {
     fn config(&self) -> &ModelConfig;
     fn forward(&self, images: &[Vec<f32>], opts: &RunOptions) -> Result<ForwardOutput, ModelError>;
+    /// `prev`'s images under other routing options; a backend that can resume from `prev`'s
+    /// saved state starts at the first MoE layer that changed.
+    fn rerun(&self, prev: &ForwardOutput, opts: &RunOptions) -> Result<ForwardOutput, ModelError> {
+        self.forward(&prev.inputs, opts)
+    }
 }
 
 impl Forward for VitMoe {
@@ -379,6 +384,9 @@ impl Forward for VitMoe {
     }
     fn forward(&self, images: &[Vec<f32>], opts: &RunOptions) -> Result<ForwardOutput, ModelError> {
         VitMoe::forward(self, images, opts)
+    }
+    fn rerun(&self, prev: &ForwardOutput, opts: &RunOptions) -> Result<ForwardOutput, ModelError> {
+        VitMoe::rerun(self, prev, opts)
     }
 }
 

@@ -1,0 +1,344 @@
+//! Dataset routing analysis: one or more routers run over a whole dataset, streamed in batches,
+//! reduced per MoE layer to counts by class, position and expert, load distributions, drops,
+//! router entropy and an atlas of each expert's most strongly routed patches.
+//!
+//! The CLI (`routerscope analyze`) and the app's Dataset view both call [`analyze`]; it stops
+//! between batches when asked and then returns what it has, marked partial.
+
+pub mod atlas;
+pub mod report;
+pub mod source;
+pub mod stats;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::model::{Classifier, Forward, RunOptions};
+use crate::routing::{CapacitySpec, RouterConfig, RouterFamily};
+use atlas::{AtlasEntry, AtlasExpert, TopN};
+use source::DataSource;
+use stats::{LayerAccumulator, LayerStats};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AnalysisError {
+    #[error("{0}")]
+    Data(String),
+    #[error("{0}")]
+    Model(String),
+    #[error("{0}")]
+    Options(String),
+}
+
+/// How an analysis runs.
+#[derive(Clone, Debug)]
+pub struct AnalyzeOptions {
+    /// One routing per router to analyse (the first is the main one); all share the group size.
+    pub runs: Vec<RunOptions>,
+    /// Patches kept per expert in the atlas.
+    pub atlas_size: usize,
+    /// Tokens per forward batch (rounded to whole routing groups): bounds memory and how soon a
+    /// stop request is honoured.
+    pub batch_tokens: usize,
+}
+
+impl AnalyzeOptions {
+    pub const DEFAULT_BATCH_TOKENS: usize = 8192;
+}
+
+/// What a run's router was.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RouterSettings {
+    /// The CLI name (`softmax-tc`, …).
+    pub router: String,
+    pub name: String,
+    /// Experts per token (Token Choice; 1 otherwise).
+    pub k: usize,
+    pub capacity_factor: Option<f64>,
+    /// Slots per expert, when fixed (Soft MoE: from the checkpoint).
+    pub slots: Option<usize>,
+    pub group_images: usize,
+}
+
+impl RouterSettings {
+    pub fn new(r: &RouterConfig, group_images: usize) -> Self {
+        let soft = r.kind.family() == RouterFamily::Soft;
+        let (capacity_factor, slots) = match r.capacity {
+            _ if soft => (None, None),
+            CapacitySpec::Factor(f) => (Some(f), None),
+            CapacitySpec::Slots(c) => (None, Some(c)),
+        };
+        Self {
+            router: r.kind.cli_name().to_string(),
+            name: r.kind.display_name().to_string(),
+            k: r.experts_per_token(),
+            capacity_factor,
+            slots,
+            group_images,
+        }
+    }
+
+    /// `softmax-tc k=2 cf=1.25` style label.
+    pub fn label(&self) -> String {
+        let mut s = self.router.clone();
+        if self.router.ends_with("-tc") {
+            s += &format!(" k={}", self.k);
+        }
+        if let Some(f) = self.capacity_factor {
+            s += &format!(" cf={f}");
+        }
+        if let Some(c) = self.slots {
+            s += &format!(" c={c}");
+        }
+        s
+    }
+}
+
+/// One MoE layer of one router: its statistics and its atlas.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerAnalysis {
+    #[serde(flatten)]
+    pub stats: LayerStats,
+    pub atlas: Vec<AtlasExpert>,
+}
+
+/// The analysis of one router.
+#[derive(Clone, Debug, Serialize)]
+pub struct RouterRun {
+    pub settings: RouterSettings,
+    pub layers: Vec<LayerAnalysis>,
+}
+
+/// An image that could not be read.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Unreadable {
+    pub image: String,
+    pub error: String,
+}
+
+/// At most this many unreadable images are listed (all are counted).
+pub const MAX_LISTED_UNREADABLE: usize = 100;
+
+/// A finished (or stopped) analysis.
+#[derive(Clone, Debug, Serialize)]
+pub struct Analysis {
+    pub model: String,
+    pub data: String,
+    pub classes: Vec<String>,
+    /// Whether any image has a class (a folder with class subfolders, or IDX labels).
+    pub labelled: bool,
+    /// Images in the data (after `--limit`).
+    pub images_in_data: usize,
+    /// Images routed.
+    pub images: usize,
+    /// Stopped before the end: the statistics cover the images routed so far.
+    pub partial: bool,
+    pub unreadable_count: usize,
+    pub unreadable: Vec<Unreadable>,
+    /// Readable images left out at the end because they do not fill a routing group.
+    pub left_out: usize,
+    /// Patch grid `[rows, cols]`, tokens per image and whether token 0 is the CLS token.
+    pub grid: [usize; 2],
+    pub seq_len: usize,
+    pub has_cls: bool,
+    pub runs: Vec<RouterRun>,
+    pub seconds: f64,
+    pub images_per_second: f64,
+}
+
+/// Progress of a run, after each batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// Images read so far (routed or unreadable).
+    pub done: usize,
+    pub total: usize,
+}
+
+/// Runs every router of `opts` over `source` with `model`, batch by batch; `progress` is told
+/// after each batch and a raised `stop` ends the run after the current one (the result is then
+/// partial).
+pub fn analyze(
+    model: &dyn Forward,
+    source: &DataSource,
+    opts: &AnalyzeOptions,
+    progress: &mut dyn FnMut(Progress),
+    stop: &AtomicBool,
+) -> Result<Analysis, AnalysisError> {
+    let cfg = model.config();
+    let moe = cfg.moe.as_ref().ok_or_else(|| {
+        AnalysisError::Options(format!(
+            "{} has no MoE layers: there is no routing to analyse",
+            cfg.name
+        ))
+    })?;
+    let first = opts
+        .runs
+        .first()
+        .ok_or_else(|| AnalysisError::Options("no router to analyse".into()))?;
+    let group = first.group_images.max(1);
+    if opts.runs.iter().any(|r| r.group_images != group) {
+        return Err(AnalysisError::Options(
+            "every router of one analysis routes groups of the same size".into(),
+        ));
+    }
+    if opts.atlas_size > atlas::MAX_ATLAS_SIZE {
+        return Err(AnalysisError::Options(format!(
+            "--atlas-size {} is beyond the limit of {}",
+            opts.atlas_size,
+            atlas::MAX_ATLAS_SIZE
+        )));
+    }
+    let start = Instant::now();
+    let seq_len = cfg.seq_len();
+    let has_cls = cfg.classifier == Classifier::Token;
+    let cls = usize::from(has_cls);
+    let classes = source.classes().to_vec();
+    let e = moe.num_experts;
+    let per_batch = (opts.batch_tokens / seq_len.max(1)).clamp(1, 512).max(group) / group * group;
+    let mut acc: Vec<Vec<LayerAccumulator>> = opts
+        .runs
+        .iter()
+        .map(|_| {
+            moe.layers
+                .iter()
+                .map(|&b| LayerAccumulator::new(b, e, classes.len(), seq_len))
+                .collect()
+        })
+        .collect();
+    let mut heaps: Vec<Vec<Vec<TopN>>> = opts
+        .runs
+        .iter()
+        .map(|_| {
+            moe.layers
+                .iter()
+                .map(|_| (0..e).map(|_| TopN::new(opts.atlas_size)).collect())
+                .collect()
+        })
+        .collect();
+    let total = source.len();
+    let mut next = 0;
+    let mut routed = 0;
+    let mut unreadable = Vec::new();
+    let mut unreadable_count = 0;
+    let mut left_out = 0;
+    let mut partial = false;
+    while next < total {
+        if stop.load(Ordering::Relaxed) {
+            partial = true;
+            break;
+        }
+        let mut ids = Vec::with_capacity(per_batch);
+        let mut inputs = Vec::with_capacity(per_batch);
+        while next < total && ids.len() < per_batch {
+            match source.input(next, cfg) {
+                Ok(px) => {
+                    ids.push(next);
+                    inputs.push(px);
+                }
+                Err(err) => {
+                    unreadable_count += 1;
+                    if unreadable.len() < MAX_LISTED_UNREADABLE {
+                        unreadable.push(Unreadable {
+                            image: source.name(next),
+                            error: err,
+                        });
+                    }
+                }
+            }
+            next += 1;
+        }
+        // Only whole routing groups run (as in `eval`); at the end a remainder is left out.
+        let whole = ids.len() / group * group;
+        left_out += ids.len() - whole;
+        ids.truncate(whole);
+        inputs.truncate(whole);
+        if !ids.is_empty() {
+            let labels: Vec<usize> = ids.iter().map(|&i| source.label(i)).collect();
+            let mut prev = None;
+            for (r, run) in opts.runs.iter().enumerate() {
+                let out = match &prev {
+                    None => model.forward(&inputs, run),
+                    Some(p) => model.rerun(p, run),
+                }
+                .map_err(|e| AnalysisError::Model(e.to_string()))?;
+                for (l, rec) in out.records.iter().enumerate() {
+                    let (layer, heap) = (&mut acc[r][l], &mut heaps[r][l]);
+                    for g in &rec.groups {
+                        let first = g.first_image;
+                        let glabels = &labels[first..first + g.num_images];
+                        layer.add(g, glabels, |m, token, j, score| {
+                            if token >= cls {
+                                heap[j].push(AtlasEntry {
+                                    score,
+                                    image: ids[first + m],
+                                    token,
+                                });
+                            }
+                        });
+                    }
+                }
+                prev = Some(out);
+            }
+            routed += ids.len();
+        }
+        progress(Progress { done: next, total });
+    }
+    if routed == 0 {
+        let why = if partial {
+            "stopped before the first batch".to_string()
+        } else if unreadable_count > 0 {
+            format!(
+                "none of the {unreadable_count} images could be read (first: {}: {})",
+                unreadable.first().map_or("", |u: &Unreadable| u.image.as_str()),
+                unreadable.first().map_or("", |u| u.error.as_str())
+            )
+        } else {
+            format!(
+                "{} images do not fill one routing group of {group}",
+                left_out
+            )
+        };
+        return Err(AnalysisError::Data(format!(
+            "{}: nothing was analysed: {why}",
+            source.location().display()
+        )));
+    }
+    let runs = opts
+        .runs
+        .iter()
+        .zip(acc)
+        .zip(heaps)
+        .map(|((run, layers), heaps)| RouterRun {
+            settings: RouterSettings::new(&run.routers[0], run.group_images),
+            layers: layers
+                .into_iter()
+                .zip(heaps)
+                .map(|(a, h)| LayerAnalysis {
+                    stats: a.finish(),
+                    atlas: atlas::build_atlas(source, h, cfg.grid(), cls),
+                })
+                .collect(),
+        })
+        .collect();
+    let seconds = start.elapsed().as_secs_f64();
+    let labelled = classes.iter().any(|c| c != source::UNLABELLED);
+    Ok(Analysis {
+        model: cfg.name.clone(),
+        data: source.location().display().to_string(),
+        classes,
+        labelled,
+        images_in_data: total,
+        images: routed,
+        partial,
+        unreadable_count,
+        unreadable,
+        left_out,
+        grid: cfg.grid(),
+        seq_len,
+        has_cls,
+        runs,
+        seconds,
+        images_per_second: routed as f64 / seconds.max(1e-9),
+    })
+}

@@ -1,0 +1,199 @@
+//! `routerscope analyze`: routing statistics, figures and the expert atlas over a dataset.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use routerscope::analysis::source::DataSource;
+use routerscope::analysis::{AnalyzeOptions, analyze, report};
+use routerscope::backend::DeviceChoice;
+use routerscope::figures::Palette;
+use routerscope::model::RunOptions;
+use routerscope::routing::{RouterFamily, RouterKind};
+use routerscope::train::{DEFAULT_DATA_DIR, Split};
+
+#[derive(clap::Args, Debug)]
+pub struct AnalyzeArgs {
+    /// Model checkpoint (.safetensors or a vmoe `.index`).
+    #[arg(long)]
+    model: PathBuf,
+    /// A folder of images (searched recursively; the first subfolder names the class, images
+    /// directly in it are unlabelled) or a Fashion-MNIST IDX directory.
+    #[arg(long, default_value = DEFAULT_DATA_DIR)]
+    data: PathBuf,
+    /// Which IDX files of a Fashion-MNIST directory: test (`t10k-*`) or train.
+    #[arg(long, default_value = "test", value_parser = ["test", "train"])]
+    split: String,
+    /// Route with this router instead of the checkpoint's (a what-if on the same weights).
+    #[arg(long)]
+    router: Option<RouterKind>,
+    /// Experts per token (Token Choice routers; with --compare, those among them).
+    #[arg(long)]
+    k: Option<usize>,
+    /// Capacity factor (sparse routers; with --compare, those among them).
+    #[arg(long)]
+    capacity_factor: Option<f64>,
+    /// Images per routing group [default: the checkpoint's].
+    #[arg(long)]
+    group_images: Option<usize>,
+    /// Also analyse these routers (comma-separated), with figures side by side and a summary.
+    #[arg(long, value_delimiter = ',')]
+    compare: Vec<RouterKind>,
+    /// Analyse the first N images only.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Patches per expert in the atlas.
+    #[arg(long, default_value_t = 16)]
+    atlas_size: usize,
+    /// Width in pixels of the PNG figures (wider figures keep their own width).
+    #[arg(long, default_value_t = 1200)]
+    png_width: u32,
+    /// Where the model runs: auto, gpu or cpu (as for `predict`).
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    /// Output folder (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn run(args: &AnalyzeArgs) -> anyhow::Result<()> {
+    report::check_output_dir(&args.out)?;
+    let model = super::load_engine(&args.model, args.device)?;
+    let cfg = &model.config;
+    if cfg.moe.is_none() {
+        anyhow::bail!(
+            "{} has no MoE layers: there is no routing to analyse",
+            args.model.display()
+        );
+    }
+    let mut runs = Vec::new();
+    let mut main = RunOptions::from_config(cfg);
+    if let Some(r) =
+        super::router_override(cfg, &args.model, args.router, args.k, args.capacity_factor)?
+    {
+        main = main.with_router(r);
+    }
+    if let Some(g) = args.group_images {
+        if g == 0 {
+            anyhow::bail!("--group-images must be at least 1");
+        }
+        main.group_images = g;
+    }
+    runs.push(main.clone());
+    for &kind in &args.compare {
+        let k = args
+            .k
+            .filter(|_| kind.family() == RouterFamily::TokenChoice);
+        let cf = args
+            .capacity_factor
+            .filter(|_| kind.family() != RouterFamily::Soft);
+        let Some(r) = super::router_override(cfg, &args.model, Some(kind), k, cf)? else {
+            continue;
+        };
+        let opts = RunOptions {
+            group_images: main.group_images,
+            ..RunOptions::from_config(cfg).with_router(r)
+        };
+        if !runs.contains(&opts) {
+            runs.push(opts);
+        }
+    }
+    let split = if args.split == "train" {
+        Split::Train
+    } else {
+        Split::Test
+    };
+    let mut source = DataSource::open(&args.data, split, &cfg.class_names)?;
+    if let Some(n) = args.limit {
+        source.truncate(n);
+    }
+    if let DataSource::Folder(f) = &source
+        && f.other_files > 0
+    {
+        eprintln!(
+            "routerscope: {}: {} files are not images by their extension and were not read",
+            f.root.display(),
+            f.other_files
+        );
+    }
+    let opts = AnalyzeOptions {
+        runs,
+        atlas_size: args.atlas_size,
+        batch_tokens: AnalyzeOptions::DEFAULT_BATCH_TOKENS,
+    };
+    eprintln!(
+        "device: {} · {} images · {} router(s)",
+        model.device(),
+        source.len(),
+        opts.runs.len()
+    );
+    let bar = ProgressBar::new(source.len() as u64).with_style(
+        ProgressStyle::with_template(
+            "{bar:32} {pos}/{len} images · {per_sec} · {elapsed_precise} elapsed, ETA {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let analysis = {
+        let _stoppable = routerscope::runtime::StoppableRun::begin();
+        analyze(
+            &model,
+            &source,
+            &opts,
+            &mut |p| bar.set_position(p.done as u64),
+            routerscope::runtime::stop_flag(),
+        )
+    };
+    bar.finish_and_clear();
+    super::report_notice(&model);
+    let analysis = analysis?;
+    for u in &analysis.unreadable {
+        eprintln!("routerscope: skipped {}: {}", u.image, u.error);
+    }
+    if analysis.unreadable_count > analysis.unreadable.len() {
+        eprintln!(
+            "routerscope: … and {} more unreadable images",
+            analysis.unreadable_count - analysis.unreadable.len()
+        );
+    }
+    let mut files = report::write_data(&analysis, &args.out)?;
+    files.extend(
+        routerscope::figures::dataset::write_figures(
+            &analysis,
+            &args.out,
+            Palette::TolMuted,
+            args.png_width,
+        )
+        .map_err(anyhow::Error::msg)
+        .context("writing the figures")?,
+    );
+    println!(
+        "{}: {} images analysed ({} unreadable, {} left out of a partial group) in {:.1} s, {:.1} images/s",
+        analysis.model,
+        analysis.images,
+        analysis.unreadable_count,
+        analysis.left_out,
+        analysis.seconds,
+        analysis.images_per_second
+    );
+    for run in &analysis.runs {
+        for l in &run.layers {
+            println!(
+                "  {} · block {}: dropped {:.2}%, load std {:.2} tokens/image, usage entropy {:.3}",
+                run.settings.label(),
+                l.stats.block,
+                100.0 * l.stats.dropped_token_rate,
+                l.stats.load_std,
+                l.stats.usage_entropy
+            );
+        }
+    }
+    println!("wrote {} files to {}", files.len(), args.out.display());
+    if analysis.partial {
+        eprintln!(
+            "routerscope: interrupted: the files cover the first {} images and are marked partial",
+            analysis.images
+        );
+        std::process::exit(130);
+    }
+    Ok(())
+}
