@@ -120,6 +120,24 @@ pub fn is_random_stand_in(path: &Path) -> bool {
     path.starts_with(random_dir())
 }
 
+/// The built-in dataset: the first 1,000 Fashion-MNIST test images (and 512 training images) as
+/// IDX files, for the Dataset view.
+pub fn fashion_mnist_slice() -> PathBuf {
+    assets_dir().join("datasets/fashion-mnist-slice")
+}
+
+/// The full Fashion-MNIST test set where the Debian package is installed, else the slice.
+pub fn fashion_mnist_test_set() -> PathBuf {
+    let full = Path::new(crate::train::DEFAULT_DATA_DIR);
+    if full.join("t10k-images-idx3-ubyte.gz").is_file()
+        || full.join("t10k-images-idx3-ubyte").is_file()
+    {
+        full.to_path_buf()
+    } else {
+        fashion_mnist_slice()
+    }
+}
+
 /// The sample images, sorted by name (Fashion-MNIST test images first, then photos).
 pub fn sample_images() -> Vec<PathBuf> {
     let dir = assets_dir().join("images");

@@ -15,9 +15,9 @@
 //!
 //! Without default features (`default-features = false`) nothing of the GUI stack is compiled.
 
+pub mod analysis;
 #[cfg(feature = "app")]
 pub mod app;
-pub mod analysis;
 pub mod backend;
 pub mod catalog;
 pub mod figures;

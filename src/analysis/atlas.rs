@@ -65,7 +65,11 @@ impl TopN {
         }
         if self.heap.len() < self.n {
             self.heap.push(Reverse(entry));
-        } else if self.heap.peek().is_some_and(|Reverse(worst)| entry > *worst) {
+        } else if self
+            .heap
+            .peek()
+            .is_some_and(|Reverse(worst)| entry > *worst)
+        {
             self.heap.pop();
             self.heap.push(Reverse(entry));
         }
@@ -108,7 +112,12 @@ pub struct AtlasExpert {
 /// Cuts patch `(row, col)` of a `grid` laid over `img` (the model stretches images to its
 /// size, so the patch covers the same fraction of the original) with half a patch of context on
 /// every side, scaled to a [`TILE_SIDE`] square.
-pub fn cut_tile(img: &image::DynamicImage, grid: [usize; 2], row: usize, col: usize) -> (RgbaImage, [f32; 4]) {
+pub fn cut_tile(
+    img: &image::DynamicImage,
+    grid: [usize; 2],
+    row: usize,
+    col: usize,
+) -> (RgbaImage, [f32; 4]) {
     let (w, h) = (img.width().max(1) as f64, img.height().max(1) as f64);
     let (ph, pw) = (h / grid[0].max(1) as f64, w / grid[1].max(1) as f64);
     let (x0, y0) = (col as f64 * pw, row as f64 * ph);

@@ -195,7 +195,11 @@ pub fn analyze(
     let cls = usize::from(has_cls);
     let classes = source.classes().to_vec();
     let e = moe.num_experts;
-    let per_batch = (opts.batch_tokens / seq_len.max(1)).clamp(1, 512).max(group) / group * group;
+    let per_batch = (opts.batch_tokens / seq_len.max(1))
+        .clamp(1, 512)
+        .max(group)
+        / group
+        * group;
     let mut acc: Vec<Vec<LayerAccumulator>> = opts
         .runs
         .iter()
@@ -290,7 +294,9 @@ pub fn analyze(
         } else if unreadable_count > 0 {
             format!(
                 "none of the {unreadable_count} images could be read (first: {}: {})",
-                unreadable.first().map_or("", |u: &Unreadable| u.image.as_str()),
+                unreadable
+                    .first()
+                    .map_or("", |u: &Unreadable| u.image.as_str()),
                 unreadable.first().map_or("", |u| u.error.as_str())
             )
         } else {

@@ -31,14 +31,16 @@ pub fn csv_tables(a: &Analysis) -> Vec<(&'static str, String)> {
         }
     };
     let mut class_expert = String::from("router,block,class,expert,tokens,share\n");
-    let mut position = String::from("router,block,position,is_cls,patch_row,patch_col,expert,tokens\n");
+    let mut position =
+        String::from("router,block,position,is_cls,patch_row,patch_col,expert,tokens\n");
     let mut drops_class = String::from("router,block,class,tokens,dropped,rate\n");
     let mut drops_pos =
         String::from("router,block,position,is_cls,patch_row,patch_col,dropped,rate\n");
     let mut load = String::from("router,block,expert,mean,std,min,max,p5,p25,p50,p75,p95\n");
     let mut ept = String::from("router,block,experts,tokens\n");
     let mut entropy = String::from("router,block,entropy_from,entropy_to,tokens\n");
-    let mut atlas = String::from("router,block,expert,rank,image,token,patch_row,patch_col,score\n");
+    let mut atlas =
+        String::from("router,block,expert,rank,image,token,patch_row,patch_col,score\n");
     let mut summary = String::from("router,block,dropped_token_rate,load_std,usage_entropy\n");
     let mut slots = String::from("router,block,slot,expert,position,mass\n");
     for run in &a.runs {
@@ -117,11 +119,8 @@ pub fn csv_tables(a: &Analysis) -> Vec<(&'static str, String)> {
                 let per_expert = sd.len() / st.num_experts.max(1);
                 for (slot, row) in sd.iter().enumerate() {
                     for (p, v) in row.iter().enumerate() {
-                        let _ = writeln!(
-                            slots,
-                            "{r},{b},{slot},{},{p},{v}",
-                            slot / per_expert.max(1)
-                        );
+                        let _ =
+                            writeln!(slots, "{r},{b},{slot},{},{p},{v}", slot / per_expert.max(1));
                     }
                 }
             }
@@ -166,11 +165,7 @@ pub fn check_output_dir(dir: &Path) -> Result<(), AnalysisError> {
 /// Writes `analysis.json` and the CSV tables into `dir`; returns the paths.
 pub fn write_data(a: &Analysis, dir: &Path) -> Result<Vec<PathBuf>, AnalysisError> {
     let mut files = vec![("analysis.json".to_string(), json(a)?)];
-    files.extend(
-        csv_tables(a)
-            .into_iter()
-            .map(|(n, s)| (n.to_string(), s)),
-    );
+    files.extend(csv_tables(a).into_iter().map(|(n, s)| (n.to_string(), s)));
     let mut out = Vec::new();
     for (name, body) in files {
         let path = dir.join(name);

@@ -63,7 +63,8 @@ impl DataSource {
             .iter()
             .any(|p| p.is_file());
         if has_idx {
-            let data = Dataset::load(path, split).map_err(|e| AnalysisError::Data(e.to_string()))?;
+            let data =
+                Dataset::load(path, split).map_err(|e| AnalysisError::Data(e.to_string()))?;
             let classes = (0..10)
                 .map(|c| class_names.get(c).cloned().unwrap_or_else(|| c.to_string()))
                 .collect();
@@ -217,7 +218,9 @@ impl FolderSource {
                         let mut parts = rel.components();
                         let first = parts.next();
                         let class = match (first, parts.next()) {
-                            (Some(c), Some(_)) => Some(c.as_os_str().to_string_lossy().into_owned()),
+                            (Some(c), Some(_)) => {
+                                Some(c.as_os_str().to_string_lossy().into_owned())
+                            }
                             _ => None,
                         };
                         images.push((p, class));

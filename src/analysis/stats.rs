@@ -261,9 +261,9 @@ impl LayerAccumulator {
                 let mean = self.load_sum[j] / images;
                 let var = (self.load_sq[j] / images - mean * mean).max(0.0);
                 let q = |p: f64| {
-                    self.load_hist
-                        .get(j)
-                        .map_or(0.0, |h| quantile(h, self.images, p) / self.bins_per_token as f64)
+                    self.load_hist.get(j).map_or(0.0, |h| {
+                        quantile(h, self.images, p) / self.bins_per_token as f64
+                    })
                 };
                 let finite = |v: f64| if v.is_finite() { v } else { 0.0 };
                 ExpertLoad {
@@ -375,8 +375,12 @@ mod tests {
         for p in [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0] {
             let h = (sorted.len() - 1) as f64 * p;
             let (lo, hi) = (h.floor() as usize, h.ceil() as usize);
-            let want = sorted[lo] as f64 + (h - lo as f64) * (sorted[hi] as f64 - sorted[lo] as f64);
-            assert!((quantile(&hist, values.len(), p) - want).abs() < 1e-12, "p {p}");
+            let want =
+                sorted[lo] as f64 + (h - lo as f64) * (sorted[hi] as f64 - sorted[lo] as f64);
+            assert!(
+                (quantile(&hist, values.len(), p) - want).abs() < 1e-12,
+                "p {p}"
+            );
         }
         assert_eq!(quantile(&hist, 7, 0.5), 4.0);
     }

@@ -63,7 +63,13 @@ pub fn class_expert_heatmap(a: &Analysis, l: usize) -> String {
     let panels = layers(a, l);
     let e = panels.first().map_or(0, |p| p.1.stats.num_experts);
     let c = a.classes.len();
-    let label_w = 16.0 + 7.0 * a.classes.iter().map(|n| n.chars().count()).max().unwrap_or(4) as f32;
+    let label_w = 16.0
+        + 7.0
+            * a.classes
+                .iter()
+                .map(|n| n.chars().count())
+                .max()
+                .unwrap_or(4) as f32;
     let cell = (480.0 / e.max(1) as f32).clamp(10.0, 36.0);
     let pw = label_w + cell * e as f32 + PAD;
     let ph = 40.0 + cell * c as f32 + 40.0;
@@ -71,7 +77,12 @@ pub fn class_expert_heatmap(a: &Analysis, l: usize) -> String {
     let height = PAD + 30.0 + ph + 30.0;
     let mut s = String::new();
     let block = panels.first().map_or(0, |p| p.1.stats.block);
-    open(&mut s, width, height, &title(a, "class × expert usage", block));
+    open(
+        &mut s,
+        width,
+        height,
+        &title(a, "class × expert usage", block),
+    );
     let mut vmax: f64 = 0.0;
     for (_, la) in &panels {
         for row in &la.stats.class_expert_usage {
@@ -86,7 +97,14 @@ pub fn class_expert_heatmap(a: &Analysis, l: usize) -> String {
         let gy = y0 + 36.0;
         for j in 0..e {
             if e <= 16 || j % 4 == 0 {
-                text(&mut s, gx + (j as f32 + 0.5) * cell, gy - 4.0, 10.0, "middle", &j.to_string());
+                text(
+                    &mut s,
+                    gx + (j as f32 + 0.5) * cell,
+                    gy - 4.0,
+                    10.0,
+                    "middle",
+                    &j.to_string(),
+                );
             }
         }
         for (ci, name) in a.classes.iter().enumerate() {
@@ -134,7 +152,12 @@ pub fn position_maps(a: &Analysis, l: usize) -> String {
     let height = PAD + 30.0 + panels.len() as f32 * (block_h + 10.0) + 30.0;
     let mut s = String::new();
     let block = panels.first().map_or(0, |p| p.1.stats.block);
-    open(&mut s, width, height, &title(a, "where each expert's tokens are", block));
+    open(
+        &mut s,
+        width,
+        height,
+        &title(a, "where each expert's tokens are", block),
+    );
     let cls = usize::from(a.has_cls);
     for (k, (run, la)) in panels.iter().enumerate() {
         let y0 = PAD + 36.0 + k as f32 * (block_h + 10.0);
@@ -174,7 +197,14 @@ pub fn position_maps(a: &Analysis, l: usize) -> String {
                 s,
                 r##"<rect x="{x}" y="{y}" width="{side}" height="{map_h}" fill="none" stroke="#888888" stroke-width="0.5"/></g>"##
             );
-            text(&mut s, x, y + map_h + 12.0, 10.0, "start", &format!("expert {j}"));
+            text(
+                &mut s,
+                x,
+                y + map_h + 12.0,
+                10.0,
+                "start",
+                &format!("expert {j}"),
+            );
         }
     }
     text(
@@ -194,7 +224,13 @@ pub fn drop_rates(a: &Analysis, l: usize) -> String {
     let panels = layers(a, l);
     let c = a.classes.len();
     let [gr, gc] = a.grid;
-    let label_w = 16.0 + 7.0 * a.classes.iter().map(|n| n.chars().count()).max().unwrap_or(4) as f32;
+    let label_w = 16.0
+        + 7.0
+            * a.classes
+                .iter()
+                .map(|n| n.chars().count())
+                .max()
+                .unwrap_or(4) as f32;
     let bar_w = 200.0;
     let map_side = 160.0;
     let map_h = map_side * gr as f32 / gc.max(1) as f32;
@@ -216,7 +252,11 @@ pub fn drop_rates(a: &Analysis, l: usize) -> String {
             y0 + 8.0,
             12.0,
             "start",
-            &format!("{} · {:.2}% dropped", run.settings.label(), 100.0 * st.dropped_token_rate),
+            &format!(
+                "{} · {:.2}% dropped",
+                run.settings.label(),
+                100.0 * st.dropped_token_rate
+            ),
         );
         let rates: Vec<f64> = (0..c)
             .map(|ci| st.dropped_per_class[ci] as f64 / st.tokens_per_class[ci].max(1) as f64)
@@ -235,12 +275,21 @@ pub fn drop_rates(a: &Analysis, l: usize) -> String {
                 st.dropped_per_class[ci],
                 st.tokens_per_class[ci]
             );
-            text(&mut s, x0 + label_w + w + 4.0, y + 10.5, 10.0, "start", &format!("{:.2}%", 100.0 * rates[ci]));
+            text(
+                &mut s,
+                x0 + label_w + w + 4.0,
+                y + 10.5,
+                10.0,
+                "start",
+                &format!("{:.2}%", 100.0 * rates[ci]),
+            );
         }
         let mx = x0 + label_w + bar_w + 70.0;
         let my = y0 + 22.0;
         let pos_rate = |p: usize| st.dropped_per_position[p] as f64 / st.images.max(1) as f64;
-        let pmax = (0..st.dropped_per_position.len()).map(pos_rate).fold(0.0f64, f64::max);
+        let pmax = (0..st.dropped_per_position.len())
+            .map(pos_rate)
+            .fold(0.0f64, f64::max);
         let (cw, ch) = (map_side / gc.max(1) as f32, map_h / gr.max(1) as f32);
         for p in 0..gr * gc {
             let v = pos_rate(p + cls);
@@ -288,7 +337,12 @@ pub fn load_boxplots(a: &Analysis, l: usize, palette: Palette) -> String {
     let height = PAD + 36.0 + 30.0 + plot_h + 50.0;
     let mut s = String::new();
     let block = panels.first().map_or(0, |p| p.1.stats.block);
-    open(&mut s, width, height, &title(a, "tokens per image per expert", block));
+    open(
+        &mut s,
+        width,
+        height,
+        &title(a, "tokens per image per expert", block),
+    );
     let ymax = panels
         .iter()
         .flat_map(|(_, la)| la.stats.load_per_expert.iter().map(|x| x.max))
@@ -297,7 +351,14 @@ pub fn load_boxplots(a: &Analysis, l: usize, palette: Palette) -> String {
     for (k, (run, la)) in panels.iter().enumerate() {
         let x0 = PAD + k as f32 * pw + 50.0;
         let y0 = PAD + 36.0 + 26.0;
-        text(&mut s, x0 - 50.0, y0 - 14.0, 12.0, "start", &run.settings.label());
+        text(
+            &mut s,
+            x0 - 50.0,
+            y0 - 14.0,
+            12.0,
+            "start",
+            &run.settings.label(),
+        );
         let y = |v: f64| y0 + plot_h - (v / ymax) as f32 * plot_h;
         let _ = writeln!(
             s,
@@ -309,7 +370,14 @@ pub fn load_boxplots(a: &Analysis, l: usize, palette: Palette) -> String {
         );
         for t in 0..=4 {
             let v = ymax * t as f64 / 4.0;
-            text(&mut s, x0 - 4.0, y(v) + 4.0, 10.0, "end", &format!("{v:.0}"));
+            text(
+                &mut s,
+                x0 - 4.0,
+                y(v) + 4.0,
+                10.0,
+                "end",
+                &format!("{v:.0}"),
+            );
         }
         for (j, ld) in la.stats.load_per_expert.iter().enumerate() {
             let cx = x0 + (j as f32 + 0.5) * slot;
@@ -338,7 +406,14 @@ pub fn load_boxplots(a: &Analysis, l: usize, palette: Palette) -> String {
                 y(ld.max)
             );
             if e <= 16 || j % 4 == 0 {
-                text(&mut s, cx, y0 + plot_h + 14.0, 10.0, "middle", &j.to_string());
+                text(
+                    &mut s,
+                    cx,
+                    y0 + plot_h + 14.0,
+                    10.0,
+                    "middle",
+                    &j.to_string(),
+                );
             }
         }
         let cap = la.stats.capacity as f64 / run.settings.group_images.max(1) as f64;
@@ -351,7 +426,14 @@ pub fn load_boxplots(a: &Analysis, l: usize, palette: Palette) -> String {
                 y(cap)
             );
         }
-        text(&mut s, x0, y0 + plot_h + 30.0, 11.0, "start", "expert (dashed: capacity per image)");
+        text(
+            &mut s,
+            x0,
+            y0 + plot_h + 30.0,
+            11.0,
+            "start",
+            "expert (dashed: capacity per image)",
+        );
     }
     s.push_str("</svg>\n");
     s
@@ -376,7 +458,11 @@ pub fn atlas_sheet(a: &Analysis, r: usize, l: usize, palette: Palette) -> String
         &mut s,
         width,
         height,
-        &format!("{} · {}", title(a, "expert atlas", la.stats.block), run.settings.label()),
+        &format!(
+            "{} · {}",
+            title(a, "expert atlas", la.stats.block),
+            run.settings.label()
+        ),
     );
     for (row, ex) in la.atlas.iter().enumerate() {
         let y = PAD + 36.0 + row as f32 * (tile + 6.0);
@@ -386,7 +472,14 @@ pub fn atlas_sheet(a: &Analysis, r: usize, l: usize, palette: Palette) -> String
             y + tile / 2.0 - 8.0,
             hex(palette.expert(ex.expert))
         );
-        text(&mut s, PAD + 14.0, y + tile / 2.0 + 1.0, 11.0, "start", &format!("expert {}", ex.expert));
+        text(
+            &mut s,
+            PAD + 14.0,
+            y + tile / 2.0 + 1.0,
+            11.0,
+            "start",
+            &format!("expert {}", ex.expert),
+        );
         for (k, t) in ex.patches.iter().enumerate() {
             let x = PAD + label_w + k as f32 * (tile + 4.0);
             let _ = writeln!(
@@ -539,8 +632,7 @@ pub fn write_figures(
         out.push(svg_path);
         let own = svg_width(&svg).unwrap_or(png_width as f32).ceil() as u32;
         let width = png_width.max(own).min(super::raster::MAX_RASTER_SIDE);
-        let png = super::raster::svg_to_png(&svg, width)
-            .map_err(|e| format!("{stem}.png: {e}"))?;
+        let png = super::raster::svg_to_png(&svg, width).map_err(|e| format!("{stem}.png: {e}"))?;
         let png_path = dir.join(format!("{stem}.png"));
         crate::tensor_io::write_atomic(&png_path, &png).map_err(|e| e.to_string())?;
         out.push(png_path);

@@ -231,7 +231,7 @@ mod tests {
 
     #[test]
     fn reads_the_committed_fixture() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fashion-mnist");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/datasets/fashion-mnist-slice");
         let test = Dataset::load(&dir, Split::Test).unwrap();
         assert_eq!((test.rows, test.cols), (28, 28));
         assert!(test.len() >= 500);

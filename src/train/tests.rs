@@ -11,7 +11,7 @@ use crate::model::{RunOptions, VitMoe, load_checkpoint, preset, random_weights};
 use crate::routing::{CapacitySpec, RouterConfig, RouterKind};
 
 pub(crate) fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fashion-mnist")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/datasets/fashion-mnist-slice")
 }
 
 /// The Fashion-MNIST preset shrunk for fast tests (same image size, patching and MoE layout).

@@ -24,5 +24,5 @@ pub fn model_path(name: &str) -> PathBuf {
 
 /// The committed Fashion-MNIST test slice.
 pub fn fixture_dir() -> PathBuf {
-    root().join("tests/fixtures/fashion-mnist")
+    root().join("assets/datasets/fashion-mnist-slice")
 }
