@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use egui_kittest::kittest::Queryable;
 use egui_kittest::{Harness, SnapshotOptions};
 use routerscope::app::RouterscopeApp;
 use routerscope::app::settings::{GroupMode, ModelMode, Settings};
@@ -417,4 +418,118 @@ fn the_model_family_can_be_forced() {
             .unwrap()
             .ends_with("fashion-mnist-softmax-tc.safetensors")
     );
+}
+
+/// The Dataset view on the built-in Fashion-MNIST slice: the heatmap (snapshot), an expert's
+/// atlas on click, an atlas patch opening its image with the patch marked, and Export.
+#[test]
+fn the_dataset_view_analyses_the_built_in_slice() {
+    let mut h = harness(settings(RouterKind::SoftmaxTokenChoice));
+    let ctx = h.ctx.clone();
+    h.state_mut()
+        .open_dataset(routerscope::catalog::fashion_mnist_slice());
+    h.run_steps(2);
+    assert!(
+        h.state().dataset_progress().is_some(),
+        "no analysis started"
+    );
+    assert!(
+        h.state_mut().wait_dataset(&ctx, Duration::from_secs(300)),
+        "the analysis did not finish"
+    );
+    settle(&mut h);
+    let a = h.state().dataset_result().expect("an analysis");
+    assert_eq!(a.images, 1000);
+    assert!(!a.partial);
+    assert_eq!(a.classes.len(), 10);
+    assert!(h.state().dataset_expert().is_none());
+    h.snapshot_options("dataset_slice", &snapshot_options());
+
+    h.get_by_label("show expert 3").click();
+    h.run_steps(3);
+    assert_eq!(h.state().dataset_expert(), Some(3));
+    let first = h.get_all_by_label_contains("atlas patch of").count();
+    assert_eq!(first, routerscope::app::dataset_atlas_size());
+    let patch = {
+        let a = h.state().dataset_result().unwrap();
+        a.runs[0].layers[0].atlas[3].patches[0].clone()
+    };
+    h.get_all_by_label_contains("atlas patch of")
+        .next()
+        .unwrap()
+        .click();
+    h.run_steps(2);
+    settle(&mut h);
+    assert!(!h.state().dataset.shown, "the image view is back");
+    assert_eq!(
+        h.state().marked_patch(),
+        Some((patch.name.clone(), patch.token)),
+        "the opened image shows the atlas patch"
+    );
+    let r = h
+        .state()
+        .image_routing(0)
+        .expect("routing of the opened image");
+    assert_eq!(r.tokens.len(), 50);
+
+    let dir = tempfile::tempdir().unwrap();
+    let files = h.state().export_dataset_to(dir.path()).unwrap();
+    assert!(files.iter().any(|f| f.ends_with("analysis.json")));
+    assert!(dir.path().join("atlas_block3.png").is_file());
+}
+
+/// Cancel stops the run between batches (its partial result is shown) while the UI keeps
+/// drawing; a router change supersedes a running analysis.
+#[test]
+fn cancelling_a_dataset_run_keeps_the_ui_responsive() {
+    let mut h = harness(Settings {
+        mode: ModelMode::WhatIf,
+        ..settings(RouterKind::SoftmaxTokenChoice)
+    });
+    let ctx = h.ctx.clone();
+    // A folder of larger images (slow to decode) so the run is still going when cancelled.
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("0000.png");
+    image::RgbImage::from_fn(512, 512, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, 9])
+    })
+    .save(&first)
+    .unwrap();
+    for i in 1..2000 {
+        std::fs::hard_link(&first, dir.path().join(format!("{i:04}.png"))).unwrap();
+    }
+    h.state_mut().open_dataset(dir.path().to_path_buf());
+    let start = std::time::Instant::now();
+    let progressed = |h: &mut Harness<'static, RouterscopeApp>| {
+        while h.state().dataset_progress().is_none_or(|(d, _)| d == 0) {
+            h.step();
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(start.elapsed() < Duration::from_secs(120), "no progress");
+        }
+    };
+    progressed(&mut h);
+    // A router change supersedes the running analysis: a new run starts from the first image.
+    h.state_mut().select_router(RouterKind::SoftmaxExpertChoice);
+    h.run_steps(2);
+    assert!(h.state().dataset_progress().is_some_and(|(d, _)| d < 2000));
+    progressed(&mut h);
+    let frame = std::time::Instant::now();
+    h.get_by_label("Cancel").click();
+    h.run_steps(2);
+    assert!(
+        frame.elapsed() < Duration::from_secs(2),
+        "the UI blocked for {:?}",
+        frame.elapsed()
+    );
+    assert!(h.state_mut().wait_dataset(&ctx, Duration::from_secs(60)));
+    h.run_steps(2);
+    assert!(h.state().dataset_progress().is_none(), "still running");
+    let a = h.state().dataset_result().expect("the partial result");
+    assert!(
+        a.partial && a.images > 0 && a.images < 2000,
+        "{} images",
+        a.images
+    );
+    assert_eq!(a.runs[0].settings.router, "softmax-ec");
+    assert!(h.state().dataset_error().is_none());
 }

@@ -59,7 +59,10 @@ impl RouterscopeApp {
             if path.as_os_str().is_empty() {
                 continue;
             }
-            if is_checkpoint(&path) {
+            if path.is_dir() {
+                // A folder is a dataset (class subfolders, or Fashion-MNIST IDX files).
+                self.open_dataset(path);
+            } else if is_checkpoint(&path) {
                 self.open_model(path);
             } else {
                 images.push(path);
@@ -76,6 +79,7 @@ impl RouterscopeApp {
                     self.notice = Some(format!("saved {}", p.display()))
                 }
                 DialogResult::Exported(Err(e)) => self.errors.push(format!("export failed: {e}")),
+                DialogResult::Dataset(p) => self.open_dataset(p),
             }
         }
     }

@@ -12,6 +12,7 @@ impl RouterscopeApp {
         let ctx = ui.ctx().clone();
         self.poll_worker(&ctx);
         self.handle_input(&ctx);
+        self.maintain_dataset();
 
         egui::Panel::top("top").show(ui, |ui| self.top_bar(ui));
         egui::Panel::bottom("gallery").show(ui, |ui| self.gallery(ui));
@@ -29,7 +30,7 @@ impl RouterscopeApp {
             egui::ScrollArea::both().show(ui, |ui| self.central(ui));
         });
         self.frame_ms = start.elapsed().as_secs_f32() * 1e3;
-        if self.run_started.is_some() || self.in_flight > 0 {
+        if self.run_started.is_some() || self.in_flight > 0 || self.dataset.running.is_some() {
             // Keep the spinner turning while the worker computes.
             ctx.request_repaint_after(Duration::from_millis(50));
         }

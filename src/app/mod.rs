@@ -4,9 +4,11 @@
 //!
 //! Files: the state and its changes (`state.rs`), the worker's replies (`replies.rs`), keyboard,
 //! drops and dialogs (`input.rs`), export (`export.rs`), the window layout (`layout.rs`) and one
-//! file per panel in `panels/` (top bar, gallery, central view, comparison, details), drawn with
+//! the Dataset view's state (`dataset.rs`), and one
+//! file per panel in `panels/` (top bar, gallery, central view, comparison, details, dataset), drawn with
 //! the widgets in [`views`].
 
+mod dataset;
 mod export;
 mod input;
 mod layout;
@@ -31,6 +33,11 @@ use settings::Settings;
 use worker::{RunResult, Worker};
 
 pub use export::ExportJob;
+
+/// Patches per expert in the Dataset view's atlas.
+pub fn dataset_atlas_size() -> usize {
+    dataset::APP_ATLAS_SIZE
+}
 
 /// Storage key of the persisted settings.
 pub const SETTINGS_KEY: &str = "routerscope.settings";
@@ -57,6 +64,7 @@ enum DialogResult {
     Images(Vec<PathBuf>),
     Model(PathBuf),
     Exported(Result<PathBuf, String>),
+    Dataset(PathBuf),
 }
 
 /// The viewer's state.
@@ -101,6 +109,10 @@ pub struct RouterscopeApp {
     device_label: String,
     /// Why the GPU is not used although the device choice asked for it.
     device_notice: Option<String>,
+    /// The Dataset view.
+    pub dataset: dataset::DatasetView,
+    /// A patch to mark in the image view: (image id, token), set from the atlas.
+    marked: Option<(u64, usize)>,
 }
 
 impl eframe::App for RouterscopeApp {

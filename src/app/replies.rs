@@ -33,6 +33,22 @@ impl RouterscopeApp {
         true
     }
 
+    /// Blocks until the running dataset analysis has finished (tests, screenshots).
+    pub fn wait_dataset(&mut self, ctx: &egui::Context, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.dataset.running.is_some() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match self.worker.recv_timeout(left) {
+                Some(r) => self.handle(ctx, r),
+                None => return false,
+            }
+        }
+        true
+    }
+
     pub(super) fn handle(&mut self, ctx: &egui::Context, reply: Reply) {
         match reply {
             Reply::Images(list) => {
@@ -54,7 +70,15 @@ impl RouterscopeApp {
                                 egui::TextureOptions::LINEAR,
                             );
                             let is_sample = d.path.starts_with(catalog::assets_dir());
-                            if !is_sample && !self.settings.image_paths.contains(&d.path) {
+                            if let Some((_, token)) =
+                                self.dataset.pending_mark.take_if(|(p, _)| *p == d.path)
+                            {
+                                self.marked = Some((id, token));
+                            }
+                            if !is_sample
+                                && d.path.is_file()
+                                && !self.settings.image_paths.contains(&d.path)
+                            {
                                 self.settings.image_paths.push(d.path.clone());
                             }
                             self.images.push(ViewImage {
@@ -138,6 +162,8 @@ impl RouterscopeApp {
                     self.comparison = Some((self.compare_image, entries));
                 }
             }
+            Reply::AnalysisProgress { id, done, total } => self.dataset_progressed(id, done, total),
+            Reply::Analyzed { id, result } => self.dataset_finished(id, result),
             Reply::RunFailed { id, error } => {
                 if id == self.latest_run {
                     self.run_started = None;

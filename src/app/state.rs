@@ -61,6 +61,8 @@ impl RouterscopeApp {
             gpu,
             device_label: cpu_label(),
             device_notice: None,
+            dataset: Default::default(),
+            marked: None,
         };
         app.apply_device();
         let mut paths = catalog::sample_images();

@@ -9,11 +9,14 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::time::Instant;
 
 use image::DynamicImage;
 
+use crate::analysis::source::DataSource;
+use crate::analysis::{Analysis, AnalyzeOptions};
 use crate::backend::Engine;
 use crate::gpu::GpuContext;
 use crate::model::{ForwardOutput, ModelConfig, RunOptions, decode_image, load_any, preprocess};
@@ -46,12 +49,38 @@ pub enum Job {
     DecodeImages(Vec<PathBuf>),
     OpenModel(PathBuf),
     Run(RunRequest),
+    /// A dataset analysis, computed on its own thread so that image runs go on meanwhile; it
+    /// reports progress and stops between batches once `cancel` is raised.
+    Analyze(AnalyzeRequest),
+    /// Image `index` of a dataset, to open in the image view.
+    OpenDatasetImage {
+        source: Arc<DataSource>,
+        index: usize,
+    },
     /// One image under several (checkpoint, router) pairs, each routed alone.
     Compare {
         id: u64,
         entries: Vec<(PathBuf, RouterConfig)>,
         image: Arc<DynamicImage>,
     },
+}
+
+/// A dataset analysis for the Dataset view.
+pub struct AnalyzeRequest {
+    pub id: u64,
+    pub model: PathBuf,
+    /// A folder of images or a Fashion-MNIST IDX directory (its test split).
+    pub data: PathBuf,
+    pub options: AnalyzeOptions,
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// A finished (or cancelled, then partial) dataset analysis.
+pub struct DatasetResult {
+    pub id: u64,
+    pub model: PathBuf,
+    pub analysis: Analysis,
+    pub source: Arc<DataSource>,
 }
 
 /// One panel of a comparison: the router and its run (or why it could not run).
@@ -81,8 +110,23 @@ pub enum Reply {
     Images(Vec<Result<DecodedImage, String>>),
     ModelOpened(Result<(PathBuf, Box<ModelConfig>), String>),
     Ran(Box<RunResult>),
-    RunFailed { id: u64, error: String },
-    Compared { id: u64, entries: Vec<CompareEntry> },
+    RunFailed {
+        id: u64,
+        error: String,
+    },
+    Compared {
+        id: u64,
+        entries: Vec<CompareEntry>,
+    },
+    AnalysisProgress {
+        id: u64,
+        done: usize,
+        total: usize,
+    },
+    Analyzed {
+        id: u64,
+        result: Result<Box<DatasetResult>, String>,
+    },
 }
 
 /// The UI side of the worker.
@@ -93,9 +137,10 @@ pub struct Worker {
 
 impl Worker {
     /// Starts the thread; `wake` is called after every reply (the app passes `request_repaint`).
-    pub fn spawn(wake: impl Fn() + Send + 'static) -> Self {
+    pub fn spawn(wake: impl Fn() + Send + Sync + 'static) -> Self {
         let (jobs, job_rx) = channel();
         let (reply_tx, replies) = channel();
+        let wake: Wake = Arc::new(wake);
         std::thread::Builder::new()
             .name("routerscope-worker".into())
             .spawn(move || worker_loop(&job_rx, &reply_tx, &wake))
@@ -134,7 +179,9 @@ struct Cache {
     reference: Option<(ReferenceKey, Vec<Vec<f32>>)>,
 }
 
-fn worker_loop(jobs: &Receiver<Job>, replies: &Sender<Reply>, wake: &dyn Fn()) {
+type Wake = Arc<dyn Fn() + Send + Sync>;
+
+fn worker_loop(jobs: &Receiver<Job>, replies: &Sender<Reply>, wake: &Wake) {
     let mut cache = Cache {
         gpu: None,
         models: HashMap::new(),
@@ -166,6 +213,19 @@ fn worker_loop(jobs: &Receiver<Job>, replies: &Sender<Reply>, wake: &dyn Fn()) {
                     Reply::Images(paths.iter().map(|p| decode(p)).collect())
                 }
                 Job::OpenModel(path) => Reply::ModelOpened(open_model(&mut cache, &path)),
+                Job::Analyze(req) => match model(&mut cache, &req.model) {
+                    Ok(m) => {
+                        spawn_analysis(m, req, replies.clone(), wake.clone());
+                        continue;
+                    }
+                    Err(error) => Reply::Analyzed {
+                        id: req.id,
+                        result: Err(error),
+                    },
+                },
+                Job::OpenDatasetImage { source, index } => {
+                    Reply::Images(vec![decode_dataset_image(&source, index)])
+                }
                 Job::SetDevice(gpu) => {
                     cache.gpu = *gpu;
                     cache.models.clear();
@@ -313,6 +373,71 @@ fn compare(
             (router, result)
         })
         .collect()
+}
+
+/// Runs the analysis on a thread of its own; progress and the result come back as replies.
+fn spawn_analysis(m: Arc<Engine>, req: AnalyzeRequest, replies: Sender<Reply>, wake: Wake) {
+    let fail_tx = replies.clone();
+    let fail_wake = wake.clone();
+    let id = req.id;
+    let spawned = std::thread::Builder::new()
+        .name("routerscope-analysis".into())
+        .spawn(move || {
+            let result = (|| {
+                let source =
+                    DataSource::open(&req.data, crate::train::Split::Test, &m.config.class_names)
+                        .map_err(|e| e.to_string())?;
+                let mut progress = |p: crate::analysis::Progress| {
+                    let _ = replies.send(Reply::AnalysisProgress {
+                        id: req.id,
+                        done: p.done,
+                        total: p.total,
+                    });
+                    wake();
+                };
+                let analysis = crate::analysis::analyze(
+                    m.as_ref(),
+                    &source,
+                    &req.options,
+                    &mut progress,
+                    &req.cancel,
+                )
+                .map_err(|e| e.to_string())?;
+                Ok(Box::new(DatasetResult {
+                    id: req.id,
+                    model: req.model.clone(),
+                    analysis,
+                    source: Arc::new(source),
+                }))
+            })();
+            let _ = replies.send(Reply::Analyzed { id: req.id, result });
+            wake();
+        });
+    if let Err(e) = spawned {
+        let _ = fail_tx.send(Reply::Analyzed {
+            id,
+            result: Err(format!("cannot start the analysis thread: {e}")),
+        });
+        fail_wake();
+    }
+}
+
+fn decode_dataset_image(source: &DataSource, index: usize) -> Result<DecodedImage, String> {
+    if index >= source.len() {
+        return Err(format!("the dataset has no image {index}"));
+    }
+    if let Some(p) = source.path(index) {
+        return decode(p);
+    }
+    let image = source.original(index)?;
+    let name = source.name(index);
+    Ok(DecodedImage {
+        path: source.location().join(&name),
+        name,
+        display: color_image(&image, 512),
+        thumbnail: color_image(&image, 64),
+        image: Arc::new(image),
+    })
 }
 
 fn decode(path: &Path) -> Result<DecodedImage, String> {

@@ -22,6 +22,23 @@ impl RouterscopeApp {
         if let Some(n) = &self.notice {
             ui.colored_label(egui::Color32::from_rgb(120, 200, 120), n);
         }
+        ui.horizontal(|ui| {
+            if ui.selectable_label(!self.dataset.shown, "Image").clicked() {
+                self.dataset.shown = false;
+            }
+            if ui
+                .selectable_label(self.dataset.shown, "Dataset")
+                .on_hover_text("routing statistics and the expert atlas over a whole dataset")
+                .clicked()
+            {
+                self.dataset.shown = true;
+            }
+        });
+        ui.separator();
+        if self.dataset.shown {
+            self.dataset_panel(ui);
+            return;
+        }
         if let Some(e) = &self.run_error {
             ui.colored_label(
                 egui::Color32::from_rgb(240, 160, 60),
@@ -79,6 +96,7 @@ impl RouterscopeApp {
             palette: self.settings.palette,
             show_second_choices: self.settings.show_second_choices,
             highlight: self.highlight,
+            marked: self.marked.filter(|(id, _)| *id == img.id).map(|(_, t)| t),
         };
         if self.settings.compare {
             self.comparison_view(ui, img, has_cls, &style, layers[0]);

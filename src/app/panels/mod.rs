@@ -3,6 +3,7 @@
 mod central;
 mod comparison;
 mod controls;
+mod dataset;
 mod details;
 mod gallery;
 mod top_bar;

@@ -2,6 +2,7 @@
 //! passes in what it needs and reads back the user's interactions.
 
 pub mod controls;
+pub mod dataset_plots;
 pub mod load_plot;
 pub mod patch_grid;
 pub mod prediction;

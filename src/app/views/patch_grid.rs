@@ -15,6 +15,8 @@ pub struct GridStyle {
     pub palette: Palette,
     pub show_second_choices: bool,
     pub highlight: Option<usize>,
+    /// A token to outline (the atlas patch the image was opened from).
+    pub marked: Option<usize>,
 }
 
 /// Draws `routing` over `texture` within `side` × `side` points; returns the hovered token.
@@ -96,6 +98,17 @@ pub fn patch_grid(
                 ui.visuals().text_color(),
             );
         }
+    }
+    if let Some((_, r)) = style
+        .marked
+        .and_then(|m| cells.iter().find(|(i, _)| *i == m))
+    {
+        painter.rect_stroke(
+            *r,
+            0.0,
+            egui::Stroke::new(3.0, egui::Color32::from_rgb(255, 204, 0)),
+            egui::StrokeKind::Outside,
+        );
     }
     let hovered = response
         .hover_pos()
