@@ -1,15 +1,17 @@
 //! Where an analysis reads its images: a folder searched recursively, whose first subfolder names
 //! the class (torchvision's ImageFolder convention; images directly in it are unlabelled), or a
 //! Fashion-MNIST IDX directory. Only file names are listed up front; pixels are read batch by
-//! batch, so memory does not grow with the dataset (an IDX split is one file, read whole).
+//! batch, so memory does not grow with the dataset (an IDX split is streamed image by image).
 
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use image::{DynamicImage, GrayImage};
 
 use super::AnalysisError;
 use crate::model::{ModelConfig, decode_image, preprocess};
-use crate::train::{Dataset, Split};
+use crate::train::Split;
 
 /// The name of the images found directly in the data folder.
 pub const UNLABELLED: &str = "(unlabelled)";
@@ -35,12 +37,145 @@ pub struct FolderSource {
     pub other_files: usize,
 }
 
-/// A Fashion-MNIST split.
+/// A Fashion-MNIST split, read image by image from its IDX file (gzip-compressed or not):
+/// only the labels are held, so memory does not grow with the split.
 pub struct IdxSource {
     pub dir: PathBuf,
     pub split: Split,
-    pub data: Dataset,
     pub classes: Vec<String>,
+    images: PathBuf,
+    labels: Vec<u8>,
+    rows: usize,
+    cols: usize,
+    /// The open image stream and the index of the next image in it.
+    stream: Mutex<Option<(Box<dyn Read + Send>, usize)>>,
+}
+
+/// The largest IDX image side accepted.
+const MAX_IDX_SIDE: usize = 4096;
+
+impl IdxSource {
+    fn open(dir: &Path, split: Split, class_names: &[String]) -> Result<Self, AnalysisError> {
+        let stem = match split {
+            Split::Train => "train",
+            Split::Test => "t10k",
+        };
+        let images = find(dir, &format!("{stem}-images-idx3-ubyte"))?;
+        let labels_path = find(dir, &format!("{stem}-labels-idx1-ubyte"))?;
+        let (_, labels) = crate::train::data::read_idx(&labels_path, 1)
+            .map_err(|e| AnalysisError::Data(e.to_string()))?;
+        let err = |e: String| AnalysisError::Data(format!("{}: {e}", images.display()));
+        let (mut reader, [n, rows, cols]) = open_images(&images).map_err(err)?;
+        if n != labels.len() {
+            return Err(err(format!(
+                "{n} images but {} has {} labels",
+                labels_path.display(),
+                labels.len()
+            )));
+        }
+        if let Some((i, &l)) = labels.iter().enumerate().find(|(_, l)| **l > 9) {
+            return Err(AnalysisError::Data(format!(
+                "{}: label {l} at index {i} is not a class 0..9",
+                labels_path.display()
+            )));
+        }
+        // The whole stream is checked once (in constant memory): exactly n images, no more.
+        let want = (n * rows * cols) as u64;
+        let have = std::io::copy(&mut (&mut reader).take(want + 1), &mut std::io::sink())
+            .map_err(|e| err(format!("corrupt data: {e}")))?;
+        if have != want {
+            return Err(err(format!(
+                "dimensions [{n}, {rows}, {cols}] need {want} data bytes but the file has {have} \
+                 (truncated or corrupt)"
+            )));
+        }
+        let classes = (0..10)
+            .map(|c| class_names.get(c).cloned().unwrap_or_else(|| c.to_string()))
+            .collect();
+        Ok(IdxSource {
+            dir: dir.to_path_buf(),
+            split,
+            classes,
+            images,
+            labels,
+            rows,
+            cols,
+            stream: Mutex::new(None),
+        })
+    }
+
+    /// The bytes of image `i` (row-major); sequential reads continue the open stream.
+    fn pixels(&self, i: usize) -> Result<Vec<u8>, String> {
+        let px = self.rows * self.cols;
+        let mut guard = self.stream.lock().map_err(|_| "IDX reader poisoned".to_string())?;
+        if guard.as_ref().is_none_or(|(_, next)| *next > i) {
+            let (r, _) = open_images(&self.images)?;
+            *guard = Some((r, 0));
+        }
+        let Some((reader, next)) = guard.as_mut() else {
+            return Err("IDX reader".into());
+        };
+        let skip = ((i - *next) * px) as u64;
+        let result = (|| {
+            std::io::copy(&mut reader.take(skip), &mut std::io::sink())?;
+            let mut buf = vec![0u8; px];
+            reader.read_exact(&mut buf)?;
+            Ok::<_, std::io::Error>(buf)
+        })();
+        match result {
+            Ok(buf) => {
+                *next = i + 1;
+                Ok(buf)
+            }
+            Err(e) => {
+                *guard = None;
+                Err(format!("{}: image {i}: {e}", self.images.display()))
+            }
+        }
+    }
+}
+
+/// `stem` or `stem.gz` in `dir`.
+fn find(dir: &Path, stem: &str) -> Result<PathBuf, AnalysisError> {
+    [dir.join(stem), dir.join(format!("{stem}.gz"))]
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            AnalysisError::Data(format!(
+                "{}: neither `{stem}` nor `{stem}.gz` exists",
+                dir.display()
+            ))
+        })
+}
+
+/// Opens an IDX image file past its header: `[count, rows, cols]`.
+fn open_images(path: &Path) -> Result<(Box<dyn Read + Send>, [usize; 3]), String> {
+    crate::tensor_io::check_regular_file(path).map_err(|e| e.to_string())?;
+    let mut file = BufReader::new(std::fs::File::open(path).map_err(|e| e.to_string())?);
+    let gz = file.fill_buf().map_err(|e| e.to_string())?.starts_with(&[0x1f, 0x8b]);
+    let mut r: Box<dyn Read + Send> = if gz {
+        Box::new(BufReader::new(flate2::read::GzDecoder::new(file)))
+    } else {
+        Box::new(file)
+    };
+    let mut head = [0u8; 16];
+    r.read_exact(&mut head)
+        .map_err(|e| format!("too short for an IDX header of rank 3: {e}"))?;
+    if head[..4] != [0, 0, 0x08, 3] {
+        return Err(format!(
+            "not an IDX file of rank-3 unsigned bytes (header {:02x} {:02x} {:02x} {:02x})",
+            head[0], head[1], head[2], head[3]
+        ));
+    }
+    let dim = |k: usize| u32::from_be_bytes([0, 1, 2, 3].map(|b| head[4 + 4 * k + b])) as usize;
+    let dims = [dim(0), dim(1), dim(2)];
+    if dims[1] == 0 || dims[2] == 0 || dims[1] > MAX_IDX_SIDE || dims[2] > MAX_IDX_SIDE {
+        return Err(format!(
+            "images of {}x{} pixels (1 to {MAX_IDX_SIDE} a side)",
+            dims[1], dims[2]
+        ));
+    }
+    Ok((r, dims))
 }
 
 impl DataSource {
@@ -63,17 +198,7 @@ impl DataSource {
             .iter()
             .any(|p| p.is_file());
         if has_idx {
-            let data =
-                Dataset::load(path, split).map_err(|e| AnalysisError::Data(e.to_string()))?;
-            let classes = (0..10)
-                .map(|c| class_names.get(c).cloned().unwrap_or_else(|| c.to_string()))
-                .collect();
-            return Ok(DataSource::Idx(IdxSource {
-                dir: path.to_path_buf(),
-                split,
-                data,
-                classes,
-            }));
+            return IdxSource::open(path, split, class_names).map(DataSource::Idx);
         }
         FolderSource::scan(path).map(DataSource::Folder)
     }
@@ -81,7 +206,7 @@ impl DataSource {
     pub fn len(&self) -> usize {
         match self {
             DataSource::Folder(f) => f.files.len(),
-            DataSource::Idx(d) => d.data.len(),
+            DataSource::Idx(d) => d.labels.len(),
         }
     }
 
@@ -93,11 +218,7 @@ impl DataSource {
     pub fn truncate(&mut self, n: usize) {
         match self {
             DataSource::Folder(f) => f.files.truncate(n),
-            DataSource::Idx(d) => {
-                if n < d.data.len() {
-                    d.data = d.data.take(n);
-                }
-            }
+            DataSource::Idx(d) => d.labels.truncate(n),
         }
     }
 
@@ -112,7 +233,7 @@ impl DataSource {
     pub fn label(&self, i: usize) -> usize {
         match self {
             DataSource::Folder(f) => f.files[i].1,
-            DataSource::Idx(d) => d.data.labels[i] as usize,
+            DataSource::Idx(d) => d.labels[i] as usize,
         }
     }
 
@@ -156,25 +277,22 @@ impl DataSource {
     pub fn original(&self, i: usize) -> Result<DynamicImage, String> {
         match self {
             DataSource::Folder(f) => decode_image(&f.files[i].0).map_err(|e| e.to_string()),
-            DataSource::Idx(d) => GrayImage::from_raw(
-                d.data.cols as u32,
-                d.data.rows as u32,
-                d.data.image(i).to_vec(),
-            )
-            .map(DynamicImage::ImageLuma8)
-            .ok_or_else(|| format!("{}: pixel buffer size", self.name(i))),
+            DataSource::Idx(d) => GrayImage::from_raw(d.cols as u32, d.rows as u32, d.pixels(i)?)
+                .map(DynamicImage::ImageLuma8)
+                .ok_or_else(|| format!("{}: pixel buffer size", self.name(i))),
         }
     }
 
     /// Image `i` preprocessed for `cfg`.
     pub fn input(&self, i: usize, cfg: &ModelConfig) -> Result<Vec<f32>, String> {
         match self {
-            DataSource::Idx(d)
-                if [d.data.rows, d.data.cols] == cfg.image_size && cfg.channels == 1 =>
-            {
+            DataSource::Idx(d) if [d.rows, d.cols] == cfg.image_size && cfg.channels == 1 => {
                 // As `eval` reads them: bytes / 255, normalised, no resampling.
                 let (mean, std) = (cfg.normalization.mean[0], cfg.normalization.std[0]);
-                Ok(d.data.normalized(i, mean, std).collect())
+                Ok(d.pixels(i)?
+                    .iter()
+                    .map(|&p| (p as f32 / 255.0 - mean) / std)
+                    .collect())
             }
             _ => {
                 let img = self.original(i)?;

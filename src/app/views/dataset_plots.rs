@@ -16,7 +16,7 @@ pub fn class_expert_heatmap(
     let e = st.num_experts;
     let label_w = 96.0;
     let cell = ((width - label_w) / e.max(1) as f32).clamp(6.0, 34.0);
-    let row_h = cell.min(22.0).max(14.0);
+    let row_h = cell.clamp(14.0, 22.0);
     let size = egui::vec2(
         label_w + cell * e as f32,
         16.0 + row_h * classes.len() as f32,
