@@ -448,6 +448,7 @@ fn the_dataset_view_analyses_the_built_in_slice() {
     h.get_by_label("show expert 3").click();
     h.run_steps(3);
     assert_eq!(h.state().dataset_expert(), Some(3));
+    h.snapshot_options("dataset_atlas", &snapshot_options());
     let first = h.get_all_by_label_contains("atlas patch of").count();
     assert_eq!(first, routerscope::app::dataset_atlas_size());
     let patch = {

@@ -9,7 +9,7 @@ use routerscope::analysis::{AnalyzeOptions, analyze, report};
 use routerscope::backend::DeviceChoice;
 use routerscope::figures::Palette;
 use routerscope::model::RunOptions;
-use routerscope::routing::{RouterFamily, RouterKind};
+use routerscope::routing::{CapacitySpec, RouterFamily, RouterKind};
 use routerscope::train::{DEFAULT_DATA_DIR, Split};
 
 #[derive(clap::Args, Debug)]
@@ -27,10 +27,10 @@ pub struct AnalyzeArgs {
     /// Route with this router instead of the checkpoint's (a what-if on the same weights).
     #[arg(long)]
     router: Option<RouterKind>,
-    /// Experts per token (Token Choice routers; with --compare, those among them).
+    /// Experts per token (Token Choice; the compared Token Choice routers take it too).
     #[arg(long)]
     k: Option<usize>,
-    /// Capacity factor (sparse routers; with --compare, those among them).
+    /// Capacity factor (sparse routers; the compared sparse routers take it too).
     #[arg(long)]
     capacity_factor: Option<f64>,
     /// Images per routing group [default: the checkpoint's].
@@ -80,16 +80,23 @@ pub fn run(args: &AnalyzeArgs) -> anyhow::Result<()> {
         main.group_images = g;
     }
     runs.push(main.clone());
+    // The compared routers take the main one's k (Token Choice) and capacity factor (sparse
+    // routers), so they are compared at the same compute.
+    let base = main.routers.first().cloned();
     for &kind in &args.compare {
-        let k = args
-            .k
-            .filter(|_| kind.family() == RouterFamily::TokenChoice);
-        let cf = args
-            .capacity_factor
-            .filter(|_| kind.family() != RouterFamily::Soft);
-        let Some(r) = super::router_override(cfg, &args.model, Some(kind), k, cf)? else {
+        let Some(mut r) = super::router_override(cfg, &args.model, Some(kind), None, None)? else {
             continue;
         };
+        if let Some(b) = &base {
+            if kind.family() == RouterFamily::TokenChoice {
+                r.k = b.experts_per_token();
+            }
+            if kind.family() != RouterFamily::Soft
+                && let CapacitySpec::Factor(f) = b.capacity
+            {
+                r.capacity = CapacitySpec::Factor(f);
+            }
+        }
         let opts = RunOptions {
             group_images: main.group_images,
             ..RunOptions::from_config(cfg).with_router(r)
