@@ -568,7 +568,7 @@ fn an_interrupted_run_writes_a_partial_analysis() {
         std::fs::hard_link(&first, data.join(format!("{i:04}.png"))).unwrap();
     }
     let out_dir = dir.path().join("out");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_routerscope"))
+    let child = Command::new(env!("CARGO_BIN_EXE_routerscope"))
         .args([
             "analyze",
             "--model",

@@ -107,7 +107,10 @@ impl IdxSource {
     /// The bytes of image `i` (row-major); sequential reads continue the open stream.
     fn pixels(&self, i: usize) -> Result<Vec<u8>, String> {
         let px = self.rows * self.cols;
-        let mut guard = self.stream.lock().map_err(|_| "IDX reader poisoned".to_string())?;
+        let mut guard = self
+            .stream
+            .lock()
+            .map_err(|_| "IDX reader poisoned".to_string())?;
         if guard.as_ref().is_none_or(|(_, next)| *next > i) {
             let (r, _) = open_images(&self.images)?;
             *guard = Some((r, 0));
@@ -152,7 +155,10 @@ fn find(dir: &Path, stem: &str) -> Result<PathBuf, AnalysisError> {
 fn open_images(path: &Path) -> Result<(Box<dyn Read + Send>, [usize; 3]), String> {
     crate::tensor_io::check_regular_file(path).map_err(|e| e.to_string())?;
     let mut file = BufReader::new(std::fs::File::open(path).map_err(|e| e.to_string())?);
-    let gz = file.fill_buf().map_err(|e| e.to_string())?.starts_with(&[0x1f, 0x8b]);
+    let gz = file
+        .fill_buf()
+        .map_err(|e| e.to_string())?
+        .starts_with(&[0x1f, 0x8b]);
     let mut r: Box<dyn Read + Send> = if gz {
         Box::new(BufReader::new(flate2::read::GzDecoder::new(file)))
     } else {
