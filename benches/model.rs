@@ -4,7 +4,8 @@
 //! re-runs from the first MoE layer, on the CPU (candle) and, where there is an adapter, on the
 //! GPU backend (`WGPU_BACKEND` / `WGPU_ADAPTER_NAME` pick it); and (c) the built-in photo model,
 //! DINOv2-S/14 moefied (224×224, 257 tokens, 8 experts in blocks 9 and 11, top-2; its real
-//! weights), where the GPU backend falls back (it has no LayerScale or exact GELU yet).
+//! weights), where the GPU backend falls back (it has no LayerScale or exact GELU yet); and (d)
+//! the released V-MoE-B/16 at 384 px (random weights, top-2, one image).
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -86,6 +87,20 @@ fn models(c: &mut Criterion) {
         let weights = random_weights(&cfg, 0);
         bench_model(c, cfg, weights, gpu.as_ref());
     }
+    // The released V-MoE-B/16 (ImageNet-21k, fine-tuned on ILSVRC2012) at 384 px: 577 tokens,
+    // width 768, 8 experts top-2 in every other block; random weights, one image per group. Its
+    // GPU rows run on hardware adapters only (minutes per forward on a software one).
+    let mut b16 = routerscope::model::vmoe_presets()
+        .into_iter()
+        .find(|c| c.name == "vmoe_b16_imagenet21k_randaug_strong_ft_ilsvrc2012")
+        .expect("the V-MoE-B/16 preset");
+    b16.name = "vmoe-b16-softmax-tc".into();
+    if let Some(m) = &mut b16.moe {
+        m.group_images = 1;
+    }
+    let weights = random_weights(&b16, 0);
+    let hardware = gpu.as_ref().filter(|g| !g.is_software());
+    bench_model(c, b16, weights, hardware);
     let photo = routerscope::catalog::photo_model();
     let (cfg, weights) = load_checkpoint(&photo).expect("the built-in photo model");
     bench_model(c, cfg, weights, gpu.as_ref());

@@ -9,7 +9,8 @@ use std::sync::Mutex;
 
 use crate::gpu::{GpuContext, GpuError, GpuVitMoe};
 use crate::model::{
-    Forward, ForwardOutput, ModelConfig, ModelError, ModelWeights, RunOptions, VitMoe, load_any,
+    BlockObserver, Forward, ForwardOutput, ModelConfig, ModelError, ModelWeights, RunOptions,
+    VitMoe, load_any,
 };
 
 /// The user's device choice (`--device`).
@@ -97,6 +98,22 @@ impl Forward for Engine {
     }
     fn rerun(&self, prev: &ForwardOutput, opts: &RunOptions) -> Result<ForwardOutput, ModelError> {
         Engine::rerun(self, prev, opts)
+    }
+    fn forward_observed(
+        &self,
+        images: &[Vec<f32>],
+        opts: &RunOptions,
+        observe: BlockObserver<'_>,
+    ) -> Result<ForwardOutput, ModelError> {
+        Engine::forward_observed(self, images, opts, observe)
+    }
+    fn rerun_observed(
+        &self,
+        prev: &ForwardOutput,
+        opts: &RunOptions,
+        observe: BlockObserver<'_>,
+    ) -> Result<ForwardOutput, ModelError> {
+        Engine::rerun_observed(self, prev, opts, observe)
     }
 }
 
@@ -186,6 +203,41 @@ impl Engine {
         self.with_fallback(
             |gpu| gpu.forward(images, opts),
             || self.cpu.forward(images, opts),
+        )
+    }
+
+    /// [`forward`](Self::forward) telling `observe` after each block; on the CPU it stops between
+    /// blocks when `observe` says so (a GPU run is submitted whole and only reports its end).
+    pub fn forward_observed(
+        &self,
+        images: &[Vec<f32>],
+        opts: &RunOptions,
+        observe: BlockObserver<'_>,
+    ) -> Result<ForwardOutput, ModelError> {
+        let mut observe = Some(observe);
+        self.with_fallback(
+            |gpu| gpu.forward(images, opts),
+            || match observe.take() {
+                Some(o) => self.cpu.forward_observed(images, opts, o),
+                None => self.cpu.forward(images, opts),
+            },
+        )
+    }
+
+    /// [`rerun`](Self::rerun) with an observer, as [`forward_observed`](Self::forward_observed).
+    pub fn rerun_observed(
+        &self,
+        prev: &ForwardOutput,
+        opts: &RunOptions,
+        observe: BlockObserver<'_>,
+    ) -> Result<ForwardOutput, ModelError> {
+        let mut observe = Some(observe);
+        self.with_fallback(
+            |gpu| gpu.rerun(prev, opts),
+            || match observe.take() {
+                Some(o) => self.cpu.rerun_observed(prev, opts, o),
+                None => self.cpu.rerun(prev, opts),
+            },
         )
     }
 

@@ -84,6 +84,8 @@ pub struct RouterscopeApp {
     /// Loaded-image indices of the batch of the run in flight.
     pending_batch: Vec<usize>,
     latest_run: u64,
+    /// Blocks done of the run in flight, once it takes long enough to report.
+    run_progress: Option<(usize, usize)>,
     run_started: Option<Instant>,
     /// Why the last requested run could not run (shown while the previous result stays).
     run_error: Option<String>,

@@ -147,6 +147,7 @@ impl RouterscopeApp {
             Reply::Ran(r) => {
                 if r.id == self.latest_run {
                     self.run_started = None;
+                    self.run_progress = None;
                     self.run_error = None;
                     self.result_batch = std::mem::take(&mut self.pending_batch);
                     self.device_label = r.device.clone();
@@ -162,6 +163,12 @@ impl RouterscopeApp {
                     self.comparison = Some((self.compare_image, entries));
                 }
             }
+            Reply::RunProgress { id, done, total } => {
+                if id == self.latest_run {
+                    self.run_progress = Some((done, total));
+                }
+            }
+            Reply::RunSuperseded { .. } => {}
             Reply::AnalysisProgress { id, done, total } => self.dataset_progressed(id, done, total),
             Reply::Analyzed { id, result } => self.dataset_finished(id, result),
             Reply::RunFailed { id, error } => {

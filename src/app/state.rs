@@ -46,6 +46,7 @@ impl RouterscopeApp {
             result_batch: Vec::new(),
             pending_batch: Vec::new(),
             latest_run: 0,
+            run_progress: None,
             run_started: None,
             run_error: None,
             errors: Vec::new(),

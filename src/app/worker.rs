@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::time::Instant;
 
@@ -114,6 +114,16 @@ pub enum Reply {
         id: u64,
         error: String,
     },
+    /// A run on a large model is at block `done` of `total` (sent once it takes over 100 ms).
+    RunProgress {
+        id: u64,
+        done: usize,
+        total: usize,
+    },
+    /// A newer run request stopped this one between two blocks.
+    RunSuperseded {
+        id: u64,
+    },
     Compared {
         id: u64,
         entries: Vec<CompareEntry>,
@@ -133,6 +143,8 @@ pub enum Reply {
 pub struct Worker {
     jobs: Sender<Job>,
     replies: Receiver<Reply>,
+    /// The newest run id sent: a run in progress with an older id stops at its next block.
+    latest_run: Arc<AtomicU64>,
 }
 
 impl Worker {
@@ -141,15 +153,25 @@ impl Worker {
         let (jobs, job_rx) = channel();
         let (reply_tx, replies) = channel();
         let wake: Wake = Arc::new(wake);
+        let latest_run = Arc::new(AtomicU64::new(0));
+        let latest = latest_run.clone();
         std::thread::Builder::new()
             .name("routerscope-worker".into())
-            .spawn(move || worker_loop(&job_rx, &reply_tx, &wake))
+            .spawn(move || worker_loop(&job_rx, &reply_tx, &wake, &latest))
             .map(|_| ())
             .unwrap_or_else(|e| tracing_fallback(&e.to_string()));
-        Self { jobs, replies }
+        Self {
+            jobs,
+            replies,
+            latest_run,
+        }
     }
 
     pub fn send(&self, job: Job) {
+        if let Job::Run(r) = &job {
+            // Before the job is queued, so the run in progress sees it at its next block.
+            self.latest_run.fetch_max(r.id, Ordering::SeqCst);
+        }
         // The thread only ends with the app; a send error means it panicked, already reported.
         let _ = self.jobs.send(job);
     }
@@ -181,7 +203,7 @@ struct Cache {
 
 type Wake = Arc<dyn Fn() + Send + Sync>;
 
-fn worker_loop(jobs: &Receiver<Job>, replies: &Sender<Reply>, wake: &Wake) {
+fn worker_loop(jobs: &Receiver<Job>, replies: &Sender<Reply>, wake: &Wake, latest: &AtomicU64) {
     let mut cache = Cache {
         gpu: None,
         models: HashMap::new(),
@@ -208,7 +230,13 @@ fn worker_loop(jobs: &Receiver<Job>, replies: &Sender<Reply>, wake: &Wake) {
                     id,
                     entries: compare(&mut cache, entries, &image),
                 },
-                Job::Run(req) => run(&mut cache, req),
+                Job::Run(req) => {
+                    let progress = |r: Reply| {
+                        let _ = replies.send(r);
+                        wake();
+                    };
+                    run(&mut cache, req, &progress, latest)
+                }
                 Job::DecodeImages(paths) => {
                     Reply::Images(paths.iter().map(|p| decode(p)).collect())
                 }
@@ -264,7 +292,9 @@ fn model(cache: &mut Cache, path: &Path) -> Result<Arc<Engine>, String> {
     Ok(m)
 }
 
-fn run(cache: &mut Cache, req: RunRequest) -> Reply {
+/// Runs `req`, telling `progress` block by block once it takes longer than 100 ms, and stopping
+/// between blocks when a newer run has been requested (`latest`).
+fn run(cache: &mut Cache, req: RunRequest, progress: &dyn Fn(Reply), latest: &AtomicU64) -> Reply {
     let fail = |error: String| Reply::RunFailed { id: req.id, error };
     let m = match model(cache, &req.model) {
         Ok(m) => m,
@@ -276,8 +306,15 @@ fn run(cache: &mut Cache, req: RunRequest) -> Reply {
         .last
         .as_ref()
         .filter(|(p, i, _)| *p == req.model && *i == ids);
+    let id = req.id;
+    let mut observe = |done: usize, total: usize| {
+        if start.elapsed() > std::time::Duration::from_millis(100) {
+            progress(Reply::RunProgress { id, done, total });
+        }
+        latest.load(Ordering::SeqCst) <= id
+    };
     let (result, what_if) = match reusable {
-        Some((_, _, prev)) => (m.rerun(prev, &req.options), true),
+        Some((_, _, prev)) => (m.rerun_observed(prev, &req.options, &mut observe), true),
         None => {
             let pixels: Result<Vec<Vec<f32>>, String> = req
                 .images
@@ -285,13 +322,14 @@ fn run(cache: &mut Cache, req: RunRequest) -> Reply {
                 .map(|(_, img)| preprocess(img, &m.config).map_err(|e| e.to_string()))
                 .collect();
             match pixels {
-                Ok(p) => (m.forward(&p, &req.options), false),
+                Ok(p) => (m.forward_observed(&p, &req.options, &mut observe), false),
                 Err(e) => return fail(e),
             }
         }
     };
     let output = match result {
         Ok(o) => o,
+        Err(crate::model::ModelError::Cancelled(_)) => return Reply::RunSuperseded { id },
         Err(e) => return fail(e.to_string()),
     };
     let millis = start.elapsed().as_secs_f64() * 1e3;

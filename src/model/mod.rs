@@ -21,7 +21,9 @@ pub use image_input::{
 };
 pub use kernels::{gelu, gelu_erf};
 pub use presets::{FASHION_MNIST_CLASSES, PRESETS, preset, preset_router};
-pub use vit::{Forward, ForwardOutput, GroupRecord, MoeLayerRecord, RunOptions, VitMoe};
+pub use vit::{
+    BlockObserver, Forward, ForwardOutput, GroupRecord, MoeLayerRecord, RunOptions, VitMoe,
+};
 pub use vmoe_presets::{
     CIFAR10_CLASSES, VMOE_TRAINED_GROUP_IMAGES, imagenet1k_classes, load_vmoe, match_vmoe_preset,
     vmoe_presets,
@@ -50,6 +52,9 @@ pub enum ModelError {
     Routing(#[from] RoutingError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// The caller's observer stopped the run between two blocks (a newer request superseded it).
+    #[error("stopped after block {0}: superseded")]
+    Cancelled(usize),
     /// A failure of the backend that ran the model (for the GPU backend, its `GpuError`).
     #[error(transparent)]
     Backend(Box<dyn std::error::Error + Send + Sync>),

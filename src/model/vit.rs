@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::ModelError;
 use super::config::{Classifier, Combine, ModelConfig};
-use super::kernels::StackedMlp;
+use super::kernels::{StackedMlp, Strided, gemm_strided};
 use super::ops::{LayerNormOp, SoftmaxLastDim};
 use super::weights::{ModelWeights, block_prefix, check_router_params};
 use crate::routing::ops::{round_to_bf16, softmax_rows};
@@ -98,11 +98,17 @@ fn softmax_last(x: &Tensor) -> Result<Tensor, ModelError> {
     Ok(x.contiguous()?.apply_op1_no_bwd(&SoftmaxLastDim)?)
 }
 
+/// Multi-head self-attention with the query, key and value projections fused into one
+/// `[d, 3·h·hd]` matrix (one matmul), and every (image, head) pair's `softmax(q kᵀ) v` as its own
+/// task reading the fused output in place (no transposes, both cores busy even for one image).
 struct Attention {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    out: Linear,
+    /// `[d, 3·h·hd]`: each row is the query, key and value kernels' rows side by side.
+    wqkv: Vec<f32>,
+    bqkv: Vec<f32>,
+    /// `[h·hd, d]`.
+    wout: Vec<f32>,
+    bout: Vec<f32>,
+    dim: usize,
     heads: usize,
     head_dim: usize,
 }
@@ -114,36 +120,129 @@ impl Attention {
         cfg: &ModelConfig,
     ) -> Result<Self, ModelError> {
         let (d, h, hd) = (cfg.hidden_size, cfg.num_heads, cfg.head_dim());
+        let w = h * hd;
         // Flax kernels [d, heads, head_dim] and [heads, head_dim, d] are plain matrices row-major.
-        let mut qkv = |p: &str| Linear::load(weights, &format!("{prefix}/{p}"), d, h * hd);
-        let (query, key, value) = (qkv("query")?, qkv("key")?, qkv("value")?);
+        let mut part = |p: &str, what: &str| take(weights, &format!("{prefix}/{p}/{what}"));
+        let (q, k, v) = (
+            part("query", "kernel")?,
+            part("key", "kernel")?,
+            part("value", "kernel")?,
+        );
+        let (qb, kb, vb) = (
+            part("query", "bias")?,
+            part("key", "bias")?,
+            part("value", "bias")?,
+        );
+        let mut wqkv = Vec::with_capacity(d * 3 * w);
+        for r in 0..d {
+            for m in [&q, &k, &v] {
+                wqkv.extend_from_slice(&m[r * w..(r + 1) * w]);
+            }
+        }
         Ok(Self {
-            query,
-            key,
-            value,
-            out: Linear::load(weights, &format!("{prefix}/out"), h * hd, d)?,
+            wqkv,
+            bqkv: [qb, kb, vb].concat(),
+            wout: part("out", "kernel")?,
+            bout: part("out", "bias")?,
+            dim: d,
             heads: h,
             head_dim: hd,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let (b, s, _) = x.dims3()?;
-        let split = |t: Tensor| -> Result<Tensor, ModelError> {
-            Ok(t.reshape((b, s, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = split(self.query.forward(x)?)?;
-        let q = (q / (self.head_dim as f64).sqrt())?;
-        let k = split(self.key.forward(x)?)?;
-        let v = split(self.value.forward(x)?)?;
-        let att = softmax_last(&q.matmul(&k.t()?.contiguous()?)?)?;
-        let y = att
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, s, self.heads * self.head_dim))?;
-        self.out.forward(&y)
+        let (b, s, d) = x.dims3()?;
+        let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        Ok(Tensor::from_vec(
+            self.forward_rows(&xv, b, s),
+            (b, s, d),
+            &Device::Cpu,
+        )?)
+    }
+
+    /// Attention over `x` `[b, s, d]` row-major.
+    fn forward_rows(&self, x: &[f32], b: usize, s: usize) -> Vec<f32> {
+        use rayon::prelude::*;
+        let (d, h, hd) = (self.dim, self.heads, self.head_dim);
+        let (w, w3) = (h * hd, 3 * h * hd);
+        let threads = rayon::current_num_threads();
+        let mut qkv = vec![0.0f32; b * s * w3];
+        gemm_strided(
+            &mut qkv,
+            Strided::rows(w3),
+            x,
+            Strided::rows(d),
+            &self.wqkv,
+            Strided::rows(w3),
+            [b * s, d, w3],
+            threads,
+        );
+        // As `x / √hd` in candle: a multiplication by the f32 of the reciprocal.
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        for row in qkv.chunks_exact_mut(w3) {
+            for (v, &bias) in row.iter_mut().zip(&self.bqkv) {
+                *v += bias;
+            }
+            for v in &mut row[..w] {
+                *v *= scale;
+            }
+        }
+        let heads: Vec<Vec<f32>> = (0..b * h)
+            .into_par_iter()
+            .map(|t| {
+                let (img, head) = (t / h, t % h);
+                let at = |part: usize| &qkv[img * s * w3 + part * w + head * hd..];
+                let mut scores = vec![0.0f32; s * s];
+                gemm_strided(
+                    &mut scores,
+                    Strided::rows(s),
+                    at(0),
+                    Strided::rows(w3),
+                    at(1),
+                    Strided::transposed(w3),
+                    [s, hd, s],
+                    1,
+                );
+                crate::routing::ops::softmax_rows_in_place(&mut scores, s);
+                let mut o = vec![0.0f32; s * hd];
+                gemm_strided(
+                    &mut o,
+                    Strided::rows(hd),
+                    &scores,
+                    Strided::rows(s),
+                    at(2),
+                    Strided::rows(w3),
+                    [s, s, hd],
+                    1,
+                );
+                o
+            })
+            .collect();
+        let mut ctx = vec![0.0f32; b * s * w];
+        for (t, o) in heads.iter().enumerate() {
+            let (img, head) = (t / h, t % h);
+            for (i, row) in o.chunks_exact(hd).enumerate() {
+                let dst = (img * s + i) * w + head * hd;
+                ctx[dst..dst + hd].copy_from_slice(row);
+            }
+        }
+        let mut y = vec![0.0f32; b * s * d];
+        gemm_strided(
+            &mut y,
+            Strided::rows(d),
+            &ctx,
+            Strided::rows(w),
+            &self.wout,
+            Strided::rows(d),
+            [b * s, w, d],
+            threads,
+        );
+        for row in y.chunks_exact_mut(d) {
+            for (v, &bias) in row.iter_mut().zip(&self.bout) {
+                *v += bias;
+            }
+        }
+        y
     }
 }
 
@@ -376,7 +475,31 @@ pub trait Forward {
     fn rerun(&self, prev: &ForwardOutput, opts: &RunOptions) -> Result<ForwardOutput, ModelError> {
         self.forward(&prev.inputs, opts)
     }
+    /// [`forward`](Self::forward), telling `observe` after each encoder block; a backend that can
+    /// stop between blocks does so when it returns `false` ([`ModelError::Cancelled`]).
+    fn forward_observed(
+        &self,
+        images: &[Vec<f32>],
+        opts: &RunOptions,
+        observe: BlockObserver<'_>,
+    ) -> Result<ForwardOutput, ModelError> {
+        let _ = observe;
+        self.forward(images, opts)
+    }
+    /// [`rerun`](Self::rerun) with an observer, as [`forward_observed`](Self::forward_observed).
+    fn rerun_observed(
+        &self,
+        prev: &ForwardOutput,
+        opts: &RunOptions,
+        observe: BlockObserver<'_>,
+    ) -> Result<ForwardOutput, ModelError> {
+        let _ = observe;
+        self.rerun(prev, opts)
+    }
 }
+
+/// Told `(blocks done, blocks this run computes)` after each encoder block; `false` stops the run.
+pub type BlockObserver<'a> = &'a mut dyn FnMut(usize, usize) -> bool;
 
 impl Forward for VitMoe {
     fn config(&self) -> &ModelConfig {
@@ -387,6 +510,22 @@ impl Forward for VitMoe {
     }
     fn rerun(&self, prev: &ForwardOutput, opts: &RunOptions) -> Result<ForwardOutput, ModelError> {
         VitMoe::rerun(self, prev, opts)
+    }
+    fn forward_observed(
+        &self,
+        images: &[Vec<f32>],
+        opts: &RunOptions,
+        observe: BlockObserver<'_>,
+    ) -> Result<ForwardOutput, ModelError> {
+        VitMoe::forward_observed(self, images, opts, observe)
+    }
+    fn rerun_observed(
+        &self,
+        prev: &ForwardOutput,
+        opts: &RunOptions,
+        observe: BlockObserver<'_>,
+    ) -> Result<ForwardOutput, ModelError> {
+        VitMoe::rerun_observed(self, prev, opts, observe)
     }
 }
 
@@ -523,6 +662,16 @@ impl VitMoe {
         images: &[Vec<f32>],
         opts: &RunOptions,
     ) -> Result<ForwardOutput, ModelError> {
+        self.forward_observed(images, opts, &mut |_, _| true)
+    }
+
+    /// [`forward`](Self::forward), telling `observe` after each block and stopping when it says so.
+    pub fn forward_observed(
+        &self,
+        images: &[Vec<f32>],
+        opts: &RunOptions,
+        observe: BlockObserver<'_>,
+    ) -> Result<ForwardOutput, ModelError> {
         let b = images.len();
         if b == 0 {
             return Err(ModelError::Config("no images to run".into()));
@@ -537,7 +686,7 @@ impl VitMoe {
             inputs: images.into(),
             resume: Resume::Cpu(Vec::new()),
         };
-        self.encode_from(x, 0, false, &mut out)?;
+        self.encode_from(x, 0, false, &mut out, observe)?;
         Ok(out)
     }
 
@@ -620,6 +769,16 @@ impl VitMoe {
         prev: &ForwardOutput,
         opts: &RunOptions,
     ) -> Result<ForwardOutput, ModelError> {
+        self.rerun_observed(prev, opts, &mut |_, _| true)
+    }
+
+    /// [`rerun`](Self::rerun), telling `observe` after each block and stopping when it says so.
+    pub fn rerun_observed(
+        &self,
+        prev: &ForwardOutput,
+        opts: &RunOptions,
+        observe: BlockObserver<'_>,
+    ) -> Result<ForwardOutput, ModelError> {
         let batch = prev.probs.len();
         self.check_options(opts, batch)?;
         let Some(first) = opts.first_change_from(&prev.options) else {
@@ -630,7 +789,7 @@ impl VitMoe {
         };
         let Resume::Cpu(saved) = &prev.resume else {
             // Computed by another backend: start over here from the same images.
-            return self.forward(&prev.inputs, opts);
+            return self.forward_observed(&prev.inputs, opts, observe);
         };
         let block = prev.records[first].block;
         let mut out = ForwardOutput {
@@ -641,7 +800,7 @@ impl VitMoe {
             inputs: prev.inputs.clone(),
             resume: Resume::Cpu(saved[..first].to_vec()),
         };
-        self.encode_from(saved[first].clone(), block, true, &mut out)?;
+        self.encode_from(saved[first].clone(), block, true, &mut out, observe)?;
         Ok(out)
     }
 
@@ -653,7 +812,9 @@ impl VitMoe {
         start: usize,
         resume_at_moe: bool,
         out: &mut ForwardOutput,
+        observe: BlockObserver<'_>,
     ) -> Result<(), ModelError> {
+        let todo = self.blocks.len() - start;
         for (i, block) in self.blocks.iter().enumerate().skip(start) {
             if !(resume_at_moe && i == start) {
                 let mut a = block.attn.forward(&block.ln0.forward(&x)?)?;
@@ -682,6 +843,9 @@ impl VitMoe {
                 None => delta,
             };
             x = (x + delta)?;
+            if !observe(i + 1 - start, todo) {
+                return Err(ModelError::Cancelled(i));
+            }
         }
         let x = self.encoder_norm.forward(&x)?;
         let b = x.dim(0)?;

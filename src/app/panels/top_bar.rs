@@ -72,6 +72,9 @@ impl RouterscopeApp {
                 }
                 if self.run_started.is_some_and(|t| t.elapsed() > Duration::from_millis(100)) || self.in_flight > 0 {
                     ui.add(egui::Spinner::new());
+                    if let (Some((done, total)), Some(_)) = (self.run_progress, self.run_started) {
+                        ui.label(format!("block {done}/{total}"));
+                    }
                 }
             });
         });
