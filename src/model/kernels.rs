@@ -9,7 +9,7 @@ use super::config::Gelu;
 
 /// GELU, tanh approximation, written as `x·σ(2u)` (identical to `0.5·x·(1 + tanh u)`) so it costs
 /// one `exp` instead of a `tanh`.
-#[inline]
+#[inline(always)]
 pub fn gelu(x: f32) -> f32 {
     const TWO_SQRT_2_OVER_PI: f32 = 1.595_769;
     let u2 = TWO_SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
@@ -21,13 +21,13 @@ pub fn gelu(x: f32) -> f32 {
 /// `1 − (a₁t + … + a₅t⁵)·e^(−z²)`, `t = 1/(1 + p|z|)`, |error| ≤ 1.5e-7 (6e-7 in f32
 /// arithmetic, measured against libm). Branch-free, so the
 /// compiler vectorises the loop over a row (libm's `erff` is a scalar call per element).
-#[inline]
+#[inline(always)]
 pub fn gelu_erf(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 /// erf by Abramowitz & Stegun 7.1.26 (see [`gelu_erf`]).
-#[inline]
+#[inline(always)]
 pub fn erf(z: f32) -> f32 {
     const P: f32 = 0.327_591_1;
     const A: [f32; 5] = [
@@ -45,13 +45,15 @@ pub fn erf(z: f32) -> f32 {
 }
 
 /// `e^x` for `x ≤ 0` down to where it underflows, within 2 ulp: `x = n·ln 2 + r`, a degree-6
-/// polynomial for `e^r` on `|r| ≤ ln 2 / 2`, and `2^n` built in the exponent bits. Branch-free.
-#[inline]
-fn exp_fast(x: f32) -> f32 {
+/// polynomial for `e^r` on `|r| ≤ ln 2 / 2`, and `2^n` built in the exponent bits. Branch-free
+/// and call-free (`n` is rounded with the 1.5·2²³ trick, not `round()`), so loops vectorise.
+#[inline(always)]
+pub fn exp_fast(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 0.0);
-    let n = (x * std::f32::consts::LOG2_E - 0.5).ceil();
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0
@@ -60,6 +62,60 @@ fn exp_fast(x: f32) -> f32 {
                     + r * (4.166_662e-2 + r * (8.333_452e-3 + r * 1.388_86e-3)))));
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
+
+/// Runs `$body` compiled for AVX-512 or AVX2+FMA when the CPU has them (the crate itself targets
+/// baseline x86-64, SSE2). Element-wise code gives the same results at every width: Rust never
+/// fuses a multiply and an add on its own.
+macro_rules! simd_dispatch {
+    ($name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        pub fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn wide($($arg: $ty),*) { body($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) { body($($arg),*) }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F (checked just above).
+                    return unsafe { wide($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+simd_dispatch!(bias_gelu_rows(h: &mut [f32], bias: &[f32], act: Gelu) {
+    let m = bias.len().max(1);
+    for row in h.chunks_exact_mut(m) {
+        match act {
+            Gelu::Tanh => row.iter_mut().zip(bias).for_each(|(v, &b)| *v = gelu(*v + b)),
+            Gelu::Erf => row.iter_mut().zip(bias).for_each(|(v, &b)| *v = gelu_erf(*v + b)),
+        }
+    }
+});
+
+simd_dispatch!(softmax_rows_fast(x: &mut [f32], cols: usize) {
+    // Attention weights: max-subtracted, `exp_fast` (within 2 ulp of `exp`).
+    for row in x.chunks_exact_mut(cols.max(1)) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+        }
+        let sum = crate::routing::ops::sum(row);
+        for v in row.iter_mut() {
+            *v /= sum;
+        }
+    }
+});
 
 impl Gelu {
     /// The activation as a function.
@@ -70,6 +126,10 @@ impl Gelu {
         }
     }
 }
+
+/// Below this many multiply-adds a layer runs on the calling thread: handing work to the other
+/// threads costs more than it saves (a Fashion-MNIST-sized model runs fastest single-threaded).
+pub const PARALLEL_MIN_MACS: usize = 1 << 21;
 
 /// A matrix in a slice: element `(r, c)` at `r·rs + c·cs`.
 #[derive(Clone, Copy, Debug)]
@@ -205,7 +265,12 @@ impl StackedMlp {
         if rows == 0 {
             return out;
         }
-        let threads = rayon::current_num_threads();
+        let small = self.num * rows * d * m < PARALLEL_MIN_MACS;
+        let threads = if small {
+            1
+        } else {
+            rayon::current_num_threads()
+        };
         // One MLP (a dense block): let gemm split the work; several: one expert per task.
         let inner = if self.num == 1 { threads } else { 1 };
         let run = |(j, out_j): (usize, &mut [f32])| {
@@ -219,16 +284,7 @@ impl StackedMlp {
                 m,
                 inner,
             );
-            let b0 = &self.b0[j * m..(j + 1) * m];
-            for row in h.chunks_exact_mut(m) {
-                match self.act {
-                    Gelu::Tanh => row.iter_mut().zip(b0).for_each(|(v, &b)| *v = gelu(*v + b)),
-                    Gelu::Erf => row
-                        .iter_mut()
-                        .zip(b0)
-                        .for_each(|(v, &b)| *v = gelu_erf(*v + b)),
-                }
-            }
+            bias_gelu_rows(&mut h, &self.b0[j * m..(j + 1) * m], self.act);
             matmul(out_j, &h, &self.w1[j * m * d..], rows, m, d, inner);
             let b1 = &self.b1[j * d..(j + 1) * d];
             for row in out_j.chunks_exact_mut(d) {
@@ -239,6 +295,8 @@ impl StackedMlp {
         };
         if self.num == 1 {
             run((0, &mut out[..]));
+        } else if small {
+            out.chunks_mut(rows * d).enumerate().for_each(run);
         } else {
             out.par_chunks_mut(rows * d).enumerate().for_each(run);
         }

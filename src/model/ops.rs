@@ -43,19 +43,26 @@ impl CustomOp1 for LayerNormOp<'_> {
                 self.bias.len()
             )));
         }
-        let mut out = vec![0.0f32; x.len()];
-        let inv_d = 1.0 / d as f32;
-        for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-            let mean = crate::routing::ops::sum(row) * inv_d;
-            let mean_sq = crate::routing::ops::dot(row, row) * inv_d;
-            let var = (mean_sq - mean * mean).max(0.0);
-            let inv = 1.0 / (var + self.eps).sqrt();
-            for (((o, &v), &s), &b) in o.iter_mut().zip(row).zip(self.scale).zip(self.bias) {
-                *o = (v - mean) * inv * s + b;
-            }
-        }
+        let out = layer_norm_rows(x, self.scale, self.bias, self.eps);
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
+}
+
+/// LayerNorm of every row of `x` (rows of `scale.len()` values), as [`LayerNormOp`].
+pub fn layer_norm_rows(x: &[f32], scale: &[f32], bias: &[f32], eps: f32) -> Vec<f32> {
+    let d = scale.len().max(1);
+    let mut out = vec![0.0f32; x.len()];
+    let inv_d = 1.0 / d as f32;
+    for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let mean = crate::routing::ops::sum(row) * inv_d;
+        let mean_sq = crate::routing::ops::dot(row, row) * inv_d;
+        let var = (mean_sq - mean * mean).max(0.0);
+        let inv = 1.0 / (var + eps).sqrt();
+        for (((o, &v), &s), &b) in o.iter_mut().zip(row).zip(scale).zip(bias) {
+            *o = (v - mean) * inv * s + b;
+        }
+    }
+    out
 }
 
 /// Softmax over the last axis (max-subtracted).

@@ -16,8 +16,8 @@ use candle_core::{DType, Device, Tensor};
 
 use super::ModelError;
 use super::config::{Classifier, Combine, ModelConfig};
-use super::kernels::{StackedMlp, Strided, gemm_strided};
-use super::ops::{LayerNormOp, SoftmaxLastDim};
+use super::kernels::{StackedMlp, Strided, gemm_strided, softmax_rows_fast};
+use super::ops::{LayerNormOp, SoftmaxLastDim, layer_norm_rows};
 use super::weights::{ModelWeights, block_prefix, check_router_params};
 use crate::routing::ops::{round_to_bf16, softmax_rows};
 use crate::routing::{
@@ -91,6 +91,11 @@ impl LayerNorm {
         };
         Ok(x.contiguous()?.apply_op1_no_bwd(&op)?)
     }
+
+    /// The same on rows of a slice.
+    fn rows(&self, x: &[f32]) -> Vec<f32> {
+        layer_norm_rows(x, &self.scale, &self.bias, LN_EPS)
+    }
 }
 
 /// Softmax over the last axis (max-subtracted).
@@ -150,22 +155,17 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let (b, s, d) = x.dims3()?;
-        let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        Ok(Tensor::from_vec(
-            self.forward_rows(&xv, b, s),
-            (b, s, d),
-            &Device::Cpu,
-        )?)
-    }
-
     /// Attention over `x` `[b, s, d]` row-major.
     fn forward_rows(&self, x: &[f32], b: usize, s: usize) -> Vec<f32> {
         use rayon::prelude::*;
         let (d, h, hd) = (self.dim, self.heads, self.head_dim);
         let (w, w3) = (h * hd, 3 * h * hd);
-        let threads = rayon::current_num_threads();
+        let small = b * s * d * w3 < super::kernels::PARALLEL_MIN_MACS;
+        let threads = if small {
+            1
+        } else {
+            rayon::current_num_threads()
+        };
         let mut qkv = vec![0.0f32; b * s * w3];
         gemm_strided(
             &mut qkv,
@@ -187,37 +187,39 @@ impl Attention {
                 *v *= scale;
             }
         }
-        let heads: Vec<Vec<f32>> = (0..b * h)
-            .into_par_iter()
-            .map(|t| {
-                let (img, head) = (t / h, t % h);
-                let at = |part: usize| &qkv[img * s * w3 + part * w + head * hd..];
-                let mut scores = vec![0.0f32; s * s];
-                gemm_strided(
-                    &mut scores,
-                    Strided::rows(s),
-                    at(0),
-                    Strided::rows(w3),
-                    at(1),
-                    Strided::transposed(w3),
-                    [s, hd, s],
-                    1,
-                );
-                crate::routing::ops::softmax_rows_in_place(&mut scores, s);
-                let mut o = vec![0.0f32; s * hd];
-                gemm_strided(
-                    &mut o,
-                    Strided::rows(hd),
-                    &scores,
-                    Strided::rows(s),
-                    at(2),
-                    Strided::rows(w3),
-                    [s, s, hd],
-                    1,
-                );
-                o
-            })
-            .collect();
+        let head = |t: usize| {
+            let (img, head) = (t / h, t % h);
+            let at = |part: usize| &qkv[img * s * w3 + part * w + head * hd..];
+            let mut scores = vec![0.0f32; s * s];
+            gemm_strided(
+                &mut scores,
+                Strided::rows(s),
+                at(0),
+                Strided::rows(w3),
+                at(1),
+                Strided::transposed(w3),
+                [s, hd, s],
+                1,
+            );
+            softmax_rows_fast(&mut scores, s);
+            let mut o = vec![0.0f32; s * hd];
+            gemm_strided(
+                &mut o,
+                Strided::rows(hd),
+                &scores,
+                Strided::rows(s),
+                at(2),
+                Strided::rows(w3),
+                [s, s, hd],
+                1,
+            );
+            o
+        };
+        let heads: Vec<Vec<f32>> = if small {
+            (0..b * h).map(head).collect()
+        } else {
+            (0..b * h).into_par_iter().map(head).collect()
+        };
         let mut ctx = vec![0.0f32; b * s * w];
         for (t, o) in heads.iter().enumerate() {
             let (img, head) = (t / h, t % h);
@@ -275,12 +277,18 @@ fn load_mlps(
     })
 }
 
-/// A dense block's MLP on `[B, S, d]`.
-fn dense_mlp(mlp: &StackedMlp, x: &Tensor) -> Result<Tensor, ModelError> {
-    let dims = x.dims().to_vec();
-    let rows = x.elem_count() / mlp.dim;
-    let y = mlp.forward(&x.flatten_all()?.to_vec1::<f32>()?, rows);
-    Ok(Tensor::from_vec(y, dims, &Device::Cpu)?)
+/// `x += a` (times the LayerScale `[d]`, when given, as `a · scale` first).
+fn add_branch(x: &mut [f32], a: &[f32], scale: Option<&[f32]>) {
+    match scale {
+        None => x.iter_mut().zip(a).for_each(|(x, &a)| *x += a),
+        Some(ls) => {
+            for (xr, ar) in x.chunks_exact_mut(ls.len()).zip(a.chunks_exact(ls.len())) {
+                for ((x, &a), &l) in xr.iter_mut().zip(ar).zip(ls) {
+                    *x += a * l;
+                }
+            }
+        }
+    }
 }
 
 /// Soft MoE router parameters kept on the CPU side for `route_soft`.
@@ -294,7 +302,8 @@ struct SoftParams {
 struct MoeLayer {
     block: usize,
     num_experts: usize,
-    router_kernel: Option<Tensor>,
+    /// `[d, e]` row-major.
+    router_kernel: Option<Vec<f32>>,
     soft: Option<SoftParams>,
     experts: StackedMlp,
     /// `Some(bias)` under [`Combine::Unit`]: the layer's output bias, added once per token.
@@ -429,7 +438,7 @@ struct EncoderBlock {
     ln1: LayerNorm,
     ffn: Ffn,
     /// LayerScale of the attention and the MLP branch, `[d]` each.
-    layer_scale: Option<(Tensor, Tensor)>,
+    layer_scale: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 /// Checks that `opts` can run on a model with `config` whose checkpoint has the parameters
@@ -579,7 +588,7 @@ impl VitMoe {
                     let e = moe.num_experts;
                     let kernel_name = format!("{b}/Moe/Router/dense/kernel");
                     let router_kernel = match weights.contains_key(&kernel_name) {
-                        true => Some(tensor(weights, &kernel_name, &[d, e])?),
+                        true => Some(take(weights, &kernel_name)?),
                         false => None,
                     };
                     let soft = match (
@@ -615,8 +624,8 @@ impl VitMoe {
             };
             let layer_scale = match cfg.layer_scale {
                 true => Some((
-                    tensor(weights, &format!("{b}/LayerScale_0/scale"), &[d])?,
-                    tensor(weights, &format!("{b}/LayerScale_1/scale"), &[d])?,
+                    take(weights, &format!("{b}/LayerScale_0/scale"))?,
+                    take(weights, &format!("{b}/LayerScale_1/scale"))?,
                 )),
                 false => None,
             };
@@ -736,7 +745,9 @@ impl VitMoe {
                 self.blocks.len()
             )));
         }
-        let mut x = self.embed(images)?;
+        let x = self.embed(images)?;
+        let (b, sq, _) = x.dims3()?;
+        let mut x: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let mut found = vec![Vec::new(); blocks.len()];
         for (i, block) in self.blocks.iter().enumerate().take(last + 1) {
             let Ffn::Dense(mlp) = &block.ffn else {
@@ -744,20 +755,22 @@ impl VitMoe {
                     "block {i} is already an MoE layer; MLP inputs are taken from dense blocks"
                 )));
             };
-            let mut a = block.attn.forward(&block.ln0.forward(&x)?)?;
-            if let Some((ls0, _)) = &block.layer_scale {
-                a = a.broadcast_mul(ls0)?;
-            }
-            x = (&x + a)?;
-            let y = block.ln1.forward(&x)?;
+            let a = block.attn.forward_rows(&block.ln0.rows(&x), b, sq);
+            add_branch(
+                &mut x,
+                &a,
+                block.layer_scale.as_ref().map(|l| l.0.as_slice()),
+            );
+            let y = block.ln1.rows(&x);
             for (slot, _) in blocks.iter().enumerate().filter(|(_, b)| **b == i) {
-                found[slot] = y.flatten_all()?.to_vec1()?;
+                found[slot] = y.clone();
             }
-            let mut delta = dense_mlp(mlp, &y)?;
-            if let Some((_, ls1)) = &block.layer_scale {
-                delta = delta.broadcast_mul(ls1)?;
-            }
-            x = (x + delta)?;
+            let delta = mlp.forward(&y, b * sq);
+            add_branch(
+                &mut x,
+                &delta,
+                block.layer_scale.as_ref().map(|l| l.1.as_slice()),
+            );
         }
         Ok(found)
     }
@@ -808,45 +821,49 @@ impl VitMoe {
     /// head, and fills `out`.
     fn encode_from(
         &self,
-        mut x: Tensor,
+        x: Tensor,
         start: usize,
         resume_at_moe: bool,
         out: &mut ForwardOutput,
         observe: BlockObserver<'_>,
     ) -> Result<(), ModelError> {
         let todo = self.blocks.len() - start;
+        let (b, sq, d) = x.dims3()?;
+        let mut x: Vec<f32> = x.flatten_all()?.to_vec1()?;
         for (i, block) in self.blocks.iter().enumerate().skip(start) {
             if !(resume_at_moe && i == start) {
-                let mut a = block.attn.forward(&block.ln0.forward(&x)?)?;
-                if let Some((ls0, _)) = &block.layer_scale {
-                    a = a.broadcast_mul(ls0)?;
-                }
-                x = (&x + a)?;
+                let a = block.attn.forward_rows(&block.ln0.rows(&x), b, sq);
+                add_branch(
+                    &mut x,
+                    &a,
+                    block.layer_scale.as_ref().map(|l| l.0.as_slice()),
+                );
             }
-            let y = block.ln1.forward(&x)?;
+            let y = block.ln1.rows(&x);
             let delta = match &block.ffn {
-                Ffn::Dense(mlp) => dense_mlp(mlp, &y)?,
+                Ffn::Dense(mlp) => mlp.forward(&y, b * sq),
                 Ffn::Moe(moe) => {
                     let li = out.records.len();
                     if let Resume::Cpu(saved) = &mut out.resume {
-                        saved.push(x.clone());
+                        saved.push(Tensor::from_vec(x.clone(), (b, sq, d), &Device::Cpu)?);
                     }
                     let router = &out.options.routers[li];
                     let (delta, record) =
-                        self.moe_forward(moe, &y, router, out.options.group_images)?;
+                        self.moe_forward(moe, &y, [b, sq, d], router, out.options.group_images)?;
                     out.records.push(record);
                     delta
                 }
             };
-            let delta = match &block.layer_scale {
-                Some((_, ls1)) => delta.broadcast_mul(ls1)?,
-                None => delta,
-            };
-            x = (x + delta)?;
+            add_branch(
+                &mut x,
+                &delta,
+                block.layer_scale.as_ref().map(|l| l.1.as_slice()),
+            );
             if !observe(i + 1 - start, todo) {
                 return Err(ModelError::Cancelled(i));
             }
         }
+        let x = Tensor::from_vec(x, (b, sq, d), &Device::Cpu)?;
         let x = self.encoder_norm.forward(&x)?;
         let b = x.dim(0)?;
         out.features = x.flatten_from(1)?.to_vec2()?;
@@ -872,11 +889,11 @@ impl VitMoe {
     fn moe_forward(
         &self,
         moe: &MoeLayer,
-        y: &Tensor,
+        y_vec: &[f32],
+        [b, s, d]: [usize; 3],
         router: &RouterConfig,
         group_images: usize,
-    ) -> Result<(Tensor, MoeLayerRecord), ModelError> {
-        let (b, s, d) = y.dims3()?;
+    ) -> Result<(Vec<f32>, MoeLayerRecord), ModelError> {
         let e = moe.num_experts;
         let n = group_images * s;
         let groups = b / group_images;
@@ -885,7 +902,6 @@ impl VitMoe {
             .moe
             .as_ref()
             .is_some_and(|m| m.bfloat16_dispatch);
-        let y_vec: Vec<f32> = y.flatten_all()?.to_vec1()?;
         let soft = router.kind.family() == RouterFamily::Soft;
 
         let mut records = Vec::with_capacity(groups);
@@ -921,11 +937,17 @@ impl VitMoe {
             let kernel = moe.router_kernel.as_ref().ok_or_else(|| {
                 ModelError::Config(format!("block {}: no router kernel", moe.block))
             })?;
-            let logits: Vec<f32> = y
-                .reshape((b * s, d))?
-                .matmul(kernel)?
-                .flatten_all()?
-                .to_vec1()?;
+            let mut logits = vec![0.0f32; b * s * e];
+            gemm_strided(
+                &mut logits,
+                Strided::rows(e),
+                y_vec,
+                Strided::rows(d),
+                kernel,
+                Strided::rows(e),
+                [b * s, d, e],
+                rayon::current_num_threads(),
+            );
             for g in 0..groups {
                 let lg = logits[g * n * e..(g + 1) * n * e].to_vec();
                 let routing = route_logits(&lg, n, e, router, Mode::Deterministic)?;
@@ -1012,9 +1034,8 @@ impl VitMoe {
                 out.iter_mut().zip(bias).for_each(|(o, &b)| *o += b);
             }
         }
-        let delta = Tensor::from_vec(combined, (b, s, d), &Device::Cpu)?;
         Ok((
-            delta,
+            combined,
             MoeLayerRecord {
                 block: moe.block,
                 groups: records,
@@ -1044,7 +1065,6 @@ mod tests {
         let y_vec: Vec<f32> = (0..b * s * d)
             .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
             .collect();
-        let y = Tensor::from_vec(y_vec.clone(), (b, s, d), &Device::Cpu).unwrap();
         let get = |n: &str| {
             w[&format!("Encoder/encoderblock_1/Moe/Mlp/{n}")]
                 .data
@@ -1071,8 +1091,9 @@ mod tests {
             soft,
         ];
         for router in routers {
-            let (delta, record) = model.moe_forward(moe, &y, &router, 2).unwrap();
-            let delta: Vec<f32> = delta.flatten_all().unwrap().to_vec1().unwrap();
+            let (delta, record) = model
+                .moe_forward(moe, &y_vec, [b, s, d], &router, 2)
+                .unwrap();
             let n = 2 * s;
             for (g, rec) in record.groups.iter().enumerate() {
                 let xg = &y_vec[g * n * d..(g + 1) * n * d];

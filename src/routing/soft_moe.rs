@@ -24,14 +24,20 @@ pub fn soft_logits(x: &[f32], n: usize, params: &SoftRouterParams<'_>) -> Vec<f3
     let ep = params.num_experts * params.num_slots;
     // vmoe multiplies the scale into whichever operand has fewer elements (`inputs.size < mu.size`).
     let scale_tokens = n * d < d * ep;
-    let mut xn = x.to_vec();
-    for row in xn.chunks_exact_mut(d) {
-        let m = 1.0 / (row.iter().map(|v| v * v).sum::<f32>() + NORM_EPS).sqrt();
-        row.iter_mut().for_each(|v| *v *= m);
-        if scale_tokens {
-            row.iter_mut().for_each(|v| *v *= params.scale);
-        }
-    }
+    assert!(
+        x.len() >= n * d && params.mu.len() >= d * ep,
+        "soft_logits: x or mu smaller than [n, d] / [d, e·p]"
+    );
+    // ⟨x̂_i, μ̂⟩ = ⟨x_i, μ̂⟩ / ‖x_i‖: the token norms scale the product's rows afterwards, so the
+    // tokens are read twice and never copied.
+    let inv_norm: Vec<f32> = x
+        .chunks_exact(d)
+        .map(|row| {
+            // Eight independent accumulators: a single running sum is one dependent add per value.
+            let m = 1.0 / (super::ops::dot(row, row) + NORM_EPS).sqrt();
+            if scale_tokens { m * params.scale } else { m }
+        })
+        .collect();
     let mut mun = params.mu.to_vec();
     let mut inv = vec![0.0f32; ep];
     for row in mun.chunks_exact(ep) {
@@ -51,12 +57,36 @@ pub fn soft_logits(x: &[f32], n: usize, params: &SoftRouterParams<'_>) -> Vec<f3
         }
     }
     let mut logits = vec![0.0f32; n * ep];
-    for (out, xrow) in logits.chunks_exact_mut(ep).zip(xn.chunks_exact(d)) {
-        for (&a, murow) in xrow.iter().zip(mun.chunks_exact(ep)) {
-            for (o, &m) in out.iter_mut().zip(murow) {
-                *o += a * m;
-            }
+    if n > 0 && d > 0 && ep > 0 {
+        // One [n, d] × [d, e·p] matrix product on this thread (gemm's SIMD kernels, picked for
+        // the CPU at run time).
+        // SAFETY: `x` is [n, d], `mun` [d, ep] and `logits` [n, ep], all row-major and distinct.
+        unsafe {
+            gemm::gemm(
+                n,
+                ep,
+                d,
+                logits.as_mut_ptr(),
+                1,
+                ep as isize,
+                false,
+                x.as_ptr(),
+                1,
+                d as isize,
+                mun.as_ptr(),
+                1,
+                ep as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
         }
+    }
+    for (row, &m) in logits.chunks_exact_mut(ep).zip(&inv_norm) {
+        row.iter_mut().for_each(|v| *v *= m);
     }
     logits
 }
