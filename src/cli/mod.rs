@@ -5,6 +5,7 @@ mod convert;
 mod eval;
 mod export;
 mod features;
+mod gpu_check;
 mod import;
 mod init_model;
 mod moefy;
@@ -52,6 +53,9 @@ enum Command {
     Import(import::ImportArgs),
     /// Turn a dense checkpoint's MLPs into MoE layers (MoEfication), calibrated on photos.
     Moefy(moefy::MoefyArgs),
+    /// Check the GPU backend on this machine's adapter: parity with the CPU, then CPU and GPU
+    /// timings of the benchmark models with launch, pass and readback counts.
+    GpuCheck(gpu_check::GpuCheckArgs),
     /// Write every token's final features for images, under the model's routing or a what-if.
     Features(features::FeaturesArgs),
 }
@@ -88,6 +92,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Import(args) => import::run(&args),
         Command::Moefy(args) => moefy::run(&args),
         Command::Features(args) => features::run(&args),
+        Command::GpuCheck(args) => gpu_check::run(&args),
     }
 }
 

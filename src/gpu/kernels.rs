@@ -270,6 +270,44 @@ impl Kernels {
         pass.set_bind_group(0, &bind_group, &[]);
         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
     }
+
+    /// As [`launch_with`](Self::launch_with), into an open compute pass (one pass holds many
+    /// dispatches; wgpu orders each dispatch's storage accesses after the previous ones).
+    pub fn dispatch_in(
+        &self,
+        device: &wgpu::Device,
+        pass: &mut wgpu::ComputePass<'_>,
+        kernel: Kernel,
+        params: wgpu::BindingResource<'_>,
+        buffers: &[&wgpu::Buffer],
+        groups: [u32; 3],
+    ) {
+        let (pipeline, module) = &self.pipelines[&kernel];
+        let storage = MODULES[*module].storage;
+        debug_assert!(buffers.len() <= storage, "{kernel:?}: too many buffers");
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: params,
+        }];
+        for b in 0..storage {
+            entries.push(wgpu::BindGroupEntry {
+                binding: b as u32 + 1,
+                resource: buffers
+                    .get(b)
+                    .copied()
+                    .unwrap_or(&self.dummy)
+                    .as_entire_binding(),
+            });
+        }
+        let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &self.layouts[*module],
+            entries: &entries,
+        });
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+    }
 }
 
 /// Parameters padded to the 16-byte multiple a uniform struct occupies.

@@ -21,6 +21,7 @@ mod recorder;
 pub use context::{GpuContext, device_descriptor};
 pub use error::GpuError;
 pub use model::{GpuVitMoe, MAX_TOKENS, computed_on_gpu};
+pub use recorder::RunStats;
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -14,7 +14,7 @@ use super::error::GpuError;
 use super::kernels::{Activation, Kernel, as_f32, flat_groups, row_groups, storage, upload};
 use super::layers::{LayerNorm, Linear, Mlp, get};
 use super::moe::{LayerPending, MoeWeights, SoftWeights, encode_moe, finish_layer};
-use super::recorder::{Recorder, Workspace};
+use super::recorder::{Recorder, RunStats, Workspace};
 use crate::model::vit::{Resume, check_run_options};
 use crate::model::{
     Classifier, Combine, Forward, ForwardOutput, Gelu, ModelConfig, ModelError, ModelWeights,
@@ -54,6 +54,8 @@ pub struct GpuVitMoe {
     pre_logits: Option<Linear>,
     head: Linear,
     workspace: Mutex<Workspace>,
+    /// What the last run recorded (launches, passes, readback).
+    last_stats: Mutex<RunStats>,
 }
 
 impl std::fmt::Debug for GpuVitMoe {
@@ -208,6 +210,7 @@ impl GpuVitMoe {
             pre_logits,
             head,
             workspace: Mutex::new(Workspace::default()),
+            last_stats: Mutex::new(RunStats::default()),
         })
     }
 
@@ -219,6 +222,12 @@ impl GpuVitMoe {
 
     pub fn context(&self) -> &GpuContext {
         &self.ctx
+    }
+
+    /// What the last run recorded: launches, bind groups, passes, copies, submits, bytes read
+    /// back and host encode time.
+    pub fn last_run_stats(&self) -> RunStats {
+        self.last_stats.lock().map(|s| *s).unwrap_or_default()
     }
 
     /// Full forward pass, as [`VitMoe::forward`](crate::model::VitMoe::forward).
@@ -500,6 +509,9 @@ impl GpuVitMoe {
             reads.extend(p.reads());
         }
         let mut words = rec.read(&reads)?.into_iter();
+        if let Ok(mut s) = self.last_stats.lock() {
+            *s = rec.stats;
+        }
         let probs = as_f32(words.next().unwrap_or_default());
         out.probs = probs.chunks_exact(classes).map(<[f32]>::to_vec).collect();
         let features = as_f32(words.next().unwrap_or_default());

@@ -819,3 +819,43 @@ fn gather_and_combine_follow_the_routing_records() {
         }
     }
 }
+
+/// What a run records: every launch gets its bind group, consecutive launches share one compute
+/// pass (a pass ends only at a copy or a host read), and the readback is the probabilities, the
+/// features and the routing of each MoE layer, nothing more. A what-if records only the blocks
+/// from the first MoE layer on.
+#[test]
+fn a_run_records_its_launches_in_few_passes_and_reads_back_only_results() {
+    let Some(ctx) = test_gpu() else { return };
+    let cfg = crate::model::preset("fashion-mnist", RouterKind::SoftmaxTokenChoice).unwrap();
+    let w = random_weights(&cfg, 3);
+    let gpu = GpuVitMoe::new(ctx, &cfg, &w).unwrap();
+    let imgs = images(&cfg, 2, 5);
+    let opts = RunOptions::from_config(&cfg);
+    let base = gpu.forward(&imgs, &opts).unwrap();
+    let f = gpu.last_run_stats();
+    assert!(f.launches > 40, "{f:?}");
+    assert_eq!(f.bind_groups, f.launches);
+    assert!(
+        f.passes <= f.copies + f.submits,
+        "one pass per segment: {f:?}"
+    );
+    let (b, s, d) = (2, cfg.seq_len(), cfg.hidden_size);
+    assert!(
+        f.readback_bytes >= 4 * (b * cfg.num_classes + b * s * d),
+        "{f:?}"
+    );
+    // Routing records: at most a few [n, e] matrices and slot tables per layer and group.
+    let e = cfg.moe.as_ref().unwrap().num_experts;
+    assert!(
+        f.readback_bytes <= 4 * (b * cfg.num_classes + b * s * d + 2 * 8 * b * s * e),
+        "{f:?}"
+    );
+    let what_if = opts
+        .clone()
+        .with_router(RouterConfig::new(RouterKind::SoftmaxExpertChoice));
+    gpu.rerun(&base, &what_if).unwrap();
+    let w = gpu.last_run_stats();
+    assert!(w.launches < f.launches, "what-if {w:?} vs forward {f:?}");
+    assert!(w.copies >= 1, "the saved residual is copied in: {w:?}");
+}
