@@ -48,6 +48,7 @@ for l in sys.stdin:
   fi
   echo "travelling: $(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1) bytes tracked," \
     "$(du -cb .gpucheck .gl | tail -1 | cut -f1) bytes carried (limit 67108864 together)"
+  echo "the photo model is in $stash until: scripts/gpu-check.sh restore"
   ;;
 restore)
   if [ -f "$stash/dinov2-s14-moe.safetensors" ]; then
