@@ -90,14 +90,7 @@ fn models(c: &mut Criterion) {
     // The released V-MoE-B/16 (ImageNet-21k, fine-tuned on ILSVRC2012) at 384 px: 577 tokens,
     // width 768, 8 experts top-2 in every other block; random weights, one image per group. Its
     // GPU rows run on hardware adapters only (minutes per forward on a software one).
-    let mut b16 = routerscope::model::vmoe_presets()
-        .into_iter()
-        .find(|c| c.name == "vmoe_b16_imagenet21k_randaug_strong_ft_ilsvrc2012")
-        .expect("the V-MoE-B/16 preset");
-    b16.name = "vmoe-b16-softmax-tc".into();
-    if let Some(m) = &mut b16.moe {
-        m.group_images = 1;
-    }
+    let b16 = routerscope::model::vmoe_b16_benchmark();
     let weights = random_weights(&b16, 0);
     let hardware = gpu.as_ref().filter(|g| !g.is_software());
     bench_model(c, b16, weights, hardware);

@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use routerscope::model::{
-    ModelConfig, RunOptions, VitMoe, load_checkpoint, preset, random_weights, vmoe_presets,
+    ModelConfig, RunOptions, VitMoe, load_checkpoint, preset, random_weights, vmoe_b16_benchmark,
 };
 use routerscope::routing::{RouterConfig, RouterKind};
 
@@ -24,13 +24,7 @@ fn main() -> anyhow::Result<()> {
     let n: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(20);
     let (cfg, weights): (ModelConfig, _) = match name {
         "vmoe-b16" => {
-            let mut cfg = vmoe_presets()
-                .into_iter()
-                .find(|c| c.name == "vmoe_b16_imagenet21k_randaug_strong_ft_ilsvrc2012")
-                .ok_or_else(|| anyhow::anyhow!("no V-MoE-B/16 preset"))?;
-            if let Some(m) = &mut cfg.moe {
-                m.group_images = 1;
-            }
+            let cfg = vmoe_b16_benchmark();
             let w = random_weights(&cfg, 0);
             (cfg, w)
         }

@@ -489,7 +489,6 @@ mod tests;
 
 /// Image files under `dir`, searched recursively, sorted (extensions as the viewer opens).
 pub fn image_files(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>, MoefyError> {
-    const EXTENSIONS: [&str; 8] = ["png", "jpg", "jpeg", "gif", "bmp", "webp", "tif", "tiff"];
     let meta = std::fs::metadata(dir)
         .map_err(|e| MoefyError::Config(format!("{}: {e}", dir.display())))?;
     if !meta.is_dir() {
@@ -498,30 +497,9 @@ pub fn image_files(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>, Moe
             dir.display()
         )));
     }
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let entries = std::fs::read_dir(&d)
-            .map_err(|e| MoefyError::Config(format!("{}: {e}", d.display())))?;
-        for entry in entries.flatten() {
-            let p = entry.path();
-            match entry.file_type() {
-                Ok(t) if t.is_dir() => stack.push(p),
-                Ok(t) if t.is_file() => {
-                    let ext = p
-                        .extension()
-                        .and_then(|e| e.to_str())
-                        .map(str::to_lowercase);
-                    if ext.is_some_and(|e| EXTENSIONS.contains(&e.as_str())) {
-                        out.push(p);
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
+    crate::model::list_images(dir, usize::MAX)
+        .map(|l| l.files)
+        .map_err(MoefyError::Config)
 }
 
 /// `crops` seeded random square crops (a side of 50–100% of the shorter side, anywhere in the

@@ -10,14 +10,11 @@ use std::sync::Mutex;
 use image::{DynamicImage, GrayImage};
 
 use super::AnalysisError;
-use crate::model::{ModelConfig, decode_image, preprocess};
+use crate::model::{IMAGE_EXTENSIONS, ModelConfig, decode_image, list_images, preprocess};
 use crate::train::Split;
 
 /// The name of the images found directly in the data folder.
 pub const UNLABELLED: &str = "(unlabelled)";
-
-/// Extensions read as images (as the viewer opens).
-pub const IMAGE_EXTENSIONS: [&str; 8] = ["png", "jpg", "jpeg", "gif", "bmp", "webp", "tif", "tiff"];
 
 /// The largest number of images a folder may hold for one analysis.
 pub const MAX_FOLDER_IMAGES: usize = 2_000_000;
@@ -60,8 +57,11 @@ impl IdxSource {
             Split::Train => "train",
             Split::Test => "t10k",
         };
-        let images = find(dir, &format!("{stem}-images-idx3-ubyte"))?;
-        let labels_path = find(dir, &format!("{stem}-labels-idx1-ubyte"))?;
+        let find = |name: String| {
+            crate::train::data::find(dir, &name).map_err(|e| AnalysisError::Data(e.to_string()))
+        };
+        let images = find(format!("{stem}-images-idx3-ubyte"))?;
+        let labels_path = find(format!("{stem}-labels-idx1-ubyte"))?;
         let (_, labels) = crate::train::data::read_idx(&labels_path, 1)
             .map_err(|e| AnalysisError::Data(e.to_string()))?;
         let err = |e: String| AnalysisError::Data(format!("{}: {e}", images.display()));
@@ -136,19 +136,6 @@ impl IdxSource {
             }
         }
     }
-}
-
-/// `stem` or `stem.gz` in `dir`.
-fn find(dir: &Path, stem: &str) -> Result<PathBuf, AnalysisError> {
-    [dir.join(stem), dir.join(format!("{stem}.gz"))]
-        .into_iter()
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            AnalysisError::Data(format!(
-                "{}: neither `{stem}` nor `{stem}.gz` exists",
-                dir.display()
-            ))
-        })
 }
 
 /// Opens an IDX image file past its header: `[count, rows, cols]`.
@@ -312,47 +299,23 @@ impl FolderSource {
     /// Lists the images under `root` (sorted by path); the first path component below `root`
     /// names the class of the images inside it.
     pub fn scan(root: &Path) -> Result<Self, AnalysisError> {
-        let mut images: Vec<(PathBuf, Option<String>)> = Vec::new();
-        let mut other_files = 0usize;
-        let mut stack = vec![root.to_path_buf()];
-        while let Some(d) = stack.pop() {
-            let entries = std::fs::read_dir(&d)
-                .map_err(|e| AnalysisError::Data(format!("{}: {e}", d.display())))?;
-            for entry in entries.flatten() {
-                let p = entry.path();
-                match entry.file_type() {
-                    Ok(t) if t.is_dir() => stack.push(p),
-                    Ok(t) if t.is_file() => {
-                        let ext = p
-                            .extension()
-                            .and_then(|e| e.to_str())
-                            .map(str::to_lowercase);
-                        if !ext.is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str())) {
-                            other_files += 1;
-                            continue;
-                        }
-                        if images.len() >= MAX_FOLDER_IMAGES {
-                            return Err(AnalysisError::Data(format!(
-                                "{}: more than {MAX_FOLDER_IMAGES} images; analyse a subfolder \
-                                 or pass --limit",
-                                root.display()
-                            )));
-                        }
-                        let rel = p.strip_prefix(root).unwrap_or(&p);
-                        let mut parts = rel.components();
-                        let first = parts.next();
-                        let class = match (first, parts.next()) {
-                            (Some(c), Some(_)) => {
-                                Some(c.as_os_str().to_string_lossy().into_owned())
-                            }
-                            _ => None,
-                        };
-                        images.push((p, class));
-                    }
-                    _ => {}
-                }
-            }
-        }
+        let listing = list_images(root, MAX_FOLDER_IMAGES).map_err(|e| {
+            AnalysisError::Data(format!("{e}; analyse a subfolder or pass --limit"))
+        })?;
+        let other_files = listing.other_files;
+        let images: Vec<(PathBuf, Option<String>)> = listing
+            .files
+            .into_iter()
+            .map(|p| {
+                let rel = p.strip_prefix(root).unwrap_or(&p);
+                let mut parts = rel.components();
+                let class = match (parts.next(), parts.next()) {
+                    (Some(c), Some(_)) => Some(c.as_os_str().to_string_lossy().into_owned()),
+                    _ => None,
+                };
+                (p, class)
+            })
+            .collect();
         if images.is_empty() {
             return Err(AnalysisError::Data(format!(
                 "{}: no images found (searched recursively for {}{})",
@@ -365,7 +328,6 @@ impl FolderSource {
                 }
             )));
         }
-        images.sort();
         let mut classes: Vec<String> = images.iter().filter_map(|(_, c)| c.clone()).collect();
         classes.sort();
         classes.dedup();

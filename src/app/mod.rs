@@ -43,7 +43,7 @@ pub fn dataset_atlas_size() -> usize {
 pub const SETTINGS_KEY: &str = "routerscope.settings";
 
 /// Image extensions the viewer opens.
-pub const IMAGE_EXTENSIONS: [&str; 8] = ["png", "jpg", "jpeg", "gif", "bmp", "webp", "tif", "tiff"];
+pub use crate::model::IMAGE_EXTENSIONS;
 
 struct ViewImage {
     id: u64,

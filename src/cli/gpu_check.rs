@@ -11,7 +11,7 @@ use routerscope::gpu::parity::{ParityReport, compare};
 use routerscope::gpu::{GpuContext, GpuVitMoe, RunStats};
 use routerscope::model::{
     ModelConfig, ModelWeights, RunOptions, VitMoe, load_checkpoint, load_image, preset,
-    random_weights, vmoe_presets,
+    random_weights, vmoe_b16_benchmark,
 };
 use routerscope::routing::{RouterConfig, RouterKind};
 use routerscope::train::{Dataset, Split};
@@ -153,14 +153,7 @@ fn model(name: &str) -> anyhow::Result<(ModelConfig, ModelWeights)> {
     match name {
         "photo" => Ok(load_checkpoint(&catalog::photo_model())?),
         "vmoe-b16" => {
-            let mut cfg = vmoe_presets()
-                .into_iter()
-                .find(|c| c.name == "vmoe_b16_imagenet21k_randaug_strong_ft_ilsvrc2012")
-                .ok_or_else(|| anyhow::anyhow!("no V-MoE-B/16 preset"))?;
-            cfg.name = "vmoe-b16-softmax-tc".into();
-            if let Some(m) = &mut cfg.moe {
-                m.group_images = 1;
-            }
+            let cfg = vmoe_b16_benchmark();
             let w = random_weights(&cfg, 0);
             Ok((cfg, w))
         }

@@ -240,35 +240,11 @@ impl Kernels {
         buffers: &[&wgpu::Buffer],
         groups: [u32; 3],
     ) {
-        let (pipeline, module) = &self.pipelines[&kernel];
-        let storage = MODULES[*module].storage;
-        debug_assert!(buffers.len() <= storage, "{kernel:?}: too many buffers");
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: params,
-        }];
-        for b in 0..storage {
-            entries.push(wgpu::BindGroupEntry {
-                binding: b as u32 + 1,
-                resource: buffers
-                    .get(b)
-                    .copied()
-                    .unwrap_or(&self.dummy)
-                    .as_entire_binding(),
-            });
-        }
-        let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: None,
-            layout: &self.layouts[*module],
-            entries: &entries,
-        });
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: None,
             timestamp_writes: None,
         });
-        pass.set_pipeline(pipeline);
-        pass.set_bind_group(0, &bind_group, &[]);
-        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        self.dispatch_in(device, &mut pass, kernel, params, buffers, groups);
     }
 
     /// As [`launch_with`](Self::launch_with), into an open compute pass (one pass holds many

@@ -12,6 +12,49 @@ use image::{DynamicImage, ImageDecoder, ImageReader, Limits};
 use super::ModelError;
 use super::config::ModelConfig;
 
+/// Extensions read as images (the viewer's open dialog, calibration and dataset folders).
+pub const IMAGE_EXTENSIONS: [&str; 8] = ["png", "jpg", "jpeg", "gif", "bmp", "webp", "tif", "tiff"];
+
+/// The image files under a folder, searched recursively, and how many other files it holds.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ImageListing {
+    /// Sorted by path.
+    pub files: Vec<std::path::PathBuf>,
+    pub other_files: usize,
+}
+
+/// Lists the images (by [`IMAGE_EXTENSIONS`], any case) under `dir` recursively; more than `max`
+/// images is an error (checked while listing). Errors name the folder.
+pub fn list_images(dir: &Path, max: usize) -> Result<ImageListing, String> {
+    let mut out = ImageListing::default();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+        for entry in entries.flatten() {
+            let p = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(p),
+                Ok(t) if t.is_file() => {
+                    let ext = p
+                        .extension()
+                        .and_then(|e| e.to_str())
+                        .map(str::to_lowercase);
+                    if !ext.is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str())) {
+                        out.other_files += 1;
+                    } else if out.files.len() >= max {
+                        return Err(format!("{}: more than {max} images", dir.display()));
+                    } else {
+                        out.files.push(p);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out.files.sort();
+    Ok(out)
+}
+
 /// Largest accepted width or height, in pixels.
 pub const MAX_IMAGE_SIDE: u32 = 16_384;
 /// Largest decoder allocation, in bytes.

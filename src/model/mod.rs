@@ -17,7 +17,8 @@ pub use config::{
     CONFIG_METADATA_KEY, Classifier, Combine, Gelu, ModelConfig, MoeConfig, Normalization,
 };
 pub use image_input::{
-    MAX_DECODE_BYTES, MAX_IMAGE_SIDE, decode_image, decode_image_bytes, load_image, preprocess,
+    IMAGE_EXTENSIONS, ImageListing, MAX_DECODE_BYTES, MAX_IMAGE_SIDE, decode_image,
+    decode_image_bytes, list_images, load_image, preprocess,
 };
 pub use kernels::{gelu, gelu_erf};
 pub use presets::{FASHION_MNIST_CLASSES, PRESETS, preset, preset_router};
@@ -26,7 +27,7 @@ pub use vit::{
 };
 pub use vmoe_presets::{
     CIFAR10_CLASSES, VMOE_TRAINED_GROUP_IMAGES, imagenet1k_classes, load_vmoe, match_vmoe_preset,
-    vmoe_presets,
+    vmoe_b16_benchmark, vmoe_presets,
 };
 pub use weights::{
     FORMAT_METADATA_KEY, FORMAT_NAME, ModelWeights, TensorSpec, block_prefix, check_router_params,

@@ -156,6 +156,27 @@ pub fn vmoe_presets() -> Vec<ModelConfig> {
     ]
 }
 
+/// The benchmark shape of the released V-MoE-B/16 (ImageNet-21k, fine-tuned on ILSVRC2012) at
+/// 384 px, named `vmoe-b16-softmax-tc`, routing each image alone (`cargo bench --bench model`,
+/// `routerscope gpu-check`).
+pub fn vmoe_b16_benchmark() -> ModelConfig {
+    let mut cfg = vmoe(
+        "vmoe-b16-softmax-tc",
+        384,
+        16,
+        768,
+        12,
+        3072,
+        12,
+        (1..12).step_by(2).collect(),
+        1000,
+    );
+    if let Some(m) = &mut cfg.moe {
+        m.group_images = 1;
+    }
+    cfg
+}
+
 /// The first preset whose tensors are exactly `shapes` (canonical names, no `params/`).
 pub fn match_vmoe_preset(shapes: &BTreeMap<String, Vec<usize>>) -> Option<ModelConfig> {
     vmoe_presets().into_iter().find(|cfg| {

@@ -105,7 +105,7 @@ impl Dataset {
 }
 
 /// `stem` or `stem.gz` in `dir`.
-fn find(dir: &Path, stem: &str) -> Result<PathBuf, TrainError> {
+pub(crate) fn find(dir: &Path, stem: &str) -> Result<PathBuf, TrainError> {
     [dir.join(stem), dir.join(format!("{stem}.gz"))]
         .into_iter()
         .find(|p| p.is_file())
