@@ -37,6 +37,31 @@ pub fn photo_model() -> PathBuf {
         .join("dinov2-s14-moe.safetensors")
 }
 
+/// The built-in models by name: `fashion-mnist-<router>` for the six trained routers,
+/// `fashion-mnist-dense`, and `photo` (the DINOv2-S/14 MoE).
+pub fn builtin_models() -> Vec<(String, PathBuf)> {
+    let mut v: Vec<(String, PathBuf)> = TRAINED_ROUTERS
+        .iter()
+        .map(|k| {
+            (
+                format!("fashion-mnist-{}", k.cli_name()),
+                model_path(k.cli_name()),
+            )
+        })
+        .collect();
+    v.push(("fashion-mnist-dense".into(), dense_model()));
+    v.push(("photo".into(), photo_model()));
+    v
+}
+
+/// The path of the built-in model called `name` (see [`builtin_models`]).
+pub fn builtin_model_named(name: &str) -> Option<PathBuf> {
+    builtin_models()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, p)| p)
+}
+
 /// Which built-in models an image opens under.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ImageKind {

@@ -15,8 +15,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::model::{Classifier, Forward, RunOptions};
-use crate::routing::{CapacitySpec, RouterConfig, RouterFamily};
+use crate::model::{Classifier, Forward, ModelConfig, RunOptions, WhatIf};
+use crate::routing::{ArgStyle, CapacitySpec, RouterConfig, RouterFamily, RouterKind};
 use atlas::{AtlasEntry, AtlasExpert, TopN};
 use source::DataSource;
 use stats::{LayerAccumulator, LayerStats};
@@ -45,6 +45,54 @@ pub struct AnalyzeOptions {
 
 impl AnalyzeOptions {
     pub const DEFAULT_BATCH_TOKENS: usize = 8192;
+}
+
+/// The runs of one analysis: the main routing (`main` applied to the checkpoint's own) and
+/// then each `compare` router, which takes the main one's k (Token Choice) and capacity factor
+/// (sparse routers) so that all are compared at the same compute; duplicates are dropped.
+pub fn router_runs(
+    cfg: &ModelConfig,
+    what: &str,
+    main: &WhatIf,
+    compare: &[RouterKind],
+    style: ArgStyle,
+) -> Result<Vec<RunOptions>, AnalysisError> {
+    let model_err = |e: crate::model::ModelError| AnalysisError::Options(e.to_string());
+    if cfg.moe.is_none() {
+        return Err(AnalysisError::Options(format!(
+            "{what} has no MoE layers: there is no routing to analyse"
+        )));
+    }
+    let first = main.run_options(cfg, what, style).map_err(model_err)?;
+    let base = first.routers.first().cloned();
+    let mut runs = vec![first.clone()];
+    for &kind in compare {
+        let asked = WhatIf {
+            router: Some(kind),
+            ..WhatIf::default()
+        };
+        let Some(mut r) = asked.router(cfg, what, style).map_err(model_err)? else {
+            continue;
+        };
+        if let Some(b) = &base {
+            if kind.family() == RouterFamily::TokenChoice {
+                r.k = b.experts_per_token();
+            }
+            if kind.family() != RouterFamily::Soft
+                && let CapacitySpec::Factor(f) = b.capacity
+            {
+                r.capacity = CapacitySpec::Factor(f);
+            }
+        }
+        let opts = RunOptions {
+            group_images: first.group_images,
+            ..RunOptions::from_config(cfg).with_router(r)
+        };
+        if !runs.contains(&opts) {
+            runs.push(opts);
+        }
+    }
+    Ok(runs)
 }
 
 /// What a run's router was.

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use super::{Analysis, AnalysisError};
+use crate::routing::ArgStyle;
 
 /// `analysis.json`.
 pub fn json(a: &Analysis) -> Result<String, AnalysisError> {
@@ -144,14 +145,19 @@ pub fn csv_tables(a: &Analysis) -> Vec<(&'static str, String)> {
 }
 
 /// Checks that `dir` can take the output before the run starts: it is created if missing and a
-/// probe file is written and removed.
-pub fn check_output_dir(dir: &Path) -> Result<(), AnalysisError> {
+/// probe file is written and removed. Errors name it as the `out` option in `style`.
+pub fn check_output_dir(dir: &Path, style: ArgStyle) -> Result<(), AnalysisError> {
+    let out = style.name("out");
+    let sep = if style == ArgStyle::Cli { " " } else { "" };
     let err = |e: std::io::Error| {
-        AnalysisError::Data(format!("--out {}: cannot write there: {e}", dir.display()))
+        AnalysisError::Data(format!(
+            "{out}{sep}{}: cannot write there: {e}",
+            dir.display()
+        ))
     };
     if dir.exists() && !dir.is_dir() {
         return Err(AnalysisError::Data(format!(
-            "--out {}: exists and is not a folder",
+            "{out}{sep}{}: exists and is not a folder",
             dir.display()
         )));
     }

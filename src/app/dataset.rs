@@ -254,7 +254,8 @@ fn write_dataset_export(
     palette: crate::figures::Palette,
     width: u32,
 ) -> Result<Vec<PathBuf>, String> {
-    crate::analysis::report::check_output_dir(dir).map_err(|e| e.to_string())?;
+    crate::analysis::report::check_output_dir(dir, crate::routing::ArgStyle::Cli)
+        .map_err(|e| e.to_string())?;
     let mut files = crate::analysis::report::write_data(a, dir).map_err(|e| e.to_string())?;
     files.extend(crate::figures::dataset::write_figures(
         a, dir, palette, width,

@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use routerscope::analysis::source::DataSource;
-use routerscope::analysis::{AnalyzeOptions, analyze, report};
+use routerscope::analysis::{AnalyzeOptions, analyze, report, router_runs};
 use routerscope::backend::DeviceChoice;
 use routerscope::figures::Palette;
-use routerscope::model::RunOptions;
-use routerscope::routing::{CapacitySpec, RouterFamily, RouterKind};
+use routerscope::model::WhatIf;
+use routerscope::routing::{ArgStyle, RouterKind};
 use routerscope::train::{DEFAULT_DATA_DIR, Split};
 
 #[derive(clap::Args, Debug)]
@@ -57,54 +57,22 @@ pub struct AnalyzeArgs {
 }
 
 pub fn run(args: &AnalyzeArgs) -> anyhow::Result<()> {
-    report::check_output_dir(&args.out)?;
+    report::check_output_dir(&args.out, ArgStyle::Cli)?;
     let model = super::load_engine(&args.model, args.device)?;
     let cfg = &model.config;
-    if cfg.moe.is_none() {
-        anyhow::bail!(
-            "{} has no MoE layers: there is no routing to analyse",
-            args.model.display()
-        );
-    }
-    let mut runs = Vec::new();
-    let mut main = RunOptions::from_config(cfg);
-    if let Some(r) =
-        super::router_override(cfg, &args.model, args.router, args.k, args.capacity_factor)?
-    {
-        main = main.with_router(r);
-    }
-    if let Some(g) = args.group_images {
-        if g == 0 {
-            anyhow::bail!("--group-images must be at least 1");
-        }
-        main.group_images = g;
-    }
-    runs.push(main.clone());
-    // The compared routers take the main one's k (Token Choice) and capacity factor (sparse
-    // routers), so they are compared at the same compute.
-    let base = main.routers.first().cloned();
-    for &kind in &args.compare {
-        let Some(mut r) = super::router_override(cfg, &args.model, Some(kind), None, None)? else {
-            continue;
-        };
-        if let Some(b) = &base {
-            if kind.family() == RouterFamily::TokenChoice {
-                r.k = b.experts_per_token();
-            }
-            if kind.family() != RouterFamily::Soft
-                && let CapacitySpec::Factor(f) = b.capacity
-            {
-                r.capacity = CapacitySpec::Factor(f);
-            }
-        }
-        let opts = RunOptions {
-            group_images: main.group_images,
-            ..RunOptions::from_config(cfg).with_router(r)
-        };
-        if !runs.contains(&opts) {
-            runs.push(opts);
-        }
-    }
+    let main = WhatIf {
+        router: args.router,
+        k: args.k,
+        capacity_factor: args.capacity_factor,
+        group_images: args.group_images,
+    };
+    let runs = router_runs(
+        cfg,
+        &args.model.display().to_string(),
+        &main,
+        &args.compare,
+        ArgStyle::Cli,
+    )?;
     let split = if args.split == "train" {
         Split::Train
     } else {

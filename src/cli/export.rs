@@ -11,7 +11,7 @@ use routerscope::figures::export::{FigurePanel, FigureSet, Format, default_stem}
 use routerscope::figures::{ImageRouting, Palette};
 use routerscope::model::{Classifier, RunOptions, decode_image, preprocess};
 use routerscope::moefy::{all_experts_options, mean_patch_cosine};
-use routerscope::routing::{CapacitySpec, RouterConfig, RouterKind};
+use routerscope::routing::{ArgStyle, CapacitySpec, RouterConfig, RouterKind};
 use serde_json::json;
 
 #[derive(clap::Args, Debug)]
@@ -135,7 +135,7 @@ fn router_for(
     {
         r.k = k;
     } else if args.k.is_some() && args.compare.is_empty() {
-        super::check_k_applies(r.kind)?;
+        routerscope::model::check_k_applies(r.kind, ArgStyle::Cli)?;
     }
     Ok(r)
 }

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use routerscope::backend::DeviceChoice;
-use routerscope::model::{RunOptions, load_image};
-use routerscope::routing::RouterKind;
+use routerscope::model::{WhatIf, load_image};
+use routerscope::routing::{ArgStyle, RouterKind};
 use routerscope::tensor_io::{OutTensor, write_f32_safetensors};
 
 #[derive(clap::Args, Debug)]
@@ -39,12 +39,13 @@ pub struct FeaturesArgs {
 pub fn run(args: &FeaturesArgs) -> anyhow::Result<()> {
     let model = super::load_engine(&args.model, args.device)?;
     let cfg = &model.config;
-    let mut opts = RunOptions::from_config(cfg);
-    if let Some(router) =
-        super::router_override(cfg, &args.model, args.router, args.k, args.capacity_factor)?
-    {
-        opts = opts.with_router(router);
+    let opts = WhatIf {
+        router: args.router,
+        k: args.k,
+        capacity_factor: args.capacity_factor,
+        group_images: None,
     }
+    .run_options(cfg, &args.model.display().to_string(), ArgStyle::Cli)?;
     let images = args
         .images
         .iter()

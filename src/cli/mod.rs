@@ -115,56 +115,6 @@ impl std::str::FromStr for PrecisionArg {
     }
 }
 
-/// The router `--router`, `--k` and `--capacity-factor` ask for on the model `cfg` (`path` names
-/// it in errors): a what-if on its weights, `None` without MoE layers and options.
-pub(crate) fn router_override(
-    cfg: &routerscope::model::ModelConfig,
-    path: &std::path::Path,
-    router: Option<routerscope::routing::RouterKind>,
-    k: Option<usize>,
-    capacity_factor: Option<f64>,
-) -> anyhow::Result<Option<routerscope::routing::RouterConfig>> {
-    use routerscope::routing::{CapacitySpec, RouterConfig, RouterKind};
-    let Some(moe) = &cfg.moe else {
-        if router.is_some() || k.is_some() || capacity_factor.is_some() {
-            anyhow::bail!("{} has no MoE layers to route", path.display());
-        }
-        return Ok(None);
-    };
-    let mut r = match router {
-        Some(kind) if kind != moe.router.kind => RouterConfig::new(kind),
-        _ => moe.router.clone(),
-    };
-    if r.kind == RouterKind::SoftMoe {
-        // Soft MoE's slots are fixed by `mu`; the model fills them in.
-        r.capacity = CapacitySpec::Slots(1);
-    }
-    if let Some(k) = k {
-        check_k_applies(r.kind)?;
-        r.k = k;
-    }
-    if let Some(cf) = capacity_factor {
-        if r.kind == RouterKind::SoftMoe {
-            anyhow::bail!(
-                "--capacity-factor does not apply to Soft MoE: its slots per expert are the shape of `mu`"
-            );
-        }
-        r.capacity = CapacitySpec::Factor(cf);
-    }
-    Ok(Some(r))
-}
-
-/// `--k` is Token Choice's experts per token; elsewhere it is refused, not ignored (as `route`).
-pub(crate) fn check_k_applies(kind: routerscope::routing::RouterKind) -> anyhow::Result<()> {
-    if kind.family() != routerscope::routing::RouterFamily::TokenChoice {
-        anyhow::bail!(
-            "--k does not apply to {} (Expert Choice and Soft MoE have no experts per token)",
-            kind.cli_name()
-        );
-    }
-    Ok(())
-}
-
 /// `H` or `HxW` in pixels.
 pub(crate) fn parse_size(s: &str) -> anyhow::Result<[usize; 2]> {
     let parse = |v: &str| {

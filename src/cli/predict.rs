@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use routerscope::backend::DeviceChoice;
-use routerscope::model::{RunOptions, load_image};
-use routerscope::routing::RouterKind;
+use routerscope::model::{WhatIf, load_image};
+use routerscope::routing::{ArgStyle, RouterKind};
 use serde_json::json;
 
 #[derive(clap::Args, Debug)]
@@ -40,19 +40,17 @@ pub struct PredictArgs {
 
 pub fn run(args: &PredictArgs) -> anyhow::Result<()> {
     let model = super::load_engine(&args.model, args.device)?;
-    let mut opts = RunOptions::from_config(&model.config);
-    if let Some(router) = super::router_override(
+    let opts = WhatIf {
+        router: args.router,
+        k: args.k,
+        capacity_factor: args.capacity_factor,
+        group_images: args.group_images,
+    }
+    .run_options(
         &model.config,
-        &args.model,
-        args.router,
-        args.k,
-        args.capacity_factor,
-    )? {
-        opts = opts.with_router(router);
-    }
-    if let Some(g) = args.group_images {
-        opts.group_images = g;
-    }
+        &args.model.display().to_string(),
+        ArgStyle::Cli,
+    )?;
     let images = args
         .images
         .iter()

@@ -7,11 +7,11 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use rand::SeedableRng;
 use routerscope::routing::{
-    CapacityRounding, CapacitySpec, Mode, RouterConfig, RouterFamily, RouterKind, RoutingResult,
-    SoftRouterParams, route_logits, route_soft,
+    ArgStyle, CapacityRounding, Mode, RouteOptions, RouterKind, RoutingResult, SoftRouterParams,
+    check_dense_size, route_logits, route_soft,
 };
 use routerscope::tensor_io::{OutTensor, TensorFile, write_f32_safetensors};
 
@@ -55,82 +55,24 @@ pub struct RouteArgs {
     train_seed: Option<u64>,
 }
 
-/// Rejects options that do not apply to the chosen router instead of silently ignoring them.
-fn config_from_args(args: &RouteArgs) -> anyhow::Result<RouterConfig> {
-    let kind = args.router;
-    let family = kind.family();
-    let name = kind.cli_name();
-    let only = |flag: &str, given: bool, applies: bool, who: &str| -> anyhow::Result<()> {
-        if given && !applies {
-            bail!("--{flag} does not apply to {name}: it is for {who}");
+impl RouteArgs {
+    fn options(&self) -> RouteOptions {
+        RouteOptions {
+            k: self.k,
+            capacity_factor: self.capacity_factor,
+            capacity_multiple_of: self.capacity_multiple_of,
+            capacity_rounding: self.capacity_rounding,
+            batch_priority: self.batch_priority,
+            iterations: self.iterations,
+            adam_lr: self.adam_lr,
+            num_slots: self.num_slots,
         }
-        Ok(())
-    };
-    let tc = family == RouterFamily::TokenChoice;
-    let soft = family == RouterFamily::Soft;
-    only("k", args.k.is_some(), tc, "Token Choice routers")?;
-    only(
-        "batch-priority",
-        args.batch_priority,
-        tc,
-        "Token Choice routers",
-    )?;
-    only(
-        "iterations",
-        args.iterations.is_some(),
-        kind.has_solver(),
-        "Sinkhorn and sparsity-constrained routers",
-    )?;
-    only(
-        "adam-lr",
-        args.adam_lr.is_some(),
-        kind.uses_adam(),
-        "sparsity-constrained routers",
-    )?;
-    only("num-slots", args.num_slots.is_some(), soft, "Soft MoE")?;
-    only(
-        "capacity-multiple-of",
-        args.capacity_multiple_of.is_some(),
-        !soft,
-        "sparse routers (Soft MoE always rounds half to even with no padding)",
-    )?;
-    only(
-        "capacity-rounding",
-        args.capacity_rounding.is_some(),
-        !soft,
-        "sparse routers (Soft MoE always rounds half to even with no padding)",
-    )?;
-    if args.num_slots.is_some() && args.capacity_factor.is_some() {
-        bail!("give either --num-slots or --capacity-factor, not both");
     }
-    let mut cfg = RouterConfig::new(kind);
-    if let Some(k) = args.k {
-        cfg.k = k;
-    }
-    if let Some(cf) = args.capacity_factor {
-        cfg.capacity = CapacitySpec::Factor(cf);
-    }
-    if let Some(p) = args.num_slots {
-        cfg.capacity = CapacitySpec::Slots(p);
-    }
-    if let Some(m) = args.capacity_multiple_of {
-        cfg.multiple_of = m;
-    }
-    if let Some(r) = args.capacity_rounding {
-        cfg.rounding = r;
-    }
-    cfg.batch_priority = args.batch_priority;
-    if let Some(t) = args.iterations {
-        cfg.max_iterations = t;
-    }
-    if let Some(lr) = args.adam_lr {
-        cfg.adam_lr = lr;
-    }
-    Ok(cfg)
 }
 
 pub fn run(args: &RouteArgs) -> anyhow::Result<()> {
-    let mut cfg = config_from_args(args)?;
+    // Options that do not apply are refused before any file is read.
+    let mut cfg = args.options().config(args.router, ArgStyle::Cli, None)?;
     let input = TensorFile::open(&args.input)?;
     let mut rng = args.train_seed.map(rand_chacha::ChaCha8Rng::seed_from_u64);
     let mode = match rng.as_mut() {
@@ -158,9 +100,7 @@ pub fn run(args: &RouteArgs) -> anyhow::Result<()> {
                 .shape_error("scale", &scale.shape, "[] (a scalar)")
                 .into());
         }
-        if args.capacity_factor.is_none() && args.num_slots.is_none() {
-            cfg.capacity = CapacitySpec::Slots(p);
-        }
+        cfg = args.options().config(args.router, ArgStyle::Cli, Some(p))?;
         let params = SoftRouterParams {
             mu: &mu.data,
             dim: d,
@@ -177,7 +117,7 @@ pub fn run(args: &RouteArgs) -> anyhow::Result<()> {
         // The dense outputs' size is known before routing: refuse at once, not after a long
         // solve (10^6 tokens under a sparsity-constrained router).
         if let Ok((c, _)) = cfg.capacity_for(n, e) {
-            check_dense_size([n, e, c])?;
+            check_dense_size(&[n, e, c], "`route`")?;
         }
         route_logits(&logits.data, n, e, &cfg, mode).with_context(|| format!("{in_name}"))?
     };
@@ -186,30 +126,9 @@ pub fn run(args: &RouteArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The dense `dispatch` and `combine` tensors `route` writes may take at most this many bytes.
-const MAX_DENSE_OUTPUT_BYTES: u64 = 2 << 30;
-
-/// Sized before allocating: the dense `[n, e, c]` outputs grow with n² for Expert Choice and
-/// large capacities.
-fn check_dense_size(shape: [usize; 3]) -> anyhow::Result<()> {
-    let bytes = shape
-        .iter()
-        .try_fold(8u64, |a, &d| a.checked_mul(d as u64))
-        .unwrap_or(u64::MAX);
-    if bytes > MAX_DENSE_OUTPUT_BYTES {
-        anyhow::bail!(
-            "the dense dispatch and combine tensors {shape:?} would take {} MB, beyond the {} MB \
-             output limit of `route` (route fewer tokens per group, or lower the capacity)",
-            bytes >> 20,
-            MAX_DENSE_OUTPUT_BYTES >> 20
-        );
-    }
-    Ok(())
-}
-
 fn write_output(args: &RouteArgs, r: &RoutingResult) -> anyhow::Result<()> {
     let shape = vec![r.num_tokens, r.num_experts, r.capacity];
-    check_dense_size([r.num_tokens, r.num_experts, r.capacity])?;
+    check_dense_size(&shape, "`route`")?;
     let dispatch = r.dispatch_dense();
     let combine = r.combine_dense();
     let mut tensors = vec![

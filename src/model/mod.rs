@@ -12,6 +12,7 @@ pub(crate) mod vit;
 pub mod vmoe_format;
 mod vmoe_presets;
 mod weights;
+mod what_if;
 
 pub use config::{
     CONFIG_METADATA_KEY, Classifier, Combine, Gelu, ModelConfig, MoeConfig, Normalization,
@@ -34,6 +35,7 @@ pub use weights::{
     check_tensors, expected_tensors, load_checkpoint, random_weights, save_checkpoint,
     save_checkpoint_as,
 };
+pub use what_if::{WhatIf, check_k_applies};
 
 use crate::routing::RoutingError;
 use crate::tensor_io::TensorIoError;

@@ -12,6 +12,7 @@ pub(crate) mod expert_choice;
 pub(crate) mod golden;
 mod layer;
 pub mod ops;
+mod options;
 mod result;
 pub(crate) mod router;
 mod scot;
@@ -22,6 +23,7 @@ pub(crate) mod token_choice;
 pub use aux_loss::{gshard_loss, importance_loss, load_loss};
 pub use capacity::{CapacityRounding, compute_capacity};
 pub use layer::{Experts, MlpExperts, MoeLayerOutput, gelu_tanh, moe_layer};
+pub use options::{ArgStyle, MAX_DENSE_OUTPUT_BYTES, RouteOptions, check_dense_size};
 pub use result::{
     Assignment, AuxLosses, Choice, RoutingResult, RoutingStats, SoftAssignment, SolverInfo,
     SparseAssignment,

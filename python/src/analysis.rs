@@ -1,0 +1,152 @@
+//! `routerscope.analyze`: the `analyze` command's dataset routing analysis, returned as the dict
+//! of `analysis.json` and, with `out=`, written with its CSV tables and figures as the command
+//! writes them.
+
+use std::path::{Path, PathBuf};
+
+use pyo3::prelude::*;
+use routerscope::analysis::source::DataSource;
+use routerscope::analysis::{AnalyzeOptions, Progress, analyze, report, router_runs};
+use routerscope::catalog;
+use routerscope::figures::Palette;
+use routerscope::model::WhatIf;
+use routerscope::routing::{ArgStyle, RouterKind};
+use routerscope::train::Split;
+
+use crate::errors::{analysis_error, check_exists, value_error};
+use crate::model::{Model, load};
+use crate::routing::parse_router;
+use crate::stoppable::run_stoppable;
+
+/// The dataset a name or path points to: `fashion-mnist` is the Fashion-MNIST test set (the
+/// Debian package's where installed, else the built-in 1,000-image slice), `fashion-mnist-slice`
+/// the slice.
+fn resolve_data(data: &Path) -> PathBuf {
+    if !data.exists() {
+        match data.to_str() {
+            Some("fashion-mnist") => return catalog::fashion_mnist_test_set(),
+            Some("fashion-mnist-slice") => return catalog::fashion_mnist_slice(),
+            _ => {}
+        }
+    }
+    data.to_path_buf()
+}
+
+fn compare_list(compare: &Bound<'_, PyAny>) -> PyResult<Vec<RouterKind>> {
+    let names: Vec<String> = if let Ok(s) = compare.extract::<String>() {
+        s.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    } else {
+        compare.extract().map_err(|_| {
+            value_error("compare= must be a sequence of router names (or one comma-separated str)")
+        })?
+    };
+    names.iter().map(|n| parse_router(n)).collect()
+}
+
+/// Native half of :func:`routerscope.analyze` (which adds the progress bar).
+#[pyfunction]
+#[pyo3(signature = (
+    model, data, *, out = None, compare = None, router = None, k = None, capacity_factor = None,
+    group_images = None, split = "test", limit = None, atlas_size = 16, png_width = 1200,
+    progress = None
+))]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn _analyze<'py>(
+    py: Python<'py>,
+    model: &Bound<'py, PyAny>,
+    data: PathBuf,
+    out: Option<PathBuf>,
+    compare: Option<&Bound<'py, PyAny>>,
+    router: Option<&str>,
+    k: Option<usize>,
+    capacity_factor: Option<f64>,
+    group_images: Option<usize>,
+    split: &str,
+    limit: Option<usize>,
+    atlas_size: usize,
+    png_width: u32,
+    progress: Option<Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let split = match split {
+        "test" => Split::Test,
+        "train" => Split::Train,
+        other => {
+            return Err(value_error(format!(
+                "split= must be \"test\" or \"train\", got {other:?}"
+            )));
+        }
+    };
+    let compare = compare.map(compare_list).transpose()?.unwrap_or_default();
+    let router = router.map(parse_router).transpose()?;
+    if let Some(dir) = &out {
+        report::check_output_dir(dir, ArgStyle::Python).map_err(analysis_error)?;
+    }
+    let loaded;
+    let model: Bound<'py, Model> = match model.cast::<Model>() {
+        Ok(m) => m.clone(),
+        Err(_) => {
+            loaded = Bound::new(py, load(py, model, "auto")?)?;
+            loaded
+        }
+    };
+    let m = model.get();
+    let cfg = &m.engine.config;
+    let main = WhatIf {
+        router,
+        k,
+        capacity_factor,
+        group_images,
+    };
+    let runs =
+        router_runs(cfg, &m.what, &main, &compare, ArgStyle::Python).map_err(analysis_error)?;
+    let data = resolve_data(&data);
+    check_exists(&data, "data")?;
+    let mut source = DataSource::open(&data, split, &cfg.class_names).map_err(analysis_error)?;
+    if let Some(n) = limit {
+        source.truncate(n);
+    }
+    let opts = AnalyzeOptions {
+        runs,
+        atlas_size,
+        batch_tokens: AnalyzeOptions::DEFAULT_BATCH_TOKENS,
+    };
+    let engine = &*m.engine;
+    let source_ref = &source;
+    let (result, interrupted) = run_stoppable(
+        py,
+        |stop, report: &dyn Fn(Progress)| {
+            analyze(engine, source_ref, &opts, &mut |p| report(p), stop)
+        },
+        |_, p: Progress| match &progress {
+            Some(cb) => cb.call1((p.done, p.total)).map(|_| ()),
+            None => Ok(()),
+        },
+    )?;
+    let analysis = result.map_err(analysis_error)?;
+    // Stopped by Ctrl-C: what was done is kept (marked partial), as the command line does.
+    if let Some(dir) = &out {
+        let written = report::write_data(&analysis, dir)
+            .map_err(analysis_error)
+            .and_then(|_| {
+                routerscope::figures::dataset::write_figures(
+                    &analysis,
+                    dir,
+                    Palette::TolMuted,
+                    png_width,
+                )
+                .map_err(value_error)
+            });
+        if interrupted.is_none() {
+            written?;
+        }
+    }
+    if let Some(e) = interrupted {
+        return Err(e);
+    }
+    let json = report::json(&analysis).map_err(analysis_error)?;
+    py.import("json")?.call_method1("loads", (json,))
+}
