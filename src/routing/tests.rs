@@ -470,3 +470,79 @@ fn solver_iterations_are_capped() {
         assert!(route_logits(&GOLDEN_LOGITS, 8, 4, &c, Mode::Deterministic).is_ok());
     }
 }
+
+/// The same worked examples as data (`tests/fixtures/routing-golden.json`), which the Python
+/// package's tests also route: both must agree with the spec, and with each other.
+#[test]
+fn the_shared_golden_fixture_holds() {
+    let doc: serde_json::Value =
+        serde_json::from_str(include_str!("../../tests/fixtures/routing-golden.json")).unwrap();
+    let logits: Vec<f32> = doc["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32))
+        .collect();
+    assert_eq!(logits, GOLDEN_LOGITS);
+    let cases = doc["sparse_cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 10);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let kind: RouterKind = case["router"].as_str().unwrap().parse().unwrap();
+        let o = &case["options"];
+        let mut cfg = cfg(
+            kind,
+            o["k"].as_u64().unwrap_or(1) as usize,
+            o["batch_priority"].as_bool().unwrap_or(false),
+        );
+        if kind.family() != RouterFamily::TokenChoice {
+            cfg.k = 1;
+        }
+        let r = route_logits(&logits, 8, 4, &cfg, Mode::Deterministic).unwrap();
+        assert_eq!(r.capacity as u64, case["capacity"].as_u64().unwrap(), "{name}");
+        if let Some(choices) = case["choices"].as_array() {
+            let want: Vec<Vec<(u32, Option<u32>)>> = choices
+                .iter()
+                .map(|t| {
+                    t.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|c| (c[0].as_u64().unwrap() as u32, c[1].as_u64().map(|s| s as u32)))
+                        .collect()
+                })
+                .collect();
+            assert_eq!(tc(&r), want, "{name}");
+        }
+        if let Some(slots) = case["expert_slots"].as_array() {
+            let want: Vec<Vec<u32>> = slots
+                .iter()
+                .map(|e| e.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect())
+                .collect();
+            assert_eq!(ec(&r), want, "{name}");
+        }
+        if let Some(top) = case["top_experts"].as_array() {
+            for (i, j) in top.iter().enumerate() {
+                let ch = r.token_choices(i);
+                assert_eq!(ch[0].expert as u64, j.as_u64().unwrap(), "{name} token {i}");
+            }
+        }
+        let st = r.stats();
+        let list = |key: &str| -> Option<Vec<usize>> {
+            case[key]
+                .as_array()
+                .map(|a| a.iter().map(|v| v.as_u64().unwrap() as usize).collect())
+        };
+        if let Some(d) = list("dropped") {
+            assert_eq!(st.dropped_tokens, d, "{name}");
+        }
+        if let Some(t) = list("tokens_per_expert") {
+            assert_eq!(st.tokens_per_expert, t, "{name}");
+        }
+        if let Some(t) = list("requests_per_expert") {
+            assert_eq!(st.requests_per_expert, t, "{name}");
+        }
+        if let Some(it) = case["solver_iterations"].as_u64() {
+            assert_eq!(r.solver.unwrap().iterations as u64, it, "{name}");
+        }
+    }
+}
