@@ -13,7 +13,7 @@ use routerscope::model::WhatIf;
 use routerscope::routing::{ArgStyle, RouterKind};
 use routerscope::train::Split;
 
-use crate::errors::{analysis_error, check_exists, value_error};
+use crate::errors::{analysis_error, check_exists, non_negative, value_error};
 use crate::model::{Model, load};
 use crate::routing::parse_router;
 use crate::stoppable::run_stoppable;
@@ -62,12 +62,12 @@ pub(crate) fn _analyze<'py>(
     out: Option<PathBuf>,
     compare: Option<&Bound<'py, PyAny>>,
     router: Option<&str>,
-    k: Option<usize>,
+    k: Option<i64>,
     capacity_factor: Option<f64>,
-    group_images: Option<usize>,
+    group_images: Option<i64>,
     split: &str,
-    limit: Option<usize>,
-    atlas_size: usize,
+    limit: Option<i64>,
+    atlas_size: i64,
     png_width: u32,
     progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
@@ -97,10 +97,18 @@ pub(crate) fn _analyze<'py>(
     let cfg = &m.engine.config;
     let main = WhatIf {
         router,
-        k,
+        k: non_negative("k", k)?,
         capacity_factor,
-        group_images,
+        group_images: non_negative("group_images", group_images)?,
     };
+    let limit = non_negative("limit", limit)?;
+    let atlas_size = non_negative("atlas_size", Some(atlas_size))?.unwrap_or(0);
+    let max_atlas = routerscope::analysis::atlas::MAX_ATLAS_SIZE;
+    if atlas_size > max_atlas {
+        return Err(value_error(format!(
+            "atlas_size={atlas_size} is beyond the limit of {max_atlas}"
+        )));
+    }
     let runs =
         router_runs(cfg, &m.what, &main, &compare, ArgStyle::Python).map_err(analysis_error)?;
     let data = resolve_data(&data);

@@ -19,6 +19,16 @@ pub(crate) fn value_error(msg: impl Into<String>) -> PyErr {
     PyValueError::new_err(msg.into())
 }
 
+/// An optional count keyword (`name=`): negative values are a `ValueError` naming it.
+pub(crate) fn non_negative(name: &str, v: Option<i64>) -> Result<Option<usize>, PyErr> {
+    match v {
+        None => Ok(None),
+        Some(v) => usize::try_from(v)
+            .map(Some)
+            .map_err(|_| value_error(format!("{name}= must be a non-negative integer, got {v}"))),
+    }
+}
+
 /// An `OSError` of the subclass Python uses for `kind`, with `errno`, `strerror` and `filename`
 /// set and `message` (which names the file) as its text.
 pub(crate) fn os_error(err: &std::io::Error, path: &Path, message: String) -> PyErr {

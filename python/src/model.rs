@@ -18,7 +18,7 @@ use routerscope::model::{
 use routerscope::routing::{ArgStyle, RouterKind};
 
 use crate::arrays::{ImageInput, image_inputs, output};
-use crate::errors::{check_file, model_error, value_error};
+use crate::errors::{check_file, model_error, non_negative, value_error};
 use crate::routing::{Routing, parse_router};
 use crate::stoppable::run_stoppable;
 
@@ -63,16 +63,21 @@ pub(crate) fn load(py: Python<'_>, path: &Bound<'_, PyAny>, device: &str) -> PyR
     let device: DeviceChoice = device.parse().map_err(value_error)?;
     let (file, what) = resolve(&name.to_string_lossy());
     if let Err(e) = check_file(&file, "model") {
-        if !name.to_string_lossy().contains(['/', '.']) {
+        if !name.to_string_lossy().contains(['/', '.']) && !file.exists() {
             let names: Vec<String> = catalog::builtin_models()
                 .into_iter()
                 .map(|(n, _)| n)
                 .collect();
-            return Err(value_error(format!(
-                "no model file `{}` and no built-in model of that name (built-in: {})",
-                name.display(),
-                names.join(", ")
-            )));
+            let missing = std::io::Error::from(std::io::ErrorKind::NotFound);
+            return Err(crate::errors::os_error(
+                &missing,
+                &file,
+                format!(
+                    "no model file `{}` and no built-in model of that name (built-in: {})",
+                    name.display(),
+                    names.join(", ")
+                ),
+            ));
         }
         return Err(e);
     }
@@ -104,19 +109,11 @@ impl Model {
         group_images: Option<i64>,
     ) -> PyResult<RunOptions> {
         let router: Option<RouterKind> = router.map(parse_router).transpose()?;
-        let nonneg = |name: &str, v: Option<i64>| -> PyResult<Option<usize>> {
-            match v {
-                Some(v) if v < 0 => Err(value_error(format!(
-                    "{name}= must be a non-negative integer, got {v}"
-                ))),
-                v => Ok(v.map(|v| v as usize)),
-            }
-        };
         WhatIf {
             router,
-            k: nonneg("k", k)?,
+            k: non_negative("k", k)?,
             capacity_factor,
-            group_images: nonneg("group_images", group_images)?,
+            group_images: non_negative("group_images", group_images)?,
         }
         .run_options(&self.engine.config, &self.what, ArgStyle::Python)
         .map_err(model_error)

@@ -15,7 +15,7 @@ use routerscope::routing::{
 };
 
 use crate::arrays::{f32_input, frozen, output, slice};
-use crate::errors::{routing_error, value_error};
+use crate::errors::{non_negative, routing_error, value_error};
 use crate::stoppable::{run_released, run_stoppable};
 
 /// The routing of one or more groups by one router: who went to which expert slot, with which
@@ -378,16 +378,6 @@ impl Routing {
     }
 }
 
-fn positive(name: &str, v: Option<i64>) -> PyResult<Option<usize>> {
-    match v {
-        None => Ok(None),
-        Some(v) if v >= 0 => Ok(Some(v as usize)),
-        Some(v) => Err(value_error(format!(
-            "{name}= must be a non-negative integer, got {v}"
-        ))),
-    }
-}
-
 pub(crate) fn parse_router(router: &str) -> PyResult<RouterKind> {
     router.parse::<RouterKind>().map_err(value_error)
 }
@@ -464,15 +454,15 @@ pub(crate) fn route<'py>(
     let rounding: CapacityRounding = capacity_rounding.parse().map_err(value_error)?;
     let soft = kind == RouterKind::SoftMoe;
     let opts = RouteOptions {
-        k: positive("k", k)?,
+        k: non_negative("k", k)?,
         capacity_factor,
-        capacity_multiple_of: positive("capacity_multiple_of", capacity_multiple_of)?,
+        capacity_multiple_of: non_negative("capacity_multiple_of", capacity_multiple_of)?,
         // "ceil" is the default; only an explicit other rounding is an option Soft MoE refuses.
         capacity_rounding: (rounding != CapacityRounding::Ceil || !soft).then_some(rounding),
         batch_priority,
-        iterations: positive("iterations", iterations)?,
+        iterations: non_negative("iterations", iterations)?,
         adam_lr,
-        num_slots: positive("num_slots", num_slots)?,
+        num_slots: non_negative("num_slots", num_slots)?,
     };
     let mut rng = train_seed.map(rand_chacha::ChaCha8Rng::seed_from_u64);
     if soft {

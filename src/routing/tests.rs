@@ -481,7 +481,12 @@ fn the_shared_golden_fixture_holds() {
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32))
+        .flat_map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+        })
         .collect();
     assert_eq!(logits, GOLDEN_LOGITS);
     let cases = doc["sparse_cases"].as_array().unwrap();
@@ -499,7 +504,11 @@ fn the_shared_golden_fixture_holds() {
             cfg.k = 1;
         }
         let r = route_logits(&logits, 8, 4, &cfg, Mode::Deterministic).unwrap();
-        assert_eq!(r.capacity as u64, case["capacity"].as_u64().unwrap(), "{name}");
+        assert_eq!(
+            r.capacity as u64,
+            case["capacity"].as_u64().unwrap(),
+            "{name}"
+        );
         if let Some(choices) = case["choices"].as_array() {
             let want: Vec<Vec<(u32, Option<u32>)>> = choices
                 .iter()
@@ -507,7 +516,12 @@ fn the_shared_golden_fixture_holds() {
                     t.as_array()
                         .unwrap()
                         .iter()
-                        .map(|c| (c[0].as_u64().unwrap() as u32, c[1].as_u64().map(|s| s as u32)))
+                        .map(|c| {
+                            (
+                                c[0].as_u64().unwrap() as u32,
+                                c[1].as_u64().map(|s| s as u32),
+                            )
+                        })
                         .collect()
                 })
                 .collect();
@@ -516,7 +530,13 @@ fn the_shared_golden_fixture_holds() {
         if let Some(slots) = case["expert_slots"].as_array() {
             let want: Vec<Vec<u32>> = slots
                 .iter()
-                .map(|e| e.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect())
+                .map(|e| {
+                    e.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|t| t.as_u64().unwrap() as u32)
+                        .collect()
+                })
                 .collect();
             assert_eq!(ec(&r), want, "{name}");
         }
