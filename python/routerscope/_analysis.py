@@ -14,7 +14,7 @@ def _progress_bar(enabled: Optional[bool]) -> Any:
     if enabled is False:
         return None
     try:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
     except ImportError:
         return None
     return tqdm(total=None, unit="img", desc="routerscope analyze")

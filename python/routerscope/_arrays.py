@@ -37,7 +37,8 @@ def _from_torch(t: Any, widen: bool) -> np.ndarray:
         t = t.cpu()
     if widen and str(t.dtype) in ("torch.float16", "torch.bfloat16"):
         t = t.float()
-    return t.numpy()
+    arr: np.ndarray = t.numpy()
+    return arr
 
 
 def to_numpy(obj: Any, name: str, widen: bool = True) -> np.ndarray:
@@ -94,7 +95,8 @@ def _one_image(obj: Any, index: int) -> ImageItem:
     if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
         raise ValueError(
             f"images[{index}]: an image array is [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] "
-            f"(channels last), got shape {tuple(arr.shape)}"
+            f"(channels last), got shape {tuple(arr.shape)}; a batch of images is a list or "
+            f"a [B, H, W, C] array (grey: [B, H, W, 1])"
         )
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(f"images[{index}]: the image has no pixels (shape {tuple(arr.shape)})")

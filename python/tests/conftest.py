@@ -8,6 +8,7 @@ that need it instead of skipping them.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -64,7 +65,7 @@ def golden() -> dict:
 def require(module: str):
     """Imports ``module``, or skips (fails under ROUTERSCOPE_REQUIRE_FRAMEWORKS=1)."""
     try:
-        return __import__(module)
+        return importlib.import_module(module)
     except ImportError:
         if os.environ.get("ROUTERSCOPE_REQUIRE_FRAMEWORKS") == "1":
             raise
