@@ -5,8 +5,7 @@
 #
 # The environment lives under ~/.cache/routerscope/ (or $ROUTERSCOPE_VENV), named by a hash of
 # python/tests/requirements.txt and the interpreter, and is reused while both stay the same:
-# torch alone is 5 GB installed. The extension builds with the dev profile, which `cargo test`
-# also uses, so the Rust dependencies compile once for both.
+# torch alone is 5 GB installed. The extension's build folder is kept there too (below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,14 +32,19 @@ if [ ! -f "$venv/.complete" ]; then
 fi
 export PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv"
 
-# The extension module, built as a user's `pip install ./python` builds it (maturin), in the dev
-# profile so it reuses what the Rust tests compiled.
-MATURIN_PEP517_ARGS="--profile dev" \
+# The extension module, built as a user's `pip install ./python` builds it (maturin), with the
+# test profile's settings in a target folder kept between runs: its dependencies resolve to other
+# features than the Rust tests' (no dev-dependencies, no app), so it cannot share their build,
+# and a clean clone would otherwise compile them all again each time.
+cache="${XDG_CACHE_HOME:-$HOME/.cache}/routerscope"
+export CARGO_TARGET_DIR="${ROUTERSCOPE_PY_TARGET:-$cache/target-python}"
+MATURIN_PEP517_ARGS="--locked --profile python-test" \
   "$venv/bin/python" -m pip install -q --no-build-isolation --no-deps --force-reinstall ./python
 
 # The command line without the app, in the same feature resolution as the extension (both
 # packages selected), so it shares its compiled dependencies.
-cargo build --locked --no-default-features -p routerscope -p routerscope-python --bin routerscope
-export ROUTERSCOPE_CLI="$PWD/target/debug/routerscope" ROUTERSCOPE_REQUIRE_FRAMEWORKS=1
+cargo build --locked --profile python-test --no-default-features \
+  -p routerscope -p routerscope-python --bin routerscope
+export ROUTERSCOPE_CLI="$CARGO_TARGET_DIR/python-test/routerscope" ROUTERSCOPE_REQUIRE_FRAMEWORKS=1
 
 "$venv/bin/python" -m pytest -q -p no:cacheprovider python/tests
