@@ -100,25 +100,27 @@ pub(crate) fn load(py: Python<'_>, path: &Bound<'_, PyAny>, device: &str) -> PyR
     })
 }
 
-impl Model {
-    fn what_if(
-        &self,
-        router: Option<&str>,
-        k: Option<i64>,
-        capacity_factor: Option<f64>,
-        group_images: Option<i64>,
-    ) -> PyResult<RunOptions> {
-        let router: Option<RouterKind> = router.map(parse_router).transpose()?;
-        WhatIf {
-            router,
-            k: non_negative("k", k)?,
-            capacity_factor,
-            group_images: non_negative("group_images", group_images)?,
-        }
-        .run_options(&self.engine.config, &self.what, ArgStyle::Python)
-        .map_err(model_error)
+/// The run options a what-if's keywords ask for on `engine`'s model (`what` names it).
+fn what_if_options(
+    engine: &Engine,
+    what: &str,
+    router: Option<&str>,
+    k: Option<i64>,
+    capacity_factor: Option<f64>,
+    group_images: Option<i64>,
+) -> PyResult<RunOptions> {
+    let router: Option<RouterKind> = router.map(parse_router).transpose()?;
+    WhatIf {
+        router,
+        k: non_negative("k", k)?,
+        capacity_factor,
+        group_images: non_negative("group_images", group_images)?,
     }
+    .run_options(&engine.config, what, ArgStyle::Python)
+    .map_err(model_error)
+}
 
+impl Model {
     fn run(
         &self,
         py: Python<'_>,
@@ -288,7 +290,14 @@ impl Model {
         capacity_factor: Option<f64>,
         group_images: Option<i64>,
     ) -> PyResult<Prediction> {
-        let opts = self.what_if(router, k, capacity_factor, group_images)?;
+        let opts = what_if_options(
+            &self.engine,
+            &self.what,
+            router,
+            k,
+            capacity_factor,
+            group_images,
+        )?;
         self.run(py, images, opts)
     }
 
@@ -444,12 +453,14 @@ impl Prediction {
         capacity_factor: Option<f64>,
         group_images: Option<i64>,
     ) -> PyResult<Prediction> {
-        let model = Model {
-            engine: self.engine.clone(),
-            path: PathBuf::new(),
-            what: self.what.clone(),
-        };
-        let opts = model.what_if(router, k, capacity_factor, group_images)?;
+        let opts = what_if_options(
+            &self.engine,
+            &self.what,
+            router,
+            k,
+            capacity_factor,
+            group_images,
+        )?;
         self.engine
             .check_options(&opts, self.images.len())
             .map_err(model_error)?;
@@ -466,7 +477,13 @@ impl Prediction {
             return Err(e);
         }
         let out = out.map_err(model_error)?;
-        Ok(Prediction::new(&model, Arc::new(out), self.images.clone()))
+        Ok(Prediction {
+            engine: self.engine.clone(),
+            what: self.what.clone(),
+            out: Arc::new(out),
+            images: self.images.clone(),
+            layers: PyOnceLock::new(),
+        })
     }
 
     /// The routing of each MoE layer in this run: per layer a dict with ``block``, ``router``,
