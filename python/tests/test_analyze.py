@@ -82,11 +82,12 @@ def interrupt_after(seconds: float) -> threading.Timer:
 
 def test_ctrl_c_stops_an_analysis_and_keeps_what_was_done(tmp) -> None:
     out = tmp / "out"
+    model = rs.load("fashion-mnist-softmax-tc", device="cpu")
     timer = interrupt_after(0.8)
     start = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         rs.analyze(
-            "fashion-mnist-softmax-tc", "fashion-mnist-slice", out=out,
+            model, "fashion-mnist-slice", out=out,
             compare=["softmax-ec", "sinkhorn-tc", "sinkhorn-ec", "sparse-ec"], progress=False,
         )
     timer.join()
