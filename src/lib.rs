@@ -7,6 +7,7 @@
 //! - [`model`]: the ViT-MoE on candle (CPU), its checkpoints and image input.
 //! - [`gpu`]: the same forward pass as WGSL compute shaders on wgpu.
 //! - [`backend`]: the device choice and the engine that runs on the GPU with CPU fallback.
+//! - [`trace`]: routing traces logged from any framework, read as routing records.
 //! - [`train`]: training the built-in Fashion-MNIST models and evaluating them.
 //! - [`analysis`]: routing statistics and the expert atlas over a whole dataset.
 //! - [`figures`]: expert colours, per-image routing views, SVG/PNG/CSV/JSON export.
@@ -27,4 +28,5 @@ pub mod moefy;
 pub mod routing;
 pub mod runtime;
 pub mod tensor_io;
+pub mod trace;
 pub mod train;

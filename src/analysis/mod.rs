@@ -310,7 +310,7 @@ pub fn analyze(
             let mut prev = None;
             for (r, run) in opts.runs.iter().enumerate() {
                 let out = match &prev {
-                    None => model.forward(&inputs, run),
+                    None => model.forward_source(&ids, &inputs, run),
                     Some(p) => model.rerun(p, run),
                 }
                 .map_err(|e| AnalysisError::Model(e.to_string()))?;

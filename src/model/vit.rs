@@ -479,6 +479,17 @@ pub(crate) fn check_run_options(
 pub trait Forward {
     fn config(&self) -> &ModelConfig;
     fn forward(&self, images: &[Vec<f32>], opts: &RunOptions) -> Result<ForwardOutput, ModelError>;
+    /// [`forward`](Self::forward) on images `ids` of the data source they came from: a routing
+    /// trace routes the images it holds by index; a model runs the pixels.
+    fn forward_source(
+        &self,
+        ids: &[usize],
+        images: &[Vec<f32>],
+        opts: &RunOptions,
+    ) -> Result<ForwardOutput, ModelError> {
+        let _ = ids;
+        self.forward(images, opts)
+    }
     /// `prev`'s images under other routing options; a backend that can resume from `prev`'s
     /// saved state starts at the first MoE layer that changed.
     fn rerun(&self, prev: &ForwardOutput, opts: &RunOptions) -> Result<ForwardOutput, ModelError> {

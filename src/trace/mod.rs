@@ -1,0 +1,28 @@
+//! Routing traces: the routing of any framework's MoE, logged to one safetensors file (format in
+//! [`format`] and `docs/trace-format.md`), read back as the same routing records a model run
+//! produces, so that every view, figure and analysis works on it, and re-routed under any router
+//! where the trace holds the router's logits.
+//!
+//! [`TraceFile`] opens and validates a trace; [`TraceModel`] runs "forward" over its images (the
+//! logged routing, or a what-if on the logged logits of each layer).
+
+mod assignment;
+pub mod format;
+mod model;
+mod reader;
+
+pub use model::{TraceModel, is_trace_file};
+pub use reader::{MAX_TRACE_ITEMS, TraceFile};
+
+use std::path::PathBuf;
+
+/// Why a trace could not be read; every message names the file and the tensor or entry.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Image(String),
+}

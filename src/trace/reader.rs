@@ -1,0 +1,800 @@
+//! Opening a trace: the header is parsed and every shape checked once, the file stays mapped, and
+//! a group's tensors are decoded only when its routing is asked for (a trace of any size is read
+//! in memory that does not grow with it). Values (NaN, expert indices) are checked as they are
+//! decoded.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorInfo};
+
+use super::TraceError;
+use super::assignment::{from_dense, from_picks, from_soft};
+use super::format::{
+    FORMAT_NAME, ImageMeta, TRACE_METADATA_KEY, TraceMeta, VERSION, group_tensor, image_tensor,
+};
+use crate::model::{Classifier, GroupRecord, ModelConfig, MoeConfig, Normalization, decode_image};
+use crate::routing::ops::softmax_rows;
+use crate::routing::{
+    CapacitySpec, Mode, RouterConfig, RouterFamily, RouterKind, RoutingResult, route_logits,
+};
+
+/// The most images, layers or groups per layer one trace may describe.
+pub const MAX_TRACE_ITEMS: usize = 10_000_000;
+
+/// An opened, validated trace.
+pub struct TraceFile {
+    path: PathBuf,
+    bytes: memmap2::Mmap,
+    data_start: usize,
+    infos: HashMap<String, TensorInfo>,
+    meta: TraceMeta,
+    config: ModelConfig,
+    /// Per layer: the logged router (or the one inferred from what was logged).
+    routers: Vec<RouterConfig>,
+    /// Per layer: whether the router's kind was logged (else inferred).
+    router_known: Vec<bool>,
+    /// Per layer, per image: its group.
+    image_group: Vec<Vec<usize>>,
+    group_images: usize,
+}
+
+impl std::fmt::Debug for TraceFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TraceFile")
+            .field("path", &self.path)
+            .field("images", &self.meta.images.len())
+            .field("layers", &self.meta.layers.len())
+            .finish()
+    }
+}
+
+/// What one group logged, as decoded values.
+struct Pieces {
+    logits: Option<Vec<f32>>,
+    probs: Option<Vec<f32>>,
+}
+
+impl TraceFile {
+    /// Maps the file, parses and checks its description and the shape and dtype of every
+    /// tensor it names.
+    pub fn open(path: &Path) -> Result<Self, TraceError> {
+        let io = |err| TraceError::Io {
+            path: path.to_owned(),
+            err,
+        };
+        crate::tensor_io::check_regular_file(path).map_err(io)?;
+        let handle = std::fs::File::open(path).map_err(io)?;
+        // SAFETY: read-only private map; traces are written through a temporary file and a
+        // rename, never edited in place.
+        let bytes = unsafe { memmap2::Mmap::map(&handle) }.map_err(io)?;
+        let bad = |m: String| TraceError::Invalid {
+            path: path.to_owned(),
+            reason: m,
+        };
+        let (header, metadata) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
+        let data_start = 8 + header;
+        if bytes.len() < data_start + metadata.data_len() {
+            return Err(bad(format!(
+                "truncated: the header declares {} bytes of tensors, the file holds {}",
+                metadata.data_len(),
+                bytes.len().saturating_sub(data_start)
+            )));
+        }
+        let json = metadata
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(TRACE_METADATA_KEY))
+            .ok_or_else(|| {
+                bad(format!(
+                    "not a routerscope trace: no `{TRACE_METADATA_KEY}` entry in its metadata"
+                ))
+            })?;
+        let probe: serde_json::Value = serde_json::from_str(json)
+            .map_err(|e| bad(format!("the `{TRACE_METADATA_KEY}` JSON: {e}")))?;
+        if probe.get("format").and_then(|f| f.as_str()) != Some(FORMAT_NAME) {
+            return Err(bad(format!("`format` is not \"{FORMAT_NAME}\"")));
+        }
+        match probe.get("version").and_then(|v| v.as_u64()) {
+            Some(v) if v == u64::from(VERSION) => {}
+            Some(v) => {
+                return Err(bad(format!(
+                    "trace format version {v}; this routerscope reads version {VERSION}"
+                )));
+            }
+            None => return Err(bad("no `version` in the trace description".into())),
+        }
+        let meta: TraceMeta = serde_json::from_value(probe)
+            .map_err(|e| bad(format!("the `{TRACE_METADATA_KEY}` JSON: {e}")))?;
+        let infos: HashMap<String, TensorInfo> = metadata
+            .tensors()
+            .into_iter()
+            .map(|(k, v)| (k, v.clone()))
+            .collect();
+        let mut file = Self {
+            path: path.to_owned(),
+            bytes,
+            data_start,
+            infos,
+            config: placeholder_config(),
+            routers: Vec::new(),
+            router_known: Vec::new(),
+            image_group: Vec::new(),
+            group_images: 1,
+            meta,
+        };
+        file.validate()?;
+        Ok(file)
+    }
+
+    fn invalid(&self, reason: String) -> TraceError {
+        TraceError::Invalid {
+            path: self.path.clone(),
+            reason,
+        }
+    }
+
+    fn validate(&mut self) -> Result<(), TraceError> {
+        let m = &self.meta;
+        let (ni, nl) = (m.images.len(), m.layers.len());
+        if ni == 0 {
+            return Err(self.invalid("the trace holds no images".into()));
+        }
+        if nl == 0 {
+            return Err(self.invalid("the trace holds no MoE layers".into()));
+        }
+        if ni > MAX_TRACE_ITEMS || nl > 1024 {
+            return Err(self.invalid(format!(
+                "{ni} images and {nl} layers are beyond the limits ({MAX_TRACE_ITEMS} images, \
+                 1024 layers)"
+            )));
+        }
+        let e = m.num_experts;
+        if !(1..=4096).contains(&e) {
+            return Err(self.invalid(format!("num_experts is {e}: between 1 and 4096 experts")));
+        }
+        let first = &m.images[0];
+        let [gh, gw] = first.grid;
+        if gh == 0 || gw == 0 || gh * gw > 1 << 20 {
+            return Err(self.invalid(format!("image 0 has a patch grid of {gh}x{gw}")));
+        }
+        if let Some((i, img)) = m
+            .images
+            .iter()
+            .enumerate()
+            .find(|(_, im)| im.grid != first.grid || im.cls_token != first.cls_token)
+        {
+            return Err(self.invalid(format!(
+                "image {i} has grid {:?} (CLS token: {}) but image 0 has {:?} ({}): one trace \
+                 holds images of one patch grid",
+                img.grid, img.cls_token, first.grid, first.cls_token
+            )));
+        }
+        if let Some((i, label)) = m
+            .images
+            .iter()
+            .enumerate()
+            .find_map(|(i, im)| im.label.map(|l| (i, l)))
+            .filter(|&(_, l)| !m.classes.is_empty() && l >= m.classes.len())
+        {
+            return Err(self.invalid(format!(
+                "image {i} has label {label} but `classes` names {} classes",
+                m.classes.len()
+            )));
+        }
+        let s = gh * gw + usize::from(first.cls_token);
+        let mut group_images = None;
+        let mut image_group = Vec::with_capacity(nl);
+        let mut blocks = std::collections::BTreeSet::new();
+        for (l, layer) in m.layers.iter().enumerate() {
+            if !blocks.insert(layer.block) {
+                return Err(self.invalid(format!(
+                    "layers {l} and an earlier one are both block {}",
+                    layer.block
+                )));
+            }
+            let mut owner = vec![usize::MAX; ni];
+            for (g, group) in layer.groups.iter().enumerate() {
+                let where_ = || format!("layer {l} (block {}) group {g}", layer.block);
+                if group.members.is_empty() {
+                    return Err(self.invalid(format!("{} has no members", where_())));
+                }
+                let first_image = group.members[0][0];
+                for (k, &[img, start, end]) in group.members.iter().enumerate() {
+                    if img >= ni {
+                        return Err(self.invalid(format!(
+                            "{}: member {k} is image {img}, but the trace has {ni} images",
+                            where_()
+                        )));
+                    }
+                    if start != 0 || end != s || img != first_image + k {
+                        return Err(self.invalid(format!(
+                            "{}: member {k} is tokens {start}..{end} of image {img}; version 1 \
+                             groups hold consecutive whole images (tokens 0..{s})",
+                            where_()
+                        )));
+                    }
+                    if owner[img] != usize::MAX {
+                        return Err(self.invalid(format!(
+                            "{}: image {img} is already in group {}",
+                            where_(),
+                            owner[img]
+                        )));
+                    }
+                    owner[img] = g;
+                }
+                let size = group.members.len();
+                match group_images {
+                    None => group_images = Some(size),
+                    Some(gs) if gs != size => {
+                        return Err(self.invalid(format!(
+                            "{} holds {size} images, other groups {gs}: version 1 groups are of \
+                             one size",
+                            where_()
+                        )));
+                    }
+                    _ => {}
+                }
+                self.check_group_tensors(l, g, size * s, e)?;
+            }
+            if let Some(img) = owner.iter().position(|&o| o == usize::MAX) {
+                return Err(self.invalid(format!(
+                    "layer {l} (block {}) routes no group holding image {img}",
+                    layer.block
+                )));
+            }
+            image_group.push(owner);
+        }
+        for i in 0..ni {
+            if let Some(info) = self.infos.get(&image_tensor(i)) {
+                let ok = info.dtype == Dtype::U8
+                    && info.shape.len() == 3
+                    && info.shape[2] == 3
+                    && info.shape[0] > 0
+                    && info.shape[1] > 0;
+                if !ok {
+                    return Err(self.invalid(format!(
+                        "tensor `{}` is {:?} {:?}: images are uint8 [H, W, 3]",
+                        image_tensor(i),
+                        info.dtype,
+                        info.shape
+                    )));
+                }
+            }
+        }
+        self.group_images = group_images.unwrap_or(1);
+        self.image_group = image_group;
+        self.infer_routers()?;
+        self.config = self.build_config();
+        Ok(())
+    }
+
+    /// Shapes and dtypes of the tensors of group `g` of layer `l` (`n` tokens, `e` experts).
+    fn check_group_tensors(
+        &self,
+        l: usize,
+        g: usize,
+        n: usize,
+        e: usize,
+    ) -> Result<(), TraceError> {
+        let shape_of = |piece: &str| self.infos.get(&group_tensor(l, g, piece));
+        let want = |piece: &str, dtypes: &[Dtype], shape: &dyn Fn(&[usize]) -> bool, text: &str| {
+            match shape_of(piece) {
+                None => Ok(false),
+                Some(info) if dtypes.contains(&info.dtype) && shape(&info.shape) => Ok(true),
+                Some(info) => Err(self.invalid(format!(
+                    "tensor `{}` is {:?} {:?}, expected {text} ({n} tokens of the group's images, \
+                     {e} experts)",
+                    group_tensor(l, g, piece),
+                    info.dtype,
+                    info.shape
+                ))),
+            }
+        };
+        let float = [Dtype::F32, Dtype::F16, Dtype::BF16];
+        let ints = [Dtype::I32, Dtype::I64];
+        let ne = |s: &[usize]| s == [n, e];
+        let logits = want("logits", &float, &ne, &format!("float [{n}, {e}]"))?;
+        let probs = want("probs", &float, &ne, &format!("float [{n}, {e}]"))?;
+        let k = shape_of("expert_index").map(|i| i.shape.get(1).copied().unwrap_or(0));
+        let nk = |s: &[usize]| s.len() == 2 && s[0] == n && (1..=e).contains(&s[1]);
+        let picks = want(
+            "expert_index",
+            &ints,
+            &nk,
+            &format!("int32/int64 [{n}, k ≤ {e}]"),
+        )?;
+        let same_k = |s: &[usize]| Some(s.get(1).copied().unwrap_or(0)) == k && s[0] == n;
+        let kk = k.unwrap_or(0);
+        let gates = want(
+            "gates",
+            &float,
+            &same_k,
+            &format!("float [{n}, {kk}] (as expert_index)"),
+        )?;
+        want(
+            "kept",
+            &[Dtype::BOOL, Dtype::U8],
+            &same_k,
+            &format!("bool [{n}, {kk}]"),
+        )?;
+        want("slot", &ints, &same_k, &format!("int32/int64 [{n}, {kk}]"))?;
+        if picks != gates {
+            return Err(self.invalid(format!(
+                "layer {l} group {g}: expert_index and gates go together (one is missing)"
+            )));
+        }
+        let nec = |s: &[usize]| s.len() == 3 && s[0] == n && s[1] == e && s[2] > 0;
+        let dense = want(
+            "dispatch",
+            &float,
+            &nec,
+            &format!("float [{n}, {e}, capacity]"),
+        )?;
+        let comb = want(
+            "combine",
+            &float,
+            &nec,
+            &format!("float [{n}, {e}, capacity]"),
+        )?;
+        let soft_d = want(
+            "soft_dispatch",
+            &float,
+            &nec,
+            &format!("float [{n}, {e}, slots]"),
+        )?;
+        let soft_c = want(
+            "soft_combine",
+            &float,
+            &nec,
+            &format!("float [{n}, {e}, slots]"),
+        )?;
+        for (a, b, what) in [
+            (dense, comb, "dispatch and combine"),
+            (soft_d, soft_c, "soft_dispatch and soft_combine"),
+        ] {
+            if a != b {
+                return Err(self.invalid(format!(
+                    "layer {l} group {g}: {what} go together (one is missing)"
+                )));
+            }
+        }
+        for pair in [["dispatch", "combine"], ["soft_dispatch", "soft_combine"]] {
+            if let (Some(a), Some(b)) = (shape_of(pair[0]), shape_of(pair[1]))
+                && a.shape != b.shape
+            {
+                return Err(self.invalid(format!(
+                    "layer {l} group {g}: {} is {:?} but {} is {:?}",
+                    pair[0], a.shape, pair[1], b.shape
+                )));
+            }
+        }
+        if !(logits || probs || picks || dense || soft_d) {
+            return Err(self.invalid(format!(
+                "layer {l} group {g} holds no routing: log logits, probs, expert_index + gates, \
+                 dispatch + combine, or soft_dispatch + soft_combine"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The router of each layer: as logged, else inferred from what was logged.
+    fn infer_routers(&mut self) -> Result<(), TraceError> {
+        let mut routers = Vec::new();
+        let mut known = Vec::new();
+        for (l, layer) in self.meta.layers.iter().enumerate() {
+            let has = |piece: &str| self.infos.contains_key(&group_tensor(l, 0, piece));
+            let logged = layer.router.clone().unwrap_or_default();
+            let kind = match &logged.kind {
+                Some(k) => k
+                    .parse::<RouterKind>()
+                    .map_err(|e| self.invalid(format!("layer {l} (block {}): {e}", layer.block)))?,
+                None if has("soft_dispatch") => RouterKind::SoftMoe,
+                None => RouterKind::SoftmaxTokenChoice,
+            };
+            known.push(logged.kind.is_some());
+            let mut cfg = RouterConfig::new(kind);
+            let picks_k = self
+                .infos
+                .get(&group_tensor(l, 0, "expert_index"))
+                .map(|i| i.shape[1]);
+            if let Some(k) = logged.k.or(picks_k) {
+                cfg.k = k;
+            }
+            if let Some(b) = logged.batch_priority {
+                cfg.batch_priority = b;
+            }
+            cfg.capacity = match (logged.capacity, logged.capacity_factor) {
+                (Some(c), _) => CapacitySpec::Slots(c),
+                (None, Some(f)) => CapacitySpec::Factor(f),
+                (None, None) => {
+                    let dense = ["dispatch", "soft_dispatch"]
+                        .iter()
+                        .find_map(|p| self.infos.get(&group_tensor(l, 0, p)))
+                        .map(|i| i.shape[2]);
+                    match dense {
+                        Some(c) => CapacitySpec::Slots(c),
+                        None => cfg.capacity,
+                    }
+                }
+            };
+            if kind.family() == RouterFamily::TokenChoice
+                && !(1..=self.meta.num_experts).contains(&cfg.k)
+            {
+                return Err(self.invalid(format!(
+                    "layer {l} (block {}): k = {} for {} experts",
+                    layer.block, cfg.k, self.meta.num_experts
+                )));
+            }
+            routers.push(cfg);
+        }
+        self.routers = routers;
+        self.router_known = known;
+        Ok(())
+    }
+
+    /// A model configuration the views and the analysis can read: the patch grid, the CLS
+    /// token, the MoE blocks and experts, the classes. It describes no weights.
+    fn build_config(&self) -> ModelConfig {
+        let first = &self.meta.images[0];
+        let [gh, gw] = first.grid;
+        let patch = self.meta.patch_size.unwrap_or_else(|| {
+            self.infos
+                .get(&image_tensor(0))
+                .map(|i| [i.shape[0] / gh, i.shape[1] / gw])
+                .filter(|&[a, b]| a > 0 && b > 0)
+                .unwrap_or([16, 16])
+        });
+        let blocks: Vec<usize> = self.meta.layers.iter().map(|l| l.block).collect();
+        ModelConfig {
+            name: if self.meta.model_name.is_empty() {
+                "trace".into()
+            } else {
+                self.meta.model_name.clone()
+            },
+            image_size: [gh * patch[0], gw * patch[1]],
+            channels: 3,
+            patch_size: patch,
+            hidden_size: 1,
+            num_layers: blocks.iter().max().map_or(1, |b| b + 1),
+            num_heads: 1,
+            mlp_dim: 1,
+            classifier: if first.cls_token {
+                Classifier::Token
+            } else {
+                Classifier::Gap
+            },
+            representation_size: None,
+            num_classes: 0,
+            class_names: self.class_names(),
+            normalization: Normalization {
+                mean: vec![0.0; 3],
+                std: vec![1.0; 3],
+            },
+            gelu: Default::default(),
+            layer_scale: false,
+            moe: Some(MoeConfig {
+                layers: blocks,
+                num_experts: self.meta.num_experts,
+                router: self.routers[0].clone(),
+                group_images: self.group_images,
+                bfloat16_dispatch: false,
+                combine: Default::default(),
+                expert_mlp_dim: None,
+            }),
+        }
+    }
+
+    /// The class names: `classes`, else the labels' numbers.
+    pub fn class_names(&self) -> Vec<String> {
+        if !self.meta.classes.is_empty() {
+            return self.meta.classes.clone();
+        }
+        let max = self.meta.images.iter().filter_map(|i| i.label).max();
+        max.map_or_else(Vec::new, |m| (0..=m).map(|c| c.to_string()).collect())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn meta(&self) -> &TraceMeta {
+        &self.meta
+    }
+
+    /// The configuration the views read (see [`TraceFile::open`]).
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn num_images(&self) -> usize {
+        self.meta.images.len()
+    }
+
+    pub fn image_meta(&self, i: usize) -> &ImageMeta {
+        &self.meta.images[i]
+    }
+
+    /// Images per routing group (the same in every layer).
+    pub fn group_images(&self) -> usize {
+        self.group_images
+    }
+
+    /// The logged (or inferred) router of layer `l`, and whether its kind was logged.
+    pub fn router(&self, l: usize) -> (&RouterConfig, bool) {
+        (&self.routers[l], self.router_known[l])
+    }
+
+    /// The group of layer `l` that holds image `i`.
+    pub fn group_of(&self, l: usize, i: usize) -> usize {
+        self.image_group[l][i]
+    }
+
+    /// Whether every group of layer `l` logged router logits or probabilities (what a what-if
+    /// re-routes).
+    pub fn has_logits(&self, l: usize) -> bool {
+        (0..self.meta.layers[l].groups.len()).all(|g| {
+            self.infos.contains_key(&group_tensor(l, g, "logits"))
+                || self.infos.contains_key(&group_tensor(l, g, "probs"))
+        })
+    }
+
+    /// Which pieces group `g` of layer `l` logged.
+    pub fn pieces(&self, l: usize, g: usize) -> Vec<&'static str> {
+        super::format::PIECES
+            .iter()
+            .copied()
+            .filter(|p| self.infos.contains_key(&group_tensor(l, g, p)))
+            .collect()
+    }
+
+    fn tensor(&self, name: &str) -> Option<(&TensorInfo, &[u8])> {
+        let info = self.infos.get(name)?;
+        let (a, b) = info.data_offsets;
+        Some((info, &self.bytes[self.data_start + a..self.data_start + b]))
+    }
+
+    fn floats(&self, name: &str) -> Result<Option<Vec<f32>>, TraceError> {
+        let Some((info, bytes)) = self.tensor(name) else {
+            return Ok(None);
+        };
+        let data: Vec<f32> = match info.dtype {
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            _ => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        };
+        if let Some(at) = data.iter().position(|v| !v.is_finite()) {
+            let cols = info.shape.iter().skip(1).product::<usize>().max(1);
+            return Err(self.invalid(format!(
+                "tensor `{name}` has {} at row {}, entry {}",
+                data[at],
+                at / cols,
+                at % cols
+            )));
+        }
+        Ok(Some(data))
+    }
+
+    fn ints(&self, name: &str) -> Option<Vec<i64>> {
+        let (info, bytes) = self.tensor(name)?;
+        Some(match info.dtype {
+            Dtype::I32 => bytes
+                .chunks_exact(4)
+                .map(|b| i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                .collect(),
+            _ => bytes
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+                .collect(),
+        })
+    }
+
+    fn bools(&self, name: &str) -> Option<Vec<bool>> {
+        let (_, bytes) = self.tensor(name)?;
+        Some(bytes.iter().map(|&b| b != 0).collect())
+    }
+
+    fn logits_of(&self, l: usize, g: usize) -> Result<Pieces, TraceError> {
+        Ok(Pieces {
+            logits: self.floats(&group_tensor(l, g, "logits"))?,
+            probs: self.floats(&group_tensor(l, g, "probs"))?,
+        })
+    }
+
+    /// The record of group `g` of layer `l` as logged (the logged router's own routing). A
+    /// group that logged only logits or probabilities is routed by the logged router.
+    pub fn logged_group(&self, l: usize, g: usize) -> Result<GroupRecord, TraceError> {
+        let e = self.meta.num_experts;
+        let group = &self.meta.layers[l].groups[g];
+        let n = group.members.len() * self.config.seq_len();
+        let name = |p: &str| group_tensor(l, g, p);
+        let ctx = |m: String| self.invalid(format!("layer {l} group {g}: {m}"));
+        let Pieces { logits, probs } = self.logits_of(l, g)?;
+        let probs = probs.or_else(|| logits.as_ref().map(|x| softmax_rows(x, e)));
+        let cfg = &self.routers[l];
+        let routing = if let Some(d) = self.floats(&name("soft_dispatch"))? {
+            let c = self.floats(&name("soft_combine"))?.unwrap_or_default();
+            let p = d.len() / (n * e);
+            from_soft(d, c, n, e, p)
+        } else if let Some(d) = self.floats(&name("dispatch"))? {
+            let c = self.floats(&name("combine"))?.unwrap_or_default();
+            let cap = d.len() / (n * e);
+            from_dense(cfg.kind, &d, &c, probs.as_deref(), n, e, cap).map_err(ctx)?
+        } else if let Some(experts) = self.ints(&name("expert_index")) {
+            let gates = self.floats(&name("gates"))?.unwrap_or_default();
+            let k = experts.len() / n;
+            let capacity = match cfg.capacity {
+                CapacitySpec::Slots(c) => Some(c),
+                CapacitySpec::Factor(_) => None,
+            };
+            let kind = if cfg.kind.family() == RouterFamily::TokenChoice {
+                cfg.kind
+            } else {
+                RouterKind::SoftmaxTokenChoice
+            };
+            from_picks(
+                kind,
+                &experts,
+                &gates,
+                self.bools(&name("kept")).as_deref(),
+                self.ints(&name("slot")).as_deref(),
+                probs.as_deref(),
+                capacity,
+                n,
+                e,
+                k,
+            )
+            .map_err(ctx)?
+        } else {
+            let source = logits
+                .clone()
+                .or_else(|| probs.as_ref().map(|p| log_probs(p)))
+                .ok_or_else(|| ctx("no routing logged".into()))?;
+            self.route(&source, n, cfg)
+                .map_err(|e| ctx(format!("routing its logits under the logged router: {e}")))?
+        };
+        Ok(GroupRecord {
+            first_image: 0,
+            num_images: group.members.len(),
+            logits: logits.unwrap_or_default(),
+            probs: probs.unwrap_or_else(|| routing.expert_probabilities()),
+            routing,
+        })
+    }
+
+    fn route(&self, logits: &[f32], n: usize, cfg: &RouterConfig) -> Result<RoutingResult, String> {
+        if cfg.kind == RouterKind::SoftMoe {
+            return Err(
+                "Soft MoE routes token vectors with mu and scale, which a trace does not hold"
+                    .into(),
+            );
+        }
+        route_logits(logits, n, self.meta.num_experts, cfg, Mode::Deterministic)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The logged logits `[tokens, e]` of images `images` in layer `l` (probabilities become
+    /// their logarithms, which every router ranks and weighs alike), in image order.
+    pub fn image_logits(&self, l: usize, images: &[usize]) -> Result<Vec<f32>, TraceError> {
+        let e = self.meta.num_experts;
+        let s = self.config.seq_len();
+        let mut out = Vec::with_capacity(images.len() * s * e);
+        let mut cached: Option<(usize, Vec<f32>)> = None;
+        for &i in images {
+            let g = self.group_of(l, i);
+            if cached.as_ref().is_none_or(|(cg, _)| *cg != g) {
+                let Pieces { logits, probs } = self.logits_of(l, g)?;
+                let source = logits
+                    .or_else(|| probs.map(|p| log_probs(&p)))
+                    .ok_or_else(|| {
+                        self.invalid(format!(
+                            "layer {l} (block {}) group {g} logged no logits or probabilities: a \
+                         what-if re-routes logits",
+                            self.meta.layers[l].block
+                        ))
+                    })?;
+                cached = Some((g, source));
+            }
+            let group = &self.meta.layers[l].groups[g];
+            let pos = i - group.members[0][0];
+            if let Some((_, source)) = &cached {
+                out.extend_from_slice(&source[pos * s * e..(pos + 1) * s * e]);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Routes the logged logits of `images` (one group) in layer `l` under `cfg`: a what-if.
+    pub fn what_if_group(
+        &self,
+        l: usize,
+        images: &[usize],
+        cfg: &RouterConfig,
+    ) -> Result<GroupRecord, TraceError> {
+        let e = self.meta.num_experts;
+        let logits = self.image_logits(l, images)?;
+        let n = logits.len() / e;
+        let routing = self.route(&logits, n, cfg).map_err(|m| {
+            self.invalid(format!(
+                "layer {l} (block {}): {} on the logged logits: {m}",
+                self.meta.layers[l].block,
+                cfg.kind.cli_name()
+            ))
+        })?;
+        Ok(GroupRecord {
+            first_image: 0,
+            num_images: images.len(),
+            probs: softmax_rows(&logits, e),
+            logits,
+            routing,
+        })
+    }
+
+    /// Image `i` as the model saw it: its pixels in the trace, else its file (relative to the
+    /// trace's folder).
+    pub fn image(&self, i: usize) -> Result<image::DynamicImage, TraceError> {
+        let name = image_tensor(i);
+        if let Some((info, bytes)) = self.tensor(&name) {
+            let (h, w) = (info.shape[0] as u32, info.shape[1] as u32);
+            return image::RgbImage::from_raw(w, h, bytes.to_vec())
+                .map(image::DynamicImage::ImageRgb8)
+                .ok_or_else(|| self.invalid(format!("tensor `{name}`: bad pixel count")));
+        }
+        let meta = &self.meta.images[i];
+        let Some(p) = &meta.path else {
+            return Err(self.invalid(format!(
+                "image {i} has neither pixels (`{name}`) nor a path"
+            )));
+        };
+        let path = self.path.parent().unwrap_or(Path::new(".")).join(p);
+        decode_image(&path).map_err(|e| TraceError::Image(e.to_string()))
+    }
+
+    /// The name image `i` is shown by.
+    pub fn image_name(&self, i: usize) -> String {
+        let m = &self.meta.images[i];
+        m.name
+            .clone()
+            .or_else(|| m.path.clone())
+            .unwrap_or_else(|| format!("image {i}"))
+    }
+}
+
+/// `ln p`, with zero probabilities floored so that every router can rank them.
+fn log_probs(p: &[f32]) -> Vec<f32> {
+    p.iter().map(|&v| v.max(1e-30).ln()).collect()
+}
+
+fn placeholder_config() -> ModelConfig {
+    ModelConfig {
+        name: String::new(),
+        image_size: [1, 1],
+        channels: 3,
+        patch_size: [1, 1],
+        hidden_size: 1,
+        num_layers: 1,
+        num_heads: 1,
+        mlp_dim: 1,
+        classifier: Classifier::Gap,
+        representation_size: None,
+        num_classes: 0,
+        class_names: Vec::new(),
+        normalization: Normalization {
+            mean: vec![0.0; 3],
+            std: vec![1.0; 3],
+        },
+        gelu: Default::default(),
+        layer_scale: false,
+        moe: None,
+    }
+}
