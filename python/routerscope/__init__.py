@@ -46,6 +46,7 @@ from ._native import (  # noqa: E402
     sample_images,
 )
 from ._analysis import analyze  # noqa: E402
+from ._trace import Trace  # noqa: E402
 
 __all__ = [
     "ROUTERS",
@@ -53,6 +54,7 @@ __all__ = [
     "Model",
     "Prediction",
     "Routing",
+    "Trace",
     "__version__",
     "analyze",
     "builtin_models",

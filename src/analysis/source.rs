@@ -23,6 +23,33 @@ pub const MAX_FOLDER_IMAGES: usize = 2_000_000;
 pub enum DataSource {
     Folder(FolderSource),
     Idx(IdxSource),
+    Trace(TraceSource),
+}
+
+/// The images a routing trace holds (their routing comes from the trace, see
+/// `crate::trace::TraceModel`); labels from the trace, unlabelled images as [`UNLABELLED`].
+pub struct TraceSource {
+    pub trace: std::sync::Arc<crate::trace::TraceFile>,
+    pub classes: Vec<String>,
+    labels: Vec<usize>,
+}
+
+impl TraceSource {
+    pub fn new(trace: std::sync::Arc<crate::trace::TraceFile>) -> Self {
+        let mut classes = trace.class_names();
+        let unlabelled = classes.len();
+        let labels: Vec<usize> = (0..trace.num_images())
+            .map(|i| trace.image_meta(i).label.unwrap_or(unlabelled))
+            .collect();
+        if labels.contains(&unlabelled) {
+            classes.push(UNLABELLED.to_string());
+        }
+        Self {
+            trace,
+            classes,
+            labels,
+        }
+    }
 }
 
 /// Image files under a root, with the class index of each (`classes` names them).
@@ -200,6 +227,7 @@ impl DataSource {
         match self {
             DataSource::Folder(f) => f.files.len(),
             DataSource::Idx(d) => d.labels.len(),
+            DataSource::Trace(t) => t.labels.len(),
         }
     }
 
@@ -212,6 +240,7 @@ impl DataSource {
         match self {
             DataSource::Folder(f) => f.files.truncate(n),
             DataSource::Idx(d) => d.labels.truncate(n),
+            DataSource::Trace(t) => t.labels.truncate(n),
         }
     }
 
@@ -220,6 +249,7 @@ impl DataSource {
         match self {
             DataSource::Folder(f) => &f.classes,
             DataSource::Idx(d) => &d.classes,
+            DataSource::Trace(t) => &t.classes,
         }
     }
 
@@ -227,6 +257,7 @@ impl DataSource {
         match self {
             DataSource::Folder(f) => f.files[i].1,
             DataSource::Idx(d) => d.labels[i] as usize,
+            DataSource::Trace(t) => t.labels[i],
         }
     }
 
@@ -247,6 +278,7 @@ impl DataSource {
                 };
                 format!("{stem}[{i}]")
             }
+            DataSource::Trace(t) => t.trace.image_name(i),
         }
     }
 
@@ -254,7 +286,7 @@ impl DataSource {
     pub fn path(&self, i: usize) -> Option<&Path> {
         match self {
             DataSource::Folder(f) => Some(&f.files[i].0),
-            DataSource::Idx(_) => None,
+            DataSource::Idx(_) | DataSource::Trace(_) => None,
         }
     }
 
@@ -263,6 +295,7 @@ impl DataSource {
         match self {
             DataSource::Folder(f) => &f.root,
             DataSource::Idx(d) => &d.dir,
+            DataSource::Trace(t) => t.trace.path(),
         }
     }
 
@@ -273,12 +306,15 @@ impl DataSource {
             DataSource::Idx(d) => GrayImage::from_raw(d.cols as u32, d.rows as u32, d.pixels(i)?)
                 .map(DynamicImage::ImageLuma8)
                 .ok_or_else(|| format!("{}: pixel buffer size", self.name(i))),
+            DataSource::Trace(t) => t.trace.image(i).map_err(|e| e.to_string()),
         }
     }
 
     /// Image `i` preprocessed for `cfg`.
     pub fn input(&self, i: usize, cfg: &ModelConfig) -> Result<Vec<f32>, String> {
         match self {
+            // A trace's routing is read by image index; no pixels go through a model.
+            DataSource::Trace(_) => Ok(Vec::new()),
             DataSource::Idx(d) if [d.rows, d.cols] == cfg.image_size && cfg.channels == 1 => {
                 // As `eval` reads them: bytes / 255, normalised, no resampling.
                 let (mean, std) = (cfg.normalization.mean[0], cfg.normalization.std[0]);

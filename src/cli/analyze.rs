@@ -4,19 +4,24 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use routerscope::analysis::source::DataSource;
+use routerscope::analysis::source::{DataSource, TraceSource};
 use routerscope::analysis::{AnalyzeOptions, analyze, report, router_runs};
 use routerscope::backend::DeviceChoice;
 use routerscope::figures::Palette;
-use routerscope::model::WhatIf;
+use routerscope::model::{Forward, WhatIf};
 use routerscope::routing::{ArgStyle, RouterKind};
+use routerscope::trace::TraceModel;
 use routerscope::train::{DEFAULT_DATA_DIR, Split};
 
 #[derive(clap::Args, Debug)]
 pub struct AnalyzeArgs {
     /// Model checkpoint (.safetensors or a vmoe `.index`).
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(long, required_unless_present = "trace", conflicts_with = "trace")]
+    model: Option<PathBuf>,
+    /// A routing trace (`docs/trace-format.md`) instead of a model and data: its images under
+    /// the logged routing, or `--router`/`--k`/`--capacity-factor` as what-ifs on its logits.
+    #[arg(long, conflicts_with_all = ["data", "split", "device"])]
+    trace: Option<PathBuf>,
     /// A folder of images (searched recursively; the first subfolder names the class, images
     /// directly in it are unlabelled) or a Fashion-MNIST IDX directory.
     #[arg(long, default_value = DEFAULT_DATA_DIR)]
@@ -56,29 +61,57 @@ pub struct AnalyzeArgs {
     out: PathBuf,
 }
 
+/// What an analysis runs on: a model over data, or a trace over its own images.
+enum Subject {
+    Model(routerscope::backend::Engine),
+    Trace(TraceModel),
+}
+
+impl Subject {
+    fn forward(&self) -> &dyn Forward {
+        match self {
+            Subject::Model(m) => m,
+            Subject::Trace(t) => t,
+        }
+    }
+    fn device(&self) -> String {
+        match self {
+            Subject::Model(m) => m.device(),
+            Subject::Trace(_) => "trace (no model runs)".into(),
+        }
+    }
+}
+
 pub fn run(args: &AnalyzeArgs) -> anyhow::Result<()> {
     report::check_output_dir(&args.out, ArgStyle::Cli)?;
-    let model = super::load_engine(&args.model, args.device)?;
-    let cfg = &model.config;
+    let (subject, what) = match (&args.model, &args.trace) {
+        (_, Some(t)) => (
+            Subject::Trace(TraceModel::open(t)?),
+            t.display().to_string(),
+        ),
+        (Some(m), None) => (
+            Subject::Model(super::load_engine(m, args.device)?),
+            m.display().to_string(),
+        ),
+        (None, None) => anyhow::bail!("give --model (with --data) or --trace"),
+    };
+    let cfg = subject.forward().config();
     let main = WhatIf {
         router: args.router,
         k: args.k,
         capacity_factor: args.capacity_factor,
         group_images: args.group_images,
     };
-    let runs = router_runs(
-        cfg,
-        &args.model.display().to_string(),
-        &main,
-        &args.compare,
-        ArgStyle::Cli,
-    )?;
+    let runs = router_runs(cfg, &what, &main, &args.compare, ArgStyle::Cli)?;
     let split = if args.split == "train" {
         Split::Train
     } else {
         Split::Test
     };
-    let mut source = DataSource::open(&args.data, split, &cfg.class_names)?;
+    let mut source = match &subject {
+        Subject::Trace(t) => DataSource::Trace(TraceSource::new(t.trace().clone())),
+        Subject::Model(_) => DataSource::open(&args.data, split, &cfg.class_names)?,
+    };
     if let Some(n) = args.limit {
         source.truncate(n);
     }
@@ -98,7 +131,7 @@ pub fn run(args: &AnalyzeArgs) -> anyhow::Result<()> {
     };
     eprintln!(
         "device: {} · {} images · {} router(s)",
-        model.device(),
+        subject.device(),
         source.len(),
         opts.runs.len()
     );
@@ -111,7 +144,7 @@ pub fn run(args: &AnalyzeArgs) -> anyhow::Result<()> {
     let analysis = {
         let _stoppable = routerscope::runtime::StoppableRun::begin();
         analyze(
-            &model,
+            subject.forward(),
             &source,
             &opts,
             &mut |p| bar.set_position(p.done as u64),
@@ -119,7 +152,9 @@ pub fn run(args: &AnalyzeArgs) -> anyhow::Result<()> {
         )
     };
     bar.finish_and_clear();
-    super::report_notice(&model);
+    if let Subject::Model(m) = &subject {
+        super::report_notice(m);
+    }
     let analysis = analysis?;
     for u in &analysis.unreadable {
         eprintln!("routerscope: skipped {}: {}", u.image, u.error);

@@ -14,6 +14,7 @@ use crate::model::{
     BlockObserver, Forward, ForwardOutput, GroupRecord, ModelConfig, ModelError, MoeLayerRecord,
     RunOptions,
 };
+use crate::routing::{RouterConfig, RouterKind};
 
 /// The images of a trace a run routed (the resume state of its outputs).
 struct TraceIds(Vec<usize>);
@@ -67,7 +68,12 @@ impl TraceModel {
         let own = cfg.moe.as_ref().map(|m| &m.router);
         let mut records = Vec::with_capacity(layers);
         for (l, router) in opts.routers.iter().enumerate() {
-            let logged = Some(router) == own && g == t.group_images();
+            // Soft MoE's slots are the logged weights' own (a what-if sets them to a placeholder).
+            let same = |own: &RouterConfig| {
+                router == own
+                    || (router.kind == RouterKind::SoftMoe && own.kind == RouterKind::SoftMoe)
+            };
+            let logged = own.is_some_and(same) && g == t.group_images();
             let mut groups = Vec::with_capacity(ids.len() / g);
             for (c, chunk) in ids.chunks(g).enumerate() {
                 let mut rec: GroupRecord = if logged {
