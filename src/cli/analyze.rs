@@ -63,7 +63,7 @@ pub struct AnalyzeArgs {
 
 /// What an analysis runs on: a model over data, or a trace over its own images.
 enum Subject {
-    Model(routerscope::backend::Engine),
+    Model(Box<routerscope::backend::Engine>),
     Trace(TraceModel),
 }
 
@@ -90,7 +90,7 @@ pub fn run(args: &AnalyzeArgs) -> anyhow::Result<()> {
             t.display().to_string(),
         ),
         (Some(m), None) => (
-            Subject::Model(super::load_engine(m, args.device)?),
+            Subject::Model(Box::new(super::load_engine(m, args.device)?)),
             m.display().to_string(),
         ),
         (None, None) => anyhow::bail!("give --model (with --data) or --trace"),
