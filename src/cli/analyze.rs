@@ -70,7 +70,7 @@ enum Subject {
 impl Subject {
     fn forward(&self) -> &dyn Forward {
         match self {
-            Subject::Model(m) => m,
+            Subject::Model(m) => &**m,
             Subject::Trace(t) => t,
         }
     }
