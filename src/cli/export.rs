@@ -9,16 +9,24 @@ use indicatif::{ProgressBar, ProgressStyle};
 use routerscope::backend::{DeviceChoice, Engine};
 use routerscope::figures::export::{FigurePanel, FigureSet, Format, default_stem};
 use routerscope::figures::{ImageRouting, Palette};
-use routerscope::model::{Classifier, RunOptions, decode_image, preprocess};
+use routerscope::model::{Classifier, ModelConfig, RunOptions, decode_image, preprocess};
 use routerscope::moefy::{all_experts_options, mean_patch_cosine};
 use routerscope::routing::{ArgStyle, CapacitySpec, RouterConfig, RouterKind};
+use routerscope::trace::TraceModel;
 use serde_json::json;
 
 #[derive(clap::Args, Debug)]
 pub struct ExportArgs {
     /// Model checkpoint (.safetensors or a vmoe .index).
+    #[arg(long, required_unless_present = "trace", conflicts_with = "trace")]
+    model: Option<PathBuf>,
+    /// A routing trace (`docs/trace-format.md`) instead of a model: its images under the logged
+    /// routing; `--router`, `--k`, `--capacity-factor` and `--compare` re-route its logits.
     #[arg(long)]
-    model: PathBuf,
+    trace: Option<PathBuf>,
+    /// With --trace: the images to export (comma-separated indices) [default: all].
+    #[arg(long, value_delimiter = ',', requires = "trace")]
+    images: Vec<usize>,
     /// Where the model runs: auto (a hardware GPU if there is one, else the CPU), gpu (any
     /// adapter, software ones included; the CPU if none works) or cpu.
     #[arg(long, default_value = "auto")]
@@ -46,8 +54,8 @@ pub struct ExportArgs {
     layer: Option<usize>,
     #[arg(long)]
     out: PathBuf,
-    /// Image files or directories of images.
-    #[arg(required = true)]
+    /// Image files or directories of images (with --model).
+    #[arg(required_unless_present = "trace", conflicts_with = "trace")]
     inputs: Vec<PathBuf>,
 }
 
@@ -112,15 +120,15 @@ fn images_in(inputs: &[PathBuf]) -> Vec<(PathBuf, String)> {
 }
 
 fn router_for(
-    model: &Engine,
+    cfg: &ModelConfig,
+    what: &str,
     args: &ExportArgs,
     kind: Option<RouterKind>,
 ) -> anyhow::Result<RouterConfig> {
-    let moe = model
-        .config
+    let moe = cfg
         .moe
         .as_ref()
-        .with_context(|| format!("{} has no MoE layers to draw", args.model.display()))?;
+        .with_context(|| format!("{what} has no MoE layers to draw"))?;
     let mut r = match kind {
         Some(k) if k != moe.router.kind => RouterConfig::new(k),
         _ => moe.router.clone(),
@@ -140,24 +148,55 @@ fn router_for(
     Ok(r)
 }
 
+/// What the figures show: a model run on image files, or a trace's own images.
+enum Subject {
+    Model(Box<Engine>),
+    Trace(TraceModel),
+}
+
+impl Subject {
+    fn config(&self) -> &ModelConfig {
+        match self {
+            Subject::Model(m) => &m.config,
+            Subject::Trace(t) => t.trace().config(),
+        }
+    }
+}
+
+/// One image to export: a file, or an image of the trace.
+enum Item {
+    File(PathBuf),
+    TraceImage(usize),
+}
+
 pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
-    let model = super::load_engine(&args.model, args.device)?;
+    let (subject, model_name) = match (&args.model, &args.trace) {
+        (_, Some(t)) => (
+            Subject::Trace(TraceModel::open(t)?),
+            t.display().to_string(),
+        ),
+        (Some(m), None) => (
+            Subject::Model(Box::new(super::load_engine(m, args.device)?)),
+            m.display().to_string(),
+        ),
+        (None, None) => anyhow::bail!("give --model and images, or --trace"),
+    };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     let probe = args.out.join(".routerscope-write-test");
     std::fs::write(&probe, b"")
         .with_context(|| format!("{} is not writable", args.out.display()))?;
     let _ = std::fs::remove_file(&probe);
-    let main_router = router_for(&model, args, args.router)?;
+    let main_router = router_for(subject.config(), &model_name, args, args.router)?;
     let routers: Vec<RouterConfig> = if args.compare.is_empty() {
         vec![main_router.clone()]
     } else {
         args.compare
             .iter()
-            .map(|&k| router_for(&model, args, Some(k)))
+            .map(|&k| router_for(subject.config(), &model_name, args, Some(k)))
             .collect::<anyhow::Result<_>>()?
     };
-    let cfg = model.config.clone();
+    let cfg = subject.config().clone();
     let layers = cfg.moe.as_ref().map_or(0, |m| m.layers.len());
     if let Some(l) = args.layer.filter(|&l| l >= layers) {
         anyhow::bail!(
@@ -165,7 +204,29 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
             layers - 1
         );
     }
-    let images = images_in(&args.inputs);
+    let images: Vec<(Item, String)> = match &subject {
+        Subject::Model(_) => images_in(&args.inputs)
+            .into_iter()
+            .map(|(p, n)| (Item::File(p), n))
+            .collect(),
+        Subject::Trace(t) => {
+            let n = t.trace().num_images();
+            let ids: Vec<usize> = if args.images.is_empty() {
+                (0..n).collect()
+            } else {
+                args.images.clone()
+            };
+            if let Some(&bad) = ids.iter().find(|&&i| i >= n) {
+                anyhow::bail!("--images {bad}: the trace holds {n} images (0..{})", n - 1);
+            }
+            ids.into_iter()
+                .map(|i| {
+                    let name = t.trace().image_name(i);
+                    (Item::TraceImage(i), format!("{i:05}-{name}"))
+                })
+                .collect()
+        }
+    };
     if images.is_empty() {
         anyhow::bail!("no image files in {:?}", args.inputs);
     }
@@ -173,7 +234,6 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
         ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
             .map_err(|e| anyhow::anyhow!("{e}"))?,
     );
-    let model_name = args.model.display().to_string();
     let e = cfg.moe.as_ref().map_or(0, |m| m.num_experts);
     // Summary accumulators: per (panel, expert) token sums, dropped and total tokens.
     let panels_per_image = if args.compare.is_empty() {
@@ -187,9 +247,9 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
     let mut panel_names = vec![String::new(); panels_per_image];
     let mut done = 0usize;
     let mut skipped: Vec<String> = Vec::new();
-    for (path, name) in &images {
+    for (item, name) in &images {
         bar.set_message(name.clone());
-        match export_one(&model, path, name, &routers, args, &model_name) {
+        match export_one(&subject, item, name, &routers, args, &model_name) {
             Ok(panels) => {
                 for (i, (name, r)) in panels.iter().enumerate() {
                     panel_names[i] = name.clone();
@@ -204,7 +264,10 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
             Err(err) => {
                 // The error names the file when it comes from reading it; say it once.
                 let text = format!("{err:#}");
-                let shown = path.display().to_string();
+                let shown = match item {
+                    Item::File(path) => path.display().to_string(),
+                    Item::TraceImage(i) => format!("trace image {i}"),
+                };
                 let text = if text.starts_with(&shown) {
                     text
                 } else {
@@ -261,37 +324,54 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
 
 /// Exports one image; returns its panels' names and routings for the summary.
 fn export_one(
-    model: &Engine,
-    path: &Path,
+    subject: &Subject,
+    item: &Item,
     image_name: &str,
     routers: &[RouterConfig],
     args: &ExportArgs,
     model_name: &str,
 ) -> anyhow::Result<Vec<(String, ImageRouting)>> {
-    let cfg = &model.config;
-    let image = decode_image(path)?;
-    let pixels = preprocess(&image, cfg)?;
+    let cfg = subject.config();
     let moe = cfg.moe.as_ref().context("no MoE layers")?;
+    let base = RunOptions::from_config(cfg);
+    // The batch one run routes and where this image sits in it: the file alone, or the trace's
+    // routing group that holds the image.
+    let (image, pixels, batch, index, group_images) = match (subject, item) {
+        (Subject::Model(_), Item::File(path)) => {
+            let image = decode_image(path)?;
+            let pixels = preprocess(&image, cfg)?;
+            (image, vec![pixels], Vec::new(), 0, 1)
+        }
+        (Subject::Trace(t), Item::TraceImage(i)) => {
+            let trace = t.trace();
+            let g = trace.group_images();
+            let first = i / g * g;
+            let ids: Vec<usize> = (first..first + g).collect();
+            (trace.image(*i)?, Vec::new(), ids, i - first, g)
+        }
+        _ => anyhow::bail!("internal: an image of another kind of subject"),
+    };
     let mut panels = Vec::new();
     let mut prediction = Vec::new();
-    let base = RunOptions::from_config(cfg);
     let mut prev: Option<routerscope::model::ForwardOutput> = None;
     for r in routers {
         let opts = RunOptions {
-            group_images: 1,
+            group_images,
             ..base.clone().with_router(r.clone())
         };
-        let out = match &prev {
-            Some(p) => model.rerun(p, &opts)?,
-            None => model.forward(std::slice::from_ref(&pixels), &opts)?,
+        let out = match (subject, &prev) {
+            (Subject::Model(m), Some(p)) => m.rerun(p, &opts)?,
+            (Subject::Model(m), None) => m.forward(&pixels, &opts)?,
+            (Subject::Trace(t), _) => t.route_ids(&batch, &opts)?,
         };
-        if prediction.is_empty() {
-            let mut order: Vec<usize> = (0..out.probs[0].len()).collect();
-            order.sort_by(|&a, &b| out.probs[0][b].total_cmp(&out.probs[0][a]));
+        if prediction.is_empty() && !out.probs[index].is_empty() {
+            let probs = &out.probs[index];
+            let mut order: Vec<usize> = (0..probs.len()).collect();
+            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
             prediction = order
                 .iter()
                 .take(5)
-                .map(|&c| (cfg.class_name(c), out.probs[0][c]))
+                .map(|&c| (cfg.class_name(c), probs[c]))
                 .collect();
         }
         let layers: Vec<usize> = match (args.layer, routers.len()) {
@@ -301,7 +381,7 @@ fn export_one(
         };
         for l in layers {
             let rec = &out.records[l];
-            let routing = ImageRouting::new(&rec.groups[0], 0, cfg.seq_len());
+            let routing = ImageRouting::new(&rec.groups[0], index, cfg.seq_len());
             let title = if routers.len() > 1 {
                 format!("{} · block {}", r.kind.display_name(), rec.block)
             } else {
@@ -316,9 +396,9 @@ fn export_one(
         prev = Some(out);
     }
     // A feature model's figure says how far this routing moves its representation.
-    let fidelity = match (&prev, routers.len()) {
-        (Some(out), 1) if cfg.is_feature_model() => {
-            let all = model.rerun(out, &all_experts_options(cfg))?;
+    let fidelity = match (subject, &prev, routers.len()) {
+        (Subject::Model(m), Some(out), 1) if cfg.is_feature_model() => {
+            let all = m.rerun(out, &all_experts_options(cfg))?;
             let skip = cfg.seq_len() - cfg.num_patches();
             Some(mean_patch_cosine(
                 &out.features,
