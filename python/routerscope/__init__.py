@@ -42,6 +42,7 @@ from ._native import (  # noqa: E402
     __version__,
     builtin_models,
     load,
+    read_image,
     route,
     sample_images,
 )
@@ -59,6 +60,17 @@ __all__ = [
     "analyze",
     "builtin_models",
     "load",
+    "read_image",
     "route",
     "sample_images",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # `routerscope.torch` (the PyTorch helpers) loads on first use, so importing routerscope
+    # never imports torch.
+    if name == "torch":
+        import importlib
+
+        return importlib.import_module(".torch", __name__)
+    raise AttributeError(f"module 'routerscope' has no attribute {name!r}")

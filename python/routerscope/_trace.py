@@ -91,6 +91,7 @@ class Trace:
         if patch_size is not None:
             self._meta["patch_size"] = [int(patch_size[0]), int(patch_size[1])]
         self._layer_of_block: Dict[int, int] = {}
+        self._logged: Dict[int, set] = {}
         self._tensors: List[Tuple[str, str, List[int], int, int]] = []
         self._offset = 0
         self._tokens: Optional[int] = None
@@ -234,6 +235,13 @@ class Trace:
                     )
         layer = self._meta["layers"][l]
         g = len(layer["groups"])
+        seen = self._logged.setdefault(l, set())
+        again = [i for i in images if i in seen]
+        if again:
+            raise ValueError(
+                f"block {block}: image {again[0]} was already logged in an earlier group (a "
+                "forward pass ran twice on the same images?)"
+            )
 
         def tokens_first(arr: np.ndarray, name: str, inner: int) -> np.ndarray:
             if arr.ndim == inner + 1 and arr.shape[0] == len(images) and arr.shape[1] == self._tokens:
@@ -292,6 +300,7 @@ class Trace:
             self._write(f"layers/{l}/groups/{g}/{name}", arr)
         s = self._tokens
         layer["groups"].append({"members": [[i, 0, s] for i in images]})
+        seen.update(images)
 
     # -- file -----------------------------------------------------------------------------
 

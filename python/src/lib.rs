@@ -23,6 +23,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(model::load, m)?)?;
     m.add_function(wrap_pyfunction!(model::builtin_models, m)?)?;
     m.add_function(wrap_pyfunction!(model::sample_images, m)?)?;
+    m.add_function(wrap_pyfunction!(model::read_image, m)?)?;
     m.add_function(wrap_pyfunction!(analysis::_analyze, m)?)?;
     m.add_class::<routing::Routing>()?;
     m.add_class::<model::Model>()?;

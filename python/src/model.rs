@@ -714,3 +714,35 @@ pub(crate) fn builtin_models(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 pub(crate) fn sample_images() -> Vec<PathBuf> {
     catalog::sample_images()
 }
+
+/// An image file as uint8 RGB pixels ``[H, W, 3]`` (PNG, JPEG, GIF, BMP, WebP, TIFF; EXIF
+/// orientation applied; decoding bounded as for models), resized to ``size`` ``(H, W)`` with a
+/// triangle filter when given, the way models resize their inputs.
+#[pyfunction]
+#[pyo3(signature = (path, *, size = None))]
+pub(crate) fn read_image<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    size: Option<(u32, u32)>,
+) -> PyResult<Bound<'py, numpy::PyArrayDyn<u8>>> {
+    check_file(&path, "image")?;
+    if let Some((h, w)) = size
+        && (h == 0 || w == 0 || h > 16_384 || w > 16_384)
+    {
+        return Err(value_error(format!(
+            "size=({h}, {w}): 1 to 16384 pixels per side"
+        )));
+    }
+    let rgb = crate::stoppable::run_released(py, || -> Result<image::RgbImage, ModelError> {
+        let img = decode_image(&path)?;
+        Ok(match size {
+            Some((h, w)) => img
+                .resize_exact(w, h, image::imageops::FilterType::Triangle)
+                .to_rgb8(),
+            None => img.to_rgb8(),
+        })
+    })?
+    .map_err(model_error)?;
+    let (w, h) = rgb.dimensions();
+    output(py, &[h as usize, w as usize, 3], rgb.into_raw())
+}
