@@ -22,7 +22,7 @@ def _progress_bar(enabled: Optional[bool]) -> Any:
 
 def analyze(
     model: Union["_native.Model", PathLike],
-    data: PathLike,
+    data: Optional[PathLike] = None,
     out: Optional[PathLike] = None,
     compare: Union[Sequence[str], str] = (),
     *,
@@ -38,7 +38,10 @@ def analyze(
 ) -> Dict[str, Any]:
     """Route a whole dataset and return its routing statistics, as ``routerscope analyze``.
 
-    ``model`` is a :class:`Model` or a checkpoint path / built-in model name. ``data`` is a
+    ``model`` is a :class:`Model`, a checkpoint path / built-in model name, or a routing trace
+    (``docs/trace-format.md``; then there is no ``data``: the trace's own images are analysed
+    under the logged routing, and ``router``/``k``/``capacity_factor``/``compare`` re-route the
+    logged logits). ``data`` is a
     folder of images searched recursively whose first subfolder names the class (torchvision's
     ImageFolder convention; images directly in it are ``(unlabelled)``), a Fashion-MNIST IDX
     directory (``split`` picks ``test`` or ``train``), or ``"fashion-mnist"`` (the test set:
@@ -70,7 +73,7 @@ def analyze(
     try:
         return _native._analyze(
             model,
-            os.fspath(data),
+            None if data is None else os.fspath(data),
             out=None if out is None else os.fspath(out),
             compare=compare,
             router=router,

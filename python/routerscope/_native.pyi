@@ -19,6 +19,7 @@ __all__ = [
     "_analyze",
     "builtin_models",
     "load",
+    "read_image",
     "route",
     "sample_images",
 ]
@@ -292,9 +293,12 @@ def builtin_models() -> Dict[str, Path]:
 def sample_images() -> List[Path]:
     """The sample images shipped with routerscope, as paths."""
 
+def read_image(path: _PathLike, *, size: Optional[Tuple[int, int]] = None) -> npt.NDArray[np.uint8]:
+    """An image file as uint8 RGB pixels ``[H, W, 3]``, resized to ``size`` ``(H, W)`` when given."""
+
 def _analyze(
     model: Union[Model, _PathLike],
-    data: _PathLike,
+    data: Optional[_PathLike] = None,
     *,
     out: Optional[_PathLike] = None,
     compare: Optional[Union[Sequence[str], str]] = None,

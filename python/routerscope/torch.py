@@ -67,7 +67,9 @@ class RouterRecorder:
         self.trace = trace
         self.block = int(block)
         self.group_images = int(group_images)
-        self.settings = {"router": router, "k": k, "capacity_factor": capacity_factor}
+        self.router = router
+        self.k = k
+        self.capacity_factor = capacity_factor
         self.calls = 0
         # The next image to log: calls log the trace's images in order, whether one call carries
         # a whole batch or the model calls its router once per image or group.
@@ -118,7 +120,9 @@ class RouterRecorder:
                 self.block,
                 group=range(first + g, first + g + self.group_images),
                 logits=np.ascontiguousarray(arr[rows]),
-                **self.settings,
+                router=self.router,
+                k=self.k,
+                capacity_factor=self.capacity_factor,
             )
         self.calls += 1
 

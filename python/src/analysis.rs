@@ -5,18 +5,19 @@
 use std::path::{Path, PathBuf};
 
 use pyo3::prelude::*;
-use routerscope::analysis::source::DataSource;
+use routerscope::analysis::source::{DataSource, TraceSource};
 use routerscope::analysis::{AnalyzeOptions, Progress, analyze, report, router_runs};
 use routerscope::catalog;
 use routerscope::figures::Palette;
-use routerscope::model::WhatIf;
+use routerscope::model::{Forward, WhatIf};
 use routerscope::routing::{ArgStyle, RouterKind};
+use routerscope::trace::TraceModel;
 use routerscope::train::Split;
 
 use crate::errors::{analysis_error, check_exists, non_negative, value_error};
 use crate::model::{Model, load};
 use crate::routing::parse_router;
-use crate::stoppable::run_stoppable;
+use crate::stoppable::{run_released, run_stoppable};
 
 /// The dataset a name or path points to: `fashion-mnist` is the Fashion-MNIST test set (the
 /// Debian package's where installed, else the built-in 1,000-image slice), `fashion-mnist-slice`
@@ -47,10 +48,25 @@ fn compare_list(compare: &Bound<'_, PyAny>) -> PyResult<Vec<RouterKind>> {
     names.iter().map(|n| parse_router(n)).collect()
 }
 
+/// What an analysis runs on.
+enum Subject {
+    Model(std::sync::Arc<routerscope::backend::Engine>),
+    Trace(TraceModel),
+}
+
+impl Subject {
+    fn forward(&self) -> &(dyn Forward + Sync) {
+        match self {
+            Subject::Model(m) => &**m,
+            Subject::Trace(t) => t,
+        }
+    }
+}
+
 /// Native half of :func:`routerscope.analyze` (which adds the progress bar).
 #[pyfunction]
 #[pyo3(signature = (
-    model, data, *, out = None, compare = None, router = None, k = None, capacity_factor = None,
+    model, data = None, *, out = None, compare = None, router = None, k = None, capacity_factor = None,
     group_images = None, split = "test", limit = None, atlas_size = 16, png_width = 1200,
     progress = None
 ))]
@@ -58,7 +74,7 @@ fn compare_list(compare: &Bound<'_, PyAny>) -> PyResult<Vec<RouterKind>> {
 pub(crate) fn _analyze<'py>(
     py: Python<'py>,
     model: &Bound<'py, PyAny>,
-    data: PathBuf,
+    data: Option<PathBuf>,
     out: Option<PathBuf>,
     compare: Option<&Bound<'py, PyAny>>,
     router: Option<&str>,
@@ -85,16 +101,39 @@ pub(crate) fn _analyze<'py>(
     if let Some(dir) = &out {
         report::check_output_dir(dir, ArgStyle::Python).map_err(analysis_error)?;
     }
+    // A routing trace analyses its own images; anything else names a model.
+    let trace_path: Option<PathBuf> = match model.cast::<Model>() {
+        Ok(_) => None,
+        Err(_) => model
+            .extract::<PathBuf>()
+            .ok()
+            .filter(|p| routerscope::trace::is_trace_file(p)),
+    };
     let loaded;
-    let model: Bound<'py, Model> = match model.cast::<Model>() {
-        Ok(m) => m.clone(),
-        Err(_) => {
-            loaded = Bound::new(py, load(py, model, "auto")?)?;
-            loaded
+    let (subject, what): (Subject, String) = match &trace_path {
+        Some(p) => {
+            if data.is_some() {
+                return Err(value_error(
+                    "data= does not apply to a routing trace: it analyses the images it holds",
+                ));
+            }
+            let t = run_released(py, || TraceModel::open(p))?
+                .map_err(|e| value_error(e.to_string()))?;
+            (Subject::Trace(t), p.display().to_string())
+        }
+        None => {
+            let model: Bound<'py, Model> = match model.cast::<Model>() {
+                Ok(m) => m.clone(),
+                Err(_) => {
+                    loaded = Bound::new(py, load(py, model, "auto")?)?;
+                    loaded
+                }
+            };
+            let what = model.get().what.clone();
+            (Subject::Model(model.get().engine.clone()), what)
         }
     };
-    let m = model.get();
-    let cfg = &m.engine.config;
+    let cfg = subject.forward().config();
     let main = WhatIf {
         router,
         k: non_negative("k", k)?,
@@ -110,10 +149,16 @@ pub(crate) fn _analyze<'py>(
         )));
     }
     let runs =
-        router_runs(cfg, &m.what, &main, &compare, ArgStyle::Python).map_err(analysis_error)?;
-    let data = resolve_data(&data);
-    check_exists(&data, "data")?;
-    let mut source = DataSource::open(&data, split, &cfg.class_names).map_err(analysis_error)?;
+        router_runs(cfg, &what, &main, &compare, ArgStyle::Python).map_err(analysis_error)?;
+    let mut source = match &subject {
+        Subject::Trace(t) => DataSource::Trace(TraceSource::new(t.trace().clone())),
+        Subject::Model(_) => {
+            let data = data.ok_or_else(|| value_error("data= is needed to analyse a model"))?;
+            let data = resolve_data(&data);
+            check_exists(&data, "data")?;
+            DataSource::open(&data, split, &cfg.class_names).map_err(analysis_error)?
+        }
+    };
     if let Some(n) = limit {
         source.truncate(n);
     }
@@ -122,7 +167,7 @@ pub(crate) fn _analyze<'py>(
         atlas_size,
         batch_tokens: AnalyzeOptions::DEFAULT_BATCH_TOKENS,
     };
-    let engine = &*m.engine;
+    let engine = subject.forward();
     let source_ref = &source;
     let (result, interrupted) = run_stoppable(
         py,

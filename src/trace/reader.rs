@@ -413,9 +413,12 @@ impl TraceFile {
                         .iter()
                         .find_map(|p| self.infos.get(&group_tensor(l, 0, p)))
                         .map(|i| i.shape[2]);
-                    match dense {
-                        Some(c) => CapacitySpec::Slots(c),
-                        None => cfg.capacity,
+                    match (dense, picks_k) {
+                        (Some(c), _) => CapacitySpec::Slots(c),
+                        // Picks without a capacity: the fullest expert of any group, so that
+                        // every group shows the same (smallest consistent) capacity.
+                        (None, Some(_)) => CapacitySpec::Slots(self.fullest_expert(l)?),
+                        (None, None) => cfg.capacity,
                     }
                 }
             };
@@ -432,6 +435,32 @@ impl TraceFile {
         self.routers = routers;
         self.router_known = known;
         Ok(())
+    }
+
+    /// The most picks any expert kept in any group of layer `l` (from `slot`, `kept` or all
+    /// picks), read from the index tensors alone.
+    fn fullest_expert(&self, l: usize) -> Result<usize, TraceError> {
+        let e = self.meta.num_experts;
+        let mut most = 1;
+        for g in 0..self.meta.layers[l].groups.len() {
+            let name = |p: &str| group_tensor(l, g, p);
+            let Some(experts) = self.ints(&name("expert_index")) else {
+                continue;
+            };
+            if let Some(slots) = self.ints(&name("slot")) {
+                most = most.max(slots.iter().map(|&s| s + 1).max().unwrap_or(1).max(1) as usize);
+                continue;
+            }
+            let kept = self.bools(&name("kept"));
+            let mut count = vec![0usize; e];
+            for (at, &j) in experts.iter().enumerate() {
+                if (0..e as i64).contains(&j) && kept.as_ref().is_none_or(|k| k[at]) {
+                    count[j as usize] += 1;
+                }
+            }
+            most = most.max(count.into_iter().max().unwrap_or(1));
+        }
+        Ok(most)
     }
 
     /// A model configuration the views and the analysis can read: the patch grid, the CLS
