@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::model::{Classifier, Forward, ModelConfig, RunOptions, WhatIf};
+use crate::model::{Classifier, Forward, ModelConfig, ModelError, RunOptions, WhatIf};
 use crate::routing::{ArgStyle, CapacitySpec, RouterConfig, RouterFamily, RouterKind};
 use atlas::{AtlasEntry, AtlasExpert, TopN};
 use source::DataSource;
@@ -313,7 +313,10 @@ pub fn analyze(
                     None => model.forward_source(&ids, &inputs, run),
                     Some(p) => model.rerun(p, run),
                 }
-                .map_err(|e| AnalysisError::Model(e.to_string()))?;
+                .map_err(|e| match e {
+                    ModelError::Source(m) => AnalysisError::Data(m),
+                    e => AnalysisError::Model(e.to_string()),
+                })?;
                 for (l, rec) in out.records.iter().enumerate() {
                     let (layer, heap) = (&mut acc[r][l], &mut heaps[r][l]);
                     for g in &rec.groups {

@@ -88,8 +88,12 @@ pub fn csv_tables(a: &Analysis) -> Vec<(&'static str, String)> {
             for (t, n) in st.experts_per_token_histogram.iter().enumerate() {
                 let _ = writeln!(ept, "{r},{b},{t},{n}");
             }
-            let bins = st.router_entropy.counts.len().max(1) as f64;
-            for (k, n) in st.router_entropy.counts.iter().enumerate() {
+            let counts = st
+                .router_entropy
+                .as_ref()
+                .map_or(&[][..], |h| &h.counts[..]);
+            let bins = counts.len().max(1) as f64;
+            for (k, n) in counts.iter().enumerate() {
                 let _ = writeln!(
                     entropy,
                     "{r},{b},{},{},{n}",

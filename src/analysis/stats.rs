@@ -67,7 +67,9 @@ pub struct LayerStats {
     pub load_per_expert: Vec<ExpertLoad>,
     /// `[t]`: tokens processed by exactly `t` experts, `t = 0..=e`.
     pub experts_per_token_histogram: Vec<usize>,
-    pub router_entropy: EntropyHistogram,
+    /// `None` where the routing held no router probabilities (a trace of picks or dispatch
+    /// weights without its logits).
+    pub router_entropy: Option<EntropyHistogram>,
     /// Soft MoE: `[slots][positions]`, each slot's dispatch weight at each position, summed over
     /// images and divided by the number of groups (a slot's row sums to 1 over a group).
     pub soft_slot_dispatch_per_position: Option<Vec<Vec<f64>>>,
@@ -95,6 +97,7 @@ pub struct LayerAccumulator {
     hist: Vec<usize>,
     entropy: Vec<usize>,
     entropy_sum: f64,
+    entropy_tokens: usize,
     /// `[e][seq_len · bins_per_token + 1]`: images whose load on the expert falls in each bin.
     load_hist: Vec<Vec<u64>>,
     bins_per_token: usize,
@@ -126,6 +129,7 @@ impl LayerAccumulator {
             hist: vec![0; experts + 1],
             entropy: vec![0; ENTROPY_BINS],
             entropy_sum: 0.0,
+            entropy_tokens: 0,
             load_hist: Vec::new(),
             bins_per_token: 1,
             load_sum: vec![0.0; experts],
@@ -168,7 +172,9 @@ impl LayerAccumulator {
             let m = i / s;
             let class = labels[m];
             self.tokens_per_class[class] += 1;
-            let row = &g.probs[i * e..(i + 1) * e];
+            let Some(row) = g.probs.get(i * e..(i + 1) * e) else {
+                continue;
+            };
             let h = if ln_e > 0.0 {
                 let h: f64 = row
                     .iter()
@@ -180,6 +186,7 @@ impl LayerAccumulator {
                 0.0
             };
             self.entropy_sum += h;
+            self.entropy_tokens += 1;
             self.entropy[((h * ENTROPY_BINS as f64) as usize).min(ENTROPY_BINS - 1)] += 1;
         }
         match &r.assignment {
@@ -320,10 +327,10 @@ impl LayerAccumulator {
             dropped_per_position: self.dropped_per_position,
             load_per_expert,
             experts_per_token_histogram: self.hist,
-            router_entropy: EntropyHistogram {
+            router_entropy: (self.entropy_tokens > 0).then(|| EntropyHistogram {
                 counts: self.entropy,
-                mean: self.entropy_sum / t,
-            },
+                mean: self.entropy_sum / self.entropy_tokens as f64,
+            }),
             soft_slot_dispatch_per_position: self.soft_slots.map(|slots| {
                 slots
                     .into_iter()

@@ -230,6 +230,13 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
     if images.is_empty() {
         anyhow::bail!("no image files in {:?}", args.inputs);
     }
+    if let Subject::Trace(t) = &subject {
+        // A what-if the trace cannot answer fails once, before any file is written.
+        let base = RunOptions::from_config(&cfg);
+        for r in &routers {
+            t.check_options(&base.clone().with_router(r.clone()))?;
+        }
+    }
     let bar = ProgressBar::new(images.len() as u64).with_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
             .map_err(|e| anyhow::anyhow!("{e}"))?,
@@ -459,6 +466,8 @@ fn short(model: &str) -> String {
 fn capacity_text(r: &RouterConfig) -> String {
     match r.capacity {
         CapacitySpec::Factor(f) if r.kind != RouterKind::SoftMoe => format!("capacity factor {f}"),
-        _ => "slots from mu".to_string(),
+        CapacitySpec::Slots(n) if r.kind != RouterKind::SoftMoe => format!("capacity {n}"),
+        CapacitySpec::Slots(n) => format!("{n} slots per expert"),
+        CapacitySpec::Factor(_) => "slots from mu".to_string(),
     }
 }

@@ -59,7 +59,11 @@ impl ImageRouting {
         let tokens = (first..first + seq_len)
             .map(|i| {
                 let choices = r.token_choices(i).to_vec();
-                let probs = record.probs[i * e..(i + 1) * e].to_vec();
+                // Empty where the routing's source (a trace of picks) holds no probabilities.
+                let probs = record
+                    .probs
+                    .get(i * e..(i + 1) * e)
+                    .map_or_else(Vec::new, <[f32]>::to_vec);
                 let kept: Vec<&Choice> = choices.iter().filter(|c| c.slot.is_some()).collect();
                 let primary = match family {
                     RouterFamily::Soft => argmax(&probs),

@@ -51,6 +51,9 @@ pub enum ModelError {
     Tensor(String),
     #[error("{0}")]
     Image(String),
+    /// The data a run reads is bad (a routing trace's tensors, found as its groups are read).
+    #[error("{0}")]
+    Source(String),
     #[error(transparent)]
     Routing(#[from] RoutingError),
     #[error(transparent)]

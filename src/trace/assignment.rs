@@ -67,7 +67,7 @@ pub(crate) fn from_dense(
                 }
                 if let Some(other) = slot_token[j * c + s] {
                     return Err(format!(
-                        "dispatch puts tokens {other} and {t} in the same slot {s} of expert {j}"
+                        "dispatch: tokens {other} and {t} take the same slot {s} of expert {j}"
                     ));
                 }
                 slot_token[j * c + s] = Some(t as u32);
@@ -199,7 +199,8 @@ pub(crate) fn from_picks(
     let c = capacity.unwrap_or(fullest).max(1);
     if fullest > c {
         return Err(format!(
-            "a kept choice takes slot {} but the logged capacity is {c} slots per expert",
+            "{}: a kept choice takes slot {} but the logged capacity is {c} slots per expert",
+            if slots.is_some() { "slot" } else { "kept" },
             fullest - 1
         ));
     }
@@ -217,7 +218,7 @@ pub(crate) fn from_picks(
                 let cell = &mut slot_token[j * c + s as usize];
                 if let Some(other) = *cell {
                     return Err(format!(
-                        "tokens {other} and {t} both take slot {s} of expert {j}"
+                        "slot: tokens {other} and {t} both take slot {s} of expert {j}"
                     ));
                 }
                 *cell = Some(t as u32);

@@ -45,7 +45,7 @@ impl TraceModel {
         let t = &*self.trace;
         let cfg = t.config();
         let layers = cfg.moe.as_ref().map_or(0, |m| m.layers.len());
-        let err = |e: super::TraceError| ModelError::Config(e.to_string());
+        let err = |e: super::TraceError| ModelError::Source(e.to_string());
         if opts.routers.len() != layers {
             return Err(ModelError::Config(format!(
                 "{} router settings for the trace's {layers} MoE layers",
@@ -65,15 +65,10 @@ impl TraceModel {
                 t.num_images()
             )));
         }
-        let own = cfg.moe.as_ref().map(|m| &m.router);
+        self.check_options(opts)?;
         let mut records = Vec::with_capacity(layers);
         for (l, router) in opts.routers.iter().enumerate() {
-            // Soft MoE's slots are the logged weights' own (a what-if sets them to a placeholder).
-            let same = |own: &RouterConfig| {
-                router == own
-                    || (router.kind == RouterKind::SoftMoe && own.kind == RouterKind::SoftMoe)
-            };
-            let logged = own.is_some_and(same) && g == t.group_images();
+            let logged = self.is_logged(router, g);
             let mut groups = Vec::with_capacity(ids.len() / g);
             for (c, chunk) in ids.chunks(g).enumerate() {
                 let mut rec: GroupRecord = if logged {
@@ -105,6 +100,52 @@ impl TraceModel {
             inputs: Arc::from(vec![Vec::new(); ids.len()]),
             resume: Resume::Backend(Arc::new(TraceIds(ids.to_vec()))),
         })
+    }
+}
+
+impl TraceModel {
+    /// Whether `router` in groups of `group_images` is the trace's own routing (shown as
+    /// logged) rather than a what-if on its logits.
+    pub fn is_logged(&self, router: &RouterConfig, group_images: usize) -> bool {
+        let t = &*self.trace;
+        let Some(own) = t.config().moe.as_ref().map(|m| &m.router) else {
+            return false;
+        };
+        // Soft MoE's slots are the logged weights' own (a what-if sets them to a placeholder).
+        let same = router == own
+            || (router.kind == RouterKind::SoftMoe && own.kind == RouterKind::SoftMoe);
+        same && group_images == t.group_images()
+    }
+
+    /// The MoE layers `opts` would re-route (what-ifs), in order.
+    pub fn what_if_layers(&self, opts: &RunOptions) -> Vec<usize> {
+        let g = opts.group_images.max(1);
+        (0..opts.routers.len())
+            .filter(|&l| !self.is_logged(&opts.routers[l], g))
+            .collect()
+    }
+
+    /// Fails, naming the layer, when `opts` is a what-if on a layer whose trace logged no
+    /// logits or probabilities to re-route.
+    pub fn check_options(&self, opts: &RunOptions) -> Result<(), ModelError> {
+        let t = &*self.trace;
+        for l in self.what_if_layers(opts) {
+            if !t.has_logits(l) {
+                let router = &opts.routers[l];
+                return Err(ModelError::Source(format!(
+                    "{}: layer {l} (block {}) logged no router logits or probabilities (only \
+                     {}), so only its logged routing can be shown: {} (k = {}, groups of {} \
+                     images) is a what-if, which re-routes logits",
+                    t.path().display(),
+                    t.meta().layers[l].block,
+                    t.pieces(l, 0).join(", "),
+                    router.kind.cli_name(),
+                    router.k,
+                    opts.group_images.max(1),
+                )));
+            }
+        }
+        Ok(())
     }
 }
 

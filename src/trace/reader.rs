@@ -16,7 +16,8 @@ use super::format::{
 use crate::model::{Classifier, GroupRecord, ModelConfig, MoeConfig, Normalization, decode_image};
 use crate::routing::ops::softmax_rows;
 use crate::routing::{
-    CapacitySpec, Mode, RouterConfig, RouterFamily, RouterKind, RoutingResult, route_logits,
+    Assignment, CapacitySpec, Mode, RouterConfig, RouterFamily, RouterKind, RoutingResult,
+    route_logits,
 };
 
 /// The most images, layers or groups per layer one trace may describe.
@@ -648,17 +649,19 @@ impl TraceFile {
         let n = group.members.len() * self.config.seq_len();
         let name = |p: &str| group_tensor(l, g, p);
         let ctx = |m: String| self.invalid(format!("layer {l} group {g}: {m}"));
+        // The assignment builders' messages start with the tensor they found wrong.
+        let in_tensor = |m: String| self.invalid(format!("layers/{l}/groups/{g}/{m}"));
         let Pieces { logits, probs } = self.logits_of(l, g)?;
         let probs = probs.or_else(|| logits.as_ref().map(|x| softmax_rows(x, e)));
         let cfg = &self.routers[l];
-        let routing = if let Some(d) = self.floats(&name("soft_dispatch"))? {
+        let mut routing = if let Some(d) = self.floats(&name("soft_dispatch"))? {
             let c = self.floats(&name("soft_combine"))?.unwrap_or_default();
             let p = d.len() / (n * e);
             from_soft(d, c, n, e, p)
         } else if let Some(d) = self.floats(&name("dispatch"))? {
             let c = self.floats(&name("combine"))?.unwrap_or_default();
             let cap = d.len() / (n * e);
-            from_dense(cfg.kind, &d, &c, probs.as_deref(), n, e, cap).map_err(ctx)?
+            from_dense(cfg.kind, &d, &c, probs.as_deref(), n, e, cap).map_err(in_tensor)?
         } else if let Some(experts) = self.ints(&name("expert_index")) {
             let gates = self.floats(&name("gates"))?.unwrap_or_default();
             let k = experts.len() / n;
@@ -683,7 +686,7 @@ impl TraceFile {
                 e,
                 k,
             )
-            .map_err(ctx)?
+            .map_err(in_tensor)?
         } else {
             let source = logits
                 .clone()
@@ -692,11 +695,26 @@ impl TraceFile {
             self.route(&source, n, cfg)
                 .map_err(|e| ctx(format!("routing its logits under the logged router: {e}")))?
         };
+        // Logged sparse routing that the logged router reproduces from the logged logits gains
+        // what only the router computes: the matrix Expert Choice ranked (a Sinkhorn or sparse
+        // OT plan, not the gates), the auxiliary losses and the solver's convergence.
+        if let (Some(x), Assignment::Sparse(_)) = (&logits, &routing.assignment)
+            && routing.router == cfg.kind
+            && let Ok(derived) = self.route(x, n, cfg)
+        {
+            adopt_derived(&mut routing, derived);
+        }
         Ok(GroupRecord {
             first_image: 0,
             num_images: group.members.len(),
             logits: logits.unwrap_or_default(),
-            probs: probs.unwrap_or_else(|| routing.expert_probabilities()),
+            // Soft MoE's per-expert weights are its combine weights (as a model run reports
+            // them); a sparse router's probabilities over all experts cannot be recovered from
+            // its picks, so they stay unknown (empty) rather than guessed from the gates.
+            probs: probs.unwrap_or_else(|| match routing.assignment {
+                Assignment::Soft(_) => routing.expert_probabilities(),
+                Assignment::Sparse(_) => Vec::new(),
+            }),
             routing,
         })
     }
@@ -796,6 +814,22 @@ impl TraceFile {
             .clone()
             .or_else(|| m.path.clone())
             .unwrap_or_else(|| format!("image {i}"))
+    }
+}
+
+/// Takes the scores, auxiliary losses and solver record of `derived` (the logged router run on
+/// the logged logits) into `logged` when both put the same tokens in the same slots.
+fn adopt_derived(logged: &mut RoutingResult, derived: RoutingResult) {
+    if logged.capacity != derived.capacity {
+        return;
+    }
+    if let (Assignment::Sparse(a), Assignment::Sparse(b)) =
+        (&mut logged.assignment, derived.assignment)
+        && a.slot_token == b.slot_token
+    {
+        a.scores = b.scores;
+        logged.aux = derived.aux;
+        logged.solver = derived.solver;
     }
 }
 

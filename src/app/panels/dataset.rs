@@ -139,11 +139,15 @@ impl RouterscopeApp {
         };
         let st = &la.stats;
         ui.label(format!(
-            "dropped {:.2}% of tokens · load std {:.2} tokens/image · usage entropy {:.3} · mean router entropy {:.2}",
+            "dropped {:.2}% of tokens · load std {:.2} tokens/image · usage entropy {:.3} · {}",
             100.0 * st.dropped_token_rate,
             st.load_std,
             st.usage_entropy,
-            st.router_entropy.mean
+            st.router_entropy.as_ref().map_or_else(
+                || "router entropy: unknown (the trace logged no router logits or probabilities)"
+                    .to_string(),
+                |h| format!("mean router entropy {:.2}", h.mean)
+            )
         ));
         let mut picked = None;
         let width = ui.available_width();

@@ -25,11 +25,23 @@ pub fn token_details(
         )),
         None => ui.strong(format!("token {} · CLS", t.index)),
     };
-    ui.label(match family {
-        RouterFamily::Soft => "combine weight per expert (summed over its slots)",
-        _ => "router probability per expert",
-    });
     let e = t.probs.len();
+    if e == 0 {
+        ui.weak("router probabilities: not in the trace (it logged no logits or probabilities)");
+    } else {
+        ui.label(match family {
+            RouterFamily::Soft => "combine weight per expert (summed over its slots)",
+            _ => "router probability per expert",
+        });
+        probability_bars(ui, t, e, palette);
+    }
+    if family == RouterFamily::Soft {
+        return;
+    }
+    choices(ui, t, family, palette);
+}
+
+fn probability_bars(ui: &mut egui::Ui, t: &TokenRouting, e: usize, palette: Palette) {
     let (rect, _) = ui.allocate_exact_size(egui::vec2(220.0, 64.0), egui::Sense::hover());
     let p = ui.painter_at(rect);
     p.rect_filled(rect, 2.0, ui.visuals().extreme_bg_color);
@@ -53,9 +65,9 @@ pub fn token_details(
             );
         }
     }
-    if family == RouterFamily::Soft {
-        return;
-    }
+}
+
+fn choices(ui: &mut egui::Ui, t: &TokenRouting, family: RouterFamily, palette: Palette) {
     if t.choices.is_empty() {
         ui.colored_label(color(DROPPED, 1.0), "not picked by any expert (output 0)");
         return;
