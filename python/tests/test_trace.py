@@ -534,3 +534,46 @@ def test_the_examples_write_traces_routerscope_exports(
              "--out", str(tmp / "an")])
     runs = json.loads((tmp / "an" / "analysis.json").read_text())["runs"]
     assert [r["settings"]["router"] for r in runs][1:] == ["softmax-ec", "sinkhorn-tc"]
+
+
+# -- streaming ----------------------------------------------------------------------------
+
+
+def test_a_20000_image_trace_streams_in_bounded_memory(tmp: Path) -> None:
+    """Writing and analysing a 20,000-image trace (generated logits, two MoE layers): neither
+    side holds the tensors, and ``analyze --trace`` peaks under 200 MB resident."""
+    import resource
+
+    n, e = 20_000, 8
+    path = tmp / "big.rstrace.safetensors"
+    rng = np.random.default_rng(0)
+    with rs.Trace(path, experts=e, classes=[f"c{i}" for i in range(10)]) as trace:
+        for start in range(0, n, 1000):
+            pixels = rng.integers(0, 256, (1000, 32, 32, 3), dtype=np.uint8)
+            for i in range(1000):
+                trace.image(pixels[i], grid=(8, 8), label=(start + i) % 10)
+            for block in (3, 5):
+                logits = (rng.standard_normal((1000, 64, e)) * 2).astype(np.float32)
+                for i in range(1000):
+                    trace.log_layer(block, group=start + i, logits=logits[i],
+                                    router="softmax-tc", k=1, capacity_factor=1.0)
+    assert path.stat().st_size > 140e6
+    script = (
+        "import resource, subprocess, sys; "
+        "subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    from conftest import cli_binary
+
+    # A fresh interpreter, so that the peak is the command's alone.
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(cli_binary()), "analyze", "--trace", str(path),
+         "--out", str(tmp / "an")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    peak_mb = int(proc.stdout.strip()) / 1024
+    print(f"analyze --trace of {n} images: peak RSS {peak_mb:.0f} MB")
+    assert peak_mb < 200, peak_mb
+    report = json.loads((tmp / "an" / "analysis.json").read_text())
+    assert report["images"] == n

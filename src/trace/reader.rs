@@ -4,6 +4,7 @@
 //! decoded.
 
 use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, TensorInfo};
@@ -26,8 +27,10 @@ pub const MAX_TRACE_ITEMS: usize = 10_000_000;
 /// An opened, validated trace.
 pub struct TraceFile {
     path: PathBuf,
-    bytes: memmap2::Mmap,
-    data_start: usize,
+    /// Read tensor by tensor on demand (positioned reads, not a memory map: a map's touched
+    /// pages count towards the process's resident memory, and an analysis reads every group).
+    file: std::sync::Mutex<std::fs::File>,
+    data_start: u64,
     infos: HashMap<String, TensorInfo>,
     meta: TraceMeta,
     config: ModelConfig,
@@ -57,7 +60,7 @@ struct Pieces {
 }
 
 impl TraceFile {
-    /// Maps the file, parses and checks its description and the shape and dtype of every
+    /// Opens the file, parses and checks its description and the shape and dtype of every
     /// tensor it names.
     pub fn open(path: &Path) -> Result<Self, TraceError> {
         let io = |err| TraceError::Io {
@@ -65,22 +68,36 @@ impl TraceFile {
             err,
         };
         crate::tensor_io::check_regular_file(path).map_err(io)?;
-        let handle = std::fs::File::open(path).map_err(io)?;
-        // SAFETY: read-only private map; traces are written through a temporary file and a
-        // rename, never edited in place.
-        let bytes = unsafe { memmap2::Mmap::map(&handle) }.map_err(io)?;
+        let mut handle = std::fs::File::open(path).map_err(io)?;
+        let file_len = handle.metadata().map_err(io)?.len();
         let bad = |m: String| TraceError::Invalid {
             path: path.to_owned(),
             reason: m,
         };
-        let (header, metadata) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
-        let data_start = 8 + header;
-        if bytes.len() < data_start + metadata.data_len() {
+        let mut len = [0u8; 8];
+        handle
+            .read_exact(&mut len)
+            .map_err(|_| bad(format!("not a safetensors file: {file_len} bytes")))?;
+        let header = u64::from_le_bytes(len);
+        // safetensors' own limit on a header; checked before allocating it.
+        if header > 100_000_000 || 8 + header > file_len {
             return Err(bad(format!(
-                "truncated: the header declares {} bytes of tensors, the file holds {}",
-                metadata.data_len(),
-                bytes.len().saturating_sub(data_start)
+                "not a valid safetensors file: a header of {header} bytes in a file of {file_len}"
+            )));
+        }
+        let mut text = vec![0u8; header as usize];
+        handle.read_exact(&mut text).map_err(io)?;
+        let metadata: safetensors::tensor::Metadata = std::str::from_utf8(&text)
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_json::from_str(t.trim_end()).map_err(|e| e.to_string()))
+            .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
+        drop(text);
+        let data_start = 8 + header;
+        let data_len = metadata.data_len() as u64;
+        if file_len < data_start + data_len {
+            return Err(bad(format!(
+                "truncated: the header declares {data_len} bytes of tensors, the file holds {}",
+                file_len - data_start
             )));
         }
         let json = metadata
@@ -92,13 +109,20 @@ impl TraceFile {
                     "not a routerscope trace: no `{TRACE_METADATA_KEY}` entry in its metadata"
                 ))
             })?;
-        let probe: serde_json::Value = serde_json::from_str(json)
+        // The format and version first, from a probe that skips everything else: a newer
+        // version's description need not parse as this one's.
+        #[derive(serde::Deserialize)]
+        struct Probe {
+            format: Option<String>,
+            version: Option<serde_json::Value>,
+        }
+        let probe: Probe = serde_json::from_str(json)
             .map_err(|e| bad(format!("the `{TRACE_METADATA_KEY}` JSON: {e}")))?;
-        if probe.get("format").and_then(|f| f.as_str()) != Some(FORMAT_NAME) {
+        if probe.format.as_deref() != Some(FORMAT_NAME) {
             return Err(bad(format!("`format` is not \"{FORMAT_NAME}\"")));
         }
-        match probe.get("version").and_then(|v| v.as_u64()) {
-            Some(v) if v == u64::from(VERSION) => {}
+        match probe.version {
+            Some(v) if v.as_u64() == Some(u64::from(VERSION)) => {}
             Some(v) => {
                 return Err(bad(format!(
                     "trace format version {v}; this routerscope reads version {VERSION}"
@@ -106,16 +130,17 @@ impl TraceFile {
             }
             None => return Err(bad("no `version` in the trace description".into())),
         }
-        let meta: TraceMeta = serde_json::from_value(probe)
+        let meta: TraceMeta = serde_json::from_str(json)
             .map_err(|e| bad(format!("the `{TRACE_METADATA_KEY}` JSON: {e}")))?;
         let infos: HashMap<String, TensorInfo> = metadata
             .tensors()
             .into_iter()
             .map(|(k, v)| (k, v.clone()))
             .collect();
+        drop(metadata);
         let mut file = Self {
             path: path.to_owned(),
-            bytes,
+            file: std::sync::Mutex::new(handle),
             data_start,
             infos,
             config: placeholder_config(),
@@ -445,14 +470,14 @@ impl TraceFile {
         let mut most = 1;
         for g in 0..self.meta.layers[l].groups.len() {
             let name = |p: &str| group_tensor(l, g, p);
-            let Some(experts) = self.ints(&name("expert_index")) else {
+            let Some(experts) = self.ints(&name("expert_index"))? else {
                 continue;
             };
-            if let Some(slots) = self.ints(&name("slot")) {
+            if let Some(slots) = self.ints(&name("slot"))? {
                 most = most.max(slots.iter().map(|&s| s + 1).max().unwrap_or(1).max(1) as usize);
                 continue;
             }
-            let kept = self.bools(&name("kept"));
+            let kept = self.bools(&name("kept"))?;
             let mut count = vec![0usize; e];
             for (at, &j) in experts.iter().enumerate() {
                 if (0..e as i64).contains(&j) && kept.as_ref().is_none_or(|k| k[at]) {
@@ -579,14 +604,31 @@ impl TraceFile {
             .collect()
     }
 
-    fn tensor(&self, name: &str) -> Option<(&TensorInfo, &[u8])> {
-        let info = self.infos.get(name)?;
+    /// Tensor `name`'s info and bytes, read from the file; `None` when the trace lacks it.
+    fn tensor(&self, name: &str) -> Result<Option<(&TensorInfo, Vec<u8>)>, TraceError> {
+        let Some(info) = self.infos.get(name) else {
+            return Ok(None);
+        };
         let (a, b) = info.data_offsets;
-        Some((info, &self.bytes[self.data_start + a..self.data_start + b]))
+        let mut bytes = vec![0u8; b - a];
+        let io = |err| TraceError::Io {
+            path: self.path.clone(),
+            err,
+        };
+        // A panic elsewhere while reading leaves the file as usable as before.
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        file.seek(SeekFrom::Start(self.data_start + a as u64))
+            .map_err(io)?;
+        file.read_exact(&mut bytes).map_err(|e| {
+            self.invalid(format!(
+                "tensor `{name}` cannot be read ({e}): was the file changed or cut short?"
+            ))
+        })?;
+        Ok(Some((info, bytes)))
     }
 
     fn floats(&self, name: &str) -> Result<Option<Vec<f32>>, TraceError> {
-        let Some((info, bytes)) = self.tensor(name) else {
+        let Some((info, bytes)) = self.tensor(name)? else {
             return Ok(None);
         };
         let data: Vec<f32> = match info.dtype {
@@ -615,9 +657,11 @@ impl TraceFile {
         Ok(Some(data))
     }
 
-    fn ints(&self, name: &str) -> Option<Vec<i64>> {
-        let (info, bytes) = self.tensor(name)?;
-        Some(match info.dtype {
+    fn ints(&self, name: &str) -> Result<Option<Vec<i64>>, TraceError> {
+        let Some((info, bytes)) = self.tensor(name)? else {
+            return Ok(None);
+        };
+        Ok(Some(match info.dtype {
             Dtype::I32 => bytes
                 .chunks_exact(4)
                 .map(|b| i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])))
@@ -626,12 +670,13 @@ impl TraceFile {
                 .chunks_exact(8)
                 .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
                 .collect(),
-        })
+        }))
     }
 
-    fn bools(&self, name: &str) -> Option<Vec<bool>> {
-        let (_, bytes) = self.tensor(name)?;
-        Some(bytes.iter().map(|&b| b != 0).collect())
+    fn bools(&self, name: &str) -> Result<Option<Vec<bool>>, TraceError> {
+        Ok(self
+            .tensor(name)?
+            .map(|(_, bytes)| bytes.iter().map(|&b| b != 0).collect()))
     }
 
     fn logits_of(&self, l: usize, g: usize) -> Result<Pieces, TraceError> {
@@ -662,7 +707,7 @@ impl TraceFile {
             let c = self.floats(&name("combine"))?.unwrap_or_default();
             let cap = d.len() / (n * e);
             from_dense(cfg.kind, &d, &c, probs.as_deref(), n, e, cap).map_err(in_tensor)?
-        } else if let Some(experts) = self.ints(&name("expert_index")) {
+        } else if let Some(experts) = self.ints(&name("expert_index"))? {
             let gates = self.floats(&name("gates"))?.unwrap_or_default();
             let k = experts.len() / n;
             let capacity = match cfg.capacity {
@@ -678,8 +723,8 @@ impl TraceFile {
                 kind,
                 &experts,
                 &gates,
-                self.bools(&name("kept")).as_deref(),
-                self.ints(&name("slot")).as_deref(),
+                self.bools(&name("kept"))?.as_deref(),
+                self.ints(&name("slot"))?.as_deref(),
                 probs.as_deref(),
                 capacity,
                 n,
@@ -791,9 +836,9 @@ impl TraceFile {
     /// trace's folder).
     pub fn image(&self, i: usize) -> Result<image::DynamicImage, TraceError> {
         let name = image_tensor(i);
-        if let Some((info, bytes)) = self.tensor(&name) {
+        if let Some((info, bytes)) = self.tensor(&name)? {
             let (h, w) = (info.shape[0] as u32, info.shape[1] as u32);
-            return image::RgbImage::from_raw(w, h, bytes.to_vec())
+            return image::RgbImage::from_raw(w, h, bytes)
                 .map(image::DynamicImage::ImageRgb8)
                 .ok_or_else(|| self.invalid(format!("tensor `{name}`: bad pixel count")));
         }

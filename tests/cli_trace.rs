@@ -1,0 +1,372 @@
+//! End-to-end runs of `routerscope analyze --trace` and `export --trace` on traces written here
+//! with the safetensors crate alone (as any language can): counts that equal routing the logged
+//! logits directly, what-ifs under every sparse router, and bad traces that fail with one error
+//! naming the tensor. The Python package's tests add round trips against the built-in models.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use routerscope::routing::{Mode, RouterConfig, RouterKind, route_logits};
+use safetensors::tensor::{Dtype, TensorView};
+use serde_json::{Value, json};
+
+const GRID: [usize; 2] = [4, 4];
+const TOKENS: usize = 17; // 4x4 patches and a CLS token
+const EXPERTS: usize = 4;
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_routerscope"))
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("the routerscope binary runs")
+}
+
+/// A deterministic pseudo-random stream (no dependency on a RNG crate's stream).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+    }
+}
+
+/// The pieces of a trace: tensors by name (dtype, shape, bytes) and the description.
+struct Trace {
+    tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
+    meta: Value,
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// `images` noise images of one MoE layer (block 2) with only router logits, one group each.
+fn logits_trace(images: usize, seed: u64) -> (Trace, Vec<Vec<f32>>) {
+    let mut rng = Lcg(seed);
+    let mut tensors = Vec::new();
+    let mut logits = Vec::new();
+    let mut groups = Vec::new();
+    for i in 0..images {
+        let pixels: Vec<u8> = (0..16 * 16 * 3)
+            .map(|_| (rng.next() * 60.0) as u8)
+            .collect();
+        tensors.push((format!("images/{i}"), Dtype::U8, vec![16, 16, 3], pixels));
+        let x: Vec<f32> = (0..TOKENS * EXPERTS).map(|_| rng.next()).collect();
+        tensors.push((
+            format!("layers/0/groups/{i}/logits"),
+            Dtype::F32,
+            vec![TOKENS, EXPERTS],
+            f32_bytes(&x),
+        ));
+        logits.push(x);
+        groups.push(json!({"members": [[i, 0, TOKENS]]}));
+    }
+    let meta = json!({
+        "format": "routerscope-trace",
+        "version": 1,
+        "model_name": "hand-made",
+        "num_experts": EXPERTS,
+        "classes": ["even", "odd"],
+        "images": (0..images).map(|i| json!({
+            "grid": GRID, "cls_token": true, "name": format!("noise-{i}"), "label": i % 2
+        })).collect::<Vec<_>>(),
+        "layers": [{"block": 2, "router": {"kind": "softmax-tc", "k": 1}, "groups": groups}],
+    });
+    (Trace { tensors, meta }, logits)
+}
+
+fn write(trace: &Trace, path: &Path) {
+    let views: Vec<(String, TensorView<'_>)> = trace
+        .tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(*d, s.clone(), b).expect("a consistent tensor"),
+            )
+        })
+        .collect();
+    let meta = HashMap::from([("routerscope.trace".to_string(), trace.meta.to_string())]);
+    safetensors::serialize_to_file(views, Some(meta), path).expect("the trace is written");
+}
+
+fn analysis(dir: &Path) -> Value {
+    let text = std::fs::read_to_string(dir.join("analysis.json")).expect("analysis.json");
+    serde_json::from_str(&text).expect("valid JSON")
+}
+
+/// Tokens each expert kept over all groups, from one analysed layer.
+fn expert_totals(layer: &Value) -> Vec<f64> {
+    let mut out = vec![0.0; EXPERTS];
+    for row in layer["tokens_per_class_expert"].as_array().expect("rows") {
+        for (j, v) in row.as_array().expect("row").iter().enumerate() {
+            out[j] += v.as_f64().expect("a count");
+        }
+    }
+    out
+}
+
+#[test]
+fn analyze_trace_counts_equal_routing_the_logged_logits_under_every_router() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (trace, logits) = logits_trace(6, 11);
+    let path = dir.path().join("t.rstrace.safetensors");
+    write(&trace, &path);
+    let routers = [
+        "softmax-tc",
+        "sinkhorn-tc",
+        "softmax-ec",
+        "sinkhorn-ec",
+        "sparse-ec",
+    ];
+    let out = dir.path().join("an");
+    let o = run(&[
+        "analyze",
+        "--trace",
+        path.to_str().unwrap_or_default(),
+        "--compare",
+        &routers[1..].join(","),
+        "--out",
+        out.to_str().unwrap_or_default(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report = analysis(&out);
+    assert_eq!(report["images"], 6);
+    let runs = report["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), routers.len());
+    for (run, name) in runs.iter().zip(routers) {
+        assert_eq!(run["settings"]["router"], name);
+        let kind = RouterKind::ALL
+            .into_iter()
+            .find(|k| k.cli_name() == name)
+            .expect("a router");
+        let cfg = RouterConfig::new(kind);
+        let mut want = vec![0.0; EXPERTS];
+        let mut dropped = 0;
+        for x in &logits {
+            let r = route_logits(x, TOKENS, EXPERTS, &cfg, Mode::Deterministic).expect("routes");
+            for i in 0..TOKENS {
+                let kept: Vec<_> = r
+                    .token_choices(i)
+                    .iter()
+                    .filter(|c| c.slot.is_some())
+                    .collect();
+                dropped += usize::from(kept.is_empty());
+                for c in kept {
+                    want[c.expert as usize] += 1.0;
+                }
+            }
+        }
+        let layer = &run["layers"][0];
+        assert_eq!(expert_totals(layer), want, "{name}");
+        let rate = layer["dropped_token_rate"].as_f64().unwrap_or(-1.0);
+        assert!(
+            (rate - dropped as f64 / (6 * TOKENS) as f64).abs() < 1e-12,
+            "{name}"
+        );
+        // Logits are logged, so the router probabilities (and their entropy) are known.
+        assert!(layer["router_entropy"]["mean"].is_number(), "{name}");
+    }
+}
+
+#[test]
+fn export_trace_writes_every_image_or_the_chosen_ones() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (trace, _) = logits_trace(3, 5);
+    let path = dir.path().join("t.rstrace.safetensors");
+    write(&trace, &path);
+    let p = path.to_str().unwrap_or_default();
+    let all = dir.path().join("all");
+    let o = run(&[
+        "export",
+        "--trace",
+        p,
+        "--out",
+        all.to_str().unwrap_or_default(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for ext in ["png", "svg", "csv", "json"] {
+        let n = std::fs::read_dir(&all)
+            .expect("out")
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == ext))
+            .count();
+        // JSON: one per image and the summary.
+        assert_eq!(n, if ext == "json" { 4 } else { 3 }, "{ext}");
+    }
+    let one = dir.path().join("one");
+    let o = run(&[
+        "export",
+        "--trace",
+        p,
+        "--images",
+        "1",
+        "--router",
+        "sinkhorn-ec",
+        "--format",
+        "csv",
+        "--out",
+        one.to_str().unwrap_or_default(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let names: Vec<String> = std::fs::read_dir(&one)
+        .expect("out")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".csv"))
+        .collect();
+    assert_eq!(names.len(), 1);
+    assert!(
+        names[0].starts_with("00001-noise-1") && names[0].contains("sinkhorn-ec"),
+        "{names:?}"
+    );
+    let o = run(&[
+        "export",
+        "--trace",
+        p,
+        "--images",
+        "3",
+        "--out",
+        one.to_str().unwrap_or_default(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--images 3: the trace holds 3 images"));
+}
+
+/// Runs `analyze --trace` on `trace` and returns its stderr, asserting that it failed without
+/// a panic and wrote no analysis.
+fn fails(trace: &Trace, name: &str) -> String {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join(name);
+    write(trace, &path);
+    let out = dir.path().join("an");
+    let o = run(&[
+        "analyze",
+        "--trace",
+        path.to_str().unwrap_or_default(),
+        "--out",
+        out.to_str().unwrap_or_default(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "{name} was accepted");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains(path.to_str().unwrap_or_default()), "{err}");
+    assert!(!out.join("analysis.json").exists());
+    err
+}
+
+fn set_tensor(trace: &mut Trace, name: &str, dtype: Dtype, shape: Vec<usize>, bytes: Vec<u8>) {
+    trace.tensors.retain(|t| t.0 != name);
+    trace.tensors.push((name.into(), dtype, shape, bytes));
+}
+
+#[test]
+fn bad_traces_fail_with_one_error_naming_the_tensor_or_entry() {
+    let (base, _) = logits_trace(2, 3);
+    let mut t = logits_trace(2, 3).0;
+    set_tensor(
+        &mut t,
+        "layers/0/groups/1/logits",
+        Dtype::F32,
+        vec![TOKENS, 3],
+        vec![0; TOKENS * 12],
+    );
+    assert!(fails(&t, "shape").contains("layers/0/groups/1/logits"));
+
+    let mut t = logits_trace(2, 3).0;
+    t.meta["images"][0]["grid"] = json!([5, 4]);
+    assert!(fails(&t, "grid").contains("image 0"));
+
+    let mut t = logits_trace(2, 3).0;
+    let idx: Vec<u8> = (0..TOKENS).flat_map(|_| 4i32.to_le_bytes()).collect();
+    set_tensor(
+        &mut t,
+        "layers/0/groups/0/expert_index",
+        Dtype::I32,
+        vec![TOKENS, 1],
+        idx,
+    );
+    set_tensor(
+        &mut t,
+        "layers/0/groups/0/gates",
+        Dtype::F32,
+        vec![TOKENS, 1],
+        f32_bytes(&[0.5; TOKENS]),
+    );
+    assert!(fails(&t, "index").contains("layers/0/groups/0/expert_index"));
+
+    let mut t = logits_trace(2, 3).0;
+    let mut x = vec![0.0f32; TOKENS * EXPERTS];
+    x[7] = f32::NAN;
+    set_tensor(
+        &mut t,
+        "layers/0/groups/1/logits",
+        Dtype::F32,
+        vec![TOKENS, EXPERTS],
+        f32_bytes(&x),
+    );
+    let err = fails(&t, "nan");
+    assert!(
+        err.contains("layers/0/groups/1/logits") && err.contains("NaN"),
+        "{err}"
+    );
+
+    let mut t = logits_trace(2, 3).0;
+    t.meta["version"] = json!(7);
+    assert!(fails(&t, "version").contains("version 7"));
+
+    let mut t = logits_trace(2, 3).0;
+    t.meta["layers"][0]["groups"][1]["members"] = json!([[9, 0, TOKENS]]);
+    assert!(fails(&t, "member").contains("image 9"));
+
+    let mut t = logits_trace(2, 3).0;
+    t.tensors.retain(|x| x.0 != "layers/0/groups/0/logits");
+    assert!(fails(&t, "empty-group").contains("group 0"));
+
+    // The valid base passes, so each failure above is its defect's.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("ok.rstrace.safetensors");
+    write(&base, &path);
+    let o = run(&[
+        "analyze",
+        "--trace",
+        path.to_str().unwrap_or_default(),
+        "--out",
+        dir.path().join("an").to_str().unwrap_or_default(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn a_truncated_trace_names_the_file_and_does_not_panic() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (trace, _) = logits_trace(2, 9);
+    let path = dir.path().join("t.rstrace.safetensors");
+    write(&trace, &path);
+    let bytes = std::fs::read(&path).expect("read");
+    for cut in [bytes.len() - 10, bytes.len() / 2, 12, 3, 0] {
+        std::fs::write(&path, &bytes[..cut]).expect("write");
+        let o = run(&[
+            "analyze",
+            "--trace",
+            path.to_str().unwrap_or_default(),
+            "--out",
+            dir.path().join("an").to_str().unwrap_or_default(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "cut at {cut} was accepted");
+        assert!(
+            err.contains(path.to_str().unwrap_or_default()) && !err.contains("panicked"),
+            "{err}"
+        );
+    }
+}
