@@ -75,6 +75,7 @@ fn a_newer_run_stops_the_running_one_between_blocks() {
             id,
             model: model.to_path_buf(),
             images: images.clone(),
+            trace_ids: vec![None; images.len()],
             options: RunOptions::from_config(&cfg).with_router(RouterConfig::new(router)),
         })
     };

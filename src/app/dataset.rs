@@ -98,11 +98,16 @@ impl RouterscopeApp {
 
     /// The analysis the current model and routing call for.
     fn dataset_key(&self) -> Option<DatasetKey> {
-        let data = self.dataset.data.clone()?;
         let model = self.model.as_ref()?;
+        // A trace is its own dataset.
+        let data = match &model.trace {
+            Some(_) => model.path.clone(),
+            None => self.dataset.data.clone()?,
+        };
         let cfg = &model.config;
         cfg.moe.as_ref()?;
-        let mut opts = RunOptions::from_config(cfg).with_router(self.settings.router_config());
+        let mut opts = RunOptions::from_config(cfg)
+            .with_router(self.routed_as_logged(self.settings.router_config()));
         if self.settings.group == GroupMode::Single {
             opts.group_images = 1;
         }
@@ -193,12 +198,25 @@ impl RouterscopeApp {
             return;
         };
         let source = r.source.clone();
-        let path = match source.path(index) {
-            Some(p) => p.to_path_buf(),
-            None => source.location().join(source.name(index)),
+        // A trace's images are known by their index in it (they share the trace's path).
+        let (path, found) = match &*source {
+            crate::analysis::source::DataSource::Trace(t) => (
+                t.trace.path().to_path_buf(),
+                self.images
+                    .iter()
+                    .position(|im| im.trace_index == Some(index)),
+            ),
+            _ => {
+                let path = match source.path(index) {
+                    Some(p) => p.to_path_buf(),
+                    None => source.location().join(source.name(index)),
+                };
+                let found = self.images.iter().position(|im| im.path == path);
+                (path, found)
+            }
         };
         self.dataset.shown = false;
-        if let Some(i) = self.images.iter().position(|im| im.path == path) {
+        if let Some(i) = found {
             self.marked = Some((self.images[i].id, token));
             self.show_image(i);
             return;

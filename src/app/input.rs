@@ -102,8 +102,8 @@ impl RouterscopeApp {
         let tx = self.dialogs.0.clone();
         let ctx = ctx.clone();
         std::thread::spawn(move || {
-            let dialog =
-                rfd::AsyncFileDialog::new().add_filter("checkpoints", &["safetensors", "index"]);
+            let dialog = rfd::AsyncFileDialog::new()
+                .add_filter("checkpoints and routing traces", &["safetensors", "index"]);
             if let Some(file) = pollster::block_on(dialog.pick_file()) {
                 let _ = tx.send(DialogResult::Model(file.path().to_path_buf()));
                 ctx.request_repaint();

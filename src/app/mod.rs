@@ -14,6 +14,7 @@ mod input;
 mod layout;
 mod panels;
 mod replies;
+pub mod runner;
 pub mod settings;
 mod state;
 pub mod views;
@@ -52,12 +53,16 @@ struct ViewImage {
     image: Arc<DynamicImage>,
     texture: egui::TextureHandle,
     thumbnail: egui::TextureHandle,
+    /// Its index in the routing trace it came from.
+    trace_index: Option<usize>,
 }
 
 struct CurrentModel {
     path: PathBuf,
     config: ModelConfig,
     trained: bool,
+    /// Set when the "model" is a routing trace.
+    trace: Option<runner::TraceSummary>,
 }
 
 enum DialogResult {

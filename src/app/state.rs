@@ -184,7 +184,7 @@ impl RouterscopeApp {
             return;
         };
         let current = self.settings.current_image.min(self.images.len() - 1);
-        let (options, batch) =
+        let (mut options, batch) =
             match self
                 .settings
                 .run_plan(&model.config, self.images.len(), current)
@@ -195,18 +195,29 @@ impl RouterscopeApp {
                     return;
                 }
             };
+        options.routers = options
+            .routers
+            .into_iter()
+            .map(|r| self.routed_as_logged(r))
+            .collect();
         self.latest_run += 1;
         self.run_started = Some(Instant::now());
         let images = batch
             .iter()
             .map(|&i| (self.images[i].id, self.images[i].image.clone()))
             .collect();
+        let trace_ids = batch.iter().map(|&i| self.images[i].trace_index).collect();
         self.pending_batch = batch;
-        let model_path = model.path.clone();
+        let model_path = self
+            .model
+            .as_ref()
+            .map(|m| m.path.clone())
+            .unwrap_or_default();
         self.worker.send(Job::Run(RunRequest {
             id: self.latest_run,
             model: model_path.clone(),
             images,
+            trace_ids,
             options,
         }));
         if self.settings.compare {
@@ -232,7 +243,7 @@ impl RouterscopeApp {
                 .collect(),
             ModelMode::WhatIf => RouterKind::ALL
                 .iter()
-                .map(|&k| (model.clone(), router_like(&base, k)))
+                .map(|&k| (model.clone(), self.routed_as_logged(router_like(&base, k))))
                 .collect(),
         };
         self.latest_compare += 1;
@@ -241,8 +252,26 @@ impl RouterscopeApp {
             id: self.latest_compare,
             entries,
             image: self.images[current].image.clone(),
+            trace_index: self.images[current].trace_index,
         });
         self.compare_image = current;
+    }
+
+    /// `r`, or for a trace the logged router itself when `r` asks for its kind, k and the
+    /// capacity it amounts to: the views then show the logged routing, not a what-if.
+    pub(super) fn routed_as_logged(
+        &self,
+        r: crate::routing::RouterConfig,
+    ) -> crate::routing::RouterConfig {
+        match self.model.as_ref().and_then(|m| m.trace.as_ref()) {
+            Some(t) => t.routed_as_logged(r),
+            None => r,
+        }
+    }
+
+    /// The trace the current "model" is, if it is one.
+    pub fn trace_summary(&self) -> Option<&crate::app::runner::TraceSummary> {
+        self.model.as_ref().and_then(|m| m.trace.as_ref())
     }
 
     /// The routing view of the shown image in MoE layer `layer` of the last result.

@@ -15,11 +15,11 @@ use std::time::Instant;
 
 use image::DynamicImage;
 
-use crate::analysis::source::DataSource;
+use crate::analysis::source::{DataSource, TraceSource};
 use crate::analysis::{Analysis, AnalyzeOptions};
-use crate::backend::Engine;
+use crate::app::runner::{Runner, TraceSummary};
 use crate::gpu::GpuContext;
-use crate::model::{ForwardOutput, ModelConfig, RunOptions, decode_image, load_any, preprocess};
+use crate::model::{Forward, ForwardOutput, ModelConfig, RunOptions, decode_image, preprocess};
 use crate::moefy::{all_experts_options, mean_patch_cosine};
 use crate::routing::RouterConfig;
 
@@ -32,6 +32,21 @@ pub struct DecodedImage {
     pub display: egui::ColorImage,
     /// RGBA at most 64 px on the long side, for the gallery.
     pub thumbnail: egui::ColorImage,
+    /// The image's index in the routing trace it came from.
+    pub trace_index: Option<usize>,
+}
+
+/// The most images of a trace the gallery holds (whole routing groups); the Dataset view
+/// analyses all of them.
+pub const TRACE_GALLERY_IMAGES: usize = 256;
+
+/// An opened checkpoint or trace.
+pub struct OpenedModel {
+    pub path: PathBuf,
+    pub config: Box<ModelConfig>,
+    pub trace: Option<TraceSummary>,
+    /// A trace's first images (at most [`TRACE_GALLERY_IMAGES`]), for the gallery.
+    pub trace_images: Vec<Result<DecodedImage, String>>,
 }
 
 /// A model run for the viewer.
@@ -40,6 +55,9 @@ pub struct RunRequest {
     pub model: PathBuf,
     /// Images in batch order, with stable ids (the what-if cache key).
     pub images: Vec<(u64, Arc<DynamicImage>)>,
+    /// Per image, its index in the trace when the model is a trace (which routes only its own
+    /// images, by index).
+    pub trace_ids: Vec<Option<usize>>,
     pub options: RunOptions,
 }
 
@@ -62,6 +80,7 @@ pub enum Job {
         id: u64,
         entries: Vec<(PathBuf, RouterConfig)>,
         image: Arc<DynamicImage>,
+        trace_index: Option<usize>,
     },
 }
 
@@ -108,7 +127,7 @@ pub struct RunResult {
 
 pub enum Reply {
     Images(Vec<Result<DecodedImage, String>>),
-    ModelOpened(Result<(PathBuf, Box<ModelConfig>), String>),
+    ModelOpened(Result<Box<OpenedModel>, String>),
     Ran(Box<RunResult>),
     RunFailed {
         id: u64,
@@ -195,7 +214,7 @@ type ReferenceKey = (PathBuf, Vec<u64>, usize);
 
 struct Cache {
     gpu: Option<GpuContext>,
-    models: HashMap<PathBuf, Arc<Engine>>,
+    models: HashMap<PathBuf, Arc<Runner>>,
     last: Option<(PathBuf, Vec<u64>, ForwardOutput)>,
     /// The all-experts features of the last fidelity reference.
     reference: Option<(ReferenceKey, Vec<Vec<f32>>)>,
@@ -226,9 +245,14 @@ fn worker_loop(jobs: &Receiver<Job>, replies: &Sender<Reply>, wake: &Wake, lates
             let reply = match job {
                 Job::Run(_) if Some(i) != last_run => continue,
                 Job::Compare { .. } if Some(i) != last_compare => continue,
-                Job::Compare { id, entries, image } => Reply::Compared {
+                Job::Compare {
                     id,
-                    entries: compare(&mut cache, entries, &image),
+                    entries,
+                    image,
+                    trace_index,
+                } => Reply::Compared {
+                    id,
+                    entries: compare(&mut cache, entries, &image, trace_index),
                 },
                 Job::Run(req) => {
                     let progress = |r: Reply| {
@@ -270,20 +294,40 @@ fn worker_loop(jobs: &Receiver<Job>, replies: &Sender<Reply>, wake: &Wake, lates
     }
 }
 
-fn open_model(cache: &mut Cache, path: &Path) -> Result<(PathBuf, Box<ModelConfig>), String> {
+fn open_model(cache: &mut Cache, path: &Path) -> Result<Box<OpenedModel>, String> {
     let model = model(cache, path)?;
-    Ok((path.to_path_buf(), Box::new(model.config.clone())))
+    let trace_images = match model.trace() {
+        Some(t) => {
+            let t = t.trace();
+            let g = t.group_images().max(1);
+            let n = t.num_images().min(TRACE_GALLERY_IMAGES.max(g) / g * g);
+            (0..n)
+                .map(|i| {
+                    let image = t.image(i).map_err(|e| e.to_string())?;
+                    Ok(decoded(
+                        t.path().to_path_buf(),
+                        format!("{i}: {}", t.image_name(i)),
+                        image,
+                        Some(i),
+                    ))
+                })
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    Ok(Box::new(OpenedModel {
+        path: path.to_path_buf(),
+        config: Box::new(model.config().clone()),
+        trace: model.trace_summary(),
+        trace_images,
+    }))
 }
 
-fn model(cache: &mut Cache, path: &Path) -> Result<Arc<Engine>, String> {
+fn model(cache: &mut Cache, path: &Path) -> Result<Arc<Runner>, String> {
     if let Some(m) = cache.models.get(path) {
         return Ok(m.clone());
     }
-    let (cfg, weights) = load_any(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let m = Arc::new(
-        Engine::new(cfg, weights, cache.gpu.as_ref())
-            .map_err(|e| format!("{}: {e}", path.display()))?,
-    );
+    let m = Arc::new(Runner::open(path, cache.gpu.as_ref())?);
     // Keep a handful of checkpoints (the seven built-ins fit easily).
     if cache.models.len() >= 8 {
         cache.models.clear();
@@ -315,11 +359,26 @@ fn run(cache: &mut Cache, req: RunRequest, progress: &dyn Fn(Reply), latest: &At
     };
     let (result, what_if) = match reusable {
         Some((_, _, prev)) => (m.rerun_observed(prev, &req.options, &mut observe), true),
+        None if m.trace().is_some() => {
+            let ids: Option<Vec<usize>> = req.trace_ids.iter().copied().collect();
+            match ids {
+                Some(ids) if ids.len() == req.images.len() => {
+                    (m.forward_source(&ids, &[], &req.options), false)
+                }
+                _ => {
+                    return fail(
+                        "a routing trace routes only its own images: show one of the trace's \
+                         images (or open a checkpoint to run these)"
+                            .into(),
+                    );
+                }
+            }
+        }
         None => {
             let pixels: Result<Vec<Vec<f32>>, String> = req
                 .images
                 .iter()
-                .map(|(_, img)| preprocess(img, &m.config).map_err(|e| e.to_string()))
+                .map(|(_, img)| preprocess(img, m.config()).map_err(|e| e.to_string()))
                 .collect();
             match pixels {
                 Ok(p) => (m.forward_observed(&p, &req.options, &mut observe), false),
@@ -338,7 +397,7 @@ fn run(cache: &mut Cache, req: RunRequest, progress: &dyn Fn(Reply), latest: &At
     Reply::Ran(Box::new(RunResult {
         id: req.id,
         model: req.model,
-        config: m.config.clone(),
+        config: m.config().clone(),
         image_ids: ids,
         output,
         millis,
@@ -354,13 +413,13 @@ fn run(cache: &mut Cache, req: RunRequest, progress: &dyn Fn(Reply), latest: &At
 /// what-if from `output`). `None` for classifiers, dense models, or when the reference fails.
 fn fidelity(
     cache: &mut Cache,
-    m: &Engine,
+    m: &Runner,
     req: &RunRequest,
     ids: &[u64],
     output: &ForwardOutput,
 ) -> Option<f64> {
-    let cfg = &m.config;
-    if !cfg.is_feature_model() || cfg.moe.is_none() {
+    let cfg = m.config();
+    if !cfg.is_feature_model() || cfg.moe.is_none() || m.trace().is_some() {
         return None;
     }
     let key = (req.model.clone(), ids.to_vec(), req.options.group_images);
@@ -386,6 +445,7 @@ fn compare(
     cache: &mut Cache,
     entries: Vec<(PathBuf, RouterConfig)>,
     image: &DynamicImage,
+    trace_index: Option<usize>,
 ) -> Vec<CompareEntry> {
     let mut prev: Option<(PathBuf, ForwardOutput)> = None;
     entries
@@ -395,18 +455,23 @@ fn compare(
                 let m = model(cache, &path)?;
                 let opts = RunOptions {
                     group_images: 1,
-                    ..RunOptions::from_config(&m.config).with_router(router.clone())
+                    ..RunOptions::from_config(m.config()).with_router(router.clone())
                 };
-                let out = match prev.as_ref().filter(|(p, _)| *p == path) {
-                    Some((_, o)) => m.rerun(o, &opts),
-                    None => {
-                        let px = preprocess(image, &m.config).map_err(|e| e.to_string())?;
+                let out = match (prev.as_ref().filter(|(p, _)| *p == path), m.trace()) {
+                    (Some((_, o)), _) => m.rerun(o, &opts),
+                    (None, Some(t)) => {
+                        let i = trace_index
+                            .ok_or("a routing trace routes only its own images".to_string())?;
+                        t.route_ids(&[i], &opts)
+                    }
+                    (None, None) => {
+                        let px = preprocess(image, m.config()).map_err(|e| e.to_string())?;
                         m.forward(&[px], &opts)
                     }
                 }
                 .map_err(|e| e.to_string())?;
                 prev = Some((path.clone(), out.clone()));
-                Ok((m.config.clone(), out))
+                Ok((m.config().clone(), out))
             })();
             (router, result)
         })
@@ -414,7 +479,7 @@ fn compare(
 }
 
 /// Runs the analysis on a thread of its own; progress and the result come back as replies.
-fn spawn_analysis(m: Arc<Engine>, req: AnalyzeRequest, replies: Sender<Reply>, wake: Wake) {
+fn spawn_analysis(m: Arc<Runner>, req: AnalyzeRequest, replies: Sender<Reply>, wake: Wake) {
     let fail_tx = replies.clone();
     let fail_wake = wake.clone();
     let id = req.id;
@@ -422,9 +487,16 @@ fn spawn_analysis(m: Arc<Engine>, req: AnalyzeRequest, replies: Sender<Reply>, w
         .name("routerscope-analysis".into())
         .spawn(move || {
             let result = (|| {
-                let source =
-                    DataSource::open(&req.data, crate::train::Split::Test, &m.config.class_names)
-                        .map_err(|e| e.to_string())?;
+                // A trace is its own dataset.
+                let source = match m.trace() {
+                    Some(t) => DataSource::Trace(TraceSource::new(t.trace().clone())),
+                    None => DataSource::open(
+                        &req.data,
+                        crate::train::Split::Test,
+                        &m.config().class_names,
+                    )
+                    .map_err(|e| e.to_string())?,
+                };
                 let mut progress = |p: crate::analysis::Progress| {
                     let _ = replies.send(Reply::AnalysisProgress {
                         id: req.id,
@@ -469,13 +541,31 @@ fn decode_dataset_image(source: &DataSource, index: usize) -> Result<DecodedImag
     }
     let image = source.original(index)?;
     let name = source.name(index);
-    Ok(DecodedImage {
-        path: source.location().join(&name),
+    Ok(match source {
+        DataSource::Trace(t) => decoded(
+            t.trace.path().to_path_buf(),
+            format!("{index}: {name}"),
+            image,
+            Some(index),
+        ),
+        _ => decoded(source.location().join(&name), name, image, None),
+    })
+}
+
+fn decoded(
+    path: PathBuf,
+    name: String,
+    image: DynamicImage,
+    trace_index: Option<usize>,
+) -> DecodedImage {
+    DecodedImage {
+        path,
         name,
         display: color_image(&image, 512),
         thumbnail: color_image(&image, 64),
         image: Arc::new(image),
-    })
+        trace_index,
+    }
 }
 
 fn decode(path: &Path) -> Result<DecodedImage, String> {
@@ -484,13 +574,7 @@ fn decode(path: &Path) -> Result<DecodedImage, String> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| path.display().to_string());
-    Ok(DecodedImage {
-        path: path.to_path_buf(),
-        name,
-        display: color_image(&image, 512),
-        thumbnail: color_image(&image, 64),
-        image: Arc::new(image),
-    })
+    Ok(decoded(path.to_path_buf(), name, image, None))
 }
 
 /// RGBA copy at most `side` px on the long side (small images are kept as they are; the view

@@ -70,7 +70,8 @@ pub struct AppArgs {
     /// software ones included) or `cpu` [default: the last choice made in the app, else auto].
     #[arg(long)]
     device: Option<DeviceChoice>,
-    /// Images to open besides the sample gallery.
+    /// Images to open besides the sample gallery, or a routing trace
+    /// (`docs/trace-format.md`) to open with its own images.
     images: Vec<std::path::PathBuf>,
 }
 
@@ -80,7 +81,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match command {
         #[cfg(feature = "app")]
-        Command::App(a) => routerscope::app::run_app(a.images, a.model, a.device),
+        Command::App(a) => {
+            // A routing trace among the files is opened as the "model" (its images with it).
+            let (traces, images): (Vec<_>, Vec<_>) = a
+                .images
+                .into_iter()
+                .partition(|p| routerscope::trace::is_trace_file(p));
+            if traces.len() > 1 || (a.model.is_some() && !traces.is_empty()) {
+                anyhow::bail!("open one checkpoint or one routing trace at a time");
+            }
+            let model = a.model.or_else(|| traces.into_iter().next());
+            routerscope::app::run_app(images, model, a.device)
+        }
         Command::Route(args) => route::run(&args),
         Command::Predict(args) => predict::run(&args),
         Command::InitModel(args) => init_model::run(&args),

@@ -34,6 +34,10 @@ impl RouterscopeApp {
                 self.dataset.shown = true;
             }
         });
+        if let Some(t) = self.trace_summary() {
+            let logged = self.routed_as_logged(self.settings.router_config()) == t.own;
+            views::trace_banner::trace_banner(ui, t, logged, self.images.len());
+        }
         ui.separator();
         if self.dataset.shown {
             self.dataset_panel(ui);

@@ -24,6 +24,7 @@ impl RouterscopeApp {
             ui,
             &mut self.settings,
             self.model.as_ref().map(|m| &m.config),
+            self.model.as_ref().and_then(|m| m.trace.as_ref()),
             group,
         );
         if change.device {

@@ -8,7 +8,35 @@ use crate::catalog;
 
 impl RouterscopeApp {
     pub(in crate::app) fn dataset_panel(&mut self, ui: &mut egui::Ui) {
+        let trace = self.model.as_ref().and_then(|m| m.trace.clone());
+        if let Some(t) = &trace {
+            ui.horizontal_wrapped(|ui| {
+                ui.label(format!(
+                    "Dataset: the trace's own {} images, under {}",
+                    t.images,
+                    if self.routed_as_logged(self.settings.router_config()) == t.own {
+                        "its logged routing".to_string()
+                    } else {
+                        "a what-if on its logged logits".to_string()
+                    }
+                ));
+                if self.dataset.result.is_some()
+                    && ui
+                        .button("Export…")
+                        .on_hover_text("analysis.json, the CSV tables and every figure (PNG and SVG) into a folder")
+                        .clicked()
+                {
+                    self.pick_dataset_export(ui.ctx());
+                }
+            });
+            if self.dataset.result.is_none() && self.dataset.running.is_none() {
+                self.maintain_dataset();
+            }
+        }
         ui.horizontal_wrapped(|ui| {
+            if trace.is_some() {
+                return;
+            }
             ui.label("Dataset:");
             if ui
                 .button("Fashion-MNIST test slice (1,000)")
@@ -43,7 +71,7 @@ impl RouterscopeApp {
                 self.pick_dataset_export(ui.ctx());
             }
         });
-        if let Some(d) = &self.dataset.data {
+        if let Some(d) = self.dataset.data.as_ref().filter(|_| trace.is_none()) {
             let shown = match d.strip_prefix(catalog::assets_dir()) {
                 Ok(rel) => format!("built in: {}", rel.display()),
                 Err(_) => d.display().to_string(),
@@ -91,7 +119,7 @@ impl RouterscopeApp {
             self.dataset.result_key = None;
         }
         let Some(result) = &self.dataset.result else {
-            if self.dataset.data.is_none() {
+            if self.dataset.data.is_none() && trace.is_none() {
                 ui.label("Pick a dataset: its routing is computed over every image, with the model and router chosen on the left.");
             }
             return;

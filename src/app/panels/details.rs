@@ -9,7 +9,10 @@ use crate::routing::RouterFamily;
 impl RouterscopeApp {
     pub(in crate::app) fn details(&mut self, ui: &mut egui::Ui) {
         let cfg = self.model.as_ref().map(|m| m.config.clone());
-        if cfg.as_ref().is_some_and(|c| c.is_feature_model()) {
+        if self.trace_summary().is_some() {
+            ui.heading("Prediction");
+            ui.label("— (a routing trace holds the routing, not the model's outputs)");
+        } else if cfg.as_ref().is_some_and(|c| c.is_feature_model()) {
             ui.heading("Fidelity to the dense model");
             match self.fidelity() {
                 Some(f) => {
@@ -33,7 +36,7 @@ impl RouterscopeApp {
         }
         match (self.prediction().filter(|p| !p.is_empty()), &cfg) {
             (Some(p), Some(cfg)) => views::prediction::prediction(ui, p, |c| cfg.class_name(c)),
-            (None, Some(c)) if c.is_feature_model() => {}
+            (None, Some(c)) if c.is_feature_model() || self.trace_summary().is_some() => {}
             _ => {
                 ui.label("—");
             }

@@ -35,6 +35,7 @@ pub fn controls(
     ui: &mut egui::Ui,
     s: &mut Settings,
     cfg: Option<&ModelConfig>,
+    trace: Option<&crate::app::runner::TraceSummary>,
     images_in_group: usize,
 ) -> ControlsChange {
     let before = s.clone();
@@ -112,10 +113,19 @@ pub fn controls(
                 .labelled_by(label.id);
         });
         if e > 0 {
-            let r = s.router_config();
+            let asked = s.router_config();
+            let (r, logged) = match trace {
+                Some(t) => {
+                    let r = t.routed_as_logged(asked.clone());
+                    let logged = r != asked;
+                    (r, logged)
+                }
+                None => (asked, false),
+            };
             match r.capacity_for(n, e) {
                 Ok((c, big_n)) => ui.label(format!(
-                    "capacity c = {c} slots per expert (N = {big_n} tokens, e = {e}); actual factor e·c/N = {:.3}",
+                    "capacity c = {c} slots per expert{} (N = {big_n} tokens, e = {e}); actual factor e·c/N = {:.3}",
+                    if logged { ", as logged" } else { "" },
                     (e * c) as f64 / big_n as f64
                 )),
                 Err(err) => ui.colored_label(egui::Color32::from_rgb(230, 120, 60), err.to_string()),

@@ -8,6 +8,7 @@ pub mod patch_grid;
 pub mod prediction;
 pub mod soft_slots;
 pub mod token_details;
+pub mod trace_banner;
 
 use crate::figures::Rgb;
 
