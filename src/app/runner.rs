@@ -14,7 +14,7 @@ use crate::trace::{TraceModel, is_trace_file};
 
 /// A checkpoint or a trace, opened.
 pub enum Runner {
-    Model(Engine),
+    Model(Box<Engine>),
     Trace(TraceModel),
 }
 
@@ -69,7 +69,7 @@ impl Runner {
         }
         let (cfg, weights) = load_any(path).map_err(|e| format!("{}: {e}", path.display()))?;
         Engine::new(cfg, weights, gpu)
-            .map(Runner::Model)
+            .map(|e| Runner::Model(Box::new(e)))
             .map_err(|e| format!("{}: {e}", path.display()))
     }
 
