@@ -146,7 +146,7 @@ impl Forward for Runner {
 
     fn forward(&self, images: &[Vec<f32>], opts: &RunOptions) -> Result<ForwardOutput, ModelError> {
         match self {
-            Runner::Model(m) => Forward::forward(m, images, opts),
+            Runner::Model(m) => Forward::forward(&**m, images, opts),
             Runner::Trace(t) => t.forward(images, opts),
         }
     }
@@ -165,7 +165,7 @@ impl Forward for Runner {
 
     fn rerun(&self, prev: &ForwardOutput, opts: &RunOptions) -> Result<ForwardOutput, ModelError> {
         match self {
-            Runner::Model(m) => Forward::rerun(m, prev, opts),
+            Runner::Model(m) => Forward::rerun(&**m, prev, opts),
             Runner::Trace(t) => t.rerun(prev, opts),
         }
     }
@@ -177,7 +177,7 @@ impl Forward for Runner {
         observe: BlockObserver<'_>,
     ) -> Result<ForwardOutput, ModelError> {
         match self {
-            Runner::Model(m) => Forward::forward_observed(m, images, opts, observe),
+            Runner::Model(m) => Forward::forward_observed(&**m, images, opts, observe),
             Runner::Trace(t) => t.forward_observed(images, opts, observe),
         }
     }
@@ -189,7 +189,7 @@ impl Forward for Runner {
         observe: BlockObserver<'_>,
     ) -> Result<ForwardOutput, ModelError> {
         match self {
-            Runner::Model(m) => Forward::rerun_observed(m, prev, opts, observe),
+            Runner::Model(m) => Forward::rerun_observed(&**m, prev, opts, observe),
             Runner::Trace(t) => t.rerun_observed(prev, opts, observe),
         }
     }
