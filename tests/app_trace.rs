@@ -290,3 +290,49 @@ fn a_bad_trace_is_one_error_and_the_state_stays() {
     assert_eq!(app.image_count(), images);
     assert!(app.image_routing(0).is_some());
 }
+
+#[test]
+fn a_trace_compares_routers_and_exports_the_view() {
+    use routerscope::figures::export::Format;
+    let dir = fixed_dir("export");
+    let trace = model_trace(&dir, "fashion-mnist-softmax-tc", true);
+    let mut h = harness();
+    h.state_mut().open_model(trace);
+    settle(&mut h);
+    let logged = h.state().image_routing(0).expect("the logged routing");
+    h.state_mut().settings.compare = true;
+    h.state_mut().select_router(RouterKind::SoftmaxTokenChoice);
+    settle(&mut h);
+    let job = h.state().export_job().expect("something to export");
+    assert!(
+        job.stem.starts_with("00000-fmnist-00-ankle-boot"),
+        "{}",
+        job.stem
+    );
+    let kinds: Vec<RouterKind> = job.panels.iter().map(|p| p.routing.router).collect();
+    // Every sparse router re-routes the logged logits; Soft MoE cannot (no token vectors).
+    assert_eq!(kinds.len(), 6, "{kinds:?}");
+    assert!(!kinds.contains(&RouterKind::SoftMoe));
+    let own = job
+        .panels
+        .iter()
+        .find(|p| p.routing.router == RouterKind::SoftmaxTokenChoice)
+        .expect("the logged router's panel");
+    assert_eq!(
+        own.routing.tokens, logged.tokens,
+        "its panel is the logged routing"
+    );
+    let out = tempfile::tempdir().expect("temp dir");
+    for (format, name) in [
+        (Format::Png, "f.png"),
+        (Format::Svg, "f.svg"),
+        (Format::Csv, "f.csv"),
+    ] {
+        job.write(&out.path().join(name), format, 900)
+            .expect("exported");
+    }
+    assert_eq!(
+        image::open(out.path().join("f.png")).expect("png").width(),
+        900
+    );
+}

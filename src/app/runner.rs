@@ -91,7 +91,7 @@ impl Runner {
     pub fn device(&self) -> String {
         match self {
             Runner::Model(m) => m.device(),
-            Runner::Trace(_) => "trace (logged routing, no model runs)".into(),
+            Runner::Trace(_) => "trace (no model runs)".into(),
         }
     }
 

@@ -306,7 +306,7 @@ fn open_model(cache: &mut Cache, path: &Path) -> Result<Box<OpenedModel>, String
                     let image = t.image(i).map_err(|e| e.to_string())?;
                     Ok(decoded(
                         t.path().to_path_buf(),
-                        format!("{i}: {}", t.image_name(i)),
+                        format!("{i:05}-{}", t.image_name(i)),
                         image,
                         Some(i),
                     ))
@@ -544,7 +544,7 @@ fn decode_dataset_image(source: &DataSource, index: usize) -> Result<DecodedImag
     Ok(match source {
         DataSource::Trace(t) => decoded(
             t.trace.path().to_path_buf(),
-            format!("{index}: {name}"),
+            format!("{index:05}-{name}"),
             image,
             Some(index),
         ),

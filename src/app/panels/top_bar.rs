@@ -42,6 +42,7 @@ impl RouterscopeApp {
                         ui.colored_label(egui::Color32::from_rgb(230, 160, 60), "(untrained random weights)");
                     }
                     let mode = match self.settings.mode {
+                        _ if m.trace.is_some() => "routing trace",
                         ModelMode::Trained if m.config.is_feature_model() => {
                             "photo model (for photos)"
                         }
@@ -67,7 +68,11 @@ impl RouterscopeApp {
                     ui.label(format!(
                         "last update {} ms{}",
                         ms(r.millis),
-                        if r.what_if { " (what-if from the first changed MoE layer)" } else { "" }
+                        if r.what_if && self.trace_summary().is_none() {
+                            " (what-if from the first changed MoE layer)"
+                        } else {
+                            ""
+                        }
                     ));
                 }
                 if self.run_started.is_some_and(|t| t.elapsed() > Duration::from_millis(100)) || self.in_flight > 0 {
