@@ -92,6 +92,18 @@ fn model_trace(dir: &Path, name: &str, logits: bool) -> PathBuf {
         for (l, rec) in out.records.iter().enumerate() {
             let g = &rec.groups[0];
             let r = &g.routing;
+            let p = |piece: &str| format!("layers/{l}/groups/{i}/{piece}");
+            groups[l].push(json!({"members": [[i, 0, n]]}));
+            if let Some(soft) = r.soft() {
+                let slots = r.capacity;
+                for (piece, w) in [
+                    ("soft_dispatch", &soft.dispatch),
+                    ("soft_combine", &soft.combine),
+                ] {
+                    tensors.push((p(piece), Dtype::F32, vec![n, e, slots], f32_bytes(w)));
+                }
+                continue;
+            }
             let k = r.k;
             let (mut idx, mut gates, mut slots) = (Vec::new(), Vec::new(), Vec::new());
             for t in 0..n {
@@ -101,14 +113,12 @@ fn model_trace(dir: &Path, name: &str, logits: bool) -> PathBuf {
                     slots.extend(c.slot.map_or(-1, |s| s as i32).to_le_bytes());
                 }
             }
-            let p = |piece: &str| format!("layers/{l}/groups/{i}/{piece}");
             tensors.push((p("expert_index"), Dtype::I32, vec![n, k], idx));
             tensors.push((p("gates"), Dtype::F32, vec![n, k], f32_bytes(&gates)));
             tensors.push((p("slot"), Dtype::I32, vec![n, k], slots));
             if logits {
                 tensors.push((p("logits"), Dtype::F32, vec![n, e], f32_bytes(&g.logits)));
             }
-            groups[l].push(json!({"members": [[i, 0, n]]}));
         }
     }
     let capacity = engine
@@ -335,4 +345,23 @@ fn a_trace_compares_routers_and_exports_the_view() {
         image::open(out.path().join("f.png")).expect("png").width(),
         900
     );
+}
+
+#[test]
+fn a_soft_moe_trace_shows_the_models_slot_weights() {
+    let dir = fixed_dir("soft");
+    let trace = model_trace(&dir, "fashion-mnist-soft", false);
+    let mut h = harness();
+    h.state_mut().select_router(RouterKind::SoftMoe);
+    settle(&mut h);
+    let want = h.state().image_routing(0).expect("the model's routing");
+    assert_eq!(want.router, RouterKind::SoftMoe);
+    h.state_mut().open_model(trace);
+    settle(&mut h);
+    let app = h.state();
+    assert!(app.errors().is_empty(), "{:?}", app.errors());
+    let got = app.image_routing(0).expect("the trace's routing");
+    assert_eq!(got.router, RouterKind::SoftMoe);
+    assert_eq!(got.tokens, want.tokens);
+    assert_eq!(got.soft, want.soft, "the slot weights are the logged ones");
 }
