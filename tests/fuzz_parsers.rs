@@ -2,7 +2,8 @@
 //! valid files (bit flips, byte overwrites, truncations, insertions, splices of the hostile seed
 //! corpus in `tests/fuzz-corpus/`) and every parser must answer with a value or an error, never a
 //! panic, within its bounds. Covered: the safetensors checkpoint reader (header, config JSON,
-//! tensors), the vmoe index and shard reader, the IDX reader (raw and gzip), image decoding, the
+//! tensors), the vmoe index and shard reader, routing traces (file and description), the IDX
+//! reader (raw and gzip), image decoding, the
 //! ONNX importer, and the routers on hostile configurations (capacity paddings, k, capacity
 //! factors, iterations). Cases per parser: `ROUTERSCOPE_FUZZ_CASES` (default 2000); CI runs the
 //! default; each seed file of the corpus is also a regression test on its own.
@@ -306,4 +307,125 @@ proptest! {
         };
         let _ = route_logits(&logits, n, e, &cfg, Mode::Deterministic);
     }
+}
+
+/// A small valid trace: two images with logits, Token Choice picks with slots, and dense
+/// dispatch/combine in a second layer; its description returned separately for JSON fuzzing.
+fn trace_seed() -> (
+    Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>,
+    String,
+) {
+    use safetensors::Dtype;
+    let (n, e, c) = (5usize, 2usize, 4usize);
+    let f = |v: Vec<f32>| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let i = |v: Vec<i32>| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let mut t = Vec::new();
+    for g in 0..2 {
+        t.push((
+            format!("images/{g}"),
+            Dtype::U8,
+            vec![4, 4, 3],
+            vec![g as u8 * 40; 48],
+        ));
+        let p = |l: usize, x: &str| format!("layers/{l}/groups/{g}/{x}");
+        t.push((
+            p(0, "logits"),
+            Dtype::F32,
+            vec![n, e],
+            f((0..n * e).map(|k| k as f32 * 0.3 - 1.0).collect()),
+        ));
+        t.push((
+            p(0, "expert_index"),
+            Dtype::I32,
+            vec![n, 1],
+            i(vec![0, 1, 0, 1, 0]),
+        ));
+        t.push((p(0, "gates"), Dtype::F32, vec![n, 1], f(vec![0.6; n])));
+        t.push((
+            p(0, "slot"),
+            Dtype::I32,
+            vec![n, 1],
+            i(vec![0, 0, 1, 1, -1]),
+        ));
+        let mut d = vec![0.0f32; n * e * c];
+        for tok in 0..4 {
+            d[(tok * e + tok % 2) * c + tok / 2] = 1.0;
+        }
+        t.push((p(1, "dispatch"), Dtype::F32, vec![n, e, c], f(d.clone())));
+        t.push((
+            p(1, "combine"),
+            Dtype::F32,
+            vec![n, e, c],
+            f(d.iter().map(|v| v * 0.7).collect()),
+        ));
+    }
+    let meta = serde_json::json!({
+        "format": "routerscope-trace", "version": 1, "num_experts": e, "classes": ["a", "b"],
+        "images": [{"grid": [2, 2], "cls_token": true, "label": 0},
+                   {"grid": [2, 2], "cls_token": true, "label": 1}],
+        "layers": [
+            {"block": 1, "router": {"kind": "softmax-tc", "k": 1, "capacity": 2},
+             "groups": [{"members": [[0, 0, 5]]}, {"members": [[1, 0, 5]]}]},
+            {"block": 3, "router": {"kind": "softmax-ec"},
+             "groups": [{"members": [[0, 0, 5]]}, {"members": [[1, 0, 5]]}]}
+        ]
+    });
+    (t, meta.to_string())
+}
+
+fn write_trace(
+    path: &Path,
+    tensors: &[(String, safetensors::Dtype, Vec<usize>, Vec<u8>)],
+    meta: &str,
+) -> bool {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .filter_map(|(n, d, s, b)| {
+            safetensors::tensor::TensorView::new(*d, s.clone(), b)
+                .ok()
+                .map(|v| (n.clone(), v))
+        })
+        .collect();
+    let m = std::collections::HashMap::from([("routerscope.trace".to_string(), meta.to_string())]);
+    safetensors::serialize_to_file(views, Some(m), path).is_ok()
+}
+
+/// Opens a trace and reads everything a view or analysis reads: every image, the logged
+/// routing of every image, and a what-if on every image.
+fn read_whole_trace(path: &Path) {
+    use routerscope::model::RunOptions;
+    let Ok(t) = routerscope::trace::TraceModel::open(path) else {
+        return;
+    };
+    let file = t.trace().clone();
+    let own = RunOptions::from_config(file.config());
+    let what_if = own
+        .clone()
+        .with_router(RouterConfig::new(RouterKind::SinkhornExpertChoice));
+    let g = file.group_images();
+    for first in (0..file.num_images()).step_by(g.max(1)) {
+        let _ = file.image(first);
+        let ids: Vec<usize> = (first..(first + g).min(file.num_images())).collect();
+        let _ = t.route_ids(&ids, &own);
+        let _ = t.route_ids(&ids, &what_if);
+    }
+}
+
+#[test]
+fn fuzz_traces() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tensors, meta) = trace_seed();
+    let seed = dir.path().join("seed.rstrace.safetensors");
+    assert!(write_trace(&seed, &tensors, &meta));
+    routerscope::trace::TraceModel::open(&seed).expect("the seed is a valid trace");
+    let path = dir.path().join("case.rstrace.safetensors");
+    fuzz("trace file", &[std::fs::read(&seed).unwrap()], |bytes| {
+        std::fs::write(&path, bytes).unwrap();
+        read_whole_trace(&path);
+    });
+    fuzz("trace description", &[meta.into_bytes()], |bytes| {
+        if write_trace(&path, &tensors, &String::from_utf8_lossy(bytes)) {
+            read_whole_trace(&path);
+        }
+    });
 }
