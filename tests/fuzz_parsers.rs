@@ -3,9 +3,8 @@
 //! corpus in `tests/fuzz-corpus/`) and every parser must answer with a value or an error, never a
 //! panic, within its bounds. Covered: the safetensors checkpoint reader (header, config JSON,
 //! tensors), the vmoe index and shard reader, routing traces (file and description), the IDX
-//! reader (raw and gzip), image decoding, the
-//! ONNX importer, and the routers on hostile configurations (capacity paddings, k, capacity
-//! factors, iterations). Cases per parser: `ROUTERSCOPE_FUZZ_CASES` (default 2000); CI runs the
+//! reader (raw and gzip), image decoding, the ONNX importer, and the routers on hostile
+//! configurations (capacity paddings, k, capacity factors, iterations). Cases per parser: `ROUTERSCOPE_FUZZ_CASES` (default 2000); CI runs the
 //! default; each seed file of the corpus is also a regression test on its own.
 
 use std::path::{Path, PathBuf};
@@ -309,12 +308,12 @@ proptest! {
     }
 }
 
+/// A trace's tensors: name, dtype, shape, bytes.
+type TraceTensors = Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+
 /// A small valid trace: two images with logits, Token Choice picks with slots, and dense
 /// dispatch/combine in a second layer; its description returned separately for JSON fuzzing.
-fn trace_seed() -> (
-    Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>,
-    String,
-) {
+fn trace_seed() -> (TraceTensors, String) {
     use safetensors::Dtype;
     let (n, e, c) = (5usize, 2usize, 4usize);
     let f = |v: Vec<f32>| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
@@ -373,11 +372,7 @@ fn trace_seed() -> (
     (t, meta.to_string())
 }
 
-fn write_trace(
-    path: &Path,
-    tensors: &[(String, safetensors::Dtype, Vec<usize>, Vec<u8>)],
-    meta: &str,
-) -> bool {
+fn write_trace(path: &Path, tensors: &TraceTensors, meta: &str) -> bool {
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .filter_map(|(n, d, s, b)| {
