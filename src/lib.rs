@@ -23,6 +23,7 @@ pub mod backend;
 pub mod catalog;
 pub mod figures;
 pub mod gpu;
+pub mod import;
 pub mod model;
 pub mod moefy;
 pub mod routing;

@@ -1,8 +1,10 @@
-//! `routerscope import --onnx`: a dense ViT from ONNX (DINOv2 as Hugging Face exports it) into a
-//! routerscope feature-model checkpoint.
+//! `routerscope import FILE`: a pretrained dense ViT (a timm state dict, or ONNX as Hugging Face
+//! exports DINOv2) into a routerscope checkpoint.
 
 use std::path::PathBuf;
 
+use routerscope::import::Format;
+use routerscope::import::timm::{TimmOptions, import_timm};
 use routerscope::model::onnx_import::{ImportOptions, import_onnx};
 use routerscope::model::save_checkpoint_as;
 
@@ -10,13 +12,31 @@ use super::PrecisionArg;
 
 #[derive(clap::Args, Debug)]
 pub struct ImportArgs {
-    /// The ONNX file (weights inside it).
+    /// The model file: a timm ViT state dict (.safetensors, with timm's config.json beside it
+    /// when there is one) or an ONNX file; its format is detected from its contents.
+    #[arg(required_unless_present = "onnx", conflicts_with = "onnx")]
+    file: Option<PathBuf>,
+    /// An ONNX file (weights inside it): the same as giving it as FILE.
     #[arg(long)]
-    onnx: PathBuf,
-    /// Input size in pixels, `H` or `HxW` (the graph takes any multiple of the patch size; the
-    /// position embedding is resized to it).
-    #[arg(long, default_value = "224")]
-    image_size: String,
+    onnx: Option<PathBuf>,
+    /// The format, instead of detecting it.
+    #[arg(long, value_enum)]
+    format: Option<FormatArg>,
+    /// Input size in pixels, `H` or `HxW`. ONNX: the graph takes any multiple of the patch size
+    /// and the position embedding is resized to it [default: 224]. timm: the size the position
+    /// embedding was trained for (the only one supported so far).
+    #[arg(long)]
+    image_size: Option<String>,
+    /// Attention heads (timm: else config.json's, else its architecture's).
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Input normalisation mean, comma-separated per channel (timm: else config.json's
+    /// pretrained_cfg, else ImageNet's).
+    #[arg(long, value_delimiter = ',')]
+    mean: Vec<f32>,
+    /// Input normalisation std, comma-separated per channel.
+    #[arg(long, value_delimiter = ',')]
+    std: Vec<f32>,
     /// How the checkpoint stores its tensors.
     #[arg(long, default_value = "f32")]
     precision: PrecisionArg,
@@ -25,23 +45,63 @@ pub struct ImportArgs {
     out: PathBuf,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum FormatArg {
+    Timm,
+    Onnx,
+}
+
 pub fn run(args: &ImportArgs) -> anyhow::Result<()> {
-    let image_size = super::parse_size(&args.image_size)?;
-    let opts = ImportOptions {
-        image_size,
-        name: args
-            .onnx
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "onnx".into()),
-        ..ImportOptions::default()
+    let Some(file) = args.file.as_ref().or(args.onnx.as_ref()) else {
+        anyhow::bail!("give the model file to import");
     };
-    let (cfg, weights) = import_onnx(&args.onnx, &opts)?;
+    let format = match (args.format, &args.onnx) {
+        (Some(FormatArg::Timm), None) => Format::Timm,
+        (Some(FormatArg::Onnx), _) | (None, Some(_)) => Format::Onnx,
+        (Some(FormatArg::Timm), Some(_)) => anyhow::bail!("--onnx with --format timm"),
+        (None, None) => Format::detect(file).map_err(anyhow::Error::msg)?,
+    };
+    let name = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "imported".into());
+    let (cfg, weights) = match format {
+        Format::Onnx => {
+            let image_size = super::parse_size(args.image_size.as_deref().unwrap_or("224"))?;
+            let opts = ImportOptions {
+                image_size,
+                name,
+                ..ImportOptions::default()
+            };
+            import_onnx(file, &opts)?
+        }
+        Format::Timm => {
+            let opts = TimmOptions {
+                heads: args.heads,
+                mean: (!args.mean.is_empty()).then(|| args.mean.clone()),
+                std: (!args.std.is_empty()).then(|| args.std.clone()),
+                name,
+            };
+            let (cfg, weights) = import_timm(file, &opts)?;
+            if let Some(s) = &args.image_size {
+                let size = super::parse_size(s)?;
+                if size != cfg.image_size {
+                    anyhow::bail!(
+                        "--image-size {s}: this timm model's position embedding is for {}x{}; \
+                         resizing it is not supported yet",
+                        cfg.image_size[0],
+                        cfg.image_size[1]
+                    );
+                }
+            }
+            (cfg, weights)
+        }
+    };
     save_checkpoint_as(&args.out, &cfg, &weights, args.precision.0)?;
     let params: usize = weights.values().map(|t| t.data.len()).sum();
     println!(
-        "{}: {} blocks, width {}, {} heads, MLP {}, patch {}x{}, {} tokens at {}x{}, {:.1} M parameters -> {}",
-        args.onnx.display(),
+        "{}: {} blocks, width {}, {} heads, MLP {}, patch {}x{}, {} tokens at {}x{}, {}, {:.1} M parameters -> {}",
+        file.display(),
         cfg.num_layers,
         cfg.hidden_size,
         cfg.num_heads,
@@ -51,6 +111,11 @@ pub fn run(args: &ImportArgs) -> anyhow::Result<()> {
         cfg.seq_len(),
         cfg.image_size[0],
         cfg.image_size[1],
+        if cfg.num_classes > 0 {
+            format!("{} classes", cfg.num_classes)
+        } else {
+            "features".to_string()
+        },
         params as f64 / 1e6,
         args.out.display()
     );

@@ -1,0 +1,83 @@
+"""Reference outputs for `routerscope import` from the source frameworks themselves.
+
+For each family, a tiny-width variant (same code paths as the full-size models) with seeded random
+weights (no hub download) is built with timm, saved as its state dict in safetensors with the
+`config.json` timm's `save_for_hf` writes, and run on a fixed input; the input pixels, the final
+features and the logits go to `reference.safetensors` beside it. Committed under
+`tests/fixtures/import/`, so CI needs no Python to check the importers against them.
+
+    pip install timm safetensors
+    python scripts/make_import_references.py tests/fixtures/import
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from safetensors.numpy import save_file
+from safetensors.torch import save_file as save_torch
+from timm.models.vision_transformer import VisionTransformer
+
+FAMILIES = {
+    # name: (constructor kwargs, architecture name for config.json, mean, std)
+    "timm-vit": (
+        dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=3, mlp_ratio=2.0,
+             num_classes=5),
+        "vit_tiny_patch16_224", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
+    ),
+    "timm-deit": (
+        dict(img_size=24, patch_size=4, embed_dim=24, depth=2, num_heads=2, mlp_ratio=3.0,
+             num_classes=4, qkv_bias=False),
+        "deit_small_patch16_224", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+    ),
+    "timm-dinov2": (
+        dict(img_size=28, patch_size=14, embed_dim=24, depth=3, num_heads=4, mlp_ratio=4.0,
+             num_classes=0, init_values=0.5),
+        "vit_small_patch14_dinov2", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+    ),
+}
+
+
+def main(out: Path) -> None:
+    for i, (name, (kwargs, arch, mean, std)) in enumerate(FAMILIES.items()):
+        torch.manual_seed(100 + i)
+        model = VisionTransformer(**kwargs).eval()
+        with torch.no_grad():
+            for p in model.parameters():  # every weight random and O(1), not timm's init
+                p.copy_(torch.randn_like(p) * 0.3)
+        d = out / name
+        d.mkdir(parents=True, exist_ok=True)
+        save_torch({k: v.contiguous() for k, v in model.state_dict().items()},
+                   str(d / "model.safetensors"))
+        config = {
+            "architecture": arch,
+            "num_classes": kwargs["num_classes"],
+            "num_features": kwargs["embed_dim"],
+            "model_args": {k: v for k, v in kwargs.items() if k in ("num_heads", "img_size")},
+            "pretrained_cfg": {"mean": list(mean), "std": list(std),
+                               "input_size": [3, kwargs["img_size"], kwargs["img_size"]]},
+        }
+        (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        rng = np.random.default_rng(7 + i)
+        size = kwargs["img_size"]
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        x = torch.from_numpy(pixels).permute(2, 0, 1).float()[None] / 255.0
+        x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+        with torch.no_grad():
+            features = model.forward_features(x)[0]
+            logits = model.forward_head(model.forward_features(x))[0]
+        ref = {"pixels": pixels, "features": features.numpy().astype(np.float32)}
+        if kwargs["num_classes"]:
+            ref["logits"] = logits.numpy().astype(np.float32)
+        save_file(ref, str(d / "reference.safetensors"),
+                  metadata={"timm": timm.__version__, "torch": torch.__version__})
+        print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters -> {d}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures/import"))

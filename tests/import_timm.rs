@@ -1,0 +1,240 @@
+//! `routerscope import` of timm ViTs against timm itself: tiny-width ViT, DeiT (no QKV bias) and
+//! DINOv2 (LayerScale) with random weights, their features and logits computed by timm
+//! (`scripts/make_import_references.py`, committed under `tests/fixtures/import/`); and the
+//! importer's errors on state dicts it cannot read.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use routerscope::import::timm::{TimmOptions, import_timm};
+use routerscope::model::{RunOptions, VitMoe, preprocess};
+use routerscope::tensor_io::TensorFile;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/import")
+        .join(name)
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn softmax(x: &[f32]) -> Vec<f32> {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = x.iter().map(|v| (v - m).exp()).collect();
+    let s: f32 = e.iter().sum();
+    e.iter().map(|v| v / s).collect()
+}
+
+/// Imports fixture `name`, runs it on the reference input and compares with timm's outputs.
+fn matches_timm(name: &str) {
+    let dir = fixture(name);
+    let (cfg, weights) = import_timm(&dir.join("model.safetensors"), &TimmOptions::default())
+        .expect("the timm state dict imports");
+    let reference = TensorFile::open(&dir.join("reference.safetensors")).expect("reference");
+    let names = reference.names().expect("names");
+    let pixels = {
+        let st = std::fs::read(dir.join("reference.safetensors")).expect("read");
+        let st = safetensors::SafeTensors::deserialize(&st).expect("safetensors");
+        let v = st.tensor("pixels").expect("pixels");
+        let [h, w, _] = v.shape()[..] else {
+            panic!("pixels shape {:?}", v.shape())
+        };
+        image::DynamicImage::ImageRgb8(
+            image::RgbImage::from_raw(w as u32, h as u32, v.data().to_vec()).expect("rgb"),
+        )
+    };
+    let model = VitMoe::new(cfg.clone(), weights).expect("a model");
+    let out = model
+        .forward(
+            &[preprocess(&pixels, &cfg).expect("pixels")],
+            &RunOptions::from_config(&cfg),
+        )
+        .expect("forward");
+    let features = reference.f32("features", "[tokens, d]").expect("features");
+    let fd = max_diff(&out.features[0], &features.data);
+    assert!(fd < 1e-4, "{name}: features differ from timm's by {fd}");
+    if names.iter().any(|n| n == "logits") {
+        let logits = reference.f32("logits", "[classes]").expect("logits");
+        let d = max_diff(&out.probs[0], &softmax(&logits.data));
+        assert!(
+            d < 1e-5,
+            "{name}: class probabilities differ from timm's by {d}"
+        );
+        assert_eq!(cfg.num_classes, logits.data.len());
+    }
+    eprintln!(
+        "{name}: {} blocks, width {}, {} heads: features within {fd:e} of timm's",
+        cfg.num_layers, cfg.hidden_size, cfg.num_heads
+    );
+}
+
+#[test]
+fn a_timm_vit_imports_and_matches_timm() {
+    matches_timm("timm-vit");
+}
+
+#[test]
+fn a_timm_deit_without_qkv_bias_imports_and_matches_timm() {
+    matches_timm("timm-deit");
+}
+
+#[test]
+fn a_timm_dinov2_with_layer_scale_imports_and_matches_timm() {
+    matches_timm("timm-dinov2");
+}
+
+/// The fixture ViT's tensors with `change` applied, written as a state dict in `dir` (with the
+/// fixture's config.json unless `config` is false).
+fn altered(
+    dir: &Path,
+    config: bool,
+    change: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<f32>)>),
+) -> PathBuf {
+    let src = fixture("timm-vit");
+    let file = TensorFile::open(&src.join("model.safetensors")).expect("open");
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = file
+        .names()
+        .expect("names")
+        .into_iter()
+        .map(|n| {
+            let t = file.f32(&n, "").expect("f32");
+            (n, t.shape, t.data)
+        })
+        .collect();
+    change(&mut tensors);
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, d)| d.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, s, _), b)| {
+            let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .expect("view");
+            (n.clone(), v)
+        })
+        .collect();
+    let path = dir.join("model.safetensors");
+    safetensors::serialize_to_file(views, None, &path).expect("write");
+    if config {
+        std::fs::copy(src.join("config.json"), dir.join("config.json")).expect("config");
+    }
+    path
+}
+
+fn import_error(path: &Path, heads: Option<usize>) -> String {
+    let opts = TimmOptions {
+        heads,
+        ..TimmOptions::default()
+    };
+    match import_timm(path, &opts) {
+        Ok(_) => panic!("{} imported", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_timm_state_dicts_are_one_clear_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let p = altered(dir.path(), true, |t| {
+        t.retain(|(n, _, _)| !n.starts_with("blocks.0."))
+    });
+    let e = import_error(&p, None);
+    assert!(
+        e.contains("block 1 has weights") && e.contains("missing"),
+        "{e}"
+    );
+
+    let p = altered(dir.path(), true, |t| {
+        t.retain(|(n, _, _)| n != "blocks.1.mlp.fc2.bias")
+    });
+    let e = import_error(&p, None);
+    assert!(e.contains("blocks.1.mlp.fc2.bias"), "{e}");
+
+    let p = altered(dir.path(), true, |_| {});
+    let e = import_error(&p, Some(5));
+    assert!(e.contains("5 heads do not divide the width 24"), "{e}");
+
+    let p = altered(dir.path(), true, |t| {
+        t.push(("reg_token".into(), vec![1, 4, 24], vec![0.0; 96]))
+    });
+    let e = import_error(&p, None);
+    assert!(
+        e.contains("reg_token") && e.contains("register tokens"),
+        "{e}"
+    );
+
+    let sub = dir.path().join("noconfig");
+    std::fs::create_dir_all(&sub).expect("dir");
+    let p = altered(&sub, false, |_| {});
+    let e = import_error(&p, None);
+    assert!(e.contains("give --heads"), "{e}");
+    import_timm(
+        &p,
+        &TimmOptions {
+            heads: Some(3),
+            ..TimmOptions::default()
+        },
+    )
+    .expect("with --heads it imports");
+
+    let p = altered(dir.path(), true, |t| {
+        t.retain(|(n, _, _)| n != "patch_embed.proj.weight")
+    });
+    let e = import_error(&p, None);
+    assert!(e.contains("not a timm ViT state dict"), "{e}");
+}
+
+#[test]
+fn the_cli_imports_a_timm_file_and_predicts_with_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("vit.safetensors");
+    let bin = env!("CARGO_BIN_EXE_routerscope");
+    let model = fixture("timm-vit").join("model.safetensors");
+    let o = Command::new(bin)
+        .args([
+            "import",
+            model.to_str().unwrap_or_default(),
+            "--out",
+            out.to_str().unwrap_or_default(),
+        ])
+        .output()
+        .expect("runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("2 blocks, width 24, 3 heads"));
+    let img = dir.path().join("x.png");
+    image::RgbImage::from_pixel(32, 32, image::Rgb([10, 200, 30]))
+        .save(&img)
+        .expect("png");
+    let o = Command::new(bin)
+        .args([
+            "predict",
+            "--model",
+            out.to_str().unwrap_or_default(),
+            img.to_str().unwrap_or_default(),
+        ])
+        .output()
+        .expect("runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A file that is no ViT: one error, no output.
+    let not = dir.path().join("other.safetensors");
+    let o = Command::new(bin)
+        .args([
+            "import",
+            out.to_str().unwrap_or_default(),
+            "--out",
+            not.to_str().unwrap_or_default(),
+        ])
+        .output()
+        .expect("runs");
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a format `routerscope import` reads"));
+    assert!(!not.exists());
+}
