@@ -238,3 +238,61 @@ fn the_cli_imports_a_timm_file_and_predicts_with_it() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("not a format `routerscope import` reads"));
     assert!(!not.exists());
 }
+
+#[test]
+fn moefy_on_an_imported_timm_vit_with_every_expert_is_the_dense_model() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (dense_path, moe_path) = (
+        dir.path().join("vit.safetensors"),
+        dir.path().join("moe.safetensors"),
+    );
+    let bin = env!("CARGO_BIN_EXE_routerscope");
+    let model = fixture("timm-vit").join("model.safetensors");
+    let calibration = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/images");
+    for args in [
+        vec![
+            "import",
+            model.to_str().unwrap_or_default(),
+            "--out",
+            dense_path.to_str().unwrap_or_default(),
+        ],
+        vec![
+            "moefy",
+            "--model",
+            dense_path.to_str().unwrap_or_default(),
+            "--experts",
+            "4",
+            "--layers",
+            "0,1",
+            "--calibration",
+            calibration.to_str().unwrap_or_default(),
+            "--out",
+            moe_path.to_str().unwrap_or_default(),
+        ],
+    ] {
+        let o = Command::new(bin).args(&args).output().expect("runs");
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let dense = VitMoe::load(&dense_path).expect("dense");
+    let moe = VitMoe::load(&moe_path).expect("moe");
+    let img = image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(32, 32, |x, y| {
+        image::Rgb([(x * 7) as u8, (y * 5) as u8, ((x ^ y) * 3) as u8])
+    }));
+    let px = preprocess(&img, &dense.config).expect("pixels");
+    let a = dense
+        .forward(
+            std::slice::from_ref(&px),
+            &RunOptions::from_config(&dense.config),
+        )
+        .expect("dense run");
+    let b = moe
+        .forward(&[px], &routerscope::moefy::all_experts_options(&moe.config))
+        .expect("moe run");
+    let d = max_diff(&a.features[0], &b.features[0]);
+    assert!(d < 1e-4, "every expert differs from the dense model by {d}");
+    assert!(max_diff(&a.probs[0], &b.probs[0]) < 1e-5);
+}
