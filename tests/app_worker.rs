@@ -34,6 +34,7 @@ fn config() -> ModelConfig {
             mean: vec![0.5; 3],
             std: vec![0.5; 3],
         },
+        layer_norm_eps: routerscope::model::DEFAULT_LAYER_NORM_EPS,
         moe: Some(MoeConfig {
             layers: vec![6, 7, 8, 9, 10, 11],
             num_experts: 4,

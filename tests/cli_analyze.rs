@@ -33,6 +33,7 @@ fn config(router: RouterKind) -> ModelConfig {
             mean: vec![0.5; 3],
             std: vec![0.5; 3],
         },
+        layer_norm_eps: routerscope::model::DEFAULT_LAYER_NORM_EPS,
         moe: Some(MoeConfig {
             layers: vec![1, 3],
             num_experts: 4,

@@ -543,6 +543,8 @@ fn unsupported(cfg: &ModelConfig) -> Option<&'static str> {
     let moe = cfg.moe.as_ref();
     if cfg.layer_scale {
         Some("LayerScale")
+    } else if cfg.layer_norm_eps != crate::model::DEFAULT_LAYER_NORM_EPS {
+        Some("a LayerNorm epsilon other than 1e-6")
     } else if cfg.gelu != Gelu::Tanh {
         Some("exact (erf) GELU")
     } else if cfg.is_feature_model() {

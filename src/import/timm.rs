@@ -411,6 +411,7 @@ pub fn import_timm(
         },
         gelu: Gelu::Erf,
         layer_scale,
+        layer_norm_eps: crate::model::DEFAULT_LAYER_NORM_EPS,
         moe: None,
     };
     cfg.validate()?;

@@ -116,8 +116,23 @@ pub struct ModelConfig {
     /// `{block}/LayerScale_0/scale` after attention and `LayerScale_1/scale` after the MLP.
     #[serde(default)]
     pub layer_scale: bool,
+    /// The epsilon of every LayerNorm (1e-6: vmoe's, timm's and DINOv2's; Hugging Face's ViT
+    /// uses 1e-12). Checkpoints omit it at the default.
+    #[serde(default = "default_layer_norm_eps", skip_serializing_if = "is_default_eps")]
+    pub layer_norm_eps: f32,
     #[serde(default)]
     pub moe: Option<MoeConfig>,
+}
+
+/// vmoe's LayerNorm epsilon.
+pub const DEFAULT_LAYER_NORM_EPS: f32 = 1e-6;
+
+fn default_layer_norm_eps() -> f32 {
+    DEFAULT_LAYER_NORM_EPS
+}
+
+fn is_default_eps(eps: &f32) -> bool {
+    *eps == DEFAULT_LAYER_NORM_EPS
 }
 
 impl ModelConfig {
@@ -176,6 +191,12 @@ impl ModelConfig {
     /// Checks that the numbers fit together.
     pub fn validate(&self) -> Result<(), ModelError> {
         let bad = |m: String| Err(ModelError::Config(m));
+        if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps < 1e-1) {
+            return bad(format!(
+                "layer_norm_eps is {}: a LayerNorm epsilon is positive and small",
+                self.layer_norm_eps
+            ));
+        }
         let [h, w] = self.image_size;
         let [ph, pw] = self.patch_size;
         if ph == 0 || pw == 0 || h == 0 || w == 0 || h % ph != 0 || w % pw != 0 {

@@ -15,7 +15,8 @@ mod weights;
 mod what_if;
 
 pub use config::{
-    CONFIG_METADATA_KEY, Classifier, Combine, Gelu, ModelConfig, MoeConfig, Normalization,
+    CONFIG_METADATA_KEY, Classifier, Combine, DEFAULT_LAYER_NORM_EPS, Gelu, ModelConfig, MoeConfig,
+    Normalization,
 };
 pub use image_input::{
     IMAGE_EXTENSIONS, ImageListing, MAX_DECODE_BYTES, MAX_IMAGE_SIDE, decode_image,

@@ -571,6 +571,7 @@ pub fn import_model(
         normalization: opts.normalization.clone(),
         gelu,
         layer_scale: true,
+        layer_norm_eps: crate::model::DEFAULT_LAYER_NORM_EPS,
         moe: None,
     };
     cfg.validate()?;

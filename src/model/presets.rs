@@ -59,6 +59,7 @@ pub fn preset(name: &str, kind: RouterKind) -> Option<ModelConfig> {
                 mean: vec![0.5],
                 std: vec![0.5],
             },
+            layer_norm_eps: crate::model::DEFAULT_LAYER_NORM_EPS,
             moe: Some(MoeConfig {
                 layers: vec![3, 5],
                 num_experts: 8,
@@ -89,6 +90,7 @@ pub fn preset(name: &str, kind: RouterKind) -> Option<ModelConfig> {
                 mean: vec![0.5; 3],
                 std: vec![0.5; 3],
             },
+            layer_norm_eps: crate::model::DEFAULT_LAYER_NORM_EPS,
             moe: Some(MoeConfig {
                 layers: (6..12).collect(),
                 num_experts: 32,

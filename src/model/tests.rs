@@ -31,6 +31,7 @@ pub(crate) fn tiny_config(router: RouterKind) -> ModelConfig {
             mean: vec![0.5; 3],
             std: vec![0.5; 3],
         },
+        layer_norm_eps: crate::model::DEFAULT_LAYER_NORM_EPS,
         moe: Some(MoeConfig {
             layers: vec![1, 2],
             num_experts: 4,

@@ -25,7 +25,6 @@ use crate::routing::{
     route_soft,
 };
 
-const LN_EPS: f32 = 1e-6;
 
 /// Moves tensor `name` out of `weights` into candle (one copy of the weights, never two).
 fn tensor(weights: &mut ModelWeights, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
@@ -72,13 +71,15 @@ impl Linear {
 struct LayerNorm {
     scale: Vec<f32>,
     bias: Vec<f32>,
+    eps: f32,
 }
 
 impl LayerNorm {
-    fn load(weights: &mut ModelWeights, prefix: &str) -> Result<Self, ModelError> {
+    fn load(weights: &mut ModelWeights, prefix: &str, eps: f32) -> Result<Self, ModelError> {
         Ok(Self {
             scale: take(weights, &format!("{prefix}/scale"))?,
             bias: take(weights, &format!("{prefix}/bias"))?,
+            eps,
         })
     }
 
@@ -87,14 +88,14 @@ impl LayerNorm {
         let op = LayerNormOp {
             scale: &self.scale,
             bias: &self.bias,
-            eps: LN_EPS,
+            eps: self.eps,
         };
         Ok(x.contiguous()?.apply_op1_no_bwd(&op)?)
     }
 
     /// The same on rows of a slice.
     fn rows(&self, x: &[f32]) -> Vec<f32> {
-        layer_norm_rows(x, &self.scale, &self.bias, LN_EPS)
+        layer_norm_rows(x, &self.scale, &self.bias, self.eps)
     }
 }
 
@@ -572,6 +573,7 @@ impl VitMoe {
         let weights = &mut weights;
         let cfg = &config;
         let d = cfg.hidden_size;
+        let eps = cfg.layer_norm_eps;
         let [ph, pw] = cfg.patch_size;
         let patch_in = ph * pw * cfg.channels;
         let embedding = Linear::load(weights, "embedding", patch_in, d)?;
@@ -641,14 +643,14 @@ impl VitMoe {
                 false => None,
             };
             blocks.push(EncoderBlock {
-                ln0: LayerNorm::load(weights, &format!("{b}/LayerNorm_0"))?,
+                ln0: LayerNorm::load(weights, &format!("{b}/LayerNorm_0"), eps)?,
                 attn: Attention::load(weights, &format!("{b}/SelfAttention"), cfg)?,
-                ln1: LayerNorm::load(weights, &format!("{b}/LayerNorm_1"))?,
+                ln1: LayerNorm::load(weights, &format!("{b}/LayerNorm_1"), eps)?,
                 ffn,
                 layer_scale,
             });
         }
-        let encoder_norm = LayerNorm::load(weights, "Encoder/encoder_norm")?;
+        let encoder_norm = LayerNorm::load(weights, "Encoder/encoder_norm", eps)?;
         let (pre_logits, head_in) = match cfg.representation_size {
             Some(r) => (Some(Linear::load(weights, "pre_logits", d, r)?), r),
             None => (None, d),

@@ -81,6 +81,7 @@ fn vmoe(
             mean: vec![0.5; 3],
             std: vec![0.5; 3],
         },
+        layer_norm_eps: crate::model::DEFAULT_LAYER_NORM_EPS,
         moe: Some(MoeConfig {
             layers,
             num_experts: 8,

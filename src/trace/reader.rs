@@ -529,6 +529,7 @@ impl TraceFile {
             },
             gelu: Default::default(),
             layer_scale: false,
+            layer_norm_eps: crate::model::DEFAULT_LAYER_NORM_EPS,
             moe: Some(MoeConfig {
                 layers: blocks,
                 num_experts: self.meta.num_experts,
@@ -903,6 +904,7 @@ fn placeholder_config() -> ModelConfig {
         },
         gelu: Default::default(),
         layer_scale: false,
+        layer_norm_eps: crate::model::DEFAULT_LAYER_NORM_EPS,
         moe: None,
     }
 }

@@ -418,6 +418,8 @@ fn untrainable(cfg: &ModelConfig) -> Option<&'static str> {
     use crate::model::{Combine, Gelu};
     if cfg.layer_scale {
         Some("LayerScale")
+    } else if cfg.layer_norm_eps != crate::model::DEFAULT_LAYER_NORM_EPS {
+        Some("a LayerNorm epsilon other than 1e-6")
     } else if cfg.gelu != Gelu::Tanh {
         Some("the exact (erf) GELU")
     } else if cfg.is_feature_model() {
