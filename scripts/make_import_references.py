@@ -1,12 +1,13 @@
 """Reference outputs for `routerscope import` from the source frameworks themselves.
 
 For each family, a tiny-width variant (same code paths as the full-size models) with seeded random
-weights (no hub download) is built with timm, saved as its state dict in safetensors with the
-`config.json` timm's `save_for_hf` writes, and run on a fixed input; the input pixels, the final
+weights (no hub download) is built with timm (saved as its state dict in safetensors with the
+`config.json` timm's `save_for_hf` writes) or with Hugging Face transformers (`save_pretrained`),
+and run on a fixed input; the input pixels, the final
 features and the logits go to `reference.safetensors` beside it. Committed under
 `tests/fixtures/import/`, so CI needs no Python to check the importers against them.
 
-    pip install timm safetensors
+    pip install timm transformers safetensors
     python scripts/make_import_references.py tests/fixtures/import
 """
 
@@ -43,6 +44,52 @@ FAMILIES = {
 }
 
 
+def hugging_face(out: Path) -> None:
+    """Hugging Face transformers: ViTForImageClassification (LayerNorm eps 1e-12) and Dinov2Model
+    (LayerScale), tiny widths, random weights, saved with `save_pretrained` and a
+    preprocessor_config.json."""
+    import transformers
+    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTForImageClassification
+
+    cases = {
+        "hf-vit": (ViTForImageClassification, ViTConfig(
+            image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=2,
+            num_attention_heads=3, intermediate_size=40, num_labels=3,
+            id2label={0: "cat", 1: "dog", 2: "bird"}, label2id={"cat": 0, "dog": 1, "bird": 2}),
+            (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        "hf-dinov2": (Dinov2Model, Dinov2Config(
+            image_size=28, patch_size=14, hidden_size=24, num_hidden_layers=2,
+            num_attention_heads=4, mlp_ratio=3, layerscale_value=0.5),
+            (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    }
+    for i, (name, (cls, config, mean, std)) in enumerate(cases.items()):
+        torch.manual_seed(200 + i)
+        model = cls(config).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p) * 0.3)
+        d = out / name
+        model.save_pretrained(str(d), safe_serialization=True)
+        (d / "preprocessor_config.json").write_text(json.dumps(
+            {"image_mean": list(mean), "image_std": list(std), "do_resize": False}, indent=2) + "\n")
+        size = config.image_size
+        pixels = np.random.default_rng(20 + i).integers(0, 256, (size, size, 3), dtype=np.uint8)
+        x = torch.from_numpy(pixels).permute(2, 0, 1).float()[None] / 255.0
+        x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+        with torch.no_grad():
+            if name == "hf-vit":
+                o = model(pixel_values=x, output_hidden_states=True)
+                features = model.vit.layernorm(o.hidden_states[-1])[0]
+                ref = {"features": features.numpy(), "logits": o.logits[0].numpy()}
+            else:
+                ref = {"features": model(pixel_values=x).last_hidden_state[0].numpy()}
+        ref = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in ref.items()}
+        ref["pixels"] = pixels
+        save_file(ref, str(d / "reference.safetensors"),
+                  metadata={"transformers": transformers.__version__, "torch": torch.__version__})
+        print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters -> {d}")
+
+
 def main(out: Path) -> None:
     for i, (name, (kwargs, arch, mean, std)) in enumerate(FAMILIES.items()):
         torch.manual_seed(100 + i)
@@ -77,6 +124,7 @@ def main(out: Path) -> None:
         save_file(ref, str(d / "reference.safetensors"),
                   metadata={"timm": timm.__version__, "torch": torch.__version__})
         print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters -> {d}")
+    hugging_face(out)
 
 
 if __name__ == "__main__":

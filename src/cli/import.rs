@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use routerscope::import::Format;
+use routerscope::import::hf::{HfOptions, import_hf};
 use routerscope::import::timm::{TimmOptions, import_timm};
 use routerscope::model::onnx_import::{ImportOptions, import_onnx};
 use routerscope::model::save_checkpoint_as;
@@ -12,14 +13,15 @@ use super::PrecisionArg;
 
 #[derive(clap::Args, Debug)]
 pub struct ImportArgs {
-    /// The model file: a timm ViT state dict (.safetensors, with timm's config.json beside it
-    /// when there is one) or an ONNX file; its format is detected from its contents.
+    /// The model file: a timm state dict or a Hugging Face transformers checkpoint
+    /// (.safetensors, with the config.json / preprocessor_config.json beside it when there are
+    /// any), or an ONNX file; its format is detected from its contents.
     #[arg(required_unless_present = "onnx", conflicts_with = "onnx")]
     file: Option<PathBuf>,
     /// An ONNX file (weights inside it): the same as giving it as FILE.
     #[arg(long)]
     onnx: Option<PathBuf>,
-    /// The format, instead of detecting it.
+    /// The format, instead of detecting it (timm, hf for Hugging Face transformers, onnx).
     #[arg(long, value_enum)]
     format: Option<FormatArg>,
     /// Input size in pixels, `H` or `HxW`. ONNX: the graph takes any multiple of the patch size
@@ -48,6 +50,7 @@ pub struct ImportArgs {
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum FormatArg {
     Timm,
+    Hf,
     Onnx,
 }
 
@@ -57,8 +60,9 @@ pub fn run(args: &ImportArgs) -> anyhow::Result<()> {
     };
     let format = match (args.format, &args.onnx) {
         (Some(FormatArg::Timm), None) => Format::Timm,
+        (Some(FormatArg::Hf), None) => Format::HuggingFace,
         (Some(FormatArg::Onnx), _) | (None, Some(_)) => Format::Onnx,
-        (Some(FormatArg::Timm), Some(_)) => anyhow::bail!("--onnx with --format timm"),
+        (Some(_), Some(_)) => anyhow::bail!("--onnx names an ONNX file; drop --format"),
         (None, None) => Format::detect(file).map_err(anyhow::Error::msg)?,
     };
     let name = file
@@ -75,6 +79,17 @@ pub fn run(args: &ImportArgs) -> anyhow::Result<()> {
             };
             import_onnx(file, &opts)?
         }
+        Format::HuggingFace => {
+            let opts = HfOptions {
+                heads: args.heads,
+                mean: (!args.mean.is_empty()).then(|| args.mean.clone()),
+                std: (!args.std.is_empty()).then(|| args.std.clone()),
+                name,
+            };
+            let (cfg, weights) = import_hf(file, &opts)?;
+            check_size(args.image_size.as_deref(), &cfg)?;
+            (cfg, weights)
+        }
         Format::Timm => {
             let opts = TimmOptions {
                 heads: args.heads,
@@ -83,17 +98,7 @@ pub fn run(args: &ImportArgs) -> anyhow::Result<()> {
                 name,
             };
             let (cfg, weights) = import_timm(file, &opts)?;
-            if let Some(s) = &args.image_size {
-                let size = super::parse_size(s)?;
-                if size != cfg.image_size {
-                    anyhow::bail!(
-                        "--image-size {s}: this timm model's position embedding is for {}x{}; \
-                         resizing it is not supported yet",
-                        cfg.image_size[0],
-                        cfg.image_size[1]
-                    );
-                }
-            }
+            check_size(args.image_size.as_deref(), &cfg)?;
             (cfg, weights)
         }
     };
@@ -119,5 +124,21 @@ pub fn run(args: &ImportArgs) -> anyhow::Result<()> {
         params as f64 / 1e6,
         args.out.display()
     );
+    Ok(())
+}
+
+/// `--image-size` for a safetensors import: only the size the position embedding was trained
+/// for, so far.
+fn check_size(given: Option<&str>, cfg: &routerscope::model::ModelConfig) -> anyhow::Result<()> {
+    if let Some(s) = given
+        && super::parse_size(s)? != cfg.image_size
+    {
+        anyhow::bail!(
+            "--image-size {s}: this model's position embedding is for {}x{}; resizing it is not \
+             supported yet",
+            cfg.image_size[0],
+            cfg.image_size[1]
+        );
+    }
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! Importers of pretrained ViTs from other frameworks into routerscope checkpoints, one file per
-//! format. So far: timm state dicts in safetensors ([`timm`]); the vmoe and ONNX readers still
-//! live in `model/` (`vmoe_format`, `onnx_import`).
+//! format. So far: timm state dicts ([`timm`]) and Hugging Face checkpoints ([`hf`]) in
+//! safetensors; the vmoe and ONNX readers still live in `model/` (`vmoe_format`, `onnx_import`).
 
+pub mod hf;
 pub mod timm;
 
 use std::path::Path;
@@ -10,6 +11,7 @@ use std::path::Path;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     Timm,
+    HuggingFace,
     Onnx,
 }
 
@@ -26,9 +28,12 @@ impl Format {
         if timm::is_timm_state_dict(&names) {
             return Ok(Format::Timm);
         }
+        if hf::hf_root(&names).is_some() {
+            return Ok(Format::HuggingFace);
+        }
         Err(format!(
-            "{}: not a format `routerscope import` reads (a timm ViT state dict in safetensors, \
-             or ONNX); its tensors start {}",
+            "{}: not a format `routerscope import` reads (a timm or Hugging Face ViT in \
+             safetensors, or ONNX); its tensors start {}",
             path.display(),
             names.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
         ))

@@ -44,7 +44,7 @@ fn heads_of_architecture(arch: &str) -> Option<usize> {
     })
 }
 
-fn err(path: &Path, m: impl std::fmt::Display) -> ModelError {
+pub(super) fn err(path: &Path, m: impl std::fmt::Display) -> ModelError {
     ModelError::Config(format!("{}: {m}", path.display()))
 }
 
@@ -182,18 +182,11 @@ pub fn import_timm(
     let mut put = |n: String, shape: Vec<usize>, data: Vec<f32>| {
         w.insert(n, F32Tensor { shape, data });
     };
-    let mut kernel = vec![0.0f32; ph * pw * c * d];
-    for o in 0..d {
-        for ch in 0..c {
-            for i in 0..ph {
-                for j in 0..pw {
-                    kernel[((i * pw + j) * c + ch) * d + o] =
-                        proj.data[((o * c + ch) * ph + i) * pw + j];
-                }
-            }
-        }
-    }
-    put("embedding/kernel".into(), vec![ph, pw, c, d], kernel);
+    put(
+        "embedding/kernel".into(),
+        vec![ph, pw, c, d],
+        patch_kernel(&proj.data, [d, c, ph, pw]),
+    );
     put(
         "embedding/bias".into(),
         vec![d],
@@ -420,7 +413,7 @@ pub fn import_timm(
 }
 
 /// A PyTorch `Linear` weight `[out, in]` as a Flax kernel `[in, out]`, checking its shape.
-fn linear(
+pub(super) fn linear(
     t: &F32Tensor,
     inp: usize,
     out: usize,
@@ -440,6 +433,33 @@ fn linear(
         }
     }
     Ok(k)
+}
+
+/// A PyTorch patch `Conv2d` weight `[d, c, ph, pw]` as the Flax kernel `[ph, pw, c, d]`.
+pub(super) fn patch_kernel(w: &[f32], [d, c, ph, pw]: [usize; 4]) -> Vec<f32> {
+    let mut kernel = vec![0.0f32; ph * pw * c * d];
+    for o in 0..d {
+        for ch in 0..c {
+            for i in 0..ph {
+                for j in 0..pw {
+                    kernel[((i * pw + j) * c + ch) * d + o] = w[((o * c + ch) * ph + i) * pw + j];
+                }
+            }
+        }
+    }
+    kernel
+}
+
+/// The JSON file `name` beside `path`, when there is one.
+pub(super) fn read_json_beside(path: &Path, name: &str) -> Result<Option<Value>, ModelError> {
+    let p = path.with_file_name(name);
+    if !p.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&p).map_err(|e| err(&p, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| err(&p, format!("not valid JSON: {e}")))
 }
 
 /// The `config.json` beside `path`, when there is one.

@@ -118,7 +118,10 @@ pub struct ModelConfig {
     pub layer_scale: bool,
     /// The epsilon of every LayerNorm (1e-6: vmoe's, timm's and DINOv2's; Hugging Face's ViT
     /// uses 1e-12). Checkpoints omit it at the default.
-    #[serde(default = "default_layer_norm_eps", skip_serializing_if = "is_default_eps")]
+    #[serde(
+        default = "default_layer_norm_eps",
+        skip_serializing_if = "is_default_eps"
+    )]
     pub layer_norm_eps: f32,
     #[serde(default)]
     pub moe: Option<MoeConfig>,

@@ -25,7 +25,6 @@ use crate::routing::{
     route_soft,
 };
 
-
 /// Moves tensor `name` out of `weights` into candle (one copy of the weights, never two).
 fn tensor(weights: &mut ModelWeights, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
     let t = weights

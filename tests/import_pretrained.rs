@@ -1,12 +1,15 @@
-//! `routerscope import` of timm ViTs against timm itself: tiny-width ViT, DeiT (no QKV bias) and
-//! DINOv2 (LayerScale) with random weights, their features and logits computed by timm
-//! (`scripts/make_import_references.py`, committed under `tests/fixtures/import/`); and the
-//! importer's errors on state dicts it cannot read.
+//! `routerscope import` of pretrained ViTs against their own frameworks: tiny-width timm ViT, DeiT
+//! (no QKV bias) and DINOv2 (LayerScale), and Hugging Face ViTForImageClassification (LayerNorm
+//! eps 1e-12, named labels) and Dinov2Model, with random weights, their features and logits
+//! computed by timm / transformers (`scripts/make_import_references.py`, committed under
+//! `tests/fixtures/import/`); the importers' errors on files they cannot read; moefy on an import.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use routerscope::import::hf::{HfOptions, import_hf};
 use routerscope::import::timm::{TimmOptions, import_timm};
+use routerscope::model::{ModelConfig, ModelError, ModelWeights};
 use routerscope::model::{RunOptions, VitMoe, preprocess};
 use routerscope::tensor_io::TensorFile;
 
@@ -31,11 +34,21 @@ fn softmax(x: &[f32]) -> Vec<f32> {
     e.iter().map(|v| v / s).collect()
 }
 
-/// Imports fixture `name`, runs it on the reference input and compares with timm's outputs.
+type Imported = Result<(ModelConfig, ModelWeights), ModelError>;
+
 fn matches_timm(name: &str) {
+    matches_reference(name, |p| import_timm(p, &TimmOptions::default()));
+}
+
+fn matches_hf(name: &str) -> ModelConfig {
+    matches_reference(name, |p| import_hf(p, &HfOptions::default()))
+}
+
+/// Imports fixture `name`, runs it on the reference input and compares with the source
+/// framework's outputs.
+fn matches_reference(name: &str, import: impl Fn(&Path) -> Imported) -> ModelConfig {
     let dir = fixture(name);
-    let (cfg, weights) = import_timm(&dir.join("model.safetensors"), &TimmOptions::default())
-        .expect("the timm state dict imports");
+    let (cfg, weights) = import(&dir.join("model.safetensors")).expect("the checkpoint imports");
     let reference = TensorFile::open(&dir.join("reference.safetensors")).expect("reference");
     let names = reference.names().expect("names");
     let pixels = {
@@ -58,20 +71,38 @@ fn matches_timm(name: &str) {
         .expect("forward");
     let features = reference.f32("features", "[tokens, d]").expect("features");
     let fd = max_diff(&out.features[0], &features.data);
-    assert!(fd < 1e-4, "{name}: features differ from timm's by {fd}");
+    assert!(
+        fd < 1e-4,
+        "{name}: features differ from the reference by {fd}"
+    );
     if names.iter().any(|n| n == "logits") {
         let logits = reference.f32("logits", "[classes]").expect("logits");
         let d = max_diff(&out.probs[0], &softmax(&logits.data));
         assert!(
             d < 1e-5,
-            "{name}: class probabilities differ from timm's by {d}"
+            "{name}: class probabilities differ from the reference by {d}"
         );
         assert_eq!(cfg.num_classes, logits.data.len());
     }
     eprintln!(
-        "{name}: {} blocks, width {}, {} heads: features within {fd:e} of timm's",
+        "{name}: {} blocks, width {}, {} heads: features within {fd:e} of the reference",
         cfg.num_layers, cfg.hidden_size, cfg.num_heads
     );
+    cfg
+}
+
+#[test]
+fn a_hugging_face_vit_classifier_imports_and_matches_transformers() {
+    let cfg = matches_hf("hf-vit");
+    assert_eq!(cfg.layer_norm_eps, 1e-12);
+    assert_eq!(cfg.class_names, ["cat", "dog", "bird"]);
+    assert_eq!(cfg.normalization.mean, [0.5; 3]);
+}
+
+#[test]
+fn a_hugging_face_dinov2_imports_and_matches_transformers() {
+    let cfg = matches_hf("hf-dinov2");
+    assert!(cfg.layer_scale && cfg.num_classes == 0);
 }
 
 #[test]
