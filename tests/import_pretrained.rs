@@ -120,14 +120,26 @@ fn a_timm_dinov2_with_layer_scale_imports_and_matches_timm() {
     matches_timm("timm-dinov2");
 }
 
-/// The fixture ViT's tensors with `change` applied, written as a state dict in `dir` (with the
-/// fixture's config.json unless `config` is false).
+/// The timm ViT fixture with `change` applied to its tensors, in `dir` (with its config.json
+/// unless `config` is false).
 fn altered(
     dir: &Path,
     config: bool,
     change: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<f32>)>),
 ) -> PathBuf {
-    let src = fixture("timm-vit");
+    let names: &[&str] = if config { &["config.json"] } else { &[] };
+    rewritten("timm-vit", dir, names, change)
+}
+
+/// Fixture `name`'s tensors with `change` applied, written to `dir/model.safetensors` with the
+/// fixture's files `configs` beside them (and no others).
+fn rewritten(
+    name: &str,
+    dir: &Path,
+    configs: &[&str],
+    change: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<f32>)>),
+) -> PathBuf {
+    let src = fixture(name);
     let file = TensorFile::open(&src.join("model.safetensors")).expect("open");
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = file
         .names()
@@ -154,8 +166,11 @@ fn altered(
         .collect();
     let path = dir.join("model.safetensors");
     safetensors::serialize_to_file(views, None, &path).expect("write");
-    if config {
-        std::fs::copy(src.join("config.json"), dir.join("config.json")).expect("config");
+    for json in ["config.json", "preprocessor_config.json"] {
+        let _ = std::fs::remove_file(dir.join(json));
+    }
+    for json in configs {
+        std::fs::copy(src.join(json), dir.join(json)).expect("config");
     }
     path
 }
@@ -326,4 +341,78 @@ fn moefy_on_an_imported_timm_vit_with_every_expert_is_the_dense_model() {
     let d = max_diff(&a.features[0], &b.features[0]);
     assert!(d < 1e-4, "every expert differs from the dense model by {d}");
     assert!(max_diff(&a.probs[0], &b.probs[0]) < 1e-5);
+}
+
+/// The Hugging Face ViT fixture with `change` applied to its tensors, in `dir` (with its JSON
+/// configs unless `configs` is false).
+fn altered_hf(
+    dir: &Path,
+    configs: bool,
+    change: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<f32>)>),
+) -> PathBuf {
+    let names: &[&str] = if configs {
+        &["config.json", "preprocessor_config.json"]
+    } else {
+        &[]
+    };
+    rewritten("hf-vit", dir, names, change)
+}
+
+fn hf_error(path: &Path) -> String {
+    match import_hf(path, &HfOptions::default()) {
+        Ok(_) => panic!("{} imported", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_hugging_face_checkpoints_are_one_clear_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let p = altered_hf(dir.path(), true, |t| {
+        t.retain(|(n, _, _)| !n.starts_with("vit.encoder.layer.0."))
+    });
+    let e = hf_error(&p);
+    assert!(
+        e.contains("layer 1 has weights") && e.contains("missing"),
+        "{e}"
+    );
+
+    let p = altered_hf(dir.path(), true, |t| {
+        t.push((
+            "vit.embeddings.register_tokens".into(),
+            vec![1, 4, 24],
+            vec![0.0; 96],
+        ))
+    });
+    let e = hf_error(&p);
+    assert!(e.contains("register tokens"), "{e}");
+
+    let p = altered_hf(dir.path(), true, |t| {
+        for x in t.iter_mut().filter(|x| x.0 == "classifier.weight") {
+            x.1 = vec![3, 48];
+            x.2 = vec![0.0; 144];
+        }
+    });
+    let e = hf_error(&p);
+    assert!(e.contains("CLS token and the mean patch token"), "{e}");
+
+    let p = altered_hf(dir.path(), false, |_| {});
+    let e = hf_error(&p);
+    assert!(e.contains("give --heads"), "{e}");
+    let (cfg, _) = import_hf(
+        &p,
+        &HfOptions {
+            heads: Some(3),
+            ..HfOptions::default()
+        },
+    )
+    .expect("with --heads it imports");
+    // Without config.json the defaults hold: ViT's LayerNorm eps and 0.5 normalisation.
+    assert_eq!((cfg.layer_norm_eps, cfg.normalization.std[0]), (1e-12, 0.5));
+
+    let p = altered_hf(dir.path(), true, |t| {
+        t.retain(|(n, _, _)| n != "vit.encoder.layer.1.output.dense.bias")
+    });
+    let e = hf_error(&p);
+    assert!(e.contains("vit.encoder.layer.1.output.dense.bias"), "{e}");
 }
