@@ -3,9 +3,9 @@
 
 use std::path::PathBuf;
 
-use routerscope::import::Format;
-use routerscope::import::hf::{HfOptions, import_hf};
-use routerscope::import::timm::{TimmOptions, import_timm};
+use routerscope::import::hf::import_hf;
+use routerscope::import::timm::import_timm;
+use routerscope::import::{Format, WeightsOptions};
 use routerscope::model::onnx_import::{ImportOptions, import_onnx};
 use routerscope::model::save_checkpoint_as;
 
@@ -80,24 +80,12 @@ pub fn run(args: &ImportArgs) -> anyhow::Result<()> {
             import_onnx(file, &opts)?
         }
         Format::HuggingFace => {
-            let opts = HfOptions {
-                heads: args.heads,
-                mean: (!args.mean.is_empty()).then(|| args.mean.clone()),
-                std: (!args.std.is_empty()).then(|| args.std.clone()),
-                name,
-            };
-            let (cfg, weights) = import_hf(file, &opts)?;
+            let (cfg, weights) = import_hf(file, &weights_options(args, name))?;
             check_size(args.image_size.as_deref(), &cfg)?;
             (cfg, weights)
         }
         Format::Timm => {
-            let opts = TimmOptions {
-                heads: args.heads,
-                mean: (!args.mean.is_empty()).then(|| args.mean.clone()),
-                std: (!args.std.is_empty()).then(|| args.std.clone()),
-                name,
-            };
-            let (cfg, weights) = import_timm(file, &opts)?;
+            let (cfg, weights) = import_timm(file, &weights_options(args, name))?;
             check_size(args.image_size.as_deref(), &cfg)?;
             (cfg, weights)
         }
@@ -141,4 +129,14 @@ fn check_size(given: Option<&str>, cfg: &routerscope::model::ModelConfig) -> any
         );
     }
     Ok(())
+}
+
+/// The flags a safetensors import takes.
+fn weights_options(args: &ImportArgs, name: String) -> WeightsOptions {
+    WeightsOptions {
+        heads: args.heads,
+        mean: (!args.mean.is_empty()).then(|| args.mean.clone()),
+        std: (!args.std.is_empty()).then(|| args.std.clone()),
+        name,
+    }
 }

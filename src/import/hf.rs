@@ -11,18 +11,13 @@ use serde_json::Value;
 use super::timm::{err, linear, patch_kernel, read_json_beside};
 use crate::model::{
     Classifier, Gelu, ModelConfig, ModelError, ModelWeights, Normalization, block_prefix,
-    check_tensors, imagenet1k_classes,
+    check_tensors,
 };
 use crate::tensor_io::{F32Tensor, TensorFile};
 
-/// What the caller knows that the files do not say.
-#[derive(Clone, Debug, Default)]
-pub struct HfOptions {
-    pub heads: Option<usize>,
-    pub mean: Option<Vec<f32>>,
-    pub std: Option<Vec<f32>>,
-    pub name: String,
-}
+/// Hugging Face's options: heads (else `config.json`'s `num_attention_heads`), mean and std
+/// (else `preprocessor_config.json`'s, else the family's processor defaults).
+pub type HfOptions = super::WeightsOptions;
 
 /// The two block layouts: ViT's `layernorm_before`/`intermediate`/`output`, DINOv2's
 /// `norm1`/`mlp.fc1`/`mlp.fc2` with LayerScale.
@@ -389,8 +384,7 @@ pub fn import_hf(path: &Path, opts: &HfOptions) -> Result<(ModelConfig, ModelWei
                     .map_or_else(|| format!("class {i}"), str::to_string)
             })
             .collect(),
-        (1000, _) => imagenet1k_classes(),
-        (k, _) => (0..k).map(|i| format!("class {i}")).collect(),
+        (k, _) => super::unnamed_classes(k),
     };
     // Hugging Face's ViT processor defaults to 0.5; DINOv2's to ImageNet's statistics.
     let default = match family {
@@ -400,15 +394,6 @@ pub fn import_hf(path: &Path, opts: &HfOptions) -> Result<(ModelConfig, ModelWei
     let default_std = match family {
         Family::Vit => [0.5f32; 3],
         Family::Dinov2 => [0.229, 0.224, 0.225],
-    };
-    let stat = |key: &str, given: &Option<Vec<f32>>, fallback: [f32; 3]| -> Vec<f32> {
-        given
-            .clone()
-            .or_else(|| {
-                let v = preprocessor.as_ref()?.get(key)?.as_array()?;
-                v.iter().map(|x| x.as_f64().map(|f| f as f32)).collect()
-            })
-            .unwrap_or_else(|| fallback.to_vec())
     };
     let cfg = ModelConfig {
         name: opts.name.clone(),
@@ -424,8 +409,8 @@ pub fn import_hf(path: &Path, opts: &HfOptions) -> Result<(ModelConfig, ModelWei
         num_classes: classes,
         class_names,
         normalization: Normalization {
-            mean: stat("image_mean", &opts.mean, default),
-            std: stat("image_std", &opts.std, default_std),
+            mean: super::stat_or(&opts.mean, preprocessor.as_ref(), "/image_mean", default),
+            std: super::stat_or(&opts.std, preprocessor.as_ref(), "/image_std", default_std),
         },
         gelu,
         layer_scale,

@@ -11,20 +11,13 @@ use serde_json::Value;
 
 use crate::model::{
     Classifier, Gelu, ModelConfig, ModelError, ModelWeights, Normalization, block_prefix,
-    check_tensors, imagenet1k_classes,
+    check_tensors,
 };
 use crate::tensor_io::{F32Tensor, TensorFile};
 
-/// What the caller knows that the weights do not say.
-#[derive(Clone, Debug, Default)]
-pub struct TimmOptions {
-    /// Attention heads (else `config.json`'s `model_args.num_heads`, else its architecture).
-    pub heads: Option<usize>,
-    /// Input normalisation (else `config.json`'s `pretrained_cfg`, else ImageNet's).
-    pub mean: Option<Vec<f32>>,
-    pub std: Option<Vec<f32>>,
-    pub name: String,
-}
+/// timm's options: heads (else `config.json`'s `model_args.num_heads`, else its architecture),
+/// mean and std (else `config.json`'s `pretrained_cfg`, else ImageNet's).
+pub type TimmOptions = super::WeightsOptions;
 
 /// ImageNet's mean and std, timm's `IMAGENET_DEFAULT_MEAN` / `_STD`.
 const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -369,18 +362,6 @@ pub fn import_timm(
     } else {
         0
     };
-    let norm = |key: &str, given: &Option<Vec<f32>>, default: [f32; 3]| -> Vec<f32> {
-        given
-            .clone()
-            .or_else(|| {
-                let v = config
-                    .as_ref()?
-                    .pointer(&format!("/pretrained_cfg/{key}"))?
-                    .as_array()?;
-                v.iter().map(|x| x.as_f64().map(|f| f as f32)).collect()
-            })
-            .unwrap_or_else(|| default.to_vec())
-    };
     let cfg = ModelConfig {
         name: opts.name.clone(),
         image_size: [side * ph, side * pw],
@@ -393,14 +374,20 @@ pub fn import_timm(
         classifier: Classifier::Token,
         representation_size: None,
         num_classes: classes,
-        class_names: match classes {
-            0 => Vec::new(),
-            1000 => imagenet1k_classes(),
-            k => (0..k).map(|i| format!("class {i}")).collect(),
-        },
+        class_names: super::unnamed_classes(classes),
         normalization: Normalization {
-            mean: norm("mean", &opts.mean, IMAGENET_MEAN),
-            std: norm("std", &opts.std, IMAGENET_STD),
+            mean: super::stat_or(
+                &opts.mean,
+                config.as_ref(),
+                "/pretrained_cfg/mean",
+                IMAGENET_MEAN,
+            ),
+            std: super::stat_or(
+                &opts.std,
+                config.as_ref(),
+                "/pretrained_cfg/std",
+                IMAGENET_STD,
+            ),
         },
         gelu: Gelu::Erf,
         layer_scale,
