@@ -25,7 +25,8 @@ from safetensors.torch import save_file as save_torch
 from timm.models.vision_transformer import VisionTransformer
 
 FAMILIES = {
-    # name: (constructor kwargs, architecture name for config.json, mean, std)
+    # name: (constructor kwargs, architecture name for config.json, mean, std); a
+    # `resize` entry also runs the model at that size (timm's `set_input_size`, bicubic).
     "timm-vit": (
         dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=3, mlp_ratio=2.0,
              num_classes=5),
@@ -41,7 +42,30 @@ FAMILIES = {
              num_classes=0, init_values=0.5),
         "vit_small_patch14_dinov2", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
     ),
+    "timm-deit-distilled": (
+        dict(img_size=24, patch_size=4, embed_dim=24, depth=2, num_heads=2, mlp_ratio=2.0,
+             num_classes=4, distilled=True, resize=40),
+        "deit_small_distilled_patch16_224", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+    ),
+    "timm-dinov2-reg": (
+        dict(img_size=28, patch_size=14, embed_dim=24, depth=2, num_heads=4, mlp_ratio=4.0,
+             num_classes=0, init_values=0.5, reg_tokens=4, no_embed_class=True),
+        "vit_small_patch14_reg4_dinov2", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+    ),
+    "timm-vit-avg": (
+        dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=3, mlp_ratio=2.0,
+             num_classes=3, reg_tokens=2, global_pool="avg", fc_norm=True),
+        "vit_small_patch16_224", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
+    ),
+    "timm-vit-nocls": (
+        dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=3, mlp_ratio=2.0,
+             num_classes=3, class_token=False, global_pool="avg", fc_norm=False, resize=48),
+        "vit_small_patch16_224", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
+    ),
 }
+
+MODEL_ARGS = ("num_heads", "img_size", "no_embed_class", "global_pool", "reg_tokens",
+              "class_token")
 
 
 def hugging_face(out: Path) -> None:
@@ -49,7 +73,9 @@ def hugging_face(out: Path) -> None:
     (LayerScale), tiny widths, random weights, saved with `save_pretrained` and a
     preprocessor_config.json."""
     import transformers
-    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTForImageClassification
+    from transformers import (DeiTConfig, DeiTForImageClassificationWithTeacher, Dinov2Config,
+                              Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel,
+                              ViTConfig, ViTForImageClassification)
 
     cases = {
         "hf-vit": (ViTForImageClassification, ViTConfig(
@@ -60,6 +86,14 @@ def hugging_face(out: Path) -> None:
         "hf-dinov2": (Dinov2Model, Dinov2Config(
             image_size=28, patch_size=14, hidden_size=24, num_hidden_layers=2,
             num_attention_heads=4, mlp_ratio=3, layerscale_value=0.5),
+            (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        "hf-dinov2-reg": (Dinov2WithRegistersModel, Dinov2WithRegistersConfig(
+            image_size=28, patch_size=14, hidden_size=24, num_hidden_layers=2,
+            num_attention_heads=4, mlp_ratio=3, layerscale_value=0.5, num_register_tokens=3),
+            (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        "hf-deit": (DeiTForImageClassificationWithTeacher, DeiTConfig(
+            image_size=24, patch_size=4, hidden_size=24, num_hidden_layers=2,
+            num_attention_heads=2, intermediate_size=40, num_labels=4),
             (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     }
     for i, (name, (cls, config, mean, std)) in enumerate(cases.items()):
@@ -72,28 +106,42 @@ def hugging_face(out: Path) -> None:
         model.save_pretrained(str(d), safe_serialization=True)
         (d / "preprocessor_config.json").write_text(json.dumps(
             {"image_mean": list(mean), "image_std": list(std), "do_resize": False}, indent=2) + "\n")
-        size = config.image_size
-        pixels = np.random.default_rng(20 + i).integers(0, 256, (size, size, 3), dtype=np.uint8)
-        x = torch.from_numpy(pixels).permute(2, 0, 1).float()[None] / 255.0
-        x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-        with torch.no_grad():
-            if name == "hf-vit":
-                o = model(pixel_values=x, output_hidden_states=True)
-                features = model.vit.layernorm(o.hidden_states[-1])[0]
-                ref = {"features": features.numpy(), "logits": o.logits[0].numpy()}
-            else:
-                ref = {"features": model(pixel_values=x).last_hidden_state[0].numpy()}
-        ref = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in ref.items()}
-        ref["pixels"] = pixels
+        def run(size: int, seed: int, tag: str = "") -> dict:
+            pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+            x = torch.from_numpy(pixels).permute(2, 0, 1).float()[None] / 255.0
+            x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+            with torch.no_grad():
+                if name == "hf-vit":
+                    o = model(pixel_values=x, output_hidden_states=True)
+                    features = model.vit.layernorm(o.hidden_states[-1])[0]
+                    ref = {"features": features.numpy(), "logits": o.logits[0].numpy()}
+                elif name == "hf-deit":
+                    o = model(pixel_values=x)
+                    features = model.deit(pixel_values=x).last_hidden_state[0]
+                    ref = {"features": features.numpy(), "logits": o.logits[0].numpy()}
+                else:
+                    ref = {"features": model(pixel_values=x).last_hidden_state[0].numpy()}
+            ref = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in ref.items()}
+            ref["pixels"] = pixels
+            return {f"{tag}{k}": v for k, v in ref.items()}
+
+        ref = run(config.image_size, 20 + i)
+        if name == "hf-dinov2-reg":  # its embeddings always interpolate the position table
+            ref.update(run(2 * config.image_size, 40 + i, "resized_"))
         save_file(ref, str(d / "reference.safetensors"),
                   metadata={"transformers": transformers.__version__, "torch": torch.__version__})
         print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters -> {d}")
 
 
 def main(out: Path) -> None:
+    from timm.models.deit import VisionTransformerDistilled
+
     for i, (name, (kwargs, arch, mean, std)) in enumerate(FAMILIES.items()):
         torch.manual_seed(100 + i)
-        model = VisionTransformer(**kwargs).eval()
+        kwargs = dict(kwargs)
+        resize = kwargs.pop("resize", None)
+        distilled = kwargs.pop("distilled", False)
+        model = (VisionTransformerDistilled if distilled else VisionTransformer)(**kwargs).eval()
         with torch.no_grad():
             for p in model.parameters():  # every weight random and O(1), not timm's init
                 p.copy_(torch.randn_like(p) * 0.3)
@@ -105,22 +153,27 @@ def main(out: Path) -> None:
             "architecture": arch,
             "num_classes": kwargs["num_classes"],
             "num_features": kwargs["embed_dim"],
-            "model_args": {k: v for k, v in kwargs.items() if k in ("num_heads", "img_size")},
+            "model_args": {k: v for k, v in kwargs.items() if k in MODEL_ARGS},
             "pretrained_cfg": {"mean": list(mean), "std": list(std),
                                "input_size": [3, kwargs["img_size"], kwargs["img_size"]]},
         }
         (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        rng = np.random.default_rng(7 + i)
-        size = kwargs["img_size"]
-        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-        x = torch.from_numpy(pixels).permute(2, 0, 1).float()[None] / 255.0
-        x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-        with torch.no_grad():
-            features = model.forward_features(x)[0]
-            logits = model.forward_head(model.forward_features(x))[0]
-        ref = {"pixels": pixels, "features": features.numpy().astype(np.float32)}
-        if kwargs["num_classes"]:
-            ref["logits"] = logits.numpy().astype(np.float32)
+        def run(size: int, seed: int, tag: str = "") -> dict:
+            pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+            x = torch.from_numpy(pixels).permute(2, 0, 1).float()[None] / 255.0
+            x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+            with torch.no_grad():
+                features = model.forward_features(x)
+                logits = model.forward_head(features)[0]
+            ref = {"pixels": pixels, "features": features[0].numpy().astype(np.float32)}
+            if kwargs["num_classes"]:
+                ref["logits"] = logits.numpy().astype(np.float32)
+            return {f"{tag}{k}": v for k, v in ref.items()}
+
+        ref = run(kwargs["img_size"], 7 + i)
+        if resize:  # timm resamples the position table (bicubic) for the new size
+            model.set_input_size(img_size=resize)
+            ref.update(run(resize, 30 + i, "resized_"))
         save_file(ref, str(d / "reference.safetensors"),
                   metadata={"timm": timm.__version__, "torch": torch.__version__})
         print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters -> {d}")

@@ -35,6 +35,10 @@ fn config() -> ModelConfig {
             std: vec![0.5; 3],
         },
         layer_norm_eps: routerscope::model::DEFAULT_LAYER_NORM_EPS,
+        cls_token: None,
+        distillation_token: false,
+        register_tokens: 0,
+        fc_norm: false,
         moe: Some(MoeConfig {
             layers: vec![6, 7, 8, 9, 10, 11],
             num_experts: 4,

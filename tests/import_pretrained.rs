@@ -36,17 +36,25 @@ fn softmax(x: &[f32]) -> Vec<f32> {
 
 type Imported = Result<(ModelConfig, ModelWeights), ModelError>;
 
-fn matches_timm(name: &str) {
-    matches_reference(name, |p| import_timm(p, &TimmOptions::default()));
+fn matches_timm(name: &str) -> ModelConfig {
+    matches_reference(name, "", |p| import_timm(p, &TimmOptions::default()))
 }
 
 fn matches_hf(name: &str) -> ModelConfig {
-    matches_reference(name, |p| import_hf(p, &HfOptions::default()))
+    matches_reference(name, "", |p| import_hf(p, &HfOptions::default()))
 }
 
-/// Imports fixture `name`, runs it on the reference input and compares with the source
-/// framework's outputs.
-fn matches_reference(name: &str, import: impl Fn(&Path) -> Imported) -> ModelConfig {
+/// The options asking for `side`×`side` pixels.
+fn sized(side: usize) -> TimmOptions {
+    TimmOptions {
+        image_size: Some([side, side]),
+        ..TimmOptions::default()
+    }
+}
+
+/// Imports fixture `name`, runs it on the reference input (`{tag}pixels`) and compares with the
+/// source framework's outputs (`{tag}features`, `{tag}logits`).
+fn matches_reference(name: &str, tag: &str, import: impl Fn(&Path) -> Imported) -> ModelConfig {
     let dir = fixture(name);
     let (cfg, weights) = import(&dir.join("model.safetensors")).expect("the checkpoint imports");
     let reference = TensorFile::open(&dir.join("reference.safetensors")).expect("reference");
@@ -54,7 +62,7 @@ fn matches_reference(name: &str, import: impl Fn(&Path) -> Imported) -> ModelCon
     let pixels = {
         let st = std::fs::read(dir.join("reference.safetensors")).expect("read");
         let st = safetensors::SafeTensors::deserialize(&st).expect("safetensors");
-        let v = st.tensor("pixels").expect("pixels");
+        let v = st.tensor(&format!("{tag}pixels")).expect("pixels");
         let [h, w, _] = v.shape()[..] else {
             panic!("pixels shape {:?}", v.shape())
         };
@@ -69,14 +77,18 @@ fn matches_reference(name: &str, import: impl Fn(&Path) -> Imported) -> ModelCon
             &RunOptions::from_config(&cfg),
         )
         .expect("forward");
-    let features = reference.f32("features", "[tokens, d]").expect("features");
+    let features = reference
+        .f32(&format!("{tag}features"), "[tokens, d]")
+        .expect("features");
     let fd = max_diff(&out.features[0], &features.data);
     assert!(
         fd < 1e-4,
         "{name}: features differ from the reference by {fd}"
     );
-    if names.iter().any(|n| n == "logits") {
-        let logits = reference.f32("logits", "[classes]").expect("logits");
+    if names.iter().any(|n| *n == format!("{tag}logits")) {
+        let logits = reference
+            .f32(&format!("{tag}logits"), "[classes]")
+            .expect("logits");
         let d = max_diff(&out.probs[0], &softmax(&logits.data));
         assert!(
             d < 1e-5,
@@ -118,6 +130,65 @@ fn a_timm_deit_without_qkv_bias_imports_and_matches_timm() {
 #[test]
 fn a_timm_dinov2_with_layer_scale_imports_and_matches_timm() {
     matches_timm("timm-dinov2");
+}
+
+#[test]
+fn a_timm_distilled_deit_imports_with_both_heads_and_resizes_like_timm() {
+    let cfg = matches_timm("timm-deit-distilled");
+    assert!(cfg.distillation_token && cfg.seq_len() == 2 + 36);
+    // timm's `set_input_size(40)`: the 6×6 position table resampled bicubically to 10×10.
+    let cfg = matches_reference("timm-deit-distilled", "resized_", |p| {
+        import_timm(p, &sized(40))
+    });
+    assert_eq!((cfg.image_size, cfg.seq_len()), ([40, 40], 2 + 100));
+}
+
+#[test]
+fn a_timm_dinov2_with_registers_imports_and_matches_timm() {
+    let cfg = matches_timm("timm-dinov2-reg");
+    assert_eq!((cfg.register_tokens, cfg.seq_len()), (4, 1 + 4 + 4));
+    assert_eq!(cfg.prefix().name(3).as_deref(), Some("register 2"));
+}
+
+#[test]
+fn a_timm_vit_with_mean_pooling_and_fc_norm_imports_and_matches_timm() {
+    let cfg = matches_timm("timm-vit-avg");
+    assert!(cfg.fc_norm && cfg.classifier == routerscope::model::Classifier::Gap);
+    assert_eq!(cfg.register_tokens, 2);
+}
+
+#[test]
+fn a_timm_vit_without_cls_token_imports_and_resizes_like_timm() {
+    let cfg = matches_timm("timm-vit-nocls");
+    assert_eq!(cfg.seq_len(), 16);
+    let cfg = matches_reference("timm-vit-nocls", "resized_", |p| import_timm(p, &sized(48)));
+    assert_eq!(cfg.seq_len(), 36);
+    let e = import_timm(
+        &fixture("timm-vit-nocls").join("model.safetensors"),
+        &sized(50),
+    )
+    .expect_err("50 is not a multiple of the patch size 8")
+    .to_string();
+    assert!(
+        e.contains("--image-size 50x50 is not a positive multiple of the patch size 8x8"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_hugging_face_dinov2_with_registers_imports_and_resizes_like_transformers() {
+    let cfg = matches_hf("hf-dinov2-reg");
+    assert_eq!((cfg.register_tokens, cfg.seq_len()), (3, 1 + 3 + 4));
+    // Its embeddings interpolate the position table to the input (bicubic) on every call.
+    let cfg = matches_reference("hf-dinov2-reg", "resized_", |p| import_hf(p, &sized(56)));
+    assert_eq!(cfg.seq_len(), 1 + 3 + 16);
+}
+
+#[test]
+fn a_hugging_face_deit_with_teacher_imports_and_matches_transformers() {
+    let cfg = matches_hf("hf-deit");
+    assert!(cfg.distillation_token && cfg.num_classes == 4);
+    assert_eq!(cfg.normalization.mean, [0.485, 0.456, 0.406]);
 }
 
 /// The timm ViT fixture with `change` applied to its tensors, in `dir` (with its config.json
@@ -208,14 +279,27 @@ fn bad_timm_state_dicts_are_one_clear_error() {
     let e = import_error(&p, Some(5));
     assert!(e.contains("5 heads do not divide the width 24"), "{e}");
 
+    // Four registers, but positions for the CLS token and the patches only: no timm layout.
     let p = altered(dir.path(), true, |t| {
         t.push(("reg_token".into(), vec![1, 4, 24], vec![0.0; 96]))
     });
     let e = import_error(&p, None);
     assert!(
-        e.contains("reg_token") && e.contains("register tokens"),
+        e.contains("pos_embed") && e.contains("not 5 prefix tokens"),
         "{e}"
     );
+
+    let p = altered(dir.path(), true, |t| {
+        t.push(("reg_token".into(), vec![1, 4, 20], vec![0.0; 80]))
+    });
+    let e = import_error(&p, None);
+    assert!(e.contains("`reg_token` has shape [1, 4, 20]"), "{e}");
+
+    let p = altered(dir.path(), true, |t| {
+        t.push(("dist_token".into(), vec![1, 1, 24], vec![0.0; 24]))
+    });
+    let e = import_error(&p, None);
+    assert!(e.contains("pos_embed"), "{e}");
 
     let sub = dir.path().join("noconfig");
     std::fs::create_dir_all(&sub).expect("dir");
@@ -385,7 +469,10 @@ fn bad_hugging_face_checkpoints_are_one_clear_error() {
         ))
     });
     let e = hf_error(&p);
-    assert!(e.contains("register tokens"), "{e}");
+    assert!(
+        e.contains("register tokens") && e.contains("Dinov2WithRegisters"),
+        "{e}"
+    );
 
     let p = altered_hf(dir.path(), true, |t| {
         for x in t.iter_mut().filter(|x| x.0 == "classifier.weight") {

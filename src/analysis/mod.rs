@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::model::{Classifier, Forward, ModelConfig, ModelError, RunOptions, WhatIf};
+use crate::model::{Forward, ModelConfig, ModelError, RunOptions, WhatIf};
 use crate::routing::{ArgStyle, CapacitySpec, RouterConfig, RouterFamily, RouterKind};
 use atlas::{AtlasEntry, AtlasExpert, TopN};
 use source::DataSource;
@@ -190,6 +190,8 @@ pub struct Analysis {
     pub grid: [usize; 2],
     pub seq_len: usize,
     pub has_cls: bool,
+    /// Learned tokens before the patches (CLS, distillation, registers).
+    pub prefix_tokens: usize,
     pub runs: Vec<RouterRun>,
     pub seconds: f64,
     pub images_per_second: f64,
@@ -239,8 +241,8 @@ pub fn analyze(
     }
     let start = Instant::now();
     let seq_len = cfg.seq_len();
-    let has_cls = cfg.classifier == Classifier::Token;
-    let cls = usize::from(has_cls);
+    let has_cls = cfg.prefix().cls;
+    let cls = cfg.prefix().count();
     let classes = source.classes().to_vec();
     let e = moe.num_experts;
     let per_batch = (opts.batch_tokens / seq_len.max(1))
@@ -394,6 +396,7 @@ pub fn analyze(
         grid: cfg.grid(),
         seq_len,
         has_cls,
+        prefix_tokens: cls,
         runs,
         seconds,
         images_per_second: routed as f64 / seconds.max(1e-9),

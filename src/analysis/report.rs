@@ -22,7 +22,7 @@ fn csv_field(s: &str) -> String {
 
 /// `(file name, contents)` of every CSV table.
 pub fn csv_tables(a: &Analysis) -> Vec<(&'static str, String)> {
-    let cls = usize::from(a.has_cls);
+    let cls = a.prefix_tokens;
     let gc = a.grid[1].max(1);
     let place = |p: usize| -> String {
         if p < cls {

@@ -1,6 +1,7 @@
 //! Exporting the current view: the owned figure job, and the save dialog that writes it off the
 //! UI thread.
 
+use crate::model::PrefixTokens;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -10,7 +11,6 @@ use crate::app::settings::LayerView;
 use crate::app::{DialogResult, RouterscopeApp};
 use crate::figures::export::{FigurePanel, FigureSet, Format, default_stem};
 use crate::figures::{ImageRouting, Palette};
-use crate::model::Classifier;
 
 /// What an export needs, owned so the save dialog and rendering run off the UI thread.
 pub struct ExportJob {
@@ -18,7 +18,7 @@ pub struct ExportJob {
     pub image_name: String,
     pub image: Arc<DynamicImage>,
     pub grid: [usize; 2],
-    pub has_cls: bool,
+    pub prefix: PrefixTokens,
     pub palette: Palette,
     pub opacity: f32,
     pub panels: Vec<FigurePanel>,
@@ -36,7 +36,7 @@ impl ExportJob {
             image_name: &self.image_name,
             image: &self.image,
             grid: self.grid,
-            has_cls: self.has_cls,
+            prefix: self.prefix,
             palette: self.palette,
             opacity: self.opacity,
             panels: &self.panels,
@@ -126,7 +126,7 @@ impl RouterscopeApp {
             image_name: img.name.clone(),
             image: img.image.clone(),
             grid: cfg.grid(),
-            has_cls: cfg.classifier == Classifier::Token,
+            prefix: cfg.prefix(),
             palette: self.settings.palette,
             opacity: self.settings.opacity,
             panels,

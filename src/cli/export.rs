@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use routerscope::backend::{DeviceChoice, Engine};
 use routerscope::figures::export::{FigurePanel, FigureSet, Format, default_stem};
 use routerscope::figures::{ImageRouting, Palette};
-use routerscope::model::{Classifier, ModelConfig, RunOptions, decode_image, preprocess};
+use routerscope::model::{ModelConfig, RunOptions, decode_image, preprocess};
 use routerscope::moefy::{all_experts_options, mean_patch_cosine};
 use routerscope::routing::{ArgStyle, CapacitySpec, RouterConfig, RouterKind};
 use routerscope::trace::TraceModel;
@@ -437,7 +437,7 @@ fn export_one(
         image_name,
         image: &image,
         grid: cfg.grid(),
-        has_cls: cfg.classifier == Classifier::Token,
+        prefix: cfg.prefix(),
         palette: Palette::TolMuted,
         opacity: 0.55,
         panels: &panels,

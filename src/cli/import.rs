@@ -7,7 +7,7 @@ use routerscope::import::hf::import_hf;
 use routerscope::import::timm::import_timm;
 use routerscope::import::{Format, WeightsOptions};
 use routerscope::model::onnx_import::{ImportOptions, import_onnx};
-use routerscope::model::save_checkpoint_as;
+use routerscope::model::{Classifier, Gelu, save_checkpoint_as};
 
 use super::PrecisionArg;
 
@@ -24,14 +24,26 @@ pub struct ImportArgs {
     /// The format, instead of detecting it (timm, hf for Hugging Face transformers, onnx).
     #[arg(long, value_enum)]
     format: Option<FormatArg>,
-    /// Input size in pixels, `H` or `HxW`. ONNX: the graph takes any multiple of the patch size
-    /// and the position embedding is resized to it [default: 224]. timm: the size the position
-    /// embedding was trained for (the only one supported so far).
+    /// Input size in pixels, `H` or `HxW`, a multiple of the patch size: the position embedding
+    /// is resized to it bicubically, as timm and Hugging Face interpolate it [default: the size
+    /// it was trained for; ONNX: the graph's input size, else 224].
     #[arg(long)]
     image_size: Option<String>,
-    /// Attention heads (timm: else config.json's, else its architecture's).
+    /// Attention heads, where the file does not say (timm: config.json's, else its
+    /// architecture's; Hugging Face: config.json's; ONNX: the graph's reshapes).
     #[arg(long)]
     heads: Option<usize>,
+    /// The MLP's GELU, where the file does not say: erf (PyTorch's default) or tanh.
+    #[arg(long, value_enum)]
+    gelu: Option<GeluArg>,
+    /// The LayerNorm epsilon, where the file does not say (timm, DINOv2: 1e-6; Hugging Face
+    /// ViT: 1e-12).
+    #[arg(long)]
+    eps: Option<f32>,
+    /// How the head pools the tokens, where the file does not say: token (the CLS token) or
+    /// avg (the mean of the patch tokens).
+    #[arg(long, value_enum)]
+    pool: Option<PoolArg>,
     /// Input normalisation mean, comma-separated per channel (timm: else config.json's
     /// pretrained_cfg, else ImageNet's).
     #[arg(long, value_delimiter = ',')]
@@ -45,6 +57,18 @@ pub struct ImportArgs {
     /// Output checkpoint (.safetensors), written atomically.
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum GeluArg {
+    Erf,
+    Tanh,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum PoolArg {
+    Token,
+    Avg,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -69,26 +93,19 @@ pub fn run(args: &ImportArgs) -> anyhow::Result<()> {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "imported".into());
+    let opts = weights_options(args, name)?;
     let (cfg, weights) = match format {
         Format::Onnx => {
-            let image_size = super::parse_size(args.image_size.as_deref().unwrap_or("224"))?;
-            let opts = ImportOptions {
+            let image_size = opts.image_size.unwrap_or([224, 224]);
+            let onnx = ImportOptions {
                 image_size,
-                name,
+                name: opts.name.clone(),
                 ..ImportOptions::default()
             };
-            import_onnx(file, &opts)?
+            import_onnx(file, &onnx)?
         }
-        Format::HuggingFace => {
-            let (cfg, weights) = import_hf(file, &weights_options(args, name))?;
-            check_size(args.image_size.as_deref(), &cfg)?;
-            (cfg, weights)
-        }
-        Format::Timm => {
-            let (cfg, weights) = import_timm(file, &weights_options(args, name))?;
-            check_size(args.image_size.as_deref(), &cfg)?;
-            (cfg, weights)
-        }
+        Format::HuggingFace => import_hf(file, &opts)?,
+        Format::Timm => import_timm(file, &opts)?,
     };
     save_checkpoint_as(&args.out, &cfg, &weights, args.precision.0)?;
     let params: usize = weights.values().map(|t| t.data.len()).sum();
@@ -115,28 +132,31 @@ pub fn run(args: &ImportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--image-size` for a safetensors import: only the size the position embedding was trained
-/// for, so far.
-fn check_size(given: Option<&str>, cfg: &routerscope::model::ModelConfig) -> anyhow::Result<()> {
-    if let Some(s) = given
-        && super::parse_size(s)? != cfg.image_size
+/// The flags an import takes.
+fn weights_options(args: &ImportArgs, name: String) -> anyhow::Result<WeightsOptions> {
+    if let Some(e) = args.eps
+        && !(e > 0.0 && e < 0.1)
     {
-        anyhow::bail!(
-            "--image-size {s}: this model's position embedding is for {}x{}; resizing it is not \
-             supported yet",
-            cfg.image_size[0],
-            cfg.image_size[1]
-        );
+        anyhow::bail!("--eps {e}: a LayerNorm epsilon is positive and small");
     }
-    Ok(())
-}
-
-/// The flags a safetensors import takes.
-fn weights_options(args: &ImportArgs, name: String) -> WeightsOptions {
-    WeightsOptions {
+    Ok(WeightsOptions {
         heads: args.heads,
         mean: (!args.mean.is_empty()).then(|| args.mean.clone()),
         std: (!args.std.is_empty()).then(|| args.std.clone()),
+        gelu: args.gelu.map(|g| match g {
+            GeluArg::Erf => Gelu::Erf,
+            GeluArg::Tanh => Gelu::Tanh,
+        }),
+        eps: args.eps,
+        pool: args.pool.map(|p| match p {
+            PoolArg::Token => Classifier::Token,
+            PoolArg::Avg => Classifier::Gap,
+        }),
+        image_size: args
+            .image_size
+            .as_deref()
+            .map(super::parse_size)
+            .transpose()?,
         name,
-    }
+    })
 }

@@ -2,6 +2,7 @@
 //! was dropped) and a JSON document with the tokens, the per-expert load and capacity, and for
 //! Soft MoE the dispatch and combine matrices.
 
+use crate::model::PrefixTokens;
 use std::fmt::Write as _;
 
 use serde_json::{Value, json};
@@ -17,7 +18,7 @@ pub fn tokens_csv(
     block: usize,
     r: &ImageRouting,
     grid: [usize; 2],
-    has_cls: bool,
+    prefix: PrefixTokens,
     with_header: bool,
 ) -> String {
     let mut s = String::new();
@@ -26,7 +27,7 @@ pub fn tokens_csv(
     }
     let image = csv_field(image);
     for t in &r.tokens {
-        let patch = t.index.checked_sub(usize::from(has_cls));
+        let patch = t.index.checked_sub(prefix.count());
         let join = |it: &mut dyn Iterator<Item = String>| it.collect::<Vec<_>>().join(";");
         let experts = join(&mut t.choices.iter().map(|c| c.expert.to_string()));
         let slots = join(
@@ -66,13 +67,13 @@ pub fn routing_json(
     block: usize,
     r: &ImageRouting,
     grid: [usize; 2],
-    has_cls: bool,
+    prefix: PrefixTokens,
 ) -> Value {
     let tokens: Vec<Value> = r
         .tokens
         .iter()
         .map(|t| {
-            let patch = t.index.checked_sub(usize::from(has_cls));
+            let patch = t.index.checked_sub(prefix.count());
             json!({
                 "token": t.index,
                 "is_cls": patch.is_none(),

@@ -158,7 +158,7 @@ pub fn position_maps(a: &Analysis, l: usize) -> String {
         height,
         &title(a, "where each expert's tokens are", block),
     );
-    let cls = usize::from(a.has_cls);
+    let cls = a.prefix_tokens;
     for (k, (run, la)) in panels.iter().enumerate() {
         let y0 = PAD + 36.0 + k as f32 * (block_h + 10.0);
         text(&mut s, PAD, y0 + 8.0, 12.0, "start", &run.settings.label());
@@ -241,7 +241,7 @@ pub fn drop_rates(a: &Analysis, l: usize) -> String {
     let mut s = String::new();
     let block = panels.first().map_or(0, |p| p.1.stats.block);
     open(&mut s, width, height, &title(a, "dropped tokens", block));
-    let cls = usize::from(a.has_cls);
+    let cls = a.prefix_tokens;
     for (k, (run, la)) in panels.iter().enumerate() {
         let st = &la.stats;
         let x0 = PAD + k as f32 * pw;

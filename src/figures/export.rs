@@ -2,6 +2,7 @@
 //! each written atomically, with file names that record the image, model, router, k and
 //! capacity factor.
 
+use crate::model::PrefixTokens;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -61,7 +62,7 @@ pub struct FigureSet<'a> {
     pub image_name: &'a str,
     pub image: &'a DynamicImage,
     pub grid: [usize; 2],
-    pub has_cls: bool,
+    pub prefix: PrefixTokens,
     pub palette: Palette,
     pub opacity: f32,
     pub panels: &'a [FigurePanel],
@@ -122,7 +123,7 @@ impl FigureSet<'_> {
             image_png: embedded.then_some(png.as_slice()),
             image_aspect: self.image.width() as f32 / self.image.height().max(1) as f32,
             grid: self.grid,
-            has_cls: self.has_cls,
+            prefix: self.prefix,
             palette: self.palette,
             opacity: self.opacity,
         };
@@ -145,7 +146,7 @@ impl FigureSet<'_> {
                 p.block,
                 &p.routing,
                 self.grid,
-                self.has_cls,
+                self.prefix,
                 false,
             ));
         }
@@ -159,7 +160,7 @@ impl FigureSet<'_> {
             "prediction": self.prediction.iter().map(|(c, p)| json!({"class": c, "probability": p})).collect::<Vec<_>>(),
             "fidelity_mean_patch_cosine": self.fidelity,
             "panels": self.panels.iter().map(|p| {
-                let mut v = routing_json(self.image_name, p.block, &p.routing, self.grid, self.has_cls);
+                let mut v = routing_json(self.image_name, p.block, &p.routing, self.grid, self.prefix);
                 v["title"] = json!(p.title);
                 v
             }).collect::<Vec<_>>(),

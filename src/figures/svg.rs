@@ -3,6 +3,7 @@
 //! a title, and the expert-load histogram with axes and the capacity line. A comparison figure
 //! puts several routers' panels side by side. Plain SVG 1.1, one `<rect class="patch">` per patch.
 
+use crate::model::PrefixTokens;
 use std::fmt::Write as _;
 
 use super::palette::{DROPPED, Palette, Rgb};
@@ -23,7 +24,7 @@ pub struct FigureInput<'a> {
     /// Aspect ratio (width / height) of the image as shown.
     pub image_aspect: f32,
     pub grid: [usize; 2],
-    pub has_cls: bool,
+    pub prefix: PrefixTokens,
     pub palette: Palette,
     pub opacity: f32,
 }
@@ -46,7 +47,7 @@ const PAD: f32 = 16.0;
 pub fn routing_figure(input: &FigureInput<'_>, panels: &[Panel<'_>]) -> String {
     let grid_w = PANEL_W;
     let grid_h = PANEL_W / input.image_aspect.max(0.1);
-    let cls_h = if input.has_cls { 22.0 } else { 0.0 };
+    let cls_h = if input.prefix.count() > 0 { 22.0 } else { 0.0 };
     let hist_h = 150.0;
     let panel_h = 24.0 + cls_h + grid_h + 30.0 + hist_h + 40.0;
     let experts = panels.first().map_or(0, |p| p.routing.num_experts);
@@ -174,12 +175,13 @@ fn panel(
             );
         }
     }
+    let np = input.prefix.count();
     let cw = gw_px / gw as f32;
     let ch = gh_px / gh as f32;
     let a = input.opacity;
     let _ = writeln!(s, r#"<g class="patches">"#);
     for t in &r.tokens {
-        let (x, y, w, h, cls) = match t.index.checked_sub(usize::from(input.has_cls)) {
+        let (x, y, w, h, cls) = match t.index.checked_sub(input.prefix.count()) {
             Some(q) => (
                 x0 + (q % gw) as f32 * cw,
                 top + (q / gw) as f32 * ch,
@@ -187,13 +189,33 @@ fn panel(
                 ch,
                 false,
             ),
-            None => (x0, y0 + 24.0, cw.max(40.0), cls_h - 4.0, true),
+            None => {
+                let pw = cw.max(40.0).min(gw_px * 0.7 / np as f32);
+                (
+                    x0 + t.index as f32 * pw,
+                    y0 + 24.0,
+                    pw - 1.0,
+                    cls_h - 4.0,
+                    true,
+                )
+            }
         };
-        let class = if cls { "cls-token" } else { "patch" };
-        if cls {
+        let class = match (cls, input.prefix.cls && t.index == 0) {
+            (false, _) => "patch",
+            (true, true) => "cls-token",
+            (true, false) => "prefix-token",
+        };
+        if cls && t.index + 1 == np {
+            let label = match np {
+                1 if input.prefix.cls => "CLS token".to_string(),
+                _ => (0..np)
+                    .filter_map(|i| input.prefix.name(i))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            };
             let _ = writeln!(
                 s,
-                r##"<text x="{:.2}" y="{:.2}" font-size="11" fill="#333333">CLS token</text>"##,
+                r##"<text x="{:.2}" y="{:.2}" font-size="11" fill="#333333">{label}</text>"##,
                 x + w + 6.0,
                 y + h * 0.75
             );

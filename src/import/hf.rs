@@ -1,5 +1,6 @@
 //! Hugging Face transformers ViTs in safetensors (`ViTModel`, `ViTForImageClassification`,
-//! `Dinov2Model`) as routerscope checkpoints. The `config.json` beside the weights gives the heads,
+//! `Dinov2Model`, `Dinov2WithRegistersModel`, `DeiTModel`,
+//! `DeiTForImageClassificationWithTeacher`) as routerscope checkpoints. The `config.json` beside the weights gives the heads,
 //! the LayerNorm epsilon (1e-12 for ViT), the activation and the class names; the
 //! `preprocessor_config.json` gives the input mean and std. PyTorch `Linear` weights `[out, in]`
 //! become kernels; missing QKV biases (`qkv_bias: false`) become zeros.
@@ -8,10 +9,11 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use super::resample::Resample;
 use super::timm::{err, linear, patch_kernel, read_json_beside};
 use crate::model::{
-    Classifier, Gelu, ModelConfig, ModelError, ModelWeights, Normalization, block_prefix,
-    check_tensors,
+    Classifier, Gelu, ModelConfig, ModelError, ModelWeights, Normalization, PrefixTokens,
+    block_prefix, check_tensors,
 };
 use crate::tensor_io::{F32Tensor, TensorFile};
 
@@ -52,26 +54,12 @@ pub fn import_hf(path: &Path, opts: &HfOptions) -> Result<(ModelConfig, ModelWei
         )
     })?;
     let n = |s: &str| format!("{root}{s}");
-    for (name, what) in [
-        ("embeddings.register_tokens", "register tokens"),
-        (
-            "embeddings.distillation_token",
-            "a distillation token (DeiT)",
-        ),
-        (
-            "encoder.layer.0.mlp.weights_in.weight",
-            "a SwiGLU MLP (DINOv2-g)",
-        ),
-    ] {
-        if names.contains(&n(name)) {
-            return Err(err(
-                path,
-                format!(
-                    "`{}`: {what} is not supported by this importer yet",
-                    n(name)
-                ),
-            ));
-        }
+    let swiglu = n("encoder.layer.0.mlp.weights_in.weight");
+    if names.contains(&swiglu) {
+        return Err(err(
+            path,
+            format!("`{swiglu}`: a SwiGLU MLP (DINOv2-g) is not supported by this importer yet"),
+        ));
     }
     let family = if names.contains(&n("encoder.layer.0.norm1.weight")) {
         Family::Dinov2
@@ -111,19 +99,59 @@ pub fn import_hf(path: &Path, opts: &HfOptions) -> Result<(ModelConfig, ModelWei
             format!("the patch projection gives width {od}, the CLS token {d}"),
         ));
     }
-    let pos = get(&n("embeddings.position_embeddings"))?;
-    let tokens = pos.data.len() / d;
-    let side = ((tokens.saturating_sub(1)) as f64).sqrt().round() as usize;
-    if pos.shape != [1, tokens, d] || side == 0 || side * side + 1 != tokens {
-        return Err(err(
-            path,
-            format!(
-                "`{}` has shape {:?}, expected [1, 1 + a square grid, {d}]",
-                n("embeddings.position_embeddings"),
-                pos.shape
-            ),
-        ));
+    let token = |s: &str| -> Result<Option<F32Tensor>, ModelError> {
+        if !names.contains(&n(s)) {
+            return Ok(None);
+        }
+        let t = get(&n(s))?;
+        let k = t.data.len() / d;
+        if t.shape != [1, k, d] || k == 0 {
+            return Err(err(
+                path,
+                format!("`{}` has shape {:?}, expected [1, k, {d}]", n(s), t.shape),
+            ));
+        }
+        Ok(Some(t))
+    };
+    let dist = token("embeddings.distillation_token")?;
+    let registers = token("embeddings.register_tokens")?;
+    if dist.as_ref().is_some_and(|t| t.shape[1] != 1) {
+        return Err(err(path, "the distillation token is not [1, 1, d]"));
     }
+    // transformers has registers only in Dinov2WithRegisters and a distillation token only in
+    // DeiT: anything else is a checkpoint no transformers class loads.
+    match family {
+        Family::Vit if registers.is_some() => {
+            return Err(err(
+                path,
+                format!(
+                    "`{}`: register tokens on a ViT/DeiT checkpoint (only Dinov2WithRegisters \
+                     has them)",
+                    n("embeddings.register_tokens")
+                ),
+            ));
+        }
+        Family::Dinov2 if dist.is_some() => {
+            return Err(err(
+                path,
+                format!(
+                    "`{}`: a distillation token on a DINOv2 checkpoint (only DeiT has one)",
+                    n("embeddings.distillation_token")
+                ),
+            ));
+        }
+        _ => {}
+    }
+    let prefix = PrefixTokens {
+        cls: true,
+        distillation: dist.is_some(),
+        registers: registers.as_ref().map_or(0, |r| r.shape[1]),
+    };
+    // Hugging Face adds positions to the class tokens, then inserts the registers.
+    let covered = 1 + usize::from(prefix.distillation);
+    let pos_name = n("embeddings.position_embeddings");
+    let (pos_rows, side) = super::position_rows(&get(&pos_name)?, d, prefix, &[covered], &pos_name)
+        .map_err(|m| err(path, m))?;
     let blocks = (0..)
         .take_while(|i| {
             names
@@ -171,22 +199,20 @@ pub fn import_hf(path: &Path, opts: &HfOptions) -> Result<(ModelConfig, ModelWei
         ));
     }
     let hd = d / heads;
-    let gelu = match field("hidden_act")
-        .and_then(Value::as_str)
-        .unwrap_or("gelu")
-    {
-        "gelu" => Gelu::Erf,
-        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Gelu::Tanh,
-        other => {
+    let gelu = match (opts.gelu, field("hidden_act").and_then(Value::as_str)) {
+        (Some(g), _) => g,
+        (None, None | Some("gelu")) => Gelu::Erf,
+        (None, Some("gelu_new" | "gelu_pytorch_tanh" | "gelu_fast")) => Gelu::Tanh,
+        (None, Some(other)) => {
             return Err(err(
                 path,
                 format!("hidden_act `{other}`: routerscope's MLPs use GELU"),
             ));
         }
     };
-    let eps = field("layer_norm_eps")
-        .and_then(Value::as_f64)
-        .map(|e| e as f32)
+    let eps = opts
+        .eps
+        .or_else(|| field("layer_norm_eps")?.as_f64().map(|e| e as f32))
         .unwrap_or(match family {
             Family::Vit => 1e-12,
             Family::Dinov2 => 1e-6,
@@ -207,10 +233,15 @@ pub fn import_hf(path: &Path, opts: &HfOptions) -> Result<(ModelConfig, ModelWei
         get(&n("embeddings.patch_embeddings.projection.bias"))?.data,
     );
     put("cls".into(), vec![1, 1, d], cls.data);
+    for (name, t) in [("dist", dist), ("registers", registers)] {
+        if let Some(t) = t {
+            put(name.into(), t.shape, t.data);
+        }
+    }
     put(
         "Encoder/posembed_input/pos_embedding".into(),
-        vec![1, tokens, d],
-        pos.data,
+        vec![1, prefix.count() + side * side, d],
+        pos_rows,
     );
     let vector = |s: &str| -> Result<Vec<f32>, ModelError> {
         let t = get(s)?;
@@ -350,30 +381,54 @@ pub fn import_hf(path: &Path, opts: &HfOptions) -> Result<(ModelConfig, ModelWei
         vec![d],
         vector(&n("layernorm.bias"))?,
     );
-    let classes = if names.iter().any(|x| x == "classifier.weight") {
-        let head = get("classifier.weight")?;
+    // `classifier` (on the CLS token), or DeiT's `cls_classifier` + `distillation_classifier`.
+    let mut classes = 0;
+    for (src_name, dst_name) in [
+        ("classifier", "head"),
+        ("cls_classifier", "head"),
+        ("distillation_classifier", "head_dist"),
+    ] {
+        let wname = format!("{src_name}.weight");
+        if !names.contains(&wname) {
+            continue;
+        }
+        let head = get(&wname)?;
         if head.shape.get(1) == Some(&(2 * d)) {
             return Err(err(
                 path,
-                "`classifier.weight` reads the CLS token and the mean patch token together \
-                 (Dinov2ForImageClassification): not supported yet",
+                format!(
+                    "`{wname}` reads the CLS token and the mean patch token together \
+                     (Dinov2ForImageClassification): not supported yet"
+                ),
             ));
         }
         let k = head.shape.first().copied().unwrap_or(0);
+        if classes != 0 && k != classes {
+            return Err(err(
+                path,
+                format!("`{wname}` has {k} classes, the other head {classes}"),
+            ));
+        }
+        classes = k;
         put(
-            "head/kernel".into(),
+            format!("{dst_name}/kernel"),
             vec![d, k],
-            linear(&head, d, k, "classifier.weight", path)?,
+            linear(&head, d, k, &wname, path)?,
         );
         put(
-            "head/bias".into(),
+            format!("{dst_name}/bias"),
             vec![k],
-            bias_or_zero("classifier.bias", k)?,
+            bias_or_zero(&format!("{src_name}.bias"), k)?,
         );
-        k
-    } else {
-        0
-    };
+    }
+    let two_heads = names.iter().any(|x| x == "distillation_classifier.weight");
+    if classes > 0 && prefix.distillation && !two_heads {
+        return Err(err(
+            path,
+            "DeiTForImageClassification reads only the CLS token of a distilled DeiT: not \
+             supported (DeiTForImageClassificationWithTeacher and DeiTModel are)",
+        ));
+    }
     let labels = field("id2label").and_then(Value::as_object);
     let class_names: Vec<String> = match (classes, labels) {
         (0, _) => Vec::new(),
@@ -386,14 +441,11 @@ pub fn import_hf(path: &Path, opts: &HfOptions) -> Result<(ModelConfig, ModelWei
             .collect(),
         (k, _) => super::unnamed_classes(k),
     };
-    // Hugging Face's ViT processor defaults to 0.5; DINOv2's to ImageNet's statistics.
-    let default = match family {
-        Family::Vit => [0.5f32; 3],
-        Family::Dinov2 => [0.485, 0.456, 0.406],
-    };
-    let default_std = match family {
-        Family::Vit => [0.5f32; 3],
-        Family::Dinov2 => [0.229, 0.224, 0.225],
+    // Hugging Face's ViT processor defaults to 0.5; DINOv2's and DeiT's to ImageNet's.
+    let imagenet = family == Family::Dinov2 || root.starts_with("deit") || prefix.distillation;
+    let (default, default_std) = match imagenet {
+        false => ([0.5f32; 3], [0.5f32; 3]),
+        true => ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
     };
     let cfg = ModelConfig {
         name: opts.name.clone(),
@@ -414,10 +466,23 @@ pub fn import_hf(path: &Path, opts: &HfOptions) -> Result<(ModelConfig, ModelWei
         },
         gelu,
         layer_scale,
+        cls_token: None,
+        distillation_token: prefix.distillation,
+        register_tokens: prefix.registers,
+        fc_norm: false,
         layer_norm_eps: eps,
         moe: None,
     };
     cfg.validate()?;
-    let weights = check_tensors(&cfg, w, &path.display().to_string())?;
+    let mut cfg = cfg;
+    let mut weights = check_tensors(&cfg, w, &path.display().to_string())?;
+    if let Some(size) = opts.image_size {
+        // `interpolate_pos_encoding`: plain bicubic, antialiased for DINOv2 with registers.
+        let kind = match prefix.registers {
+            0 => Resample::Bicubic,
+            _ => Resample::BicubicAntialias,
+        };
+        super::resize_input(&mut cfg, &mut weights, size, kind).map_err(|e| err(path, e))?;
+    }
     Ok((cfg, weights))
 }

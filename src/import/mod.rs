@@ -3,11 +3,15 @@
 //! safetensors; the vmoe and ONNX readers still live in `model/` (`vmoe_format`, `onnx_import`).
 
 pub mod hf;
+pub mod resample;
 pub mod timm;
 
 use std::path::Path;
 
 use serde_json::Value;
+
+use crate::model::{Classifier, Gelu, ModelConfig, ModelError, ModelWeights, PrefixTokens};
+use crate::tensor_io::F32Tensor;
 
 /// What the caller knows that a checkpoint's weights do not say (each importer documents where
 /// it looks first).
@@ -18,7 +22,97 @@ pub struct WeightsOptions {
     /// Input normalisation per channel.
     pub mean: Option<Vec<f32>>,
     pub std: Option<Vec<f32>>,
+    /// The MLP activation, the LayerNorm epsilon and the pooling, where the file does not say.
+    pub gelu: Option<Gelu>,
+    pub eps: Option<f32>,
+    pub pool: Option<Classifier>,
+    /// The input size; the position embedding is resized to it (bicubic, as the source
+    /// framework interpolates) when it differs from the trained one.
+    pub image_size: Option<[usize; 2]>,
     pub name: String,
+}
+
+/// Lays out a source position embedding `pos` (`[1, T, d]`, `T` = the first `k` of the prefix
+/// tokens, then a square grid of patches) as routerscope's `[1, P + patches, d]`: a prefix token
+/// the source adds no position to (registers; timm's `no_embed_class` CLS) gets a zero row, the
+/// same function. `k` is the first of the framework's possible `covered` counts that leaves a
+/// square grid. Returns the rows and the grid side.
+pub(crate) fn position_rows(
+    pos: &F32Tensor,
+    d: usize,
+    prefix: PrefixTokens,
+    covered: &[usize],
+    what: &str,
+) -> Result<(Vec<f32>, usize), String> {
+    let t = pos.data.len() / d.max(1);
+    if d == 0 || pos.shape != [1, t, d] {
+        return Err(format!(
+            "`{what}` has shape {:?}, expected [1, tokens, {d}]",
+            pos.shape
+        ));
+    }
+    let square = |n: usize| {
+        let side = (n as f64).sqrt().round() as usize;
+        (side > 0 && side * side == n).then_some(side)
+    };
+    let Some((k, side)) = covered
+        .iter()
+        .copied()
+        .filter(|&k| k <= t)
+        .find_map(|k| square(t - k).map(|s| (k, s)))
+    else {
+        return Err(format!(
+            "`{what}` holds {t} positions: not {} prefix tokens and a square grid of patches",
+            prefix.count()
+        ));
+    };
+    let np = prefix.count();
+    let mut rows = vec![0.0f32; (np + side * side) * d];
+    rows[..k * d].copy_from_slice(&pos.data[..k * d]);
+    rows[np * d..].copy_from_slice(&pos.data[k * d..]);
+    Ok((rows, side))
+}
+
+/// Brings an imported model to `size` pixels: the patch rows of its position embedding are
+/// resampled the way its framework does (`kind`), the prefix rows kept.
+pub(crate) fn resize_input(
+    cfg: &mut ModelConfig,
+    weights: &mut ModelWeights,
+    size: [usize; 2],
+    kind: resample::Resample,
+) -> Result<(), ModelError> {
+    if size == cfg.image_size {
+        return Ok(());
+    }
+    let [ph, pw] = cfg.patch_size;
+    if size[0] == 0 || size[1] == 0 || !size[0].is_multiple_of(ph) || !size[1].is_multiple_of(pw) {
+        return Err(ModelError::Config(format!(
+            "--image-size {}x{} is not a positive multiple of the patch size {ph}x{pw}",
+            size[0], size[1]
+        )));
+    }
+    if size[0].max(size[1]) > 16_384 {
+        return Err(ModelError::Config(format!(
+            "--image-size {}x{} is beyond the limit of 16384",
+            size[0], size[1]
+        )));
+    }
+    let d = cfg.hidden_size;
+    let np = cfg.prefix().count();
+    let old = cfg.grid();
+    let new = [size[0] / ph, size[1] / pw];
+    let name = "Encoder/posembed_input/pos_embedding";
+    let pos = weights
+        .get_mut(name)
+        .ok_or_else(|| ModelError::Config(format!("no `{name}` to resize")))?;
+    let mut rows = pos.data[..np * d].to_vec();
+    rows.extend(resample::resample(kind, &pos.data[np * d..], old, new, d));
+    *pos = F32Tensor {
+        shape: vec![1, np + new[0] * new[1], d],
+        data: rows,
+    };
+    cfg.image_size = size;
+    cfg.validate()
 }
 
 /// `given`, else the numbers at JSON `pointer` of `json`, else `fallback`.

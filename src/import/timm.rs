@@ -1,5 +1,6 @@
-//! timm ViT state dicts in safetensors (`VisionTransformer`: ViT, DeiT without the distillation
-//! token, DINOv2 without registers) as routerscope checkpoints. PyTorch's `Linear` weights are
+//! timm ViT state dicts in safetensors (`VisionTransformer` and DeiT's
+//! `VisionTransformerDistilled`: ViT, DeiT with its distillation token, DINOv2 with or without
+//! registers, mean pooling with `fc_norm`) as routerscope checkpoints. PyTorch's `Linear` weights are
 //! `[out, in]` and become Flax kernels `[in, out]`; the fused `qkv` splits into query, key and
 //! value; a model built with `qkv_bias=False` gets zero biases (the same function). What the
 //! weights do not say (heads, input normalisation) comes from the `config.json` timm's
@@ -9,9 +10,10 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use super::resample::Resample;
 use crate::model::{
-    Classifier, Gelu, ModelConfig, ModelError, ModelWeights, Normalization, block_prefix,
-    check_tensors,
+    Classifier, Gelu, ModelConfig, ModelError, ModelWeights, Normalization, PrefixTokens,
+    block_prefix, check_tensors,
 };
 use crate::tensor_io::{F32Tensor, TensorFile};
 
@@ -60,31 +62,17 @@ pub fn import_timm(
             "not a timm ViT state dict (no `patch_embed.proj.weight` and `blocks.*`)",
         ));
     }
-    for (name, what) in [
-        ("reg_token", "register tokens"),
-        ("dist_token", "a distillation token (DeiT distilled)"),
-        ("fc_norm.weight", "mean pooling with fc_norm"),
-        ("blocks.0.attn.q_norm.weight", "QK normalisation"),
-    ] {
-        if names.iter().any(|n| n == name) {
-            return Err(err(
-                path,
-                format!("`{name}`: {what} is not supported by this importer yet"),
-            ));
-        }
-    }
-    let config = read_config(path)?;
-    let get = |n: &str| file.float(n, "a float tensor");
-    let cls = get("cls_token")?;
-    let d = cls.data.len();
-    if cls.shape != [1, 1, d] || d == 0 {
+    if let Some(name) = names.iter().find(|n| n.ends_with("attn.q_norm.weight")) {
         return Err(err(
             path,
-            format!("`cls_token` has shape {:?}, expected [1, 1, d]", cls.shape),
+            format!("`{name}`: QK normalisation is not supported by this importer yet"),
         ));
     }
+    let config = read_json_beside(path, "config.json")?;
+    let arg = |k: &str| config.as_ref()?.pointer(&format!("/model_args/{k}"));
+    let get = |n: &str| file.float(n, "a float tensor");
     let proj = get("patch_embed.proj.weight")?;
-    let [od, c, ph, pw] = proj.shape[..] else {
+    let [d, c, ph, pw] = proj.shape[..] else {
         return Err(err(
             path,
             format!(
@@ -93,33 +81,64 @@ pub fn import_timm(
             ),
         ));
     };
-    if od != d {
-        return Err(err(
-            path,
-            format!("the patch projection gives width {od}, the CLS token {d}"),
-        ));
+    let token = |n: &str, count: Option<usize>| -> Result<Option<F32Tensor>, ModelError> {
+        if !names.iter().any(|x| x == n) {
+            return Ok(None);
+        }
+        let t = get(n)?;
+        let k = t.data.len() / d.max(1);
+        if t.shape != [1, k, d] || k == 0 || count.is_some_and(|c| c != k) {
+            return Err(err(
+                path,
+                format!(
+                    "`{n}` has shape {:?}, expected [1, {}, {d}] (the patch projection's width)",
+                    t.shape,
+                    count.map_or("k".into(), |c| c.to_string())
+                ),
+            ));
+        }
+        Ok(Some(t))
+    };
+    let cls = token("cls_token", Some(1))?;
+    let dist = token("dist_token", Some(1))?;
+    let registers = token("reg_token", None)?;
+    if dist.is_some() && cls.is_none() {
+        return Err(err(path, "`dist_token` without a `cls_token`"));
     }
-    let pos = get("pos_embed")?;
-    let tokens = pos.data.len() / d.max(1);
-    if pos.shape != [1, tokens, d] || tokens < 2 {
-        return Err(err(
-            path,
-            format!(
-                "`pos_embed` has shape {:?}, expected [1, 1 + patches, {d}]",
-                pos.shape
-            ),
-        ));
-    }
-    // The grid the position embedding was trained for (square, as timm's ViTs are).
-    let side = ((tokens - 1) as f64).sqrt().round() as usize;
-    if side * side != tokens - 1 {
-        return Err(err(
-            path,
-            format!(
-                "`pos_embed` holds {} patch positions, not a square grid",
-                tokens - 1
-            ),
-        ));
+    let prefix = PrefixTokens {
+        cls: cls.is_some(),
+        distillation: dist.is_some(),
+        registers: registers.as_ref().map_or(0, |r| r.shape[1]),
+    };
+    // timm adds positions to every prefix token, or to none (`no_embed_class`).
+    let covered: &[usize] = match arg("no_embed_class").and_then(Value::as_bool) {
+        Some(true) => &[0],
+        Some(false) => &[prefix.count()],
+        None => &[prefix.count(), 0],
+    };
+    let (pos_rows, side) =
+        super::position_rows(&get("pos_embed")?, d, prefix, covered, "pos_embed")
+            .map_err(|m| err(path, m))?;
+    let fc_norm = names.iter().any(|n| n == "fc_norm.weight");
+    let pool = match opts.pool {
+        Some(p) => p,
+        None => match arg("global_pool").and_then(Value::as_str) {
+            Some("token") => Classifier::Token,
+            Some("avg") => Classifier::Gap,
+            Some(other) => {
+                return Err(err(
+                    path,
+                    format!(
+                        "config.json's global_pool `{other}`: only token and avg are supported"
+                    ),
+                ));
+            }
+            None if fc_norm || cls.is_none() => Classifier::Gap,
+            None => Classifier::Token,
+        },
+    };
+    if pool == Classifier::Token && cls.is_none() {
+        return Err(err(path, "token pooling without a `cls_token`"));
     }
     let blocks = (0..)
         .take_while(|i| {
@@ -185,11 +204,16 @@ pub fn import_timm(
         vec![d],
         get("patch_embed.proj.bias")?.data,
     );
-    put("cls".into(), vec![1, 1, d], cls.data);
+    let np = prefix.count();
+    for (name, t) in [("cls", cls), ("dist", dist), ("registers", registers)] {
+        if let Some(t) = t {
+            put(name.into(), t.shape, t.data);
+        }
+    }
     put(
         "Encoder/posembed_input/pos_embedding".into(),
-        vec![1, tokens, d],
-        pos.data,
+        vec![1, np + side * side, d],
+        pos_rows,
     );
     let vector = |n: &str| -> Result<Vec<f32>, ModelError> {
         let t = get(n)?;
@@ -332,36 +356,61 @@ pub fn import_timm(
             vector(&src("mlp.fc2.bias"))?,
         );
     }
+    // With `fc_norm` timm's token norm is the identity and the LayerNorm acts after pooling.
+    let norm = match fc_norm {
+        true => "fc_norm",
+        false => "norm",
+    };
+    if fc_norm && names.iter().any(|n| n == "norm.weight") {
+        return Err(err(
+            path,
+            "both `norm.weight` and `fc_norm.weight`: timm uses one or the other",
+        ));
+    }
     put(
         "Encoder/encoder_norm/scale".into(),
         vec![d],
-        vector("norm.weight")?,
+        vector(&format!("{norm}.weight"))?,
     );
     put(
         "Encoder/encoder_norm/bias".into(),
         vec![d],
-        vector("norm.bias")?,
+        vector(&format!("{norm}.bias"))?,
     );
-    let classes = if names.iter().any(|n| n == "head.weight") {
-        let head = get("head.weight")?;
+    let mut classes = 0;
+    let heads_present = ["head", "head_dist"]
+        .into_iter()
+        .filter(|h| names.iter().any(|n| n == &format!("{h}.weight")));
+    for h in heads_present {
+        let head = get(&format!("{h}.weight"))?;
         let k = head.shape.first().copied().unwrap_or(0);
+        if classes != 0 && k != classes {
+            return Err(err(
+                path,
+                format!("`{h}.weight` has {k} classes, `head.weight` {classes}"),
+            ));
+        }
+        classes = k;
         put(
-            "head/kernel".into(),
+            format!("{h}/kernel"),
             vec![d, k],
-            linear(&head, d, k, "head.weight", path)?,
+            linear(&head, d, k, &format!("{h}.weight"), path)?,
         );
-        let b = get("head.bias")?;
+        let b = get(&format!("{h}.bias"))?;
         if b.data.len() != k {
             return Err(err(
                 path,
-                format!("`head.bias` has shape {:?}, expected [{k}]", b.shape),
+                format!("`{h}.bias` has shape {:?}, expected [{k}]", b.shape),
             ));
         }
-        put("head/bias".into(), vec![k], b.data);
-        k
-    } else {
-        0
-    };
+        put(format!("{h}/bias"), vec![k], b.data);
+    }
+    if prefix.distillation && classes > 0 && !names.iter().any(|n| n == "head_dist.weight") {
+        return Err(err(
+            path,
+            "a distillation token and `head.weight` but no `head_dist.weight`",
+        ));
+    }
     let cfg = ModelConfig {
         name: opts.name.clone(),
         image_size: [side * ph, side * pw],
@@ -371,7 +420,7 @@ pub fn import_timm(
         num_layers: blocks,
         num_heads: heads,
         mlp_dim,
-        classifier: Classifier::Token,
+        classifier: pool,
         representation_size: None,
         num_classes: classes,
         class_names: super::unnamed_classes(classes),
@@ -389,13 +438,23 @@ pub fn import_timm(
                 IMAGENET_STD,
             ),
         },
-        gelu: Gelu::Erf,
+        gelu: opts.gelu.unwrap_or(Gelu::Erf),
         layer_scale,
-        layer_norm_eps: crate::model::DEFAULT_LAYER_NORM_EPS,
+        cls_token: (prefix.cls != (pool == Classifier::Token)).then_some(prefix.cls),
+        distillation_token: prefix.distillation,
+        register_tokens: prefix.registers,
+        fc_norm,
+        layer_norm_eps: opts.eps.unwrap_or(crate::model::DEFAULT_LAYER_NORM_EPS),
         moe: None,
     };
     cfg.validate()?;
-    let weights = check_tensors(&cfg, w, &path.display().to_string())?;
+    let mut cfg = cfg;
+    let mut weights = check_tensors(&cfg, w, &path.display().to_string())?;
+    if let Some(size) = opts.image_size {
+        // timm's `resample_abs_pos_embed`: bicubic with antialias (its default).
+        super::resize_input(&mut cfg, &mut weights, size, Resample::BicubicAntialias)
+            .map_err(|e| err(path, e))?;
+    }
     Ok((cfg, weights))
 }
 
@@ -440,18 +499,6 @@ pub(super) fn patch_kernel(w: &[f32], [d, c, ph, pw]: [usize; 4]) -> Vec<f32> {
 /// The JSON file `name` beside `path`, when there is one.
 pub(super) fn read_json_beside(path: &Path, name: &str) -> Result<Option<Value>, ModelError> {
     let p = path.with_file_name(name);
-    if !p.is_file() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&p).map_err(|e| err(&p, e))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| err(&p, format!("not valid JSON: {e}")))
-}
-
-/// The `config.json` beside `path`, when there is one.
-fn read_config(path: &Path) -> Result<Option<Value>, ModelError> {
-    let p = path.with_file_name("config.json");
     if !p.is_file() {
         return Ok(None);
     }

@@ -16,7 +16,8 @@ pub const CONFIG_METADATA_KEY: &str = "routerscope.model_config";
 pub enum Classifier {
     /// A learned CLS token prepended to the patches; the head reads position 0.
     Token,
-    /// Global average pooling over all tokens.
+    /// Global average pooling over the patch tokens (all tokens when there is no prefix token,
+    /// as in vmoe; timm's `avg` leaves registers out too).
     Gap,
 }
 
@@ -116,6 +117,22 @@ pub struct ModelConfig {
     /// `{block}/LayerScale_0/scale` after attention and `LayerScale_1/scale` after the MLP.
     #[serde(default)]
     pub layer_scale: bool,
+    /// Whether a learned CLS token `cls` leads the tokens (default: exactly when the classifier
+    /// reads it; timm's mean-pooled ViTs often keep one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cls_token: Option<bool>,
+    /// A learned distillation token after the CLS token (DeiT), `dist` `[1, 1, d]`; a classifier
+    /// reads it with its own head `head_dist` and averages the two heads' logits.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub distillation_token: bool,
+    /// Learned register tokens after the class tokens (DINOv2 with registers), `registers`
+    /// `[1, R, d]`: they take part in attention but are neither pooled nor shown as patches.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub register_tokens: usize,
+    /// The final LayerNorm normalises the pooled vector (timm's `fc_norm`, with mean pooling)
+    /// instead of every token; features are then the last block's output.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub fc_norm: bool,
     /// The epsilon of every LayerNorm (1e-6: vmoe's, timm's and DINOv2's; Hugging Face's ViT
     /// uses 1e-12). Checkpoints omit it at the default.
     #[serde(
@@ -138,6 +155,60 @@ fn is_default_eps(eps: &f32) -> bool {
     *eps == DEFAULT_LAYER_NORM_EPS
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// The learned tokens before the patches, in this order: CLS, distillation, registers. Token
+/// `i < count()` of an image is `name(i)`; token `count() + p` is patch `p`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefixTokens {
+    pub cls: bool,
+    pub distillation: bool,
+    pub registers: usize,
+}
+
+impl PrefixTokens {
+    /// Only a CLS token (every vmoe model with `classifier: token`), or none.
+    pub fn cls_only(cls: bool) -> Self {
+        Self {
+            cls,
+            ..Self::default()
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        usize::from(self.cls) + usize::from(self.distillation) + self.registers
+    }
+
+    /// The patch of token `index`, `None` for a prefix token.
+    pub fn patch(&self, index: usize) -> Option<usize> {
+        index.checked_sub(self.count())
+    }
+
+    /// What prefix token `i` is (`CLS`, `distillation`, `register 3`); `None` for a patch.
+    pub fn name(&self, i: usize) -> Option<String> {
+        let mut i = i;
+        if self.cls {
+            if i == 0 {
+                return Some("CLS".into());
+            }
+            i -= 1;
+        }
+        if self.distillation {
+            if i == 0 {
+                return Some("distillation".into());
+            }
+            i -= 1;
+        }
+        (i < self.registers).then(|| format!("register {i}"))
+    }
+}
+
 impl ModelConfig {
     /// Patches per image (`rows · cols`).
     pub fn num_patches(&self) -> usize {
@@ -152,9 +223,20 @@ impl ModelConfig {
         ]
     }
 
-    /// Tokens per image entering the encoder (patches, plus the CLS token if any).
+    /// Tokens per image entering the encoder (the prefix tokens, then the patches).
     pub fn seq_len(&self) -> usize {
-        self.num_patches() + usize::from(self.classifier == Classifier::Token)
+        self.num_patches() + self.prefix().count()
+    }
+
+    /// The learned tokens before the patches.
+    pub fn prefix(&self) -> PrefixTokens {
+        PrefixTokens {
+            cls: self
+                .cls_token
+                .unwrap_or(self.classifier == Classifier::Token),
+            distillation: self.distillation_token,
+            registers: self.register_tokens,
+        }
     }
 
     /// Whether this is a feature model (no classifier head).
@@ -229,6 +311,23 @@ impl ModelConfig {
         ];
         if let Some((what, v, max)) = limits.iter().find(|(_, v, max)| v > max) {
             return bad(format!("{what} {v} is beyond the limit of {max}"));
+        }
+        if self.register_tokens > 4096 {
+            return bad(format!(
+                "register_tokens {} is beyond the limit of 4096",
+                self.register_tokens
+            ));
+        }
+        if self.classifier == Classifier::Token && !self.prefix().cls {
+            return bad("classifier token reads a CLS token, but cls_token is false".into());
+        }
+        if self.distillation_token && self.classifier != Classifier::Token {
+            return bad(
+                "a distillation token follows a CLS token: classifier must be token".into(),
+            );
+        }
+        if self.distillation_token && self.representation_size.is_some() {
+            return bad("a distilled model (two heads) has no pre_logits layer".into());
         }
         if self.is_feature_model() && self.representation_size.is_some() {
             return bad("a feature model (num_classes 0) has no pre_logits layer".into());

@@ -16,7 +16,7 @@ mod what_if;
 
 pub use config::{
     CONFIG_METADATA_KEY, Classifier, Combine, DEFAULT_LAYER_NORM_EPS, Gelu, ModelConfig, MoeConfig,
-    Normalization,
+    Normalization, PrefixTokens,
 };
 pub use image_input::{
     IMAGE_EXTENSIONS, ImageListing, MAX_DECODE_BYTES, MAX_IMAGE_SIDE, decode_image,

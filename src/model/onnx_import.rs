@@ -572,6 +572,10 @@ pub fn import_model(
         gelu,
         layer_scale: true,
         layer_norm_eps: crate::model::DEFAULT_LAYER_NORM_EPS,
+        cls_token: None,
+        distillation_token: false,
+        register_tokens: 0,
+        fc_norm: false,
         moe: None,
     };
     cfg.validate()?;

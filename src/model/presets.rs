@@ -60,6 +60,10 @@ pub fn preset(name: &str, kind: RouterKind) -> Option<ModelConfig> {
                 std: vec![0.5],
             },
             layer_norm_eps: crate::model::DEFAULT_LAYER_NORM_EPS,
+            cls_token: None,
+            distillation_token: false,
+            register_tokens: 0,
+            fc_norm: false,
             moe: Some(MoeConfig {
                 layers: vec![3, 5],
                 num_experts: 8,
@@ -91,6 +95,10 @@ pub fn preset(name: &str, kind: RouterKind) -> Option<ModelConfig> {
                 std: vec![0.5; 3],
             },
             layer_norm_eps: crate::model::DEFAULT_LAYER_NORM_EPS,
+            cls_token: None,
+            distillation_token: false,
+            register_tokens: 0,
+            fc_norm: false,
             moe: Some(MoeConfig {
                 layers: (6..12).collect(),
                 num_experts: 32,

@@ -555,13 +555,16 @@ pub struct VitMoe {
     /// Names of the checkpoint's tensors (which routers' parameters exist).
     param_names: BTreeSet<String>,
     embedding: Linear,
-    cls: Option<Tensor>,
+    /// The prefix tokens (CLS, distillation, registers) `[1, P, d]`, `None` without any.
+    prefix: Option<Tensor>,
     pos_embedding: Tensor,
     blocks: Vec<EncoderBlock>,
     encoder_norm: LayerNorm,
     pre_logits: Option<Linear>,
     /// The classifier; `None` for a feature model.
     head: Option<Linear>,
+    /// DeiT's second head, on the distillation token.
+    head_dist: Option<Linear>,
 }
 
 impl VitMoe {
@@ -576,9 +579,19 @@ impl VitMoe {
         let [ph, pw] = cfg.patch_size;
         let patch_in = ph * pw * cfg.channels;
         let embedding = Linear::load(weights, "embedding", patch_in, d)?;
-        let cls = match cfg.classifier {
-            Classifier::Token => Some(tensor(weights, "cls", &[1, 1, d])?),
-            Classifier::Gap => None,
+        let mut prefix = Vec::new();
+        if cfg.prefix().cls {
+            prefix.push(tensor(weights, "cls", &[1, 1, d])?);
+        }
+        if cfg.distillation_token {
+            prefix.push(tensor(weights, "dist", &[1, 1, d])?);
+        }
+        if cfg.register_tokens > 0 {
+            prefix.push(tensor(weights, "registers", &[1, cfg.register_tokens, d])?);
+        }
+        let prefix = match prefix.is_empty() {
+            true => None,
+            false => Some(Tensor::cat(&prefix, 1)?),
         };
         let pos_embedding = tensor(
             weights,
@@ -658,16 +671,26 @@ impl VitMoe {
             true => None,
             false => Some(Linear::load(weights, "head", head_in, cfg.num_classes)?),
         };
+        let head_dist = match cfg.distillation_token && !cfg.is_feature_model() {
+            true => Some(Linear::load(
+                weights,
+                "head_dist",
+                head_in,
+                cfg.num_classes,
+            )?),
+            false => None,
+        };
         Ok(Self {
             config,
             param_names,
             embedding,
-            cls,
+            prefix,
             pos_embedding,
             blocks,
             encoder_norm,
             pre_logits,
             head,
+            head_dist,
         })
     }
 
@@ -733,8 +756,9 @@ impl VitMoe {
             .contiguous()?
             .reshape((b, gh * gw, ph * pw * c))?;
         let mut x = self.embedding.forward(&x)?;
-        if let Some(cls) = &self.cls {
-            x = Tensor::cat(&[&cls.broadcast_as((b, 1, cfg.hidden_size))?, &x], 1)?;
+        if let Some(prefix) = &self.prefix {
+            let p = prefix.dim(1)?;
+            x = Tensor::cat(&[&prefix.broadcast_as((b, p, cfg.hidden_size))?, &x], 1)?;
         }
         Ok(x.broadcast_add(&self.pos_embedding)?)
     }
@@ -876,22 +900,44 @@ impl VitMoe {
             }
         }
         let x = Tensor::from_vec(x, (b, sq, d), &Device::Cpu)?;
-        let x = self.encoder_norm.forward(&x)?;
+        let cfg = &self.config;
+        // timm's `fc_norm`: the tokens leave the encoder unnormalised, the pooled vector is.
+        let x = match cfg.fc_norm {
+            true => x,
+            false => self.encoder_norm.forward(&x)?,
+        };
         let b = x.dim(0)?;
         out.features = x.flatten_from(1)?.to_vec2()?;
         let Some(head) = &self.head else {
             out.probs = vec![Vec::new(); b];
             return Ok(());
         };
-        let pooled = match self.config.classifier {
-            Classifier::Token => x.narrow(1, 0, 1)?.squeeze(1)?,
-            Classifier::Gap => x.mean(1)?,
+        let np = cfg.prefix().count();
+        let pool = |x: &Tensor| -> Result<Tensor, ModelError> {
+            let pooled = match cfg.classifier {
+                Classifier::Token => x.narrow(1, 0, 1)?.squeeze(1)?,
+                Classifier::Gap => x.narrow(1, np, sq - np)?.mean(1)?,
+            };
+            Ok(match cfg.fc_norm {
+                true => self.encoder_norm.forward(&pooled)?,
+                false => pooled,
+            })
         };
+        let pooled = pool(&x)?;
         let pooled = match &self.pre_logits {
             Some(p) => p.forward(&pooled)?.tanh()?,
             None => pooled,
         };
-        let logits = head.forward(&pooled)?;
+        let mut logits = head.forward(&pooled)?;
+        if let Some(hd) = &self.head_dist {
+            // DeiT at inference: the mean of the CLS head and the distillation-token head.
+            let dist = x.narrow(1, 1, 1)?.squeeze(1)?;
+            let dist = match cfg.fc_norm {
+                true => self.encoder_norm.forward(&dist)?,
+                false => dist,
+            };
+            logits = ((logits + hd.forward(&dist)?)? * 0.5)?;
+        }
         out.probs = softmax_last(&logits)?.to_dtype(DType::F32)?.to_vec2()?;
         Ok(())
     }

@@ -82,6 +82,10 @@ fn vmoe(
             std: vec![0.5; 3],
         },
         layer_norm_eps: crate::model::DEFAULT_LAYER_NORM_EPS,
+        cls_token: None,
+        distillation_token: false,
+        register_tokens: 0,
+        fc_norm: false,
         moe: Some(MoeConfig {
             layers,
             num_experts: 8,

@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 
 use super::ModelError;
-use super::config::{CONFIG_METADATA_KEY, Classifier, Combine, ModelConfig};
+use super::config::{CONFIG_METADATA_KEY, Combine, ModelConfig};
 use crate::routing::{CapacitySpec, RouterFamily, RouterKind};
 use crate::tensor_io::{F32Tensor, OutTensor, Precision, TensorFile, write_safetensors};
 
@@ -79,8 +79,17 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<TensorSpec> {
         TensorSpec::new("Encoder/encoder_norm/scale".into(), &[d]),
         TensorSpec::new("Encoder/encoder_norm/bias".into(), &[d]),
     ];
-    if cfg.classifier == Classifier::Token {
+    if cfg.prefix().cls {
         v.push(TensorSpec::new("cls".into(), &[1, 1, d]));
+    }
+    if cfg.distillation_token {
+        v.push(TensorSpec::new("dist".into(), &[1, 1, d]));
+    }
+    if cfg.register_tokens > 0 {
+        v.push(TensorSpec::new(
+            "registers".into(),
+            &[1, cfg.register_tokens, d],
+        ));
     }
     for i in 0..cfg.num_layers {
         let b = block_prefix(i);
@@ -173,6 +182,13 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<TensorSpec> {
         &[head_in, cfg.num_classes],
     ));
     v.push(TensorSpec::new("head/bias".into(), &[cfg.num_classes]));
+    if cfg.distillation_token {
+        v.push(TensorSpec::new(
+            "head_dist/kernel".into(),
+            &[head_in, cfg.num_classes],
+        ));
+        v.push(TensorSpec::new("head_dist/bias".into(), &[cfg.num_classes]));
+    }
     v
 }
 

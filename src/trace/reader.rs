@@ -530,6 +530,10 @@ impl TraceFile {
             gelu: Default::default(),
             layer_scale: false,
             layer_norm_eps: crate::model::DEFAULT_LAYER_NORM_EPS,
+            cls_token: None,
+            distillation_token: false,
+            register_tokens: 0,
+            fc_norm: false,
             moe: Some(MoeConfig {
                 layers: blocks,
                 num_experts: self.meta.num_experts,
@@ -905,6 +909,10 @@ fn placeholder_config() -> ModelConfig {
         gelu: Default::default(),
         layer_scale: false,
         layer_norm_eps: crate::model::DEFAULT_LAYER_NORM_EPS,
+        cls_token: None,
+        distillation_token: false,
+        register_tokens: 0,
+        fc_norm: false,
         moe: None,
     }
 }

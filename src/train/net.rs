@@ -418,6 +418,12 @@ fn untrainable(cfg: &ModelConfig) -> Option<&'static str> {
     use crate::model::{Combine, Gelu};
     if cfg.layer_scale {
         Some("LayerScale")
+    } else if cfg.prefix()
+        != crate::model::PrefixTokens::cls_only(cfg.classifier == Classifier::Token)
+    {
+        Some("distillation or register tokens, or a CLS token with mean pooling")
+    } else if cfg.fc_norm {
+        Some("a LayerNorm after pooling (fc_norm)")
     } else if cfg.layer_norm_eps != crate::model::DEFAULT_LAYER_NORM_EPS {
         Some("a LayerNorm epsilon other than 1e-6")
     } else if cfg.gelu != Gelu::Tanh {

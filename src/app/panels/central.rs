@@ -8,7 +8,6 @@ use crate::app::views::{
     patch_grid::{GridStyle, patch_grid},
 };
 use crate::figures::{ImageRouting, Palette};
-use crate::model::Classifier;
 use crate::routing::RouterFamily;
 
 impl RouterscopeApp {
@@ -65,7 +64,7 @@ impl RouterscopeApp {
             ));
             return;
         };
-        let has_cls = cfg.classifier == Classifier::Token;
+        let prefix = cfg.prefix();
         let layers: Vec<usize> = match self.settings.layer {
             LayerView::One(i) => vec![i.min(moe.layers.len().saturating_sub(1))],
             LayerView::All => (0..moe.layers.len()).collect(),
@@ -103,13 +102,13 @@ impl RouterscopeApp {
             marked: self.marked.filter(|(id, _)| *id == img.id).map(|(_, t)| t),
         };
         if self.settings.compare {
-            self.comparison_view(ui, img, has_cls, &style, layers[0]);
+            self.comparison_view(ui, img, prefix, &style, layers[0]);
         }
         ui.horizontal_top(|ui| {
             for (l, v) in &views {
                 ui.vertical(|ui| {
                     ui.label(format!("MoE block {}", moe.layers[*l]));
-                    patch_grid(ui, &img.texture, v, cfg.grid(), has_cls, &style, side);
+                    patch_grid(ui, &img.texture, v, cfg.grid(), prefix, &style, side);
                 });
             }
         });
@@ -133,7 +132,7 @@ impl RouterscopeApp {
                 soft,
                 moe.num_experts,
                 cfg.grid(),
-                has_cls,
+                prefix,
                 self.settings.palette,
                 avail.min(520.0),
             );
@@ -143,7 +142,7 @@ impl RouterscopeApp {
                 "combine weights per patch: normalised entropy over the {} slots (light: reads from few slots, dark: from many; mean {mean:.2})",
                 soft.combine.first().map_or(0, |r| r.len())
             ));
-            views::soft_slots::entropy_map(ui, &ent, cfg.grid(), has_cls, 180.0);
+            views::soft_slots::entropy_map(ui, &ent, cfg.grid(), prefix, 180.0);
         }
     }
 }

@@ -3,6 +3,7 @@
 use crate::app::views::patch_grid::{GridStyle, patch_grid};
 use crate::app::{RouterscopeApp, ViewImage};
 use crate::figures::ImageRouting;
+use crate::model::PrefixTokens;
 
 impl RouterscopeApp {
     /// The shown image under every router, MoE layer `layer`.
@@ -10,7 +11,7 @@ impl RouterscopeApp {
         &self,
         ui: &mut egui::Ui,
         img: &ViewImage,
-        has_cls: bool,
+        prefix: PrefixTokens,
         style: &GridStyle,
         layer: usize,
     ) {
@@ -44,7 +45,7 @@ impl RouterscopeApp {
                                         &img.texture,
                                         &r,
                                         cfg.grid(),
-                                        has_cls,
+                                        prefix,
                                         style,
                                         190.0,
                                     );

@@ -228,12 +228,12 @@ impl RouterscopeApp {
         };
         ui.separator();
         ui.strong(format!("expert {j}"));
-        let (grid, has_cls) = (a.grid, a.has_cls);
+        let (grid, prefix) = (a.grid, a.prefix_tokens);
         let mut open = None;
         ui.horizontal_top(|ui| {
             ui.vertical(|ui| {
                 ui.label("where its tokens are");
-                dataset_plots::position_map(ui, st, j, grid, has_cls, 140.0);
+                dataset_plots::position_map(ui, st, j, grid, prefix, 140.0);
             });
             ui.vertical(|ui| {
                 ui.label("atlas: its most strongly routed patches (click to open the image)");

@@ -106,11 +106,11 @@ pub fn position_map(
     st: &LayerStats,
     j: usize,
     grid: [usize; 2],
-    has_cls: bool,
+    prefix: usize,
     side: f32,
 ) {
     let [gr, gc] = grid;
-    let cls = usize::from(has_cls);
+    let cls = prefix;
     let images = st.images.max(1) as f64;
     let values: Vec<f64> = (0..gr * gc)
         .map(|p| st.tokens_per_position_expert[p + cls][j] / images)

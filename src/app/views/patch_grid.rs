@@ -4,6 +4,7 @@
 //! a patch shows its details; other experts' patches dim while one expert is highlighted.
 
 use crate::figures::{DROPPED, ImageRouting, Palette, TokenRouting};
+use crate::model::PrefixTokens;
 use crate::routing::RouterFamily;
 
 use super::color;
@@ -25,20 +26,21 @@ pub fn patch_grid(
     texture: &egui::TextureHandle,
     routing: &ImageRouting,
     grid: [usize; 2],
-    has_cls: bool,
+    prefix: PrefixTokens,
     style: &GridStyle,
     side: f32,
 ) -> Option<usize> {
     let [tw, th] = texture.size().map(|v| v as f32);
     let scale = side / tw.max(th);
     let img_size = egui::vec2(tw * scale, th * scale);
-    let cls_h = if has_cls {
+    let np = prefix.count();
+    let cls_h = if np > 0 {
         (side / 12.0).clamp(14.0, 24.0)
     } else {
         0.0
     };
     let (rect, response) = ui.allocate_exact_size(
-        egui::vec2(img_size.x, img_size.y + cls_h + 4.0 * f32::from(has_cls)),
+        egui::vec2(img_size.x, img_size.y + cls_h + 4.0 * f32::from(np > 0)),
         egui::Sense::click(),
     );
     let painter = ui.painter_at(rect);
@@ -57,12 +59,17 @@ pub fn patch_grid(
     let cell = egui::vec2(img_rect.width() / gw as f32, img_rect.height() / gh as f32);
     let mut cells: Vec<(usize, egui::Rect)> = Vec::with_capacity(routing.tokens.len());
     for t in &routing.tokens {
-        let r = match t.index.checked_sub(usize::from(has_cls)) {
+        // Prefix tokens (CLS, distillation, registers) share the strip above the image.
+        let prefix_w = (cell.x.max(cls_h * 2.5)).min(img_size.x * 0.7 / np.max(1) as f32);
+        let r = match prefix.patch(t.index) {
             Some(p) => egui::Rect::from_min_size(
                 img_rect.min + egui::vec2((p % gw) as f32 * cell.x, (p / gw) as f32 * cell.y),
                 cell,
             ),
-            None => egui::Rect::from_min_size(rect.min, egui::vec2(cell.x.max(cls_h * 2.5), cls_h)),
+            None => egui::Rect::from_min_size(
+                rect.min + egui::vec2(t.index as f32 * prefix_w, 0.0),
+                egui::vec2(prefix_w - 1.0, cls_h),
+            ),
         };
         draw_token(&painter, r, t, family, style);
         cells.push((t.index, r));
@@ -88,16 +95,26 @@ pub fn patch_grid(
             line,
         );
     }
-    if let Some((_, r)) = cells.iter().find(|(i, _)| has_cls && *i == 0) {
-        {
-            painter.text(
-                r.right_center() + egui::vec2(6.0, 0.0),
-                egui::Align2::LEFT_CENTER,
-                "CLS token",
-                egui::FontId::proportional(11.0),
-                ui.visuals().text_color(),
-            );
-        }
+    if let Some((_, r)) = cells.iter().find(|(i, _)| np > 0 && *i + 1 == np) {
+        let label = match (prefix.cls, prefix.distillation, prefix.registers) {
+            (true, false, 0) => "CLS token".to_string(),
+            (cls, dist, regs) => [
+                cls.then(|| "CLS".to_string()),
+                dist.then(|| "distillation".to_string()),
+                (regs > 0).then(|| format!("{regs} registers")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" · "),
+        };
+        painter.text(
+            r.right_center() + egui::vec2(6.0, 0.0),
+            egui::Align2::LEFT_CENTER,
+            label,
+            egui::FontId::proportional(11.0),
+            ui.visuals().text_color(),
+        );
     }
     if let Some((_, r)) = style
         .marked
@@ -124,7 +141,7 @@ pub fn patch_grid(
         }
         if let Some(t) = routing.tokens.iter().find(|t| t.index == i) {
             response.on_hover_ui_at_pointer(|ui| {
-                token_details(ui, t, family, grid, has_cls, style.palette);
+                token_details(ui, t, family, grid, prefix, style.palette);
             });
         }
     }

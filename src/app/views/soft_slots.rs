@@ -2,16 +2,17 @@
 //! weights over the image's patches, and per token the entropy of its combine weights over slots.
 
 use crate::figures::{Palette, SoftImage, sequential};
+use crate::model::PrefixTokens;
 
 use super::color;
 
-/// Draws the slot heatmaps; `grid` is the patch grid, `has_cls` whether token 0 is CLS.
+/// Draws the slot heatmaps; `grid` is the patch grid, `prefix` whether token 0 is CLS.
 pub fn slot_heatmaps(
     ui: &mut egui::Ui,
     soft: &SoftImage,
     num_experts: usize,
     grid: [usize; 2],
-    has_cls: bool,
+    prefix: PrefixTokens,
     palette: Palette,
     width: f32,
 ) {
@@ -33,7 +34,7 @@ pub fn slot_heatmaps(
             let origin = rect.min + egui::vec2(s as f32 * (tile + gap), j as f32 * (tile + gap));
             let tr = egui::Rect::from_min_size(origin, egui::vec2(tile, tile));
             let w = &soft.dispatch[slot];
-            let patches = &w[usize::from(has_cls)..];
+            let patches = &w[prefix.count()..];
             let max = patches.iter().cloned().fold(f32::MIN, f32::max);
             let min = patches.iter().cloned().fold(f32::MAX, f32::min);
             let span = (max - min).max(1e-12);
@@ -53,7 +54,7 @@ pub fn slot_heatmaps(
                 egui::StrokeKind::Outside,
             );
             if response.hover_pos().is_some_and(|pos| tr.contains(pos)) {
-                hovered = Some((j, s, w.iter().sum::<f32>(), has_cls.then(|| w[0])));
+                hovered = Some((j, s, w.iter().sum::<f32>(), prefix.cls.then(|| w[0])));
             }
         }
     }
@@ -82,7 +83,13 @@ pub fn combine_entropy(soft: &SoftImage) -> Vec<f32> {
 
 /// Per patch, the normalised entropy of its combine weights (`combine_entropy`), as a heatmap
 /// `side` points wide: light = the token reads from few slots, dark = from many.
-pub fn entropy_map(ui: &mut egui::Ui, entropy: &[f32], grid: [usize; 2], has_cls: bool, side: f32) {
+pub fn entropy_map(
+    ui: &mut egui::Ui,
+    entropy: &[f32],
+    grid: [usize; 2],
+    prefix: PrefixTokens,
+    side: f32,
+) {
     let [gh, gw] = grid;
     let (rect, response) = ui.allocate_exact_size(
         egui::vec2(side, side * gh as f32 / gw as f32),
@@ -91,7 +98,7 @@ pub fn entropy_map(ui: &mut egui::Ui, entropy: &[f32], grid: [usize; 2], has_cls
     let painter = ui.painter_at(rect);
     let cw = rect.width() / gw as f32;
     let ch = rect.height() / gh as f32;
-    let patches = &entropy[usize::from(has_cls)..];
+    let patches = &entropy[prefix.count()..];
     for (q, &v) in patches.iter().enumerate().take(gh * gw) {
         let r = egui::Rect::from_min_size(
             rect.min + egui::vec2((q % gw) as f32 * cw, (q / gw) as f32 * ch),

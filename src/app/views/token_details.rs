@@ -2,28 +2,32 @@
 //! and its choices with slots and gates.
 
 use crate::figures::{DROPPED, Palette, TokenRouting};
+use crate::model::PrefixTokens;
 use crate::routing::RouterFamily;
 
 use super::color;
 
-/// Draws the card for `t` (an image of `grid` patches, with a CLS token first when `has_cls`).
+/// Draws the card for `t` (an image of `grid` patches, with a CLS token first when `prefix`).
 pub fn token_details(
     ui: &mut egui::Ui,
     t: &TokenRouting,
     family: RouterFamily,
     grid: [usize; 2],
-    has_cls: bool,
+    prefix: PrefixTokens,
     palette: Palette,
 ) {
-    let patch = t.index.checked_sub(usize::from(has_cls));
-    match patch {
+    match prefix.patch(t.index) {
         Some(p) => ui.strong(format!(
             "token {} · patch row {}, column {}",
             t.index,
             p / grid[1],
             p % grid[1]
         )),
-        None => ui.strong(format!("token {} · CLS", t.index)),
+        None => ui.strong(format!(
+            "token {} · {}",
+            t.index,
+            prefix.name(t.index).unwrap_or_default()
+        )),
     };
     let e = t.probs.len();
     if e == 0 {
