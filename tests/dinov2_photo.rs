@@ -7,7 +7,8 @@
 
 use std::path::{Path, PathBuf};
 
-use routerscope::model::onnx_import::{ImportOptions, import_onnx};
+use routerscope::import::WeightsOptions;
+use routerscope::import::onnx::import_onnx;
 use routerscope::model::{RunOptions, VitMoe, load_image};
 use routerscope::moefy::{MoefyOptions, all_experts_options, mean_patch_cosine, moefy};
 use routerscope::routing::{RouterConfig, RouterKind};
@@ -82,7 +83,7 @@ fn onnx_path() -> Option<PathBuf> {
 #[test]
 fn the_import_reproduces_onnxruntime_within_1e_3() {
     let Some(path) = onnx_path() else { return };
-    let (cfg, weights) = import_onnx(&path, &ImportOptions::default()).unwrap();
+    let (cfg, weights) = import_onnx(&path, &photo_options()).unwrap();
     assert_eq!(
         (
             cfg.num_layers,
@@ -106,7 +107,7 @@ fn the_import_reproduces_onnxruntime_within_1e_3() {
 #[test]
 fn moefied_dinov2_with_all_experts_is_the_dense_model() {
     let Some(path) = onnx_path() else { return };
-    let (cfg, weights) = import_onnx(&path, &ImportOptions::default()).unwrap();
+    let (cfg, weights) = import_onnx(&path, &photo_options()).unwrap();
     let dense = VitMoe::new(cfg.clone(), weights.clone()).unwrap();
     let imgs = photos(&dense);
     let opts = MoefyOptions {
@@ -160,4 +161,13 @@ fn the_shipped_photo_model_with_all_experts_reproduces_onnxruntime() {
         assert!(used.iter().filter(|&&n| n > 0).count() >= 4, "{used:?}");
     }
     assert!(own.probs.iter().all(Vec::is_empty));
+}
+
+/// The photo model's import: 224 px, ImageNet normalisation (the importer's ONNX default).
+fn photo_options() -> WeightsOptions {
+    WeightsOptions {
+        image_size: Some([224, 224]),
+        name: "dinov2".into(),
+        ..WeightsOptions::default()
+    }
 }

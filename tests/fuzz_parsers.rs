@@ -242,9 +242,9 @@ fn fuzz_images() {
 #[test]
 fn fuzz_onnx() {
     use prost::Message;
-    use routerscope::model::onnx_import::{
-        GraphProto, ImportOptions, ModelProto, NodeProto, TensorProto, import_onnx,
-    };
+    use routerscope::import::WeightsOptions;
+    use routerscope::import::onnx::import_onnx;
+    use routerscope::import::onnx_proto::{GraphProto, ModelProto, NodeProto, TensorProto};
     let t = |name: &str, dims: &[i64]| TensorProto {
         dims: dims.to_vec(),
         data_type: Some(1),
@@ -277,7 +277,7 @@ fn fuzz_onnx() {
     let path = dir.path().join("case.onnx");
     fuzz("ONNX", &[model.encode_to_vec()], |bytes| {
         std::fs::write(&path, bytes).unwrap();
-        let _ = import_onnx(&path, &ImportOptions::default());
+        let _ = import_onnx(&path, &WeightsOptions::default());
     });
 }
 

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use routerscope::import::hf::{HfOptions, import_hf};
+use routerscope::import::onnx::{OnnxOptions, import_onnx};
 use routerscope::import::timm::{TimmOptions, import_timm};
-use routerscope::model::{ModelConfig, ModelError, ModelWeights};
+use routerscope::model::{Classifier, Gelu, ModelConfig, ModelError, ModelWeights};
 use routerscope::model::{RunOptions, VitMoe, preprocess};
 use routerscope::tensor_io::TensorFile;
 
@@ -502,4 +503,156 @@ fn bad_hugging_face_checkpoints_are_one_clear_error() {
     });
     let e = hf_error(&p);
     assert!(e.contains("vit.encoder.layer.1.output.dense.bias"), "{e}");
+}
+
+/// Imports the ONNX fixture `name` (normalised with `mean_std`) and compares it with PyTorch.
+fn matches_onnx(name: &str, mean_std: f32) -> ModelConfig {
+    let opts = OnnxOptions {
+        mean: (mean_std != 0.0).then(|| vec![mean_std; 3]),
+        std: (mean_std != 0.0).then(|| vec![mean_std; 3]),
+        ..OnnxOptions::default()
+    };
+    matches_reference(name, "", |p| {
+        import_onnx(&p.with_file_name("model.onnx"), &opts)
+    })
+}
+
+#[test]
+fn a_legacy_onnx_export_of_a_timm_vit_imports_and_matches_pytorch() {
+    // Fused QKV, LayerNormalization ops, Erf GELU, a Gemm head.
+    let cfg = matches_onnx("onnx-timm-vit-legacy", 0.5);
+    assert_eq!(
+        (cfg.num_heads, cfg.num_classes, cfg.gelu),
+        (3, 5, Gelu::Erf)
+    );
+}
+
+#[test]
+fn a_dynamo_onnx_export_of_a_distilled_deit_with_external_data_matches_pytorch() {
+    // No QKV bias, Tanh GELU arithmetic, two heads averaged, weights in model.onnx.data.
+    assert!(
+        fixture("onnx-timm-deit-dynamo")
+            .join("model.onnx.data")
+            .is_file()
+    );
+    let cfg = matches_onnx("onnx-timm-deit-dynamo", 0.0);
+    assert!(cfg.distillation_token && cfg.prefix().cls);
+    assert_eq!((cfg.num_heads, cfg.gelu), (2, Gelu::Tanh));
+}
+
+#[test]
+fn a_dynamo_onnx_export_of_dinov2_with_registers_matches_pytorch() {
+    // Opset 20: one Gelu op; LayerScale; four registers without positions.
+    let cfg = matches_onnx("onnx-timm-dinov2-reg-dynamo", 0.0);
+    assert!(cfg.layer_scale && cfg.num_classes == 0);
+    assert_eq!(cfg.register_tokens, 4);
+}
+
+#[test]
+fn a_legacy_onnx_export_of_an_avg_pooled_vit_with_fc_norm_matches_pytorch() {
+    let cfg = matches_onnx("onnx-timm-vit-avg-legacy", 0.5);
+    assert!(cfg.fc_norm && cfg.classifier == Classifier::Gap);
+    assert_eq!(cfg.register_tokens, 2);
+}
+
+#[test]
+fn an_opset_14_onnx_export_of_a_hugging_face_vit_matches_transformers() {
+    // LayerNorm decomposed (ReduceMean, Sub, Pow, Sqrt, Div), separate q/k/v projections whose
+    // head reshapes say `-1` heads, eps 1e-12.
+    let cfg = matches_onnx("onnx-hf-vit-legacy14", 0.5);
+    assert_eq!((cfg.num_heads, cfg.layer_norm_eps), (3, 1e-12));
+}
+
+#[test]
+fn an_onnx_export_of_hugging_face_dinov2_resizes_its_positions_like_the_graph() {
+    // transformers always interpolates DINOv2's position table: a Resize node in the graph.
+    let cfg = matches_onnx("onnx-hf-dinov2-legacy", 0.0);
+    assert!(cfg.layer_scale);
+}
+
+fn onnx_error(path: &Path, opts: &OnnxOptions) -> String {
+    match import_onnx(path, opts) {
+        Ok(_) => panic!("{} imported", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn onnx_graphs_the_importer_cannot_take_are_one_clear_error() {
+    let none = OnnxOptions::default();
+    let e = onnx_error(&fixture("onnx-bad-relu").join("model.onnx"), &none);
+    assert!(
+        e.contains("block 0")
+            && e.contains("(Relu)")
+            && e.contains("/blocks/blocks.0/mlp/act/Relu"),
+        "{e}"
+    );
+    let e = onnx_error(&fixture("onnx-bad-resnet").join("model.onnx"), &none);
+    assert!(e.contains("not a ViT") && e.contains("Conv"), "{e}");
+    let vit = fixture("onnx-timm-vit-legacy").join("model.onnx");
+    let e = onnx_error(
+        &vit,
+        &OnnxOptions {
+            heads: Some(5),
+            ..OnnxOptions::default()
+        },
+    );
+    assert!(e.contains("3 heads") && e.contains("--heads 5"), "{e}");
+    let e = onnx_error(
+        &vit,
+        &OnnxOptions {
+            gelu: Some(Gelu::Tanh),
+            ..OnnxOptions::default()
+        },
+    );
+    assert!(e.contains("--gelu"), "{e}");
+
+    // External data: missing, then cut short.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let src = fixture("onnx-timm-deit-dynamo");
+    let model = dir.path().join("model.onnx");
+    std::fs::copy(src.join("model.onnx"), &model).expect("copy");
+    let e = onnx_error(&model, &none);
+    assert!(
+        e.contains("model.onnx.data") && e.contains("cannot be opened"),
+        "{e}"
+    );
+    let data = std::fs::read(src.join("model.onnx.data")).expect("data");
+    std::fs::write(dir.path().join("model.onnx.data"), &data[..data.len() / 2]).expect("write");
+    let e = onnx_error(&model, &none);
+    assert!(e.contains("past its end"), "{e}");
+}
+
+#[test]
+fn the_cli_imports_onnx_by_content_and_leaves_no_file_on_a_bad_graph() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bin = env!("CARGO_BIN_EXE_routerscope");
+    let out = dir.path().join("deit.safetensors");
+    let model = fixture("onnx-timm-deit-dynamo").join("model.onnx");
+    let o = Command::new(bin)
+        .args(["import", model.to_str().unwrap_or_default(), "--out"])
+        .arg(&out)
+        .output()
+        .expect("runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("2 blocks, width 24, 2 heads"));
+    let (cfg, _) = routerscope::model::load_checkpoint(&out).expect("loads");
+    assert!(cfg.distillation_token);
+
+    let bad = dir.path().join("bad.safetensors");
+    let relu = fixture("onnx-bad-relu").join("model.onnx");
+    let o = Command::new(bin)
+        .args([
+            "import",
+            "--onnx",
+            relu.to_str().unwrap_or_default(),
+            "--out",
+        ])
+        .arg(&bad)
+        .output()
+        .expect("runs");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("Relu") && err.lines().count() <= 3, "{err}");
+    assert!(!bad.exists());
 }

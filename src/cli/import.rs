@@ -1,12 +1,12 @@
-//! `routerscope import FILE`: a pretrained dense ViT (a timm state dict, or ONNX as Hugging Face
-//! exports DINOv2) into a routerscope checkpoint.
+//! `routerscope import FILE`: a pretrained dense ViT (a timm state dict or a Hugging Face
+//! checkpoint in safetensors, or an ONNX graph from any exporter) into a routerscope checkpoint.
 
 use std::path::PathBuf;
 
 use routerscope::import::hf::import_hf;
+use routerscope::import::onnx::import_onnx;
 use routerscope::import::timm::import_timm;
 use routerscope::import::{Format, WeightsOptions};
-use routerscope::model::onnx_import::{ImportOptions, import_onnx};
 use routerscope::model::{Classifier, Gelu, save_checkpoint_as};
 
 use super::PrecisionArg;
@@ -18,7 +18,8 @@ pub struct ImportArgs {
     /// any), or an ONNX file; its format is detected from its contents.
     #[arg(required_unless_present = "onnx", conflicts_with = "onnx")]
     file: Option<PathBuf>,
-    /// An ONNX file (weights inside it): the same as giving it as FILE.
+    /// An ONNX file (weights inside it or in the external data file beside it): the same as
+    /// giving it as FILE.
     #[arg(long)]
     onnx: Option<PathBuf>,
     /// The format, instead of detecting it (timm, hf for Hugging Face transformers, onnx).
@@ -26,7 +27,7 @@ pub struct ImportArgs {
     format: Option<FormatArg>,
     /// Input size in pixels, `H` or `HxW`, a multiple of the patch size: the position embedding
     /// is resized to it bicubically, as timm and Hugging Face interpolate it [default: the size
-    /// it was trained for; ONNX: the graph's input size, else 224].
+    /// it was trained for; ONNX: the graph's input size, required for a graph of any size].
     #[arg(long)]
     image_size: Option<String>,
     /// Attention heads, where the file does not say (timm: config.json's, else its
@@ -95,15 +96,7 @@ pub fn run(args: &ImportArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| "imported".into());
     let opts = weights_options(args, name)?;
     let (cfg, weights) = match format {
-        Format::Onnx => {
-            let image_size = opts.image_size.unwrap_or([224, 224]);
-            let onnx = ImportOptions {
-                image_size,
-                name: opts.name.clone(),
-                ..ImportOptions::default()
-            };
-            import_onnx(file, &onnx)?
-        }
+        Format::Onnx => import_onnx(file, &opts)?,
         Format::HuggingFace => import_hf(file, &opts)?,
         Format::Timm => import_timm(file, &opts)?,
     };

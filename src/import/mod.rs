@@ -1,8 +1,11 @@
 //! Importers of pretrained ViTs from other frameworks into routerscope checkpoints, one file per
-//! format. So far: timm state dicts ([`timm`]) and Hugging Face checkpoints ([`hf`]) in
-//! safetensors; the vmoe and ONNX readers still live in `model/` (`vmoe_format`, `onnx_import`).
+//! format: timm state dicts ([`timm`]) and Hugging Face checkpoints ([`hf`]) in safetensors, and
+//! ONNX graphs from any exporter ([`onnx`], its protobuf messages in [`onnx_proto`]); the
+//! position-embedding resampling they share is [`resample`].
 
 pub mod hf;
+pub mod onnx;
+pub mod onnx_proto;
 pub mod resample;
 pub mod timm;
 

@@ -5,7 +5,6 @@
 mod config;
 mod image_input;
 mod kernels;
-pub mod onnx_import;
 pub(crate) mod ops;
 mod presets;
 pub(crate) mod vit;
