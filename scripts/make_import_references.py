@@ -3,7 +3,8 @@
 For each family, a tiny-width variant (same code paths as the full-size models) with seeded random
 weights (no hub download) is built with timm (saved as its state dict in safetensors with the
 `config.json` timm's `save_for_hf` writes) or with Hugging Face transformers (`save_pretrained`),
-and run on a fixed input; the input pixels, the final
+or written as a big_vision / original-ViT `.npz` and read back by timm's own loader, and run on
+a fixed input; the input pixels, the final
 features and the logits go to `reference.safetensors` beside it. Committed under
 `tests/fixtures/import/`, so CI needs no Python to check the importers against them.
 
@@ -133,6 +134,77 @@ def hugging_face(out: Path) -> None:
         print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters -> {d}")
 
 
+def big_vision(out: Path) -> None:
+    """Dense Flax ViTs as `.npz`: the original ViT / vmoe naming (`Transformer/encoderblock_N/`
+    with `MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3`, a CLS token) and
+    big_vision's (`params/`, one scanned `encoderblock` with a leading depth axis,
+    `MultiHeadDotProductAttention_0`, `LayerNorm_1`, `MlpBlock_0`, no CLS, mean pooling), with
+    random weights, read into timm by its own `_load_weights` (Flax's GELU is the tanh
+    approximation) and run there."""
+    import functools
+    from timm.models.vision_transformer import _load_weights
+
+    rng = np.random.default_rng(500)
+    cases = {
+        "bv-vit": dict(scan=False, cls=True, classes=4, d=24, heads=3, mlp=40, depth=2, p=8,
+                       size=32),
+        "bv-big-vision-gap": dict(scan=True, cls=False, classes=3, d=24, heads=2, mlp=32,
+                                  depth=2, p=4, size=24),
+    }
+    for i, (name, c) in enumerate(cases.items()):
+        d, h, m, L, p = c["d"], c["heads"], c["mlp"], c["depth"], c["p"]
+        grid = c["size"] // p
+        r = lambda *s: (rng.standard_normal(s) * 0.3).astype(np.float32)
+        root = "params/" if c["scan"] else ""
+        w = {f"{root}embedding/kernel": r(p, p, 3, d), f"{root}embedding/bias": r(d),
+             f"{root}Transformer/encoder_norm/scale": r(d),
+             f"{root}Transformer/encoder_norm/bias": r(d),
+             f"{root}head/kernel": r(d, c["classes"]), f"{root}head/bias": r(c["classes"])}
+        if c["cls"]:
+            w["cls"] = r(1, 1, d)
+            w["Transformer/posembed_input/pos_embedding"] = r(1, 1 + grid * grid, d)
+        else:
+            w[f"{root}pos_embedding"] = r(1, grid * grid, d)
+        mha, ln2, mlp = (("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0")
+                         if c["scan"] else
+                         ("MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3"))
+        parts = {"LayerNorm_0/scale": (d,), "LayerNorm_0/bias": (d,),
+                 f"{ln2}/scale": (d,), f"{ln2}/bias": (d,),
+                 f"{mlp}/Dense_0/kernel": (d, m), f"{mlp}/Dense_0/bias": (m,),
+                 f"{mlp}/Dense_1/kernel": (m, d), f"{mlp}/Dense_1/bias": (d,),
+                 f"{mha}/out/kernel": (h, d // h, d), f"{mha}/out/bias": (d,)}
+        for q in ("query", "key", "value"):
+            parts[f"{mha}/{q}/kernel"] = (d, h, d // h)
+            parts[f"{mha}/{q}/bias"] = (h, d // h)
+        for k, shape in parts.items():
+            if c["scan"]:
+                w[f"{root}Transformer/encoderblock/{k}"] = r(L, *shape)
+            else:
+                for b in range(L):
+                    w[f"Transformer/encoderblock_{b}/{k}"] = r(*shape)
+        dd = out / name
+        dd.mkdir(parents=True, exist_ok=True)
+        np.savez(dd / "model.npz", **w)
+        model = VisionTransformer(
+            img_size=c["size"], patch_size=p, embed_dim=d, depth=L, num_heads=h,
+            mlp_ratio=m / d, num_classes=c["classes"], class_token=c["cls"],
+            global_pool="token" if c["cls"] else "avg", fc_norm=False,
+            act_layer=functools.partial(torch.nn.GELU, approximate="tanh")).eval()
+        _load_weights(model, str(dd / "model.npz"))
+        pixels = np.random.default_rng(70 + i).integers(0, 256, (c["size"], c["size"], 3),
+                                                       dtype=np.uint8)
+        x = torch.from_numpy(pixels).permute(2, 0, 1).float()[None] / 255.0
+        x = (x - 0.5) / 0.5  # Flax ViTs take [-1, 1]
+        with torch.no_grad():
+            f = model.forward_features(x)
+            logits = model.forward_head(f)
+        save_file({"pixels": pixels, "features": f[0].numpy().astype(np.float32),
+                   "logits": logits[0].numpy().astype(np.float32)},
+                  str(dd / "reference.safetensors"),
+                  metadata={"timm": timm.__version__, "torch": torch.__version__})
+        print(f"{name}: {len(w)} arrays -> {dd}")
+
+
 def main(out: Path) -> None:
     from timm.models.deit import VisionTransformerDistilled
 
@@ -178,6 +250,7 @@ def main(out: Path) -> None:
                   metadata={"timm": timm.__version__, "torch": torch.__version__})
         print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters -> {d}")
     hugging_face(out)
+    big_vision(out)
 
 
 if __name__ == "__main__":

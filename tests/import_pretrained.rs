@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use routerscope::import::big_vision::{BigVisionOptions, import_big_vision};
 use routerscope::import::hf::{HfOptions, import_hf};
 use routerscope::import::onnx::{OnnxOptions, import_onnx};
 use routerscope::import::timm::{TimmOptions, import_timm};
@@ -655,4 +656,72 @@ fn the_cli_imports_onnx_by_content_and_leaves_no_file_on_a_bad_graph() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("Relu") && err.lines().count() <= 3, "{err}");
     assert!(!bad.exists());
+}
+
+fn matches_flax(name: &str) -> ModelConfig {
+    matches_reference(name, "", |p| {
+        import_big_vision(&p.with_file_name("model.npz"), &BigVisionOptions::default())
+    })
+}
+
+#[test]
+fn an_original_vit_npz_imports_and_matches_timms_own_loader() {
+    // `Transformer/encoderblock_N/MultiHeadDotProductAttention_1`, a CLS token, tanh GELU.
+    let cfg = matches_flax("bv-vit");
+    assert_eq!(
+        (cfg.num_heads, cfg.gelu, cfg.classifier),
+        (3, Gelu::Tanh, Classifier::Token)
+    );
+    assert_eq!(cfg.normalization.mean, [0.5; 3]);
+}
+
+#[test]
+fn a_scanned_big_vision_npz_with_mean_pooling_matches_timms_own_loader() {
+    let cfg = matches_flax("bv-big-vision-gap");
+    assert_eq!((cfg.num_heads, cfg.classifier), (2, Classifier::Gap));
+    assert!(!cfg.prefix().cls);
+}
+
+#[test]
+fn bad_flax_checkpoints_are_one_clear_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let src = std::fs::read(fixture("bv-vit").join("model.npz")).expect("npz");
+    let rewrite = |name: &str, keep: &dyn Fn(&str) -> bool| -> PathBuf {
+        let mut zin = zip::ZipArchive::new(std::io::Cursor::new(src.clone())).expect("zip");
+        let p = dir.path().join(name);
+        let mut zout = zip::ZipWriter::new(std::fs::File::create(&p).expect("create"));
+        for i in 0..zin.len() {
+            let mut f = zin.by_index(i).expect("entry");
+            let n = f.name().expect("name").to_string();
+            if keep(&n) {
+                zout.start_file(n, zip::write::SimpleFileOptions::default())
+                    .expect("start");
+                std::io::copy(&mut f, &mut zout).expect("copy");
+            }
+        }
+        zout.finish().expect("finish");
+        p
+    };
+    let bad = |p: &Path| match import_big_vision(p, &BigVisionOptions::default()) {
+        Ok(_) => panic!("{} imported", p.display()),
+        Err(e) => e.to_string(),
+    };
+    let p = rewrite("noblock0.npz", &|n| {
+        !n.starts_with("Transformer/encoderblock_0/")
+    });
+    let e = bad(&p);
+    assert!(
+        e.contains("no encoder blocks") || e.contains("block 1 has weights"),
+        "{e}"
+    );
+    let p = rewrite("nofc2.npz", &|n| {
+        n != "Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias.npy"
+    });
+    let e = bad(&p);
+    assert!(e.contains("encoderblock_1/MlpBlock_3/Dense_1/bias"), "{e}");
+    let p = rewrite("nokernel.npz", &|n| n != "embedding/kernel.npy");
+    assert!(bad(&p).contains("not a Flax ViT"));
+    let cut = dir.path().join("cut.npz");
+    std::fs::write(&cut, &src[..src.len() / 2]).expect("write");
+    assert!(bad(&cut).contains("not an .npz (zip) archive"));
 }

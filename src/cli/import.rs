@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use routerscope::import::big_vision::import_big_vision;
 use routerscope::import::hf::import_hf;
 use routerscope::import::onnx::import_onnx;
 use routerscope::import::timm::import_timm;
@@ -15,14 +16,16 @@ use super::PrecisionArg;
 pub struct ImportArgs {
     /// The model file: a timm state dict or a Hugging Face transformers checkpoint
     /// (.safetensors, with the config.json / preprocessor_config.json beside it when there are
-    /// any), or an ONNX file; its format is detected from its contents.
+    /// any), a dense Flax ViT (.npz: big_vision, the original ViT, vmoe), or an ONNX file; its
+    /// format is detected from its contents.
     #[arg(required_unless_present = "onnx", conflicts_with = "onnx")]
     file: Option<PathBuf>,
     /// An ONNX file (weights inside it or in the external data file beside it): the same as
     /// giving it as FILE.
     #[arg(long)]
     onnx: Option<PathBuf>,
-    /// The format, instead of detecting it (timm, hf for Hugging Face transformers, onnx).
+    /// The format, instead of detecting it (timm, hf for Hugging Face transformers, big-vision for
+    /// a Flax ViT .npz from big_vision, the original ViT or vmoe, onnx).
     #[arg(long, value_enum)]
     format: Option<FormatArg>,
     /// Input size in pixels, `H` or `HxW`, a multiple of the patch size: the position embedding
@@ -34,7 +37,8 @@ pub struct ImportArgs {
     /// architecture's; Hugging Face: config.json's; ONNX: the graph's reshapes).
     #[arg(long)]
     heads: Option<usize>,
-    /// The MLP's GELU, where the file does not say: erf (PyTorch's default) or tanh.
+    /// The MLP's GELU, where the file does not say: erf (PyTorch's default) or tanh (Flax's,
+    /// the .npz default).
     #[arg(long, value_enum)]
     gelu: Option<GeluArg>,
     /// The LayerNorm epsilon, where the file does not say (timm, DINOv2: 1e-6; Hugging Face
@@ -46,7 +50,8 @@ pub struct ImportArgs {
     #[arg(long, value_enum)]
     pool: Option<PoolArg>,
     /// Input normalisation mean, comma-separated per channel (timm: else config.json's
-    /// pretrained_cfg, else ImageNet's).
+    /// pretrained_cfg, else ImageNet's; Hugging Face: preprocessor_config.json's; .npz: 0.5;
+    /// ONNX: ImageNet's).
     #[arg(long, value_delimiter = ',')]
     mean: Vec<f32>,
     /// Input normalisation std, comma-separated per channel.
@@ -76,6 +81,7 @@ pub enum PoolArg {
 pub enum FormatArg {
     Timm,
     Hf,
+    BigVision,
     Onnx,
 }
 
@@ -86,6 +92,7 @@ pub fn run(args: &ImportArgs) -> anyhow::Result<()> {
     let format = match (args.format, &args.onnx) {
         (Some(FormatArg::Timm), None) => Format::Timm,
         (Some(FormatArg::Hf), None) => Format::HuggingFace,
+        (Some(FormatArg::BigVision), None) => Format::BigVision,
         (Some(FormatArg::Onnx), _) | (None, Some(_)) => Format::Onnx,
         (Some(_), Some(_)) => anyhow::bail!("--onnx names an ONNX file; drop --format"),
         (None, None) => Format::detect(file).map_err(anyhow::Error::msg)?,
@@ -98,6 +105,7 @@ pub fn run(args: &ImportArgs) -> anyhow::Result<()> {
     let (cfg, weights) = match format {
         Format::Onnx => import_onnx(file, &opts)?,
         Format::HuggingFace => import_hf(file, &opts)?,
+        Format::BigVision => import_big_vision(file, &opts)?,
         Format::Timm => import_timm(file, &opts)?,
     };
     save_checkpoint_as(&args.out, &cfg, &weights, args.precision.0)?;

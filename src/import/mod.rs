@@ -1,8 +1,10 @@
 //! Importers of pretrained ViTs from other frameworks into routerscope checkpoints, one file per
-//! format: timm state dicts ([`timm`]) and Hugging Face checkpoints ([`hf`]) in safetensors, and
-//! ONNX graphs from any exporter ([`onnx`], its protobuf messages in [`onnx_proto`]); the
+//! format: timm state dicts ([`timm`]) and Hugging Face checkpoints ([`hf`]) in safetensors, dense
+//! Flax ViTs as `.npz` ([`big_vision`]: big_vision, the original ViT, vmoe), and ONNX graphs from
+//! any exporter ([`onnx`], its protobuf messages in [`onnx_proto`]); the
 //! position-embedding resampling they share is [`resample`].
 
+pub mod big_vision;
 pub mod hf;
 pub mod onnx;
 pub mod onnx_proto;
@@ -148,15 +150,19 @@ pub(crate) fn unnamed_classes(k: usize) -> Vec<String> {
 pub enum Format {
     Timm,
     HuggingFace,
+    BigVision,
     Onnx,
 }
 
 impl Format {
-    /// The format of `path`, from its contents: ONNX by extension, a timm state dict by its
-    /// tensor names.
+    /// The format of `path`, from its contents: ONNX and `.npz` by extension, safetensors by
+    /// their tensor names.
     pub fn detect(path: &Path) -> Result<Self, String> {
         if path.extension().is_some_and(|e| e == "onnx") {
             return Ok(Format::Onnx);
+        }
+        if path.extension().is_some_and(|e| e == "npz") {
+            return Ok(Format::BigVision);
         }
         let names = crate::tensor_io::TensorFile::open(path)
             .and_then(|f| f.names())
@@ -169,7 +175,7 @@ impl Format {
         }
         Err(format!(
             "{}: not a format `routerscope import` reads (a timm or Hugging Face ViT in \
-             safetensors, or ONNX); its tensors start {}",
+             safetensors, a Flax ViT .npz, or ONNX); its tensors start {}",
             path.display(),
             names.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
         ))
