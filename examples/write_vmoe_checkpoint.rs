@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use routerscope::model::vmoe_format::write_checkpoint;
+use routerscope::import::vmoe_format::write_checkpoint;
 use routerscope::model::{random_weights, vmoe_presets};
 
 fn main() -> anyhow::Result<()> {

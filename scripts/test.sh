@@ -46,7 +46,7 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 
 # Layering: the routing core and the CPU model know nothing of the backends or the app above them,
 # and the library without default features pulls in none of the GUI stack.
-if grep -rnE 'crate::(gpu|app|backend)' src/model src/routing src/trace; then
+if grep -rnE 'crate::(gpu|app|backend|import)' src/model src/routing src/trace; then
   echo "error: src/model, src/routing or src/trace imports a higher layer (above)" >&2
   exit 1
 fi

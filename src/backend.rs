@@ -8,9 +8,10 @@ use std::str::FromStr;
 use std::sync::Mutex;
 
 use crate::gpu::{GpuContext, GpuError, GpuVitMoe};
+use crate::import::load_any;
 use crate::model::{
     BlockObserver, Forward, ForwardOutput, ModelConfig, ModelError, ModelWeights, RunOptions,
-    VitMoe, load_any,
+    VitMoe,
 };
 
 /// The user's device choice (`--device`).
@@ -162,7 +163,7 @@ impl Engine {
         })
     }
 
-    /// Loads a checkpoint of either format (see `model::load_any`).
+    /// Loads a checkpoint of either format (see `import::load_any`).
     pub fn load(path: &Path, gpu: Option<&GpuContext>) -> Result<Self, ModelError> {
         let (cfg, weights) = load_any(path)?;
         Self::new(cfg, weights, gpu)

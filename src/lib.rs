@@ -5,6 +5,8 @@
 //! - [`tensor_io`], [`runtime`]: validated safetensors reading and atomic writing; thread
 //!   settings.
 //! - [`model`]: the ViT-MoE on candle (CPU), its checkpoints and image input.
+//! - [`import`]: pretrained ViTs (timm, Hugging Face, Flax `.npz`, ONNX) and vmoe checkpoints
+//!   read as routerscope models; [`moefy`]: a dense ViT split into experts.
 //! - [`gpu`]: the same forward pass as WGSL compute shaders on wgpu.
 //! - [`backend`]: the device choice and the engine that runs on the GPU with CPU fallback.
 //! - [`trace`]: routing traces logged from any framework, read as routing records.

@@ -12,7 +12,7 @@ use routerscope::app::RouterscopeApp;
 use routerscope::app::settings::{GroupMode, ModelMode, Settings};
 use routerscope::backend::DeviceChoice;
 use routerscope::gpu::GpuContext;
-use routerscope::model::vmoe_format::write_checkpoint;
+use routerscope::import::vmoe_format::write_checkpoint;
 use routerscope::model::{preset, random_weights};
 use routerscope::routing::RouterKind;
 

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use routerscope::model::vmoe_format::{read_arrays, read_index, write_checkpoint};
+use routerscope::import::vmoe_format::{read_arrays, read_index, write_checkpoint};
 use routerscope::model::{
     ModelConfig, decode_image_bytes, load_checkpoint, preset, random_weights, save_checkpoint,
 };

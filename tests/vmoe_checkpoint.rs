@@ -6,10 +6,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use routerscope::model::vmoe_format::{read_arrays, read_index, write_checkpoint};
+use routerscope::import::load_vmoe;
+use routerscope::import::vmoe_format::{read_arrays, read_index, write_checkpoint};
 use routerscope::model::{
     Classifier, ModelConfig, ModelWeights, MoeConfig, Normalization, RunOptions, VitMoe,
-    expected_tensors, load_vmoe, match_vmoe_preset, random_weights, vmoe_presets,
+    expected_tensors, match_vmoe_preset, random_weights, vmoe_presets,
 };
 use routerscope::routing::{CapacitySpec, RouterConfig, RouterKind};
 use routerscope::tensor_io::F32Tensor;

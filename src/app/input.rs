@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::app::settings::ModelMode;
 use crate::app::views;
 use crate::app::{DialogResult, IMAGE_EXTENSIONS, RouterscopeApp};
-use crate::model::is_vmoe_checkpoint;
+use crate::import::is_vmoe_checkpoint;
 use crate::routing::RouterKind;
 
 impl RouterscopeApp {

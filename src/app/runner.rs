@@ -6,9 +6,8 @@ use std::path::Path;
 
 use crate::backend::Engine;
 use crate::gpu::GpuContext;
-use crate::model::{
-    BlockObserver, Forward, ForwardOutput, ModelConfig, ModelError, RunOptions, load_any,
-};
+use crate::import::load_any;
+use crate::model::{BlockObserver, Forward, ForwardOutput, ModelConfig, ModelError, RunOptions};
 use crate::routing::{CapacitySpec, RouterConfig, RouterFamily, RouterKind};
 use crate::trace::{TraceModel, is_trace_file};
 

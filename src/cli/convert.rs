@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use routerscope::model::{ModelConfig, load_vmoe, save_checkpoint};
+use routerscope::import::load_vmoe;
+use routerscope::model::{ModelConfig, save_checkpoint};
 
 #[derive(clap::Args, Debug)]
 pub struct ConvertArgs {

@@ -49,7 +49,7 @@ enum Command {
     Export(export::ExportArgs),
     /// Routing statistics, figures and the expert atlas over a dataset (a folder or Fashion-MNIST).
     Analyze(analyze::AnalyzeArgs),
-    /// Import a dense ViT from ONNX (DINOv2 as Hugging Face exports it) as a feature model.
+    /// Import a pretrained dense ViT (timm, Hugging Face, a Flax .npz or any ONNX export) as a routerscope model.
     Import(import::ImportArgs),
     /// Turn a dense checkpoint's MLPs into MoE layers (MoEfication), calibrated on photos.
     Moefy(moefy::MoefyArgs),

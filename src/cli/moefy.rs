@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use routerscope::model::{load_any, save_checkpoint_as};
+use routerscope::import::load_any;
+use routerscope::model::save_checkpoint_as;
 use routerscope::moefy::{MoefyOptions, REPORT_K, calibration_crops, image_files, moefy};
 use routerscope::routing::{RouterConfig, RouterFamily, RouterKind};
 

@@ -1,8 +1,10 @@
 //! Importers of pretrained ViTs from other frameworks into routerscope checkpoints, one file per
 //! format: timm state dicts ([`timm`]) and Hugging Face checkpoints ([`hf`]) in safetensors, dense
 //! Flax ViTs as `.npz` ([`big_vision`]: big_vision, the original ViT, vmoe), and ONNX graphs from
-//! any exporter ([`onnx`], its protobuf messages in [`onnx_proto`]); the
-//! position-embedding resampling they share is [`resample`].
+//! any exporter ([`onnx`], its protobuf messages in [`onnx_proto`]), and vmoe's msgpack
+//! V-MoE checkpoints ([`vmoe`], the format itself in [`vmoe_format`]); the position-embedding
+//! resampling they share is [`resample`]. [`load_any`] opens a checkpoint of either kind the
+//! viewer runs directly: routerscope safetensors or a vmoe `.index`.
 
 pub mod big_vision;
 pub mod hf;
@@ -10,13 +12,42 @@ pub mod onnx;
 pub mod onnx_proto;
 pub mod resample;
 pub mod timm;
+pub mod vmoe;
+pub mod vmoe_format;
 
 use std::path::Path;
 
 use serde_json::Value;
 
-use crate::model::{Classifier, Gelu, ModelConfig, ModelError, ModelWeights, PrefixTokens};
+pub use vmoe::load_vmoe;
+
+use crate::model::{
+    Classifier, Gelu, ModelConfig, ModelError, ModelWeights, PrefixTokens, load_checkpoint,
+};
 use crate::tensor_io::F32Tensor;
+
+/// Whether `path` names a vmoe checkpoint (its `.index` file) rather than safetensors.
+pub fn is_vmoe_checkpoint(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "index")
+}
+
+/// Loads a checkpoint of either format: safetensors, or a vmoe `.index` whose architecture is a
+/// released preset or is described by a `PREFIX.config.json` beside it.
+pub fn load_any(path: &Path) -> Result<(ModelConfig, ModelWeights), ModelError> {
+    if is_vmoe_checkpoint(path) {
+        let sidecar = vmoe_format::checkpoint_prefix(path).with_extension("config.json");
+        let config = match std::fs::read_to_string(&sidecar) {
+            Ok(json) => Some(
+                ModelConfig::from_json(&json)
+                    .map_err(|e| ModelError::Config(format!("{}: {e}", sidecar.display())))?,
+            ),
+            Err(_) => None,
+        };
+        load_vmoe(path, config, &mut |_, _| {})
+    } else {
+        load_checkpoint(path)
+    }
+}
 
 /// What the caller knows that a checkpoint's weights do not say (each importer documents where
 /// it looks first).

@@ -1,5 +1,5 @@
 //! The ViT-MoE model the viewer runs: configuration, checkpoints (vmoe parameter names in
-//! safetensors), image input, and the candle forward pass with per-layer routing records and
+//! safetensors; other formats are read by `import`), image input, and the candle forward pass with per-layer routing records and
 //! what-if re-runs.
 
 mod config;
@@ -8,7 +8,6 @@ mod kernels;
 pub(crate) mod ops;
 mod presets;
 pub(crate) mod vit;
-pub mod vmoe_format;
 mod vmoe_presets;
 mod weights;
 mod what_if;
@@ -27,7 +26,7 @@ pub use vit::{
     BlockObserver, Forward, ForwardOutput, GroupRecord, MoeLayerRecord, RunOptions, VitMoe,
 };
 pub use vmoe_presets::{
-    CIFAR10_CLASSES, VMOE_TRAINED_GROUP_IMAGES, imagenet1k_classes, load_vmoe, match_vmoe_preset,
+    CIFAR10_CLASSES, VMOE_TRAINED_GROUP_IMAGES, imagenet1k_classes, match_vmoe_preset,
     vmoe_b16_benchmark, vmoe_presets,
 };
 pub use weights::{
@@ -66,33 +65,11 @@ pub enum ModelError {
     Backend(Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// Whether `path` names a vmoe checkpoint (its `.index` file) rather than safetensors.
-pub fn is_vmoe_checkpoint(path: &std::path::Path) -> bool {
-    path.extension().is_some_and(|e| e == "index")
-}
-
-/// Loads a checkpoint of either format: safetensors, or a vmoe `.index` whose architecture is a
-/// released preset or is described by a `PREFIX.config.json` beside it.
-pub fn load_any(path: &std::path::Path) -> Result<(ModelConfig, ModelWeights), ModelError> {
-    if is_vmoe_checkpoint(path) {
-        let sidecar = vmoe_format::checkpoint_prefix(path).with_extension("config.json");
-        let config = match std::fs::read_to_string(&sidecar) {
-            Ok(json) => Some(
-                ModelConfig::from_json(&json)
-                    .map_err(|e| ModelError::Config(format!("{}: {e}", sidecar.display())))?,
-            ),
-            Err(_) => None,
-        };
-        load_vmoe(path, config, &mut |_, _| {})
-    } else {
-        load_checkpoint(path)
-    }
-}
-
 impl VitMoe {
-    /// Loads and validates a checkpoint file (safetensors, or a vmoe `.index`).
+    /// Loads and validates a routerscope checkpoint (safetensors; `import::load_any` also reads
+    /// vmoe checkpoints).
     pub fn load(path: &std::path::Path) -> Result<Self, ModelError> {
-        let (cfg, weights) = load_any(path)?;
+        let (cfg, weights) = load_checkpoint(path)?;
         Self::new(cfg, weights)
     }
 }

@@ -1,17 +1,14 @@
 //! Architectures of the released V-MoE checkpoints (which hold only tensors), matched against a
-//! checkpoint's tensor shapes, and the loader that turns a vmoe checkpoint into a model.
+//! checkpoint's tensor shapes (the reader is `import::vmoe`).
 //!
 //! All released models are Softmax Token Choice V-MoEs with 8 experts and k = 2, a CLS token and
 //! vmoe's `value_range(-1, 1)` input scaling; they were trained with routing groups of 8 images
 //! and capacity factor 1.05 (the viewer routes one image per group unless asked otherwise).
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
-use super::ModelError;
 use super::config::{Classifier, ModelConfig, MoeConfig, Normalization};
-use super::vmoe_format::{read_arrays, read_index};
-use super::weights::{ModelWeights, check_tensors, expected_tensors};
+use super::weights::expected_tensors;
 use crate::routing::{CapacitySpec, RouterConfig, RouterKind};
 
 /// CIFAR-10's class names, in label order.
@@ -202,68 +199,4 @@ pub fn match_vmoe_preset(shapes: &BTreeMap<String, Vec<usize>>) -> Option<ModelC
                 None => !s.required,
             })
     })
-}
-
-/// Loads a vmoe checkpoint (`PREFIX` or `PREFIX.index`). Without `config`, the architecture is the
-/// released preset whose shapes match, or an error asking for a configuration file.
-pub fn load_vmoe(
-    path: &Path,
-    config: Option<ModelConfig>,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<(ModelConfig, ModelWeights), ModelError> {
-    let index = read_index(path)?;
-    let keep = |name: &str| {
-        index.leaves.iter().any(|l| l.name.starts_with("params/")) == name.starts_with("params/")
-    };
-    let shapes: BTreeMap<String, Vec<usize>> = index
-        .leaves
-        .iter()
-        .filter(|l| keep(&l.name))
-        .map(|l| {
-            (
-                l.name
-                    .strip_prefix("params/")
-                    .unwrap_or(&l.name)
-                    .to_string(),
-                l.shape.clone(),
-            )
-        })
-        .collect();
-    let cfg = match config {
-        Some(cfg) => {
-            cfg.validate()?;
-            cfg
-        }
-        None => match_vmoe_preset(&shapes).ok_or_else(|| {
-            let width = shapes
-                .get("embedding/kernel")
-                .map(|s| format!("{s:?}"))
-                .unwrap_or_else(|| "none".into());
-            ModelError::Config(format!(
-                "{}: no released V-MoE preset matches these tensors (embedding/kernel {width}); \
-                 describe the architecture in a JSON configuration (see docs/checkpoint-format.md)",
-                path.display()
-            ))
-        })?,
-    };
-    // Check names and shapes before reading gigabytes.
-    let placeholders: ModelWeights = shapes
-        .iter()
-        .map(|(n, s)| {
-            (
-                n.clone(),
-                crate::tensor_io::F32Tensor {
-                    shape: s.clone(),
-                    data: Vec::new(),
-                },
-            )
-        })
-        .collect();
-    check_tensors(&cfg, placeholders, &path.display().to_string())?;
-    let arrays: ModelWeights = read_arrays(&index, progress)?
-        .into_iter()
-        .filter(|(n, _)| keep(n))
-        .collect();
-    let weights = check_tensors(&cfg, arrays, &path.display().to_string())?;
-    Ok((cfg, weights))
 }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use rmpv::Value;
 
-use super::ModelError;
+use crate::model::ModelError;
 use crate::tensor_io::F32Tensor;
 
 /// Marker key vmoe writes into every shard.
