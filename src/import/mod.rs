@@ -186,14 +186,42 @@ pub enum Format {
 }
 
 impl Format {
-    /// The format of `path`, from its contents: ONNX and `.npz` by extension, safetensors by
-    /// their tensor names.
+    /// The format of `path`, from its contents (whatever its name): a zip archive is a Flax
+    /// `.npz`, a safetensors file is told apart by its tensor names, and a protobuf starting
+    /// with ModelProto's `ir_version` field is ONNX; the extension decides only for a file whose
+    /// first bytes say nothing, so that the format's own reader reports what is wrong with it.
     pub fn detect(path: &Path) -> Result<Self, String> {
-        if path.extension().is_some_and(|e| e == "onnx") {
-            return Ok(Format::Onnx);
-        }
-        if path.extension().is_some_and(|e| e == "npz") {
+        use std::io::Read;
+        let mut head = Vec::with_capacity(16);
+        std::fs::File::open(path)
+            .and_then(|f| f.take(16).read_to_end(&mut head))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let ext = |e: &str| path.extension().is_some_and(|x| x.eq_ignore_ascii_case(e));
+        if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
             return Ok(Format::BigVision);
+        }
+        // safetensors: an 8-byte little-endian header length, then the JSON header.
+        let safetensors = head.len() >= 9
+            && head[8] == b'{'
+            && u64::from_le_bytes(head[..8].try_into().unwrap_or([0; 8])) < len;
+        if !safetensors {
+            // ModelProto field 1 (`ir_version`, varint): tag byte 0x08; every exporter writes
+            // it first.
+            if head.first() == Some(&0x08) || ext("onnx") {
+                return Ok(Format::Onnx);
+            }
+            if ext("npz") {
+                return Ok(Format::BigVision);
+            }
+            if !ext("safetensors") {
+                return Err(format!(
+                    "{}: not a format `routerscope import` reads (a timm or Hugging Face ViT \
+                     in safetensors, a Flax ViT .npz, or ONNX): it starts with bytes {:02x?}",
+                    path.display(),
+                    &head[..head.len().min(8)]
+                ));
+            }
         }
         let names = crate::tensor_io::TensorFile::open(path)
             .and_then(|f| f.names())
@@ -210,5 +238,52 @@ impl Format {
             path.display(),
             names.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor_io::{OutTensor, write_f32_safetensors};
+
+    #[test]
+    fn formats_are_detected_from_contents_not_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str, bytes: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            p
+        };
+        // A zip archive under any name is a Flax .npz.
+        assert_eq!(
+            Format::detect(&at("weights.bin", b"PK\x03\x04rest")),
+            Ok(Format::BigVision)
+        );
+        // ONNX's first field (ir_version = 8) under a wrong extension.
+        assert_eq!(
+            Format::detect(&at("model.npz", &[0x08, 0x08, 0x12, 0x07])),
+            Ok(Format::Onnx)
+        );
+        // A timm state dict named .onnx.
+        let timm = dir.path().join("renamed.onnx");
+        let data = [0.0f32; 4];
+        let t = |name| OutTensor {
+            name,
+            shape: vec![4],
+            data: &data,
+        };
+        write_f32_safetensors(
+            &timm,
+            &[t("patch_embed.proj.weight"), t("blocks.0.norm1.weight")],
+            Default::default(),
+        )
+        .unwrap();
+        assert_eq!(Format::detect(&timm), Ok(Format::Timm));
+        // Bytes that say nothing: the extension picks the reader that reports the problem.
+        assert_eq!(Format::detect(&at("empty.onnx", b"")), Ok(Format::Onnx));
+        let e = Format::detect(&at("notes.txt", b"hello world")).unwrap_err();
+        assert!(e.contains("notes.txt") && e.contains("68, 65, 6c"), "{e}");
+        let e = Format::detect(&dir.path().join("missing.onnx")).unwrap_err();
+        assert!(e.contains("missing.onnx"), "{e}");
     }
 }
