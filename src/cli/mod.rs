@@ -2,6 +2,7 @@
 
 mod analyze;
 mod convert;
+mod distill;
 mod eval;
 mod export;
 mod features;
@@ -53,6 +54,9 @@ enum Command {
     Import(import::ImportArgs),
     /// Turn a dense checkpoint's MLPs into MoE layers (MoEfication), calibrated on photos.
     Moefy(moefy::MoefyArgs),
+    /// Train an MoE's layers (routers, experts) to reproduce its dense original's features
+    /// under one router, on photos; every other weight frozen.
+    Distill(distill::DistillArgs),
     /// Check the GPU backend on this machine's adapter: parity with the CPU, then CPU and GPU
     /// timings of the benchmark models with launch, pass and readback counts.
     GpuCheck(gpu_check::GpuCheckArgs),
@@ -103,6 +107,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Analyze(args) => analyze::run(&args),
         Command::Import(args) => import::run(&args),
         Command::Moefy(args) => moefy::run(&args),
+        Command::Distill(args) => distill::run(&args),
         Command::Features(args) => features::run(&args),
         Command::GpuCheck(args) => gpu_check::run(&args),
     }

@@ -20,7 +20,7 @@ pub use image_input::{
     IMAGE_EXTENSIONS, ImageListing, MAX_DECODE_BYTES, MAX_IMAGE_SIDE, decode_image,
     decode_image_bytes, list_images, load_image, preprocess,
 };
-pub use kernels::{gelu, gelu_erf};
+pub use kernels::{erf, gelu, gelu_erf};
 pub use presets::{FASHION_MNIST_CLASSES, PRESETS, preset, preset_router};
 pub use vit::{
     BlockObserver, Forward, ForwardOutput, GroupRecord, MoeLayerRecord, RunOptions, VitMoe,
@@ -32,7 +32,7 @@ pub use vmoe_presets::{
 pub use weights::{
     FORMAT_METADATA_KEY, FORMAT_NAME, ModelWeights, TensorSpec, block_prefix, check_router_params,
     check_tensors, expected_tensors, load_checkpoint, random_weights, save_checkpoint,
-    save_checkpoint_as,
+    save_checkpoint_as, save_checkpoint_with,
 };
 pub use what_if::{WhatIf, check_k_applies};
 

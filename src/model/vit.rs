@@ -811,6 +811,39 @@ impl VitMoe {
         Ok(found)
     }
 
+    /// The residual stream entering block `block` (`[B, S, d]` row-major) for `images`: what
+    /// distillation trains on when every block before it is dense and frozen.
+    pub fn block_inputs(&self, images: &[Vec<f32>], block: usize) -> Result<Vec<f32>, ModelError> {
+        if images.is_empty() {
+            return Err(ModelError::Config("no images to run".into()));
+        }
+        if block > self.blocks.len() {
+            return Err(ModelError::Config(format!(
+                "block {block} is beyond the {} blocks",
+                self.blocks.len()
+            )));
+        }
+        let x = self.embed(images)?;
+        let (b, sq, _) = x.dims3()?;
+        let mut x: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        for (i, blk) in self.blocks.iter().enumerate().take(block) {
+            let Ffn::Dense(mlp) = &blk.ffn else {
+                return Err(ModelError::Config(format!(
+                    "block {i} is an MoE layer; block inputs are taken after dense blocks only"
+                )));
+            };
+            let a = blk.attn.forward_rows(&blk.ln0.rows(&x), b, sq);
+            add_branch(&mut x, &a, blk.layer_scale.as_ref().map(|l| l.0.as_slice()));
+            let delta = mlp.forward(&blk.ln1.rows(&x), b * sq);
+            add_branch(
+                &mut x,
+                &delta,
+                blk.layer_scale.as_ref().map(|l| l.1.as_slice()),
+            );
+        }
+        Ok(x)
+    }
+
     /// Re-runs `prev` with new routing options, starting at the first MoE layer whose router (or
     /// the group size) changed; equal to a full [`forward`](Self::forward) with `opts`.
     pub fn rerun(

@@ -284,6 +284,17 @@ pub fn save_checkpoint_as(
     weights: &ModelWeights,
     precision: Precision,
 ) -> Result<(), ModelError> {
+    save_checkpoint_with(path, cfg, weights, precision, HashMap::new())
+}
+
+/// As [`save_checkpoint_as`], with more metadata entries (provenance, a base file).
+pub fn save_checkpoint_with(
+    path: &Path,
+    cfg: &ModelConfig,
+    weights: &ModelWeights,
+    precision: Precision,
+    extra: HashMap<String, String>,
+) -> Result<(), ModelError> {
     let tensors: Vec<OutTensor<'_>> = weights
         .iter()
         .map(|(name, t)| OutTensor {
@@ -292,10 +303,9 @@ pub fn save_checkpoint_as(
             data: &t.data,
         })
         .collect();
-    let meta = HashMap::from([
-        (CONFIG_METADATA_KEY.to_string(), cfg.to_json()),
-        (FORMAT_METADATA_KEY.to_string(), FORMAT_NAME.to_string()),
-    ]);
+    let mut meta = extra;
+    meta.insert(CONFIG_METADATA_KEY.to_string(), cfg.to_json());
+    meta.insert(FORMAT_METADATA_KEY.to_string(), FORMAT_NAME.to_string());
     write_safetensors(path, &tensors, meta, precision)?;
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! and their evaluation with routing statistics over the test set.
 
 pub mod data;
+pub mod distill;
 pub mod eval;
 pub mod net;
 pub mod ops;

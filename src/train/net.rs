@@ -10,17 +10,27 @@ use rand::Rng;
 use rand_distr::StandardNormal;
 
 use super::TrainError;
-use super::ops::{Gelu, Normalize, Softmax};
+use super::ops::{Gelu, GeluErf, Normalize, Softmax};
 use crate::model::{Classifier, ModelConfig, ModelWeights, block_prefix, expected_tensors};
 use crate::routing::{Mode, RouterConfig, RouterKind, route_logits};
 use crate::tensor_io::F32Tensor;
 
-const LN_EPS: f32 = 1e-6;
-
-/// Trainable parameters by checkpoint name.
+/// Parameters by checkpoint name: the trainable ones, and (distillation) the frozen rest.
 pub struct TrainNet {
     pub config: ModelConfig,
     pub params: BTreeMap<String, Var>,
+    pub frozen: BTreeMap<String, Tensor>,
+}
+
+/// The encoder's output from some block on.
+pub struct Encoded {
+    /// `[B, S, d]` after the final LayerNorm.
+    pub tokens: Tensor,
+    /// Sum over MoE layers of the router auxiliary losses (scalar; 0 when none apply).
+    pub aux_loss: Tensor,
+    pub dropped_tokens: usize,
+    /// Tokens routed, over all MoE layers.
+    pub tokens_routed: usize,
 }
 
 /// What one forward pass returns.
@@ -65,7 +75,61 @@ impl TrainNet {
             )?)?;
             params.insert(spec.name.clone(), v);
         }
-        Ok(Self { config, params })
+        Ok(Self {
+            config,
+            params,
+            frozen: BTreeMap::new(),
+        })
+    }
+
+    /// For distillation: the MoE layers' parameters (routers, experts and the shared `Moe/bias`)
+    /// train; every other weight is a constant. Takes the architectures the photo models use
+    /// (LayerScale, erf GELU, feature models, unit combine, narrow experts) besides vmoe's; the
+    /// router's own parameters must be in `weights`.
+    pub fn for_distillation(
+        config: ModelConfig,
+        weights: &ModelWeights,
+    ) -> Result<Self, TrainError> {
+        let Some(moe) = &config.moe else {
+            return Err(TrainError::Model(format!(
+                "`{}` has no MoE layers to distil",
+                config.name
+            )));
+        };
+        if moe.router.kind == RouterKind::SoftMoe {
+            return Err(TrainError::Model(
+                "distillation trains the sparse routers; Soft MoE is not supported".into(),
+            ));
+        }
+        let moe_prefixes: Vec<String> = moe
+            .layers
+            .iter()
+            .map(|&i| format!("{}/Moe/", block_prefix(i)))
+            .collect();
+        let (mut params, mut frozen) = (BTreeMap::new(), BTreeMap::new());
+        for spec in expected_tensors(&config) {
+            let Some(t) = weights.get(&spec.name) else {
+                if spec.required {
+                    return Err(TrainError::Model(format!("missing tensor `{}`", spec.name)));
+                }
+                continue;
+            };
+            let tensor = Tensor::from_vec(t.data.clone(), t.shape.clone(), &Device::Cpu)?;
+            // Only the chosen router's parameters train; the other family's stay as they are.
+            let router_param = spec.name.contains("/Moe/Router/");
+            let trains = moe_prefixes.iter().any(|p| spec.name.starts_with(p))
+                && (!router_param || spec.required);
+            if trains {
+                params.insert(spec.name.clone(), Var::from_tensor(&tensor)?);
+            } else {
+                frozen.insert(spec.name.clone(), tensor);
+            }
+        }
+        Ok(Self {
+            config,
+            params,
+            frozen,
+        })
     }
 
     /// The current parameter values as checkpoint tensors.
@@ -87,7 +151,15 @@ impl TrainNet {
         self.params
             .get(name)
             .map(|v| v.as_tensor())
+            .or_else(|| self.frozen.get(name))
             .ok_or_else(|| TrainError::Model(format!("missing tensor `{name}`")))
+    }
+
+    fn activation(&self, x: &Tensor) -> Result<Tensor, TrainError> {
+        Ok(match self.config.gelu {
+            crate::model::Gelu::Tanh => x.apply_op1(Gelu)?,
+            crate::model::Gelu::Erf => x.apply_op1(GeluErf)?,
+        })
     }
 
     /// `x @ kernel + bias` with the kernel viewed as `[fan_in, fan_out]`.
@@ -107,7 +179,8 @@ impl TrainNet {
     }
 
     fn layer_norm(&self, x: &Tensor, prefix: &str) -> Result<Tensor, TrainError> {
-        let y = x.contiguous()?.apply_op1(Normalize { eps: LN_EPS })?;
+        let eps = self.config.layer_norm_eps;
+        let y = x.contiguous()?.apply_op1(Normalize { eps })?;
         Ok(y.broadcast_mul(self.p(&format!("{prefix}/scale"))?)?
             .broadcast_add(self.p(&format!("{prefix}/bias"))?)?)
     }
@@ -128,9 +201,8 @@ impl TrainNet {
     }
 
     fn mlp(&self, x: &Tensor, prefix: &str) -> Result<Tensor, TrainError> {
-        let h = self
-            .linear(x, &format!("{prefix}/Dense_0"))?
-            .apply_op1(Gelu)?;
+        let h = self.linear(x, &format!("{prefix}/Dense_0"))?;
+        let h = self.activation(&h)?;
         self.linear(&h, &format!("{prefix}/Dense_1"))
     }
 
@@ -140,7 +212,7 @@ impl TrainNet {
         let b0 = self.p(&format!("{prefix}/Dense_0/bias"))?.unsqueeze(1)?;
         let w1 = self.p(&format!("{prefix}/Dense_1/kernel"))?;
         let b1 = self.p(&format!("{prefix}/Dense_1/bias"))?.unsqueeze(1)?;
-        let h = slots.matmul(w0)?.broadcast_add(&b0)?.apply_op1(Gelu)?;
+        let h = self.activation(&slots.matmul(w0)?.broadcast_add(&b0)?)?;
         Ok(h.matmul(w1)?.broadcast_add(&b1)?)
     }
 
@@ -167,13 +239,47 @@ impl TrainNet {
         if cfg.classifier == Classifier::Token {
             x = Tensor::cat(&[&self.p("cls")?.broadcast_as((b, 1, d))?, &x], 1)?;
         }
-        let mut x = x.broadcast_add(self.p("Encoder/posembed_input/pos_embedding")?)?;
+        let x = x.broadcast_add(self.p("Encoder/posembed_input/pos_embedding")?)?;
+        let enc = self.encode(x, 0, router, mode)?;
+        let x = enc.tokens;
+        let pooled = match cfg.classifier {
+            Classifier::Token => x.i((.., 0, ..))?,
+            Classifier::Gap => x.mean(1)?,
+        };
+        let pooled = match cfg.representation_size {
+            Some(_) => self.linear(&pooled, "pre_logits")?.tanh()?,
+            None => pooled,
+        };
+        Ok(NetOutput {
+            logits: self.linear(&pooled, "head")?,
+            aux_loss: enc.aux_loss,
+            dropped_tokens: enc.dropped_tokens,
+            tokens: enc.tokens_routed,
+        })
+    }
+
+    /// Encoder blocks `start..` on the residual stream `x` `[B, S, d]` (the input of block
+    /// `start`), then the final LayerNorm.
+    pub fn encode<R: Rng>(
+        &self,
+        mut x: Tensor,
+        start: usize,
+        router: &RouterConfig,
+        mode: &mut NetMode<'_, R>,
+    ) -> Result<Encoded, TrainError> {
+        let cfg = &self.config;
         let mut aux = Tensor::zeros((), DType::F32, &Device::Cpu)?;
         let (mut dropped, mut tokens) = (0, 0);
-        for i in 0..cfg.num_layers {
+        for i in start..cfg.num_layers {
             let bp = block_prefix(i);
+            let scaled = |t: Tensor, which: usize| -> Result<Tensor, TrainError> {
+                if !cfg.layer_scale {
+                    return Ok(t);
+                }
+                Ok(t.broadcast_mul(self.p(&format!("{bp}/LayerScale_{which}/scale"))?)?)
+            };
             let y = self.layer_norm(&x, &format!("{bp}/LayerNorm_0"))?;
-            x = (x + self.attention(&y, &format!("{bp}/SelfAttention"))?)?;
+            x = (x + scaled(self.attention(&y, &format!("{bp}/SelfAttention"))?, 0)?)?;
             let y = self.layer_norm(&x, &format!("{bp}/LayerNorm_1"))?;
             let delta = if cfg.is_moe_layer(i) {
                 let out = match router.kind {
@@ -187,22 +293,13 @@ impl TrainNet {
             } else {
                 self.mlp(&y, &format!("{bp}/Mlp"))?
             };
-            x = (x + delta)?;
+            x = (x + scaled(delta, 1)?)?;
         }
-        let x = self.layer_norm(&x, "Encoder/encoder_norm")?;
-        let pooled = match cfg.classifier {
-            Classifier::Token => x.i((.., 0, ..))?,
-            Classifier::Gap => x.mean(1)?,
-        };
-        let pooled = match cfg.representation_size {
-            Some(_) => self.linear(&pooled, "pre_logits")?.tanh()?,
-            None => pooled,
-        };
-        Ok(NetOutput {
-            logits: self.linear(&pooled, "head")?,
+        Ok(Encoded {
+            tokens: self.layer_norm(&x, "Encoder/encoder_norm")?,
             aux_loss: aux,
             dropped_tokens: dropped,
-            tokens,
+            tokens_routed: tokens,
         })
     }
 
@@ -280,6 +377,16 @@ impl TrainNet {
             .experts(&slots, &format!("{bp}/Moe/Mlp"))?
             .reshape((e * b * cap, d))?;
         let zero = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
+        let unit = moe.combine == crate::model::Combine::Unit;
+        // Unit combine (a moefied model's experts are parts of one MLP) weighs each chosen
+        // expert by 1 + (g − sg(g)) / sg(g): exactly 1 forward, as the model runs, while the
+        // router still learns from ∂L/∂g = ∂L/∂w / g (a straight-through gate).
+        let gates = if unit {
+            let g0 = gates.detach();
+            (((&gates - &g0)? / g0.clamp(f32::MIN_POSITIVE, 1.0)?)? + 1.0)?
+        } else {
+            gates
+        };
         let gate_flat = Tensor::cat(&[&gates.flatten_all()?, &zero], 0)?;
         let w = gate_flat.index_select(&gate_idx, 0)?;
         let weighted = out.broadcast_mul(&w.unsqueeze(1)?)?;
@@ -287,6 +394,11 @@ impl TrainNet {
             .index_add(&rows, &weighted, 0)?
             .narrow(0, 0, b * s)?
             .reshape((b, s, d))?;
+        let combined = if unit {
+            combined.broadcast_add(self.p(&format!("{bp}/Moe/bias"))?)?
+        } else {
+            combined
+        };
 
         let aux = if train && router.kind == RouterKind::SoftmaxTokenChoice {
             aux_losses(&logits, &noisy, router, b, s, e, sigma)?

@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::model::gelu;
+use crate::model::{erf, gelu, gelu_erf};
 
 fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
     let (start, end) = l
@@ -109,6 +109,66 @@ impl CustomOp2 for GeluGrad {
                     let t = 2.0 * sig - 1.0;
                     let du = C * (1.0 + 3.0 * 0.044_715 * v * v);
                     *o = gv * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `gelu_erf(x)`: the exact GELU with the inference path's erf (DINOv2's MLPs).
+pub struct GeluErf;
+
+/// `grad · (Φ(x) + x·φ(x))`.
+struct GeluErfGrad;
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "train-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous(s, l, "gelu-erf")?;
+        let mut out = vec![0.0f32; x.len()];
+        out.par_chunks_mut(16_384)
+            .zip(x.par_chunks(16_384))
+            .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &v)| *o = gelu_erf(v)));
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            arg.apply_op2_no_bwd(&grad.contiguous()?, &GeluErfGrad)?,
+        ))
+    }
+}
+
+impl CustomOp2 for GeluErfGrad {
+    fn name(&self) -> &'static str {
+        "train-gelu-erf-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous(s1, l1, "gelu-erf-grad")?;
+        let g = contiguous(s2, l2, "gelu-erf-grad")?;
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        let mut out = vec![0.0f32; x.len()];
+        out.par_chunks_mut(16_384)
+            .zip(x.par_chunks(16_384).zip(g.par_chunks(16_384)))
+            .for_each(|(o, (x, g))| {
+                for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
+                    let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                    *o = gv * (cdf + v * INV_SQRT_2PI * (-0.5 * v * v).exp());
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -269,11 +329,16 @@ mod tests {
             .collect();
         let w = Tensor::from_vec(w, (6, 10), &Device::Cpu).unwrap();
         type Reference = fn(&Tensor) -> Tensor;
-        let cases: [(&str, Reference, Reference); 3] = [
+        let cases: [(&str, Reference, Reference); 4] = [
             (
                 "gelu",
                 |x| x.apply_op1(Gelu).unwrap(),
                 |x| x.gelu().unwrap(),
+            ),
+            (
+                "gelu-erf",
+                |x| x.apply_op1(GeluErf).unwrap(),
+                |x| x.gelu_erf().unwrap(),
             ),
             (
                 "softmax",
