@@ -54,6 +54,27 @@ pub enum TensorIoError {
     },
 }
 
+/// The SHA-256 of a file's bytes, in lower-case hex (read in blocks, never whole).
+pub fn file_sha256(path: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
 /// Checks that `path` is a regular file before it is opened as an input: opening a FIFO blocks
 /// forever, and a directory or device gives an unhelpful OS error ("No such device").
 pub fn check_regular_file(path: &Path) -> std::io::Result<()> {

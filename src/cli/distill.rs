@@ -9,7 +9,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use routerscope::import::load_any;
 use routerscope::model::{
-    ModelConfig, ModelWeights, VitMoe, check_k_applies, save_checkpoint_with,
+    ModelConfig, ModelWeights, VitMoe, check_k_applies, save_checkpoint_with, save_overlay,
 };
 use routerscope::routing::{CapacitySpec, RouterConfig, RouterFamily, RouterKind};
 use routerscope::train::distill::{DistillOptions, Distiller, Fidelity, fidelity, read_photos};
@@ -65,6 +65,10 @@ pub struct DistillArgs {
     /// The model's name in the checkpoint [default: the MoE's, with the router appended].
     #[arg(long)]
     name: Option<String>,
+    /// Store only the MoE layers, over the `--moe` file as the base (named with its SHA-256 in
+    /// the metadata, checked on load); the output must sit beside it.
+    #[arg(long)]
+    overlay: bool,
     /// How the checkpoint stores its tensors.
     #[arg(long, default_value = "f32")]
     precision: PrecisionArg,
@@ -188,7 +192,20 @@ pub fn run(args: &DistillArgs) -> anyhow::Result<()> {
             "holdout_after": after,
         });
         let meta = HashMap::from([(DISTILL_METADATA_KEY.to_string(), record.to_string())]);
-        save_checkpoint_with(&args.out, &cfg, &weights, args.precision.0, meta)?;
+        if args.overlay {
+            let keep = |n: &str| n.contains("/Moe/");
+            save_overlay(
+                &args.out,
+                &cfg,
+                &weights,
+                args.precision.0,
+                &args.moe,
+                &keep,
+                meta,
+            )?;
+        } else {
+            save_checkpoint_with(&args.out, &cfg, &weights, args.precision.0, meta)?;
+        }
         Ok(())
     };
 
@@ -202,6 +219,16 @@ pub fn run(args: &DistillArgs) -> anyhow::Result<()> {
         fid_avg = mix(fid_avg, r.fidelity);
         bar.set_position(r.step as u64);
         bar.set_message(format!("loss {loss_avg:.4} cos {fid_avg:.4}"));
+        if bar.is_hidden() && (r.step % 25 == 0 || r.step == 1) {
+            eprintln!(
+                "routerscope: step {}/{}: loss {loss_avg:.4}, batch cosine {fid_avg:.4}, \
+                 dropped {:.1}%, {:.2} s/step",
+                r.step,
+                args.steps,
+                100.0 * r.dropped,
+                r.seconds
+            );
+        }
         let stopping = stop.load(std::sync::atomic::Ordering::SeqCst);
         if stopping || (args.save_every > 0 && r.step % args.save_every == 0) {
             save(&distiller, None)?;

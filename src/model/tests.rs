@@ -564,3 +564,129 @@ fn gap_classifier_and_pre_logits() {
     assert_eq!(soft.dispatch.len(), cfg.num_patches() * 4 * 2);
     assert!(out.probs.iter().flatten().all(|p| p.is_finite()));
 }
+
+/// An overlay holds some tensors and takes the rest from its base, checked by SHA-256.
+#[test]
+fn overlays_load_over_their_checked_base() {
+    use crate::tensor_io::Precision;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(RouterKind::SoftmaxTokenChoice);
+    let w = random_weights(&cfg, 3);
+    let base = dir.path().join("base.safetensors");
+    save_checkpoint_as(&base, &cfg, &w, Precision::F16).unwrap();
+    let (_, widened) = load_checkpoint(&base).unwrap();
+    let moe = |n: &str| n.contains("/Moe/");
+    // New MoE layers over the base's other weights, under another router.
+    let mut trained = widened.clone();
+    for (name, t) in trained.iter_mut().filter(|(n, _)| moe(n)) {
+        t.data
+            .iter_mut()
+            .for_each(|v| *v = (*v * 0.5 + 0.25).clamp(-60000.0, 60000.0));
+        assert!(!name.is_empty());
+    }
+    let mut cfg2 = cfg.clone();
+    cfg2.moe.as_mut().unwrap().router = RouterConfig::new(RouterKind::SoftmaxExpertChoice);
+    let overlay = dir.path().join("over.safetensors");
+    let keep = |n: &str| moe(n);
+    save_overlay(
+        &overlay,
+        &cfg2,
+        &trained,
+        Precision::F16,
+        &base,
+        &keep,
+        HashMap::new(),
+    )
+    .unwrap();
+    assert!(std::fs::metadata(&overlay).unwrap().len() < std::fs::metadata(&base).unwrap().len());
+    let (c, got) = load_checkpoint(&overlay).unwrap();
+    assert_eq!(c, cfg2);
+    assert_eq!(got.len(), trained.len());
+    for (name, t) in &got {
+        let want = &trained[name];
+        let tol = if moe(name) { 1e-3 } else { 0.0 };
+        assert!(
+            t.data
+                .iter()
+                .zip(&want.data)
+                .all(|(a, b)| (a - b).abs() <= tol * (1.0 + b.abs())),
+            "{name}"
+        );
+    }
+
+    // A frozen tensor that differs from the base cannot be left to it.
+    let mut off = trained.clone();
+    off.get_mut("cls").unwrap().data[0] += 1.0;
+    let e = save_overlay(
+        &overlay.with_extension("x"),
+        &cfg2,
+        &off,
+        Precision::F16,
+        &base,
+        &keep,
+        HashMap::new(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("`cls` differs from the base"), "{e}");
+    // Not beside its base.
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let e = save_overlay(
+        &sub.join("o.safetensors"),
+        &cfg2,
+        &trained,
+        Precision::F16,
+        &base,
+        &keep,
+        HashMap::new(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("must sit beside its base"), "{e}");
+
+    // A changed base is refused, naming both files.
+    let bytes = std::fs::read(&base).unwrap();
+    let mut changed = bytes.clone();
+    let last = changed.len() - 1;
+    changed[last] ^= 1;
+    std::fs::write(&base, &changed).unwrap();
+    let e = load_checkpoint(&overlay).unwrap_err().to_string();
+    assert!(
+        e.contains("over.safetensors") && e.contains("base.safetensors") && e.contains("SHA-256"),
+        "{e}"
+    );
+    // A missing base.
+    std::fs::remove_file(&base).unwrap();
+    let e = load_checkpoint(&overlay).unwrap_err().to_string();
+    assert!(e.contains("needs its base model"), "{e}");
+    std::fs::write(&base, &bytes).unwrap();
+    assert!(load_checkpoint(&overlay).is_ok());
+
+    // A base named by a path, and an overlay over an overlay.
+    let hostile = |base_json: &str, name: &str| {
+        let p = dir.path().join(name);
+        let mut meta = HashMap::new();
+        meta.insert(BASE_METADATA_KEY.to_string(), base_json.to_string());
+        let kept: ModelWeights = trained
+            .iter()
+            .filter(|(n, _)| moe(n))
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
+        save_checkpoint_with(&p, &cfg2, &kept, Precision::F32, meta).unwrap();
+        load_checkpoint(&p).unwrap_err().to_string()
+    };
+    let e = hostile(
+        r#"{"file": "../base.safetensors", "sha256": "00"}"#,
+        "a.safetensors",
+    );
+    assert!(e.contains("not a plain file name"), "{e}");
+    let e = hostile("not json", "b.safetensors");
+    assert!(e.contains("bad `routerscope.base` metadata"), "{e}");
+    let sha = crate::tensor_io::file_sha256(&overlay).unwrap();
+    let e = hostile(
+        &format!(r#"{{"file": "over.safetensors", "sha256": "{sha}"}}"#),
+        "c.safetensors",
+    );
+    assert!(e.contains("is itself an overlay"), "{e}");
+}

@@ -23,6 +23,57 @@ pub type ModelWeights = BTreeMap<String, F32Tensor>;
 pub const FORMAT_METADATA_KEY: &str = "routerscope.format";
 pub const FORMAT_NAME: &str = "routerscope.vit_moe.v1";
 
+/// Metadata key of an overlay checkpoint's base, `{"file": NAME, "sha256": HEX}`: the file holds
+/// only some tensors (a distilled model's MoE layers) and takes the rest from the file NAME beside
+/// it, whose SHA-256 must be HEX.
+pub const BASE_METADATA_KEY: &str = "routerscope.base";
+
+/// The base an overlay checkpoint names.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BaseRef {
+    pub file: String,
+    pub sha256: String,
+}
+
+impl BaseRef {
+    /// The base file beside `overlay`, checked: a plain file name, present, with the SHA-256 the
+    /// overlay recorded.
+    fn resolve(&self, overlay: &Path) -> Result<std::path::PathBuf, ModelError> {
+        let plain = !self.file.is_empty()
+            && self.file != "."
+            && self.file != ".."
+            && !self.file.contains(['/', '\\']);
+        if !plain {
+            return Err(ModelError::Config(format!(
+                "{}: its base `{}` is not a plain file name (a base must sit beside the overlay)",
+                overlay.display(),
+                self.file
+            )));
+        }
+        let path = overlay
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join(&self.file);
+        let sha = crate::tensor_io::file_sha256(&path).map_err(|e| {
+            ModelError::Config(format!(
+                "{}: needs its base model {}: {e}",
+                overlay.display(),
+                path.display()
+            ))
+        })?;
+        if !sha.eq_ignore_ascii_case(&self.sha256) {
+            return Err(ModelError::Config(format!(
+                "{}: its base {} has SHA-256 {sha}, but the overlay was made over {} (the base \
+                 file was changed or replaced)",
+                overlay.display(),
+                path.display(),
+                self.sha256
+            )));
+        }
+        Ok(path)
+    }
+}
+
 /// A tensor the configuration expects: its shape (`None` = any size) and whether it must exist.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TensorSpec {
@@ -218,8 +269,91 @@ pub fn load_checkpoint(path: &Path) -> Result<(ModelConfig, ModelWeights), Model
         };
         tensors.insert(name, t);
     }
+    if let Some(base) = meta.get(BASE_METADATA_KEY) {
+        let base: BaseRef = serde_json::from_str(base).map_err(|e| {
+            ModelError::Config(format!(
+                "{}: bad `{BASE_METADATA_KEY}` metadata: {e}",
+                path.display()
+            ))
+        })?;
+        let base_path = base.resolve(path)?;
+        let file = TensorFile::open(&base_path)?;
+        if file.metadata()?.contains_key(BASE_METADATA_KEY) {
+            return Err(ModelError::Config(format!(
+                "{}: its base {} is itself an overlay; a base must hold every tensor",
+                path.display(),
+                base_path.display()
+            )));
+        }
+        for name in file.names()? {
+            let canonical = name.strip_prefix("params/").unwrap_or(&name).to_string();
+            if tensors.contains_key(&canonical) || tensors.contains_key(&name) {
+                continue;
+            }
+            if let Some(spec) = specs.iter().find(|s| s.name == canonical) {
+                tensors.insert(canonical, file.float(&name, &spec.shape_text())?);
+            }
+        }
+    }
     let weights = check_tensors(&cfg, tensors, &path.display().to_string())?;
     Ok((cfg, weights))
+}
+
+/// Writes `weights` as an overlay over the checkpoint `base` (which must sit in the same folder
+/// as `path`): only the tensors `keep` selects are stored; every other one must equal the base's
+/// bit for bit (after widening), so that loading the overlay gives exactly `weights`.
+pub fn save_overlay(
+    path: &Path,
+    cfg: &ModelConfig,
+    weights: &ModelWeights,
+    precision: Precision,
+    base: &Path,
+    keep: &dyn Fn(&str) -> bool,
+    mut extra: HashMap<String, String>,
+) -> Result<(), ModelError> {
+    let dir = |p: &Path| {
+        let parent = p.parent().filter(|d| !d.as_os_str().is_empty());
+        std::fs::canonicalize(parent.unwrap_or_else(|| Path::new(".")))
+            .map_err(|e| ModelError::Config(format!("{}: {e}", p.display())))
+    };
+    if dir(path)? != dir(base)? {
+        return Err(ModelError::Config(format!(
+            "an overlay must sit beside its base: {} is not in the folder of {}",
+            path.display(),
+            base.display()
+        )));
+    }
+    let (_, base_weights) = load_checkpoint(base)?;
+    for (name, t) in weights.iter().filter(|(n, _)| !keep(n)) {
+        let same = base_weights.get(name).is_some_and(|b| {
+            b.shape == t.shape
+                && b.data
+                    .iter()
+                    .zip(&t.data)
+                    .all(|(x, y)| x.to_bits() == y.to_bits())
+        });
+        if !same {
+            return Err(ModelError::Tensor(format!(
+                "`{name}` differs from the base {}: it cannot be left to the base",
+                base.display()
+            )));
+        }
+    }
+    let file = base
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let sha256 = crate::tensor_io::file_sha256(base)
+        .map_err(|e| ModelError::Config(format!("{}: {e}", base.display())))?;
+    let record = serde_json::to_string(&BaseRef { file, sha256 })
+        .map_err(|e| ModelError::Config(e.to_string()))?;
+    extra.insert(BASE_METADATA_KEY.to_string(), record);
+    let kept: ModelWeights = weights
+        .iter()
+        .filter(|(n, _)| keep(n))
+        .map(|(n, t)| (n.clone(), t.clone()))
+        .collect();
+    save_checkpoint_with(path, cfg, &kept, precision, extra)
 }
 
 /// Checks tensors (names with or without `params/`) against what `cfg` implies: no unexpected or
