@@ -30,15 +30,41 @@ pub fn builtin_model(kind: RouterKind) -> Option<PathBuf> {
         .then(|| model_path(kind.cli_name()))
 }
 
-/// The built-in photo model: DINOv2-S/14, moefied (a feature model).
+/// The built-in photo model: DINOv2-S/14, moefied (a feature model), untrained as an MoE; the
+/// base of the distilled ones.
 pub fn photo_model() -> PathBuf {
     assets_dir()
         .join("models")
         .join("dinov2-s14-moe.safetensors")
 }
 
+/// Routers with a distilled photo model (`scripts/make-photo-models.sh`).
+pub const PHOTO_ROUTERS: [RouterKind; 5] = [
+    RouterKind::SoftmaxTokenChoice,
+    RouterKind::SinkhornTokenChoice,
+    RouterKind::SoftmaxExpertChoice,
+    RouterKind::SinkhornExpertChoice,
+    RouterKind::SparseExpertChoice,
+];
+
+/// The photo model distilled under `kind` (only its MoE layers, over [`photo_model`]), if there
+/// is one and it is present.
+pub fn photo_model_for(kind: RouterKind) -> Option<PathBuf> {
+    PHOTO_ROUTERS
+        .contains(&kind)
+        .then(|| photo_model_path(kind))
+        .filter(|p| p.is_file())
+}
+
+fn photo_model_path(kind: RouterKind) -> PathBuf {
+    assets_dir()
+        .join("models")
+        .join(format!("dinov2-s14-{}.safetensors", kind.cli_name()))
+}
+
 /// The built-in models by name: `fashion-mnist-<router>` for the six trained routers,
-/// `fashion-mnist-dense`, and `photo` (the DINOv2-S/14 MoE).
+/// `fashion-mnist-dense`, `photo` (the DINOv2-S/14 MoE) and `photo-<router>` for the five
+/// distilled ones.
 pub fn builtin_models() -> Vec<(String, PathBuf)> {
     let mut v: Vec<(String, PathBuf)> = TRAINED_ROUTERS
         .iter()
@@ -51,6 +77,9 @@ pub fn builtin_models() -> Vec<(String, PathBuf)> {
         .collect();
     v.push(("fashion-mnist-dense".into(), dense_model()));
     v.push(("photo".into(), photo_model()));
+    for k in PHOTO_ROUTERS {
+        v.push((format!("photo-{}", k.cli_name()), photo_model_path(k)));
+    }
     v
 }
 

@@ -341,9 +341,11 @@ fn sample_index(h: &Harness<'static, RouterscopeApp>, name: &str) -> usize {
     pos.unwrap()
 }
 
-/// A photo opens under the photo model (trained mode, "by image"): 16×16 patches + CLS, its
-/// top-2 routing, and the fidelity readout instead of classes; it follows every what-if (k),
-/// the export carries it, and a Fashion-MNIST image switches back to the Fashion-MNIST model.
+/// A photo opens under the photo model distilled for the router (trained mode, "by image"):
+/// 16×16 patches + CLS, its top-2 routing, and the fidelity readout instead of classes; the
+/// comparison shows each router under its own model; the moefied base follows every what-if (k);
+/// the export carries the readout, and a Fashion-MNIST image switches back to the Fashion-MNIST
+/// model.
 #[test]
 fn photos_open_under_the_photo_model_with_a_live_fidelity_readout() {
     let mut h = harness(settings(RouterKind::SoftmaxTokenChoice));
@@ -355,20 +357,36 @@ fn photos_open_under_the_photo_model_with_a_live_fidelity_readout() {
     assert!(
         app.model_path()
             .unwrap()
-            .ends_with("dinov2-s14-moe.safetensors")
+            .ends_with("dinov2-s14-softmax-tc.safetensors")
     );
     assert_eq!(app.settings.k, 2);
     assert!((app.settings.capacity_factor - 1.25).abs() < 1e-9);
     let r = app.image_routing(0).expect("routing of the photo");
     assert_eq!(r.tokens.len(), 257);
-    let top2 = app.fidelity().expect("a fidelity readout");
-    assert!((0.0..1.0).contains(&top2), "{top2}");
+    // Against the dense model (the base's all-experts run), not the distilled experts' sum.
+    let distilled = app.fidelity().expect("a fidelity readout");
+    assert!((0.85..1.0).contains(&distilled), "{distilled}");
     h.snapshot_options("main_photo", &snapshot_options());
     let job = h.state().export_job().unwrap();
     assert!(job.title.contains("fidelity"), "{}", job.title);
     assert!(job.fidelity.is_some());
 
-    // The router comparison of a photo runs every router on the photo model.
+    // Another router: its own distilled model, with the capacity it was trained at.
+    h.state_mut()
+        .select_router(RouterKind::SinkhornExpertChoice);
+    settle(&mut h);
+    let app = h.state();
+    assert!(app.errors().is_empty(), "{:?}", app.errors());
+    assert!(
+        app.model_path()
+            .unwrap()
+            .ends_with("dinov2-s14-sinkhorn-ec.safetensors")
+    );
+    let ec = app.fidelity().expect("a fidelity readout");
+    assert!((0.85..1.0).contains(&ec), "{ec}");
+
+    // The router comparison of a photo runs each router under its own distilled model (the
+    // moefied base for the routers without one).
     h.state_mut().settings.compare = true;
     h.state_mut().select_router(RouterKind::SoftmaxTokenChoice);
     settle(&mut h);
@@ -376,18 +394,29 @@ fn photos_open_under_the_photo_model_with_a_live_fidelity_readout() {
     assert_eq!(
         job.panels.len(),
         6,
-        "every router but Soft MoE (no mu) on the photo model"
+        "every router but Soft MoE (no mu) on the photo models"
     );
     assert!(job.panels.iter().all(|p| p.routing.tokens.len() == 257));
     h.state_mut().settings.compare = false;
 
-    // More experts per token: closer to the dense model.
-    h.state_mut().settings.k = 8;
+    // The moefied base as a what-if: more experts per token, closer to the dense model.
+    h.state_mut()
+        .open_model(routerscope::catalog::photo_model());
+    settle(&mut h);
     h.state_mut().show_image(chelsea);
     h.state_mut().select_router(RouterKind::SoftmaxTokenChoice);
     settle(&mut h);
+    let top2 = h.state().fidelity().unwrap();
+    h.state_mut().settings.k = 8;
+    h.state_mut().select_router(RouterKind::SoftmaxTokenChoice);
+    settle(&mut h);
     let all = h.state().fidelity().unwrap();
-    assert!(all > top2 && all > 0.99, "{all} vs {top2}");
+    assert!(
+        all > top2 && all > 0.99 && top2 < distilled,
+        "{all} vs {top2}"
+    );
+    h.state_mut().settings.mode = routerscope::app::settings::ModelMode::Trained;
+    h.state_mut().settings.k = 2;
 
     h.state_mut().show_image(0);
     settle(&mut h);

@@ -301,3 +301,196 @@ fn non_files_and_huge_widths_are_refused() {
     assert!(String::from_utf8_lossy(&r.stderr).contains("100000"));
     assert!(!out.exists());
 }
+
+/// A moefied Fashion-MNIST model (blocks 3 and 5, 4 experts) beside the calibration folder.
+fn moefied_fashion(dir: &Path, cal: &Path) -> PathBuf {
+    let out = dir.join("moe.safetensors");
+    let run = routerscope(&[
+        "moefy",
+        "--model",
+        s(&dense_fashion()),
+        "--experts",
+        "4",
+        "--layers",
+        "3,5",
+        "--calibration",
+        s(cal),
+        "--crops",
+        "2",
+        "--router",
+        "softmax-tc",
+        "--k",
+        "2",
+        "--capacity-factor",
+        "1.25",
+        "--precision",
+        "f16",
+        "--out",
+        s(&out),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    out
+}
+
+fn distill_args<'a>(
+    dense: &'a Path,
+    moe: &'a Path,
+    cal: &'a Path,
+    router: &'a str,
+    out: &'a Path,
+) -> Vec<&'a str> {
+    vec![
+        "distill",
+        "--dense",
+        s(dense),
+        "--moe",
+        s(moe),
+        "--data",
+        s(cal),
+        "--router",
+        router,
+        "--steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--crops",
+        "8",
+        "--lr",
+        "1e-3",
+        "--precision",
+        "f16",
+        "--out",
+        s(out),
+    ]
+}
+
+/// `distill` trains only the MoE layers (every other tensor bit-identical), the same seed gives
+/// the same file, `--overlay` stores only the MoE layers over the moefied base and loads to the
+/// same model, and `--holdout` reports before and after.
+#[test]
+fn distill_trains_the_moe_layers_deterministically() {
+    let dir = tempfile::tempdir().unwrap();
+    let cal = calibration(dir.path());
+    let moe = moefied_fashion(dir.path(), &cal);
+    let dense = dense_fashion();
+    let (a, b) = (
+        dir.path().join("a.safetensors"),
+        dir.path().join("b.safetensors"),
+    );
+    for (out, router) in [(&a, "softmax-ec"), (&b, "softmax-ec")] {
+        let mut args = distill_args(&dense, &moe, &cal, router, out);
+        args.extend(["--holdout", s(&cal)]);
+        let run = routerscope(&args);
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "{err}");
+        assert!(err.contains("held out, before: patch cosine"), "{err}");
+        let text = String::from_utf8_lossy(&run.stdout);
+        assert!(text.contains("held out, after: patch cosine"), "{text}");
+    }
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    let (cfg, w) = load_checkpoint(&a).unwrap();
+    let (_, base) = load_checkpoint(&moe).unwrap();
+    let m = cfg.moe.as_ref().unwrap();
+    assert_eq!(m.router.kind.cli_name(), "softmax-ec");
+    let mut trained = 0;
+    for (name, t) in &w {
+        if name.contains("/Moe/") {
+            trained += usize::from(t.data != base[name].data);
+        } else {
+            assert_eq!(t.data, base[name].data, "{name} changed");
+        }
+    }
+    assert!(trained > 0);
+    let meta = TensorFile::open(&a).unwrap().metadata().unwrap();
+    assert!(meta["routerscope.distill"].contains("\"steps_done\":6"));
+
+    let over = dir.path().join("over.safetensors");
+    let mut args = distill_args(&dense, &moe, &cal, "softmax-ec", &over);
+    args.push("--overlay");
+    assert!(routerscope(&args).status.success());
+    assert!(std::fs::metadata(&over).unwrap().len() < std::fs::metadata(&a).unwrap().len() / 2);
+    let (cfg2, w2) = load_checkpoint(&over).unwrap();
+    assert_eq!(cfg2, cfg);
+    assert!(w.iter().all(|(n, t)| w2[n].data == t.data));
+    // The overlay runs on its own through the command line.
+    let img = root().join("assets/images/fmnist-00-ankle-boot-test0.png");
+    let run = routerscope(&["predict", "--model", s(&over), s(&img)]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+#[test]
+fn distill_errors_name_the_problem_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cal = calibration(dir.path());
+    let moe = moefied_fashion(dir.path(), &cal);
+    let dense = dense_fashion();
+    let out = dir.path().join("out.safetensors");
+    let with = |replace: &[(&str, &str)]| -> Vec<String> {
+        let mut args: Vec<String> = distill_args(&dense, &moe, &cal, "softmax-tc", &out)
+            .into_iter()
+            .map(String::from)
+            .collect();
+        for (flag, value) in replace {
+            let i = args.iter().position(|a| a == flag).unwrap();
+            args[i + 1] = value.to_string();
+        }
+        args
+    };
+    let check = |args: Vec<String>, needle: &str| {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        fails(&refs, needle);
+        assert!(!out.exists(), "{needle}: an output was written");
+    };
+    // A dense model the MoE was not made from (another architecture; other weights).
+    let other = dir.path().join("other.safetensors");
+    let cfg = routerscope::model::preset(
+        "fashion-mnist",
+        routerscope::routing::RouterKind::SoftmaxTokenChoice,
+    )
+    .unwrap();
+    let mut dense_cfg = cfg.clone();
+    dense_cfg.moe = None;
+    routerscope::model::save_checkpoint(
+        &other,
+        &dense_cfg,
+        &routerscope::model::random_weights(&dense_cfg, 4),
+    )
+    .unwrap();
+    check(
+        with(&[("--dense", s(&other))]),
+        "not made from this dense model",
+    );
+    check(with(&[("--dense", s(&moe))]), "has MoE layers");
+    // Routers the MoE cannot take.
+    check(with(&[("--router", "soft")]), "sparse routers only");
+    // Empty, missing and unreadable data folders.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    check(with(&[("--data", s(&empty))]), "no readable photos");
+    check(
+        with(&[("--data", s(&dir.path().join("missing")))]),
+        "missing",
+    );
+    let junk = dir.path().join("junk");
+    std::fs::create_dir(&junk).unwrap();
+    std::fs::write(junk.join("a.png"), b"nope").unwrap();
+    check(
+        with(&[("--data", s(&junk))]),
+        "no readable photos (1 unreadable)",
+    );
+    check(with(&[("--steps", "0")]), "--steps must be at least 1");
+    let mut args = with(&[]);
+    args.push("--capacity-factor=-1".into());
+    check(args, "positive");
+    let mut args = with(&[("--router", "softmax-ec")]);
+    args.extend(["--k".into(), "2".into()]);
+    check(args, "does not apply");
+}

@@ -147,7 +147,10 @@ impl RouterscopeApp {
     /// The model the current mode asks for.
     pub(super) fn select_model_for_mode(&mut self) {
         let target = match self.settings.mode {
-            ModelMode::Trained if self.shown_kind() == ImageKind::Photo => catalog::photo_model(),
+            // The router's own distilled photo model, else the moefied one as a what-if.
+            ModelMode::Trained if self.shown_kind() == ImageKind::Photo => {
+                catalog::photo_model_for(self.settings.router).unwrap_or_else(catalog::photo_model)
+            }
             ModelMode::Trained => match catalog::model_for(self.settings.router) {
                 Ok((p, _)) => p,
                 Err(e) => {
@@ -229,10 +232,13 @@ impl RouterscopeApp {
     pub(super) fn request_compare(&mut self, model: PathBuf, current: usize) {
         let base = self.settings.router_config();
         let entries: Vec<(PathBuf, crate::routing::RouterConfig)> = match self.settings.mode {
-            // The photo model is one checkpoint: compare every router on it.
+            // Each router under its own distilled photo model (the moefied one where none is).
             ModelMode::Trained if self.shown_kind() == ImageKind::Photo => RouterKind::ALL
                 .iter()
-                .map(|&k| (model.clone(), router_like(&base, k)))
+                .map(|&k| {
+                    let path = catalog::photo_model_for(k).unwrap_or_else(catalog::photo_model);
+                    (path, router_like(&base, k))
+                })
                 .collect(),
             ModelMode::Trained => catalog::TRAINED_ROUTERS
                 .iter()

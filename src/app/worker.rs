@@ -410,7 +410,10 @@ fn run(cache: &mut Cache, req: RunRequest, progress: &dyn Fn(Reply), latest: &At
 
 /// How far this run's routing moves a feature model's representation: mean patch cosine against
 /// the all-experts run of the same images (computed once per model, images and group, as a
-/// what-if from `output`). `None` for classifiers, dense models, or when the reference fails.
+/// what-if from `output`), which for a moefied model is its dense original. A distilled overlay's
+/// experts no longer sum to the dense MLP, so its reference is the all-experts run of its base
+/// (the moefied model it was distilled from, with the same frozen weights). `None` for
+/// classifiers, dense models, or when the reference fails.
 fn fidelity(
     cache: &mut Cache,
     m: &Runner,
@@ -422,13 +425,30 @@ fn fidelity(
     if !cfg.is_feature_model() || cfg.moe.is_none() || m.trace().is_some() {
         return None;
     }
-    let key = (req.model.clone(), ids.to_vec(), req.options.group_images);
+    let base = crate::model::checkpoint_base(&req.model);
+    let key = (
+        base.clone().unwrap_or_else(|| req.model.clone()),
+        ids.to_vec(),
+        req.options.group_images,
+    );
     if cache.reference.as_ref().is_none_or(|(k, _)| *k != key) {
-        let all = RunOptions {
-            group_images: req.options.group_images,
-            ..all_experts_options(cfg)
+        let reference = match base {
+            Some(base) => {
+                let b = model(cache, &base).ok()?;
+                let all = RunOptions {
+                    group_images: req.options.group_images,
+                    ..all_experts_options(b.config())
+                };
+                b.forward(&output.inputs, &all).ok()?
+            }
+            None => {
+                let all = RunOptions {
+                    group_images: req.options.group_images,
+                    ..all_experts_options(cfg)
+                };
+                m.rerun(output, &all).ok()?
+            }
         };
-        let reference = m.rerun(output, &all).ok()?;
         cache.reference = Some((key, reference.features));
     }
     let (_, reference) = cache.reference.as_ref()?;

@@ -31,8 +31,9 @@ pub use vmoe_presets::{
 };
 pub use weights::{
     BASE_METADATA_KEY, BaseRef, FORMAT_METADATA_KEY, FORMAT_NAME, ModelWeights, TensorSpec,
-    block_prefix, check_router_params, check_tensors, expected_tensors, load_checkpoint,
-    random_weights, save_checkpoint, save_checkpoint_as, save_checkpoint_with, save_overlay,
+    block_prefix, check_router_params, check_tensors, checkpoint_base, expected_tensors,
+    load_checkpoint, random_weights, save_checkpoint, save_checkpoint_as, save_checkpoint_with,
+    save_overlay,
 };
 pub use what_if::{WhatIf, check_k_applies};
 

@@ -299,6 +299,18 @@ pub fn load_checkpoint(path: &Path) -> Result<(ModelConfig, ModelWeights), Model
     Ok((cfg, weights))
 }
 
+/// The base file an overlay checkpoint at `path` names (beside it), or `None` for a complete
+/// checkpoint or a file that cannot be read (loading it reports why).
+pub fn checkpoint_base(path: &Path) -> Option<std::path::PathBuf> {
+    let meta = TensorFile::open(path).ok()?.metadata().ok()?;
+    let base: BaseRef = serde_json::from_str(meta.get(BASE_METADATA_KEY)?).ok()?;
+    Some(
+        path.parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join(base.file),
+    )
+}
+
 /// Writes `weights` as an overlay over the checkpoint `base` (which must sit in the same folder
 /// as `path`): only the tensors `keep` selects are stored; every other one must equal the base's
 /// bit for bit (after widening), so that loading the overlay gives exactly `weights`.
