@@ -1,7 +1,6 @@
 //! The photo models' comparison table: for each sparse router, the moefied DINOv2 (a what-if
-//! under that router) and its distilled model, on held-out photos, at k = 1 and 2 (Expert
-//! Choice at the same expert compute: capacity factor k, each expert taking k·N/E tokens; Token
-//! Choice at capacity factor 1.25): mean patch cosine to the dense model, tokens dropped, usage
+//! under that router) and its distilled model, on held-out photos, at k = 1 and 2 (Token Choice
+//! at capacity factor 1.25; Expert Choice at the same expert buffers, capacity factor k·1.25): mean patch cosine to the dense model, tokens dropped, usage
 //! entropy. Markdown on stdout.
 //!
 //! `cargo run --release --example photo_routers -- DENSE.safetensors HOLDOUT_DIR`
@@ -45,7 +44,7 @@ fn main() -> anyhow::Result<()> {
                 r.k = k;
                 1.25
             } else {
-                k as f64
+                k as f64 * 1.25
             };
             r.capacity = CapacitySpec::Factor(cf);
             let b = fidelity(&dense, &base, &r, &images)?;

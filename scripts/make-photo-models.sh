@@ -36,10 +36,12 @@ bin=target/release/routerscope
 [ -f "$work/dinov2-s14-dense.safetensors" ] ||
   "$bin" import --onnx "$work/dinov2.onnx" --out "$work/dinov2-s14-dense.safetensors"
 for router in "${routers[@]}"; do
-  echo "== $router"
+  # Token Choice top-2 at capacity factor 1.25; Expert Choice with the same expert buffers (k·CF).
+  case "$router" in *-tc) cf=1.25 ;; *) cf=2.5 ;; esac
+  echo "== $router (capacity factor $cf)"
   "$bin" distill --dense "$work/dinov2-s14-dense.safetensors" \
     --moe assets/models/dinov2-s14-moe.safetensors --data "$work/train" --holdout "$work/holdout" \
-    --router "$router" --steps 400 --batch-size 16 --crops 384 --lr 3e-4 --seed 0 \
+    --router "$router" --capacity-factor "$cf" --steps 400 --batch-size 16 --crops 384 --lr 3e-4 --seed 0 \
     --name "dinov2-s14-$router" --overlay --precision f16 \
     --out "assets/models/dinov2-s14-$router.safetensors"
 done

@@ -494,3 +494,55 @@ fn distill_errors_name_the_problem_and_write_nothing() {
     args.extend(["--k".into(), "2".into()]);
     check(args, "does not apply");
 }
+
+/// Ctrl-C finishes the step in progress, writes the checkpoint (complete, loadable, saying how
+/// many steps it holds) and exits with 130.
+#[test]
+fn distill_interrupted_keeps_a_complete_checkpoint() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let cal = calibration(dir.path());
+    let moe = moefied_fashion(dir.path(), &cal);
+    let dense = dense_fashion();
+    let out = dir.path().join("out.safetensors");
+    let mut args = distill_args(&dense, &moe, &cal, "sinkhorn-tc", &out);
+    let i = args.iter().position(|a| *a == "--steps").unwrap();
+    args[i + 1] = "1000000";
+    args.extend(["--save-every", "0"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_routerscope"))
+        .args(&args)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let mut seen = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("step 1/") {
+            break;
+        }
+    }
+    assert!(seen.contains("step 1/"), "{seen}");
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    let rest = rest.join("\n");
+    assert_eq!(status.code(), Some(130), "{rest}");
+    assert!(rest.contains("stopped after step"), "{rest}");
+    let (cfg, _) = load_checkpoint(&out).unwrap();
+    assert_eq!(cfg.moe.unwrap().router.kind.cli_name(), "sinkhorn-tc");
+    let meta = TensorFile::open(&out).unwrap().metadata().unwrap();
+    assert!(
+        meta["routerscope.distill"].contains("\"steps_done\":"),
+        "{meta:?}"
+    );
+    for f in std::fs::read_dir(dir.path()).unwrap() {
+        let name = f.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(!name.starts_with('.'), "left behind: {name}");
+    }
+}

@@ -40,8 +40,8 @@ pub struct DistillArgs {
     /// Experts per token (Token Choice) [default: 2].
     #[arg(long)]
     k: Option<usize>,
-    /// Capacity factor [default: 1.25 for Token Choice; 2 for Expert Choice, the compute of
-    /// top-2].
+    /// Capacity factor [default: 1.25 for Token Choice; 2.5 for Expert Choice: the same
+    /// expert buffers as top-2 Token Choice at 1.25, k·CF].
     #[arg(long)]
     capacity_factor: Option<f64>,
     /// Optimizer updates.
@@ -93,7 +93,7 @@ fn router_from(args: &DistillArgs) -> anyhow::Result<RouterConfig> {
     } else if tc {
         r.k = 2;
     }
-    let cf = args.capacity_factor.unwrap_or(if tc { 1.25 } else { 2.0 });
+    let cf = args.capacity_factor.unwrap_or(if tc { 1.25 } else { 2.5 });
     if !(cf.is_finite() && cf > 0.0) {
         anyhow::bail!("--capacity-factor must be a positive number, got {cf}");
     }
@@ -241,7 +241,8 @@ pub fn run(args: &DistillArgs) -> anyhow::Result<()> {
                 args.steps,
                 args.out.display()
             );
-            return Ok(());
+            // Interrupted, as a shell expects (128 + SIGINT), with the checkpoint complete.
+            std::process::exit(130);
         }
     }
     bar.finish_and_clear();

@@ -598,7 +598,7 @@ mod tests {
             r.k = 2;
             r.capacity = crate::routing::CapacitySpec::Factor(1.25);
         } else {
-            r.capacity = crate::routing::CapacitySpec::Factor(2.0);
+            r.capacity = crate::routing::CapacitySpec::Factor(2.5);
         }
         if kind == RouterKind::SoftmaxTokenChoice {
             r.loss_weights.importance = 0.005;
