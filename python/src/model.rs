@@ -43,8 +43,8 @@ fn resolve(name: &str) -> (PathBuf, String) {
 }
 
 /// Load a checkpoint: a routerscope ``.safetensors`` file, the ``.index`` of a vmoe checkpoint,
-/// or a built-in model name (``"photo"``, ``"fashion-mnist-softmax-tc"``, ...; see
-/// :func:`builtin_models`).
+/// or a built-in model name (``"photo"``, ``"photo-sinkhorn-ec"``,
+/// ``"fashion-mnist-softmax-tc"``, ...; see :func:`builtin_models`).
 ///
 /// ``device`` is ``"auto"`` (a hardware GPU when there is one, else the CPU), ``"gpu"`` (any
 /// adapter, software ones included; the CPU when none works) or ``"cpu"``.
@@ -699,7 +699,8 @@ impl LayerRouting {
 }
 
 /// The built-in models, ``{name: path}``: ``fashion-mnist-<router>`` for the six routers of the
-/// routers paper, ``fashion-mnist-dense`` and ``photo`` (DINOv2-S/14 split into experts).
+/// routers paper, ``fashion-mnist-dense``, ``photo`` (DINOv2-S/14 split into experts) and
+/// ``photo-<router>`` (that model distilled under each sparse router).
 #[pyfunction]
 pub(crate) fn builtin_models(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
