@@ -181,9 +181,12 @@ impl RouterscopeApp {
             self.settings.k = t.own.k;
             self.settings.capacity_factor = t.own_capacity_factor;
             self.settings.group = GroupMode::AsTrained;
-        } else if !user && was_photo != Some(config.is_feature_model()) {
-            // Switching between the Fashion-MNIST models and the photo model
-            // (trained mode): start from the new checkpoint's own k and capacity.
+        } else if !user
+            && (was_photo != Some(config.is_feature_model()) || config.is_feature_model())
+        {
+            // Switching between the Fashion-MNIST models and the photo models, or between the
+            // distilled photo models (trained mode): start from the new checkpoint's own k and
+            // capacity (each photo router was trained at its own).
             if let Some(r) = config.moe.as_ref().map(|m| &m.router)
                 && (was_photo.is_some() || config.is_feature_model())
             {
