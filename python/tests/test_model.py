@@ -153,6 +153,7 @@ def test_model_metadata(fashion: rs.Model, photo: rs.Model) -> None:
     assert fashion.tokens_per_image == 50 and fashion.has_cls_token and fashion.grid == (7, 7)
     assert photo.grid == (16, 16) and photo.is_feature_model
     assert set(rs.builtin_models()) >= {"photo", "fashion-mnist-softmax-tc", "fashion-mnist-dense"}
+    assert "CPU" in fashion.device and "fashion-mnist-softmax-tc" in repr(fashion)
 
 
 def test_distilled_photo_models_load_by_name() -> None:
@@ -160,4 +161,3 @@ def test_distilled_photo_models_load_by_name() -> None:
         assert f"photo-{router}" in rs.builtin_models()
     m = rs.load("photo-sinkhorn-ec", device="cpu")
     assert m.router == "sinkhorn-ec" and m.is_feature_model and m.moe_blocks == [9, 11]
-    assert "CPU" in fashion.device and "fashion-mnist-softmax-tc" in repr(fashion)
