@@ -771,9 +771,6 @@ impl VitMoe {
         images: &[Vec<f32>],
         blocks: &[usize],
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        if images.is_empty() {
-            return Err(ModelError::Config("no images to run".into()));
-        }
         let last = blocks.iter().copied().max().unwrap_or(0);
         if last >= self.blocks.len() {
             return Err(ModelError::Config(format!(
@@ -781,65 +778,71 @@ impl VitMoe {
                 self.blocks.len()
             )));
         }
-        let x = self.embed(images)?;
-        let (b, sq, _) = x.dims3()?;
-        let mut x: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let mut found = vec![Vec::new(); blocks.len()];
-        for (i, block) in self.blocks.iter().enumerate().take(last + 1) {
-            let Ffn::Dense(mlp) = &block.ffn else {
-                return Err(ModelError::Config(format!(
-                    "block {i} is already an MoE layer; MLP inputs are taken from dense blocks"
-                )));
-            };
-            let a = block.attn.forward_rows(&block.ln0.rows(&x), b, sq);
-            add_branch(
-                &mut x,
-                &a,
-                block.layer_scale.as_ref().map(|l| l.0.as_slice()),
-            );
-            let y = block.ln1.rows(&x);
-            for (slot, _) in blocks.iter().enumerate().filter(|(_, b)| **b == i) {
-                found[slot] = y.clone();
-            }
-            let delta = mlp.forward(&y, b * sq);
-            add_branch(
-                &mut x,
-                &delta,
-                block.layer_scale.as_ref().map(|l| l.1.as_slice()),
-            );
-        }
+        self.dense_prefix(
+            images,
+            last + 1,
+            "is already an MoE layer; MLP inputs are taken from dense blocks",
+            &mut |i, y| {
+                for (slot, _) in blocks.iter().enumerate().filter(|(_, b)| **b == i) {
+                    found[slot] = y.to_vec();
+                }
+            },
+        )?;
         Ok(found)
     }
 
     /// The residual stream entering block `block` (`[B, S, d]` row-major) for `images`: what
     /// distillation trains on when every block before it is dense and frozen.
     pub fn block_inputs(&self, images: &[Vec<f32>], block: usize) -> Result<Vec<f32>, ModelError> {
-        if images.is_empty() {
-            return Err(ModelError::Config("no images to run".into()));
-        }
         if block > self.blocks.len() {
             return Err(ModelError::Config(format!(
                 "block {block} is beyond the {} blocks",
                 self.blocks.len()
             )));
         }
+        self.dense_prefix(
+            images,
+            block,
+            "is an MoE layer; block inputs are taken after dense blocks only",
+            &mut |_, _| {},
+        )
+    }
+
+    /// Runs the first `n` blocks, which must be dense (else "block i {moe_error}"), on `images`,
+    /// telling `on_mlp_input` each block's `LN_1` output; returns the residual stream after them.
+    fn dense_prefix(
+        &self,
+        images: &[Vec<f32>],
+        n: usize,
+        moe_error: &str,
+        on_mlp_input: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<Vec<f32>, ModelError> {
+        if images.is_empty() {
+            return Err(ModelError::Config("no images to run".into()));
+        }
         let x = self.embed(images)?;
         let (b, sq, _) = x.dims3()?;
         let mut x: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        for (i, blk) in self.blocks.iter().enumerate().take(block) {
-            let Ffn::Dense(mlp) = &blk.ffn else {
-                return Err(ModelError::Config(format!(
-                    "block {i} is an MoE layer; block inputs are taken after dense blocks only"
-                )));
+        for (i, block) in self.blocks.iter().enumerate().take(n) {
+            let Ffn::Dense(mlp) = &block.ffn else {
+                return Err(ModelError::Config(format!("block {i} {moe_error}")));
             };
-            let a = blk.attn.forward_rows(&blk.ln0.rows(&x), b, sq);
-            add_branch(&mut x, &a, blk.layer_scale.as_ref().map(|l| l.0.as_slice()));
-            let delta = mlp.forward(&blk.ln1.rows(&x), b * sq);
-            add_branch(
-                &mut x,
-                &delta,
-                blk.layer_scale.as_ref().map(|l| l.1.as_slice()),
-            );
+            let scale = |which: usize| {
+                block.layer_scale.as_ref().map(|l| {
+                    if which == 0 {
+                        l.0.as_slice()
+                    } else {
+                        l.1.as_slice()
+                    }
+                })
+            };
+            let a = block.attn.forward_rows(&block.ln0.rows(&x), b, sq);
+            add_branch(&mut x, &a, scale(0));
+            let y = block.ln1.rows(&x);
+            on_mlp_input(i, &y);
+            let delta = mlp.forward(&y, b * sq);
+            add_branch(&mut x, &delta, scale(1));
         }
         Ok(x)
     }

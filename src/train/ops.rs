@@ -53,6 +53,43 @@ fn map_row_pairs(
     Ok((CpuStorage::F32(out), l1.shape().clone()))
 }
 
+/// `f(x)` element by element, in parallel chunks (the GELU forwards).
+fn map_elements(
+    s: &CpuStorage,
+    l: &Layout,
+    op: &str,
+    f: impl Fn(f32) -> f32 + Sync,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let x = contiguous(s, l, op)?;
+    let mut out = vec![0.0f32; x.len()];
+    out.par_chunks_mut(16_384)
+        .zip(x.par_chunks(16_384))
+        .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &v)| *o = f(v)));
+    Ok((CpuStorage::F32(out), l.shape().clone()))
+}
+
+/// `f(x, g)` element by element over two same-shape tensors (the GELU backwards).
+fn map_element_pairs(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    op: &str,
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let x = contiguous(s1, l1, op)?;
+    let g = contiguous(s2, l2, op)?;
+    let mut out = vec![0.0f32; x.len()];
+    out.par_chunks_mut(16_384)
+        .zip(x.par_chunks(16_384).zip(g.par_chunks(16_384)))
+        .for_each(|(o, (x, g))| {
+            for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
+                *o = f(v, gv);
+            }
+        });
+    Ok((CpuStorage::F32(out), l1.shape().clone()))
+}
+
 /// `gelu(x)` (tanh approximation).
 pub struct Gelu;
 
@@ -65,12 +102,7 @@ impl CustomOp1 for Gelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous(s, l, "gelu")?;
-        let mut out = vec![0.0f32; x.len()];
-        out.par_chunks_mut(16_384)
-            .zip(x.par_chunks(16_384))
-            .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &v)| *o = gelu(v)));
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        map_elements(s, l, "gelu", gelu)
     }
 
     fn bwd(
@@ -95,23 +127,15 @@ impl CustomOp2 for GeluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, "gelu-grad")?;
-        let g = contiguous(s2, l2, "gelu-grad")?;
         const C: f32 = 0.797_884_6; // sqrt(2/π)
-        let mut out = vec![0.0f32; x.len()];
-        out.par_chunks_mut(16_384)
-            .zip(x.par_chunks(16_384).zip(g.par_chunks(16_384)))
-            .for_each(|(o, (x, g))| {
-                for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
-                    // gelu = x·σ(2u), u = C(x + 0.044715x³); tanh u = 2σ(2u) − 1.
-                    let u = C * (v + 0.044_715 * v * v * v);
-                    let sig = 1.0 / (1.0 + (-2.0 * u).exp());
-                    let t = 2.0 * sig - 1.0;
-                    let du = C * (1.0 + 3.0 * 0.044_715 * v * v);
-                    *o = gv * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        map_element_pairs(s1, l1, s2, l2, "gelu-grad", |v, gv| {
+            // gelu = x·σ(2u), u = C(x + 0.044715x³); tanh u = 2σ(2u) − 1.
+            let u = C * (v + 0.044_715 * v * v * v);
+            let sig = 1.0 / (1.0 + (-2.0 * u).exp());
+            let t = 2.0 * sig - 1.0;
+            let du = C * (1.0 + 3.0 * 0.044_715 * v * v);
+            gv * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du)
+        })
     }
 }
 
@@ -127,12 +151,7 @@ impl CustomOp1 for GeluErf {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous(s, l, "gelu-erf")?;
-        let mut out = vec![0.0f32; x.len()];
-        out.par_chunks_mut(16_384)
-            .zip(x.par_chunks(16_384))
-            .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &v)| *o = gelu_erf(v)));
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        map_elements(s, l, "gelu-erf", gelu_erf)
     }
 
     fn bwd(
@@ -159,19 +178,11 @@ impl CustomOp2 for GeluErfGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, "gelu-erf-grad")?;
-        let g = contiguous(s2, l2, "gelu-erf-grad")?;
         const INV_SQRT_2PI: f32 = 0.398_942_3;
-        let mut out = vec![0.0f32; x.len()];
-        out.par_chunks_mut(16_384)
-            .zip(x.par_chunks(16_384).zip(g.par_chunks(16_384)))
-            .for_each(|(o, (x, g))| {
-                for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
-                    let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-                    *o = gv * (cdf + v * INV_SQRT_2PI * (-0.5 * v * v).exp());
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        map_element_pairs(s1, l1, s2, l2, "gelu-erf-grad", |v, gv| {
+            let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+            gv * (cdf + v * INV_SQRT_2PI * (-0.5 * v * v).exp())
+        })
     }
 }
 
