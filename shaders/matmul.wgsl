@@ -1,7 +1,7 @@
 // Tiled matrix multiply C[m, n] (=|+=) act(alpha · A[m, k] @ B[k, n] + bias[n]), row-major, with a
 // two-level batch (workgroup z = outer · inner + inner index) so that one launch covers every
 // expert of every routing group. 16×16 tiles of A and B are staged in workgroup memory.
-// flags: 1 bias, 2 GELU (tanh), 4 tanh, 8 accumulate into C.
+// flags: 1 bias, 2 GELU (tanh), 4 tanh, 8 accumulate into C, 16 GELU (erf).
 // `main` is the tiled kernel for GPUs; `rowwise` (a 4×4 block per invocation, no workgroup
 // memory or barriers) is for software adapters, where every barrier is a fibre switch per invocation
 // and the tiled kernel runs ~100x slower than a plain loop the compiler can vectorise.
@@ -29,6 +29,21 @@ fn gelu(x: f32) -> f32 {
     return x / (1.0 + exp(-u2));
 }
 
+// erf by Abramowitz & Stegun 7.1.26, the CPU kernel's form and constants (`erf` in
+// src/model/kernels.rs): 1 − (a₁t + … + a₅t⁵)·e^(−z²), t = 1/(1 + p|z|), |error| ≤ 1.5e-7.
+fn erf(z: f32) -> f32 {
+    let a = abs(z);
+    let t = 1.0 / (1.0 + 0.3275911 * a);
+    let poly = ((((1.0614054 * t - 1.453152) * t + 1.4214137) * t - 0.28449674) * t + 0.2548296) * t;
+    let y = 1.0 - poly * exp(-a * a);
+    return select(y, -y, z < 0.0);
+}
+
+// Exact GELU 0.5·x·(1 + erf(x/√2)) (PyTorch's default, DINOv2).
+fn gelu_erf(x: f32) -> f32 {
+    return 0.5 * x * (1.0 + erf(x * 0.70710677));
+}
+
 fn epilogue(acc: f32, outer: u32, inner: u32, at: u32, col: u32) {
     var v = acc * p.alpha;
     if ((p.flags & 1u) != 0u) {
@@ -39,6 +54,9 @@ fn epilogue(acc: f32, outer: u32, inner: u32, at: u32, col: u32) {
     }
     if ((p.flags & 4u) != 0u) {
         v = tanh(v);
+    }
+    if ((p.flags & 16u) != 0u) {
+        v = gelu_erf(v);
     }
     if ((p.flags & 8u) != 0u) {
         c[at] = c[at] + v;

@@ -2,9 +2,11 @@
 // Slot buffers are [groups, e, c, d]. `gather`: slot (g, j, s) ← token slot_token[g, j·c + s]
 // (zero when the slot is empty). `combine`: token t += Σ_j gate[t, j] · out[g, table[t, j]] over
 // the experts that hold it. With bf16 != 0 both round through bfloat16, like vmoe's bf16
-// dispatch.
+// dispatch. `combine` flags: 1 every gate is 1 (unit combine: the experts are parts of one dense
+// MLP), 2 write the sum instead of adding it to `dst` (a branch that LayerScale or `Moe/bias`
+// finishes before the residual add).
 
-struct Params { n: u32, e: u32, c: u32, d: u32, groups: u32, bf16: u32, _p0: u32, _p1: u32 }
+struct Params { n: u32, e: u32, c: u32, d: u32, groups: u32, bf16: u32, flags: u32, _p1: u32 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> src: array<f32>;
@@ -58,8 +60,16 @@ fn combine(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var j = 0u; j < p.e; j++) {
         let s = index[t * p.e + j];
         if (s >= 0) {
-            acc += gates[t * p.e + j] * round(src[((g * p.e * p.c) + u32(s)) * p.d + k]);
+            var gate = gates[t * p.e + j];
+            if ((p.flags & 1u) != 0u) {
+                gate = 1.0;
+            }
+            acc += gate * round(src[((g * p.e * p.c) + u32(s)) * p.d + k]);
         }
     }
-    dst[idx] = dst[idx] + acc;
+    if ((p.flags & 2u) != 0u) {
+        dst[idx] = acc;
+    } else {
+        dst[idx] = dst[idx] + acc;
+    }
 }

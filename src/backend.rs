@@ -347,25 +347,41 @@ mod tests {
         );
     }
 
-    /// What the GPU kernels lack (here LayerScale and the exact GELU of an imported DINOv2) keeps
-    /// the model on the CPU with a notice that says so; its results are the CPU model's.
+    /// A DINOv2-like model (LayerScale, exact GELU, unit combine, narrow experts, registers, no
+    /// head) runs on the GPU with no notice; one beyond what the attention kernel holds (more
+    /// tokens than `gpu::MAX_TOKENS`) stays on the CPU with a notice that says why.
     #[test]
-    fn a_model_with_features_the_gpu_lacks_runs_on_the_cpu_with_a_notice() {
+    fn models_run_on_the_gpu_unless_they_exceed_its_limits() {
         let Some(ctx) = test_gpu() else { return };
         let mut cfg = tiny_config(RouterKind::SoftmaxTokenChoice);
         cfg.layer_scale = true;
         cfg.gelu = crate::model::Gelu::Erf;
+        cfg.register_tokens = 2;
+        cfg.num_classes = 0;
+        cfg.class_names.clear();
+        if let Some(m) = cfg.moe.as_mut() {
+            m.combine = crate::model::Combine::Unit;
+            m.expert_mlp_dim = Some(6);
+        }
         let engine = Engine::new(cfg.clone(), random_weights(&cfg, 5), Some(ctx)).unwrap();
-        assert!(!engine.on_gpu());
-        let notice = engine.take_notice().unwrap();
-        assert!(
-            notice.contains("no LayerScale yet") && notice.contains("CPU"),
-            "{notice}"
-        );
+        assert!(engine.on_gpu(), "{:?}", engine.take_notice());
+        assert_eq!(engine.take_notice(), None);
         let out = engine
             .forward(&[vec![0.1; 8 * 12 * 3]], &RunOptions::from_config(&cfg))
             .unwrap();
-        assert!(out.on_cpu());
+        assert!(crate::gpu::computed_on_gpu(&out));
+
+        let mut big = tiny_config(RouterKind::SoftmaxTokenChoice);
+        big.image_size = [56, 56];
+        big.patch_size = [1, 1];
+        assert!(big.seq_len() > crate::gpu::MAX_TOKENS);
+        let engine = Engine::new(big.clone(), random_weights(&big, 5), Some(ctx)).unwrap();
+        assert!(!engine.on_gpu());
+        let notice = engine.take_notice().unwrap();
+        assert!(
+            notice.contains("3137 tokens") && notice.contains("CPU"),
+            "{notice}"
+        );
     }
 
     /// A GPU failure mid-run (here: the device's buffers destroyed under the model) falls back to

@@ -121,6 +121,7 @@ fn parity(ctx: &GpuContext, n: usize) -> anyhow::Result<Vec<(String, ParityRepor
         report.merge(&compare(
             &cpu.forward(&images, &opts)?,
             &gpu.forward(&images, &opts)?,
+            cfg.hidden_size,
         ));
         let samples: Vec<Vec<f32>> = catalog::sample_images()
             .iter()
@@ -140,7 +141,7 @@ fn parity(ctx: &GpuContext, n: usize) -> anyhow::Result<Vec<(String, ParityRepor
             else {
                 continue;
             };
-            report.merge(&compare(&c, &g));
+            report.merge(&compare(&c, &g, cfg.hidden_size));
         }
         out.push((cfg.name.clone(), report));
     }

@@ -30,6 +30,7 @@ pub enum Kernel {
     Sinkhorn,
     Gather,
     Combine,
+    AddBranch,
 }
 
 /// A shader module: its source and how many storage buffers it binds after the parameters.
@@ -39,7 +40,7 @@ struct Module {
     storage: usize,
 }
 
-const MODULES: [Module; 10] = [
+const MODULES: [Module; 11] = [
     Module {
         name: "matmul",
         source: include_str!("../../shaders/matmul.wgsl"),
@@ -90,10 +91,15 @@ const MODULES: [Module; 10] = [
         source: include_str!("../../shaders/moe_dispatch.wgsl"),
         storage: 4,
     },
+    Module {
+        name: "residual",
+        source: include_str!("../../shaders/residual.wgsl"),
+        storage: 4,
+    },
 ];
 
 /// (kernel, module index, entry point)
-const ENTRIES: [(Kernel, usize, &str); 19] = [
+const ENTRIES: [(Kernel, usize, &str); 20] = [
     (Kernel::Matmul, 0, "main"),
     (Kernel::MatmulRowwise, 0, "rowwise"),
     (Kernel::LayerNorm, 1, "main"),
@@ -113,6 +119,7 @@ const ENTRIES: [(Kernel, usize, &str); 19] = [
     (Kernel::Sinkhorn, 8, "main"),
     (Kernel::Gather, 9, "gather"),
     (Kernel::Combine, 9, "combine"),
+    (Kernel::AddBranch, 10, "add_branch"),
 ];
 
 /// Workgroup width of the flat (one thread per element) kernels.
@@ -500,8 +507,20 @@ pub struct Matmul {
 pub enum Activation {
     #[default]
     None,
+    /// vmoe's tanh-approximation GELU.
     Gelu,
+    /// The exact (erf) GELU.
+    GeluErf,
     Tanh,
+}
+
+impl From<crate::model::Gelu> for Activation {
+    fn from(g: crate::model::Gelu) -> Self {
+        match g {
+            crate::model::Gelu::Tanh => Self::Gelu,
+            crate::model::Gelu::Erf => Self::GeluErf,
+        }
+    }
 }
 
 impl Matmul {
@@ -542,6 +561,7 @@ impl Matmul {
                 Activation::None => 0,
                 Activation::Gelu => 2,
                 Activation::Tanh => 4,
+                Activation::GeluErf => 16,
             }
             | if self.accumulate { 8 } else { 0 };
         let u = |v: usize| v as u32;

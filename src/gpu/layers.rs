@@ -1,12 +1,11 @@
 //! The dense building blocks of the GPU model, uploaded from checkpoint weights: a linear layer,
-//! LayerNorm and stacked MLPs (one per expert in an MoE layer), each with the launches that
-//! compute it.
+//! LayerNorm, stacked MLPs (one per expert in an MoE layer) and the residual add of a branch
+//! that LayerScale or a bias finishes, each with the launches that compute it.
 
-use super::kernels::{Activation, Kernel, Matmul, row_groups, upload};
+use super::kernels::{Activation, Kernel, Matmul, flat_groups, row_groups, upload};
 use super::recorder::Recorder;
 use crate::model::{ModelConfig, ModelError, ModelWeights};
 
-const LN_EPS: f32 = 1e-6;
 pub(crate) fn get<'a>(weights: &'a ModelWeights, name: &str) -> Result<&'a [f32], ModelError> {
     weights
         .get(name)
@@ -79,6 +78,7 @@ pub(crate) struct LayerNorm {
     scale: wgpu::Buffer,
     bias: wgpu::Buffer,
     d: usize,
+    eps: f32,
 }
 
 impl LayerNorm {
@@ -87,6 +87,7 @@ impl LayerNorm {
         weights: &ModelWeights,
         prefix: &str,
         d: usize,
+        eps: f32,
     ) -> Result<Self, ModelError> {
         let scale = get(weights, &format!("{prefix}/scale"))?;
         let bias = get(weights, &format!("{prefix}/bias"))?;
@@ -99,20 +100,21 @@ impl LayerNorm {
             scale: upload(device, prefix, scale),
             bias: upload(device, prefix, bias),
             d,
+            eps,
         })
     }
 
     pub fn encode(&self, rec: &mut Recorder<'_>, x: &wgpu::Buffer, y: &wgpu::Buffer, rows: usize) {
         rec.launch(
             Kernel::LayerNorm,
-            &[rows as u32, self.d as u32, LN_EPS.to_bits(), 0],
+            &[rows as u32, self.d as u32, self.eps.to_bits(), 0],
             &[x, &self.scale, &self.bias, y],
             row_groups(rows),
         );
     }
 }
 
-/// `num` stacked `Dense_0 → GELU → Dense_1` MLPs.
+/// `num` stacked `Dense_0 → GELU → Dense_1` MLPs of `hidden` units each.
 pub(crate) struct Mlp {
     pub w0: wgpu::Buffer,
     pub b0: wgpu::Buffer,
@@ -120,17 +122,21 @@ pub(crate) struct Mlp {
     pub b1: wgpu::Buffer,
     pub dim: usize,
     pub hidden: usize,
+    act: Activation,
 }
 
 impl Mlp {
+    /// The MLPs under `prefix`, with `hidden` units (the model's `mlp_dim`, or an MoE layer's
+    /// narrower `expert_mlp_dim`) and the model's GELU.
     pub fn load(
         device: &wgpu::Device,
         weights: &ModelWeights,
         prefix: &str,
         num: usize,
+        hidden: usize,
         cfg: &ModelConfig,
     ) -> Result<Self, ModelError> {
-        let (d, m) = (cfg.hidden_size, cfg.mlp_dim);
+        let (d, m) = (cfg.hidden_size, hidden);
         let part = |name: &str, len: usize| -> Result<wgpu::Buffer, ModelError> {
             let full = format!("{prefix}/{name}");
             let data = get(weights, &full)?;
@@ -149,6 +155,7 @@ impl Mlp {
             b1: part("Dense_1/bias", num * d)?,
             dim: d,
             hidden: m,
+            act: cfg.gelu.into(),
         })
     }
 
@@ -176,7 +183,7 @@ impl Mlp {
             c_so: num * rows * m,
             c_si: rows * m,
             bias_si: m,
-            ..Matmul::plain(rows, d, m).with_bias().act(Activation::Gelu)
+            ..Matmul::plain(rows, d, m).with_bias().act(self.act)
         };
         rec.matmul(up, x, &self.w0, Some(&self.b0), hidden);
         let mut down = Matmul {
@@ -193,4 +200,26 @@ impl Mlp {
         down.accumulate = accumulate;
         rec.matmul(down, hidden, &self.w1, Some(&self.b1), out);
     }
+}
+
+/// `x += (a + bias) · scale` per channel over `rows` rows of `d` (`shaders/residual.wgsl`): a
+/// branch finished by LayerScale (`scale`) or a unit-combine MoE layer's bias, or both.
+pub(crate) fn add_branch(
+    rec: &mut Recorder<'_>,
+    a: &wgpu::Buffer,
+    scale: Option<&wgpu::Buffer>,
+    bias: Option<&wgpu::Buffer>,
+    x: &wgpu::Buffer,
+    rows: usize,
+    d: usize,
+) {
+    let flags = u32::from(bias.is_some()) | (u32::from(scale.is_some()) << 1);
+    let unused = &rec.ctx.kernels.dummy;
+    let (scale, bias) = (scale.unwrap_or(unused), bias.unwrap_or(unused));
+    rec.launch(
+        Kernel::AddBranch,
+        &[(rows * d) as u32, d as u32, flags, 0],
+        &[a, scale, bias, x],
+        flat_groups(rows * d),
+    );
 }

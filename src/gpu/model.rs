@@ -12,12 +12,12 @@ use std::sync::{Arc, Mutex};
 use super::context::GpuContext;
 use super::error::GpuError;
 use super::kernels::{Activation, Kernel, as_f32, flat_groups, row_groups, storage, upload};
-use super::layers::{LayerNorm, Linear, Mlp, get};
+use super::layers::{LayerNorm, Linear, Mlp, add_branch, get};
 use super::moe::{LayerPending, MoeWeights, SoftWeights, encode_moe, finish_layer};
 use super::recorder::{Recorder, RunStats, Workspace};
 use crate::model::vit::{Resume, check_run_options};
 use crate::model::{
-    Classifier, Combine, Forward, ForwardOutput, Gelu, ModelConfig, ModelError, ModelWeights,
+    Classifier, Combine, Forward, ForwardOutput, ModelConfig, ModelError, ModelWeights,
     RunOptions, block_prefix,
 };
 
@@ -26,7 +26,7 @@ use crate::model::{
 struct GpuResume(Vec<wgpu::Buffer>);
 
 /// Keys one attention workgroup can hold (`MAX_S` in `shaders/attention.wgsl`).
-pub const MAX_TOKENS: usize = 1024;
+pub const MAX_TOKENS: usize = 3072;
 
 enum Ffn {
     Dense(Mlp),
@@ -39,6 +39,8 @@ struct Block {
     out: Linear,
     ln1: LayerNorm,
     ffn: Ffn,
+    /// LayerScale after attention and after the MLP.
+    layer_scale: Option<(wgpu::Buffer, wgpu::Buffer)>,
 }
 
 /// A ViT-MoE resident on a GPU.
@@ -47,12 +49,16 @@ pub struct GpuVitMoe {
     pub config: ModelConfig,
     param_names: BTreeSet<String>,
     embedding: Linear,
-    cls: Option<wgpu::Buffer>,
+    /// The prefix tokens (CLS, distillation, registers) `[P, d]`, `None` without any.
+    prefix: Option<wgpu::Buffer>,
     pos_embedding: wgpu::Buffer,
     blocks: Vec<Block>,
     encoder_norm: LayerNorm,
     pre_logits: Option<Linear>,
-    head: Linear,
+    /// The classifier; `None` for a feature model. With a distillation token its weights are
+    /// halved at upload, as are `head_dist`'s: the two heads' mean is their sum (exact in f32).
+    head: Option<Linear>,
+    head_dist: Option<Linear>,
     workspace: Mutex<Workspace>,
     /// What the last run recorded (launches, passes, readback).
     last_stats: Mutex<RunStats>,
@@ -73,11 +79,6 @@ impl GpuVitMoe {
     ) -> Result<Self, GpuError> {
         config.validate()?;
         let cfg = config;
-        if let Some(missing) = unsupported(cfg) {
-            return Err(GpuError::Failed(format!(
-                "the GPU backend has no {missing} yet"
-            )));
-        }
         if cfg.seq_len() > MAX_TOKENS {
             return Err(GpuError::Failed(format!(
                 "{} tokens per image; the attention kernel holds at most {MAX_TOKENS}",
@@ -98,12 +99,29 @@ impl GpuVitMoe {
         let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let d = cfg.hidden_size;
+        let eps = cfg.layer_norm_eps;
         let [ph, pw] = cfg.patch_size;
         let embedding = Linear::load(device, weights, "embedding", ph * pw * cfg.channels, d)?;
-        let cls = match cfg.classifier {
-            Classifier::Token => Some(upload(device, "cls", get(weights, "cls")?)),
-            Classifier::Gap => None,
-        };
+        let tokens = cfg.prefix();
+        let mut prefix = Vec::with_capacity(tokens.count() * d);
+        for (name, count) in [
+            ("cls", usize::from(tokens.cls)),
+            ("dist", usize::from(tokens.distillation)),
+            ("registers", tokens.registers),
+        ] {
+            if count > 0 {
+                let t = get(weights, name)?;
+                if t.len() != count * d {
+                    return Err(ModelError::Tensor(format!(
+                        "`{name}` has {} values, expected {count}x{d}",
+                        t.len()
+                    ))
+                    .into());
+                }
+                prefix.extend_from_slice(t);
+            }
+        }
+        let prefix = (!prefix.is_empty()).then(|| upload(device, "prefix tokens", &prefix));
         let pos = get(weights, "Encoder/posembed_input/pos_embedding")?;
         if pos.len() != cfg.seq_len() * d {
             return Err(ModelError::Tensor(format!(
@@ -148,7 +166,14 @@ impl GpuVitMoe {
             }
             let qkv = Linear::from_parts(device, &att, &w, &bias, d, 3 * hd)?;
             let ffn = match cfg.moe.as_ref().filter(|m| m.layers.contains(&i)) {
-                None => Ffn::Dense(Mlp::load(device, weights, &format!("{b}/Mlp"), 1, cfg)?),
+                None => Ffn::Dense(Mlp::load(
+                    device,
+                    weights,
+                    &format!("{b}/Mlp"),
+                    1,
+                    cfg.mlp_dim,
+                    cfg,
+                )?),
                 Some(moe) => {
                     let e = moe.num_experts;
                     let router_kernel = weights
@@ -168,29 +193,71 @@ impl GpuVitMoe {
                         )),
                         _ => None,
                     };
+                    let unit_bias = match moe.combine {
+                        Combine::Unit => Some(upload(
+                            device,
+                            "Moe/bias",
+                            vector(weights, &format!("{b}/Moe/bias"), d)?,
+                        )),
+                        Combine::Gated => None,
+                    };
                     Ffn::Moe(MoeWeights {
                         block: i,
                         num_experts: e,
                         router_kernel,
                         soft,
-                        experts: Mlp::load(device, weights, &format!("{b}/Moe/Mlp"), e, cfg)?,
+                        experts: Mlp::load(
+                            device,
+                            weights,
+                            &format!("{b}/Moe/Mlp"),
+                            e,
+                            moe.expert_hidden(cfg.mlp_dim),
+                            cfg,
+                        )?,
+                        unit_bias,
                     })
                 }
             };
+            let layer_scale = match cfg.layer_scale {
+                true => {
+                    let scale = |j: usize| -> Result<wgpu::Buffer, ModelError> {
+                        let name = format!("{b}/LayerScale_{j}/scale");
+                        Ok(upload(device, &name, vector(weights, &name, d)?))
+                    };
+                    Some((scale(0)?, scale(1)?))
+                }
+                false => None,
+            };
             blocks.push(Block {
-                ln0: LayerNorm::load(device, weights, &format!("{b}/LayerNorm_0"), d)?,
+                ln0: LayerNorm::load(device, weights, &format!("{b}/LayerNorm_0"), d, eps)?,
                 qkv,
                 out: Linear::load(device, weights, &format!("{att}/out"), hd, d)?,
-                ln1: LayerNorm::load(device, weights, &format!("{b}/LayerNorm_1"), d)?,
+                ln1: LayerNorm::load(device, weights, &format!("{b}/LayerNorm_1"), d, eps)?,
                 ffn,
+                layer_scale,
             });
         }
-        let encoder_norm = LayerNorm::load(device, weights, "Encoder/encoder_norm", d)?;
+        let encoder_norm = LayerNorm::load(device, weights, "Encoder/encoder_norm", d, eps)?;
         let (pre_logits, head_in) = match cfg.representation_size {
             Some(r) => (Some(Linear::load(device, weights, "pre_logits", d, r)?), r),
             None => (None, d),
         };
-        let head = Linear::load(device, weights, "head", head_in, cfg.num_classes)?;
+        let two_heads = cfg.distillation_token;
+        let head_of = |name: &str| -> Result<Linear, ModelError> {
+            let w = get(weights, &format!("{name}/kernel"))?;
+            let bias = get(weights, &format!("{name}/bias"))?;
+            let half = |v: &[f32]| -> Vec<f32> {
+                v.iter().map(|x| if two_heads { x * 0.5 } else { *x }).collect()
+            };
+            Linear::from_parts(device, name, &half(w), &half(bias), head_in, cfg.num_classes)
+        };
+        let (head, head_dist) = match cfg.is_feature_model() {
+            true => (None, None),
+            false => (
+                Some(head_of("head")?),
+                two_heads.then(|| head_of("head_dist")).transpose()?,
+            ),
+        };
         let errors = [
             pollster::block_on(validation.pop()),
             pollster::block_on(oom.pop()),
@@ -203,12 +270,13 @@ impl GpuVitMoe {
             config: config.clone(),
             param_names: weights.keys().cloned().collect(),
             embedding,
-            cls,
+            prefix,
             pos_embedding,
             blocks,
             encoder_norm,
             pre_logits,
             head,
+            head_dist,
             workspace: Mutex::new(Workspace::default()),
             last_stats: Mutex::new(RunStats::default()),
         })
@@ -217,7 +285,7 @@ impl GpuVitMoe {
     /// Destroys a weight buffer, so that the next run fails like a lost device would.
     #[cfg(test)]
     pub(crate) fn poison_for_test(&self) {
-        self.head.w.destroy();
+        self.embedding.w.destroy();
     }
 
     pub fn context(&self) -> &GpuContext {
@@ -375,20 +443,7 @@ impl GpuVitMoe {
                 ctx.queue.write_buffer(&img, 0, bytemuck::cast_slice(&flat));
                 let patches = ws.get(device, "patches", b * np * pin);
                 let emb = ws.get(device, "patch_embedding", b * np * d);
-                let params = [
-                    b as u32,
-                    h as u32,
-                    w as u32,
-                    c as u32,
-                    ph as u32,
-                    pw as u32,
-                    gh as u32,
-                    gw as u32,
-                    s as u32,
-                    d as u32,
-                    u32::from(self.cls.is_some()),
-                    0,
-                ];
+                let params = embed_params(cfg, b, 0, 0);
                 rec.launch(
                     Kernel::Patchify,
                     &params,
@@ -397,11 +452,11 @@ impl GpuVitMoe {
                 );
                 self.embedding
                     .encode(&mut rec, &patches, &emb, b * np, Activation::None, false);
-                let cls = self.cls.as_ref().unwrap_or(&emb);
+                let prefix = self.prefix.as_ref().unwrap_or(&emb);
                 rec.launch(
                     Kernel::Assemble,
                     &params,
-                    &[&emb, cls, &self.pos_embedding, &x],
+                    &[&emb, prefix, &self.pos_embedding, &x],
                     flat_groups(bs * d),
                 );
                 (0, false)
@@ -417,8 +472,16 @@ impl GpuVitMoe {
             }
         };
 
+        // A branch that LayerScale or a unit-combine bias finishes is written here first.
+        let branch = ws.get(device, "branch", bs * d);
         let mut pending: Vec<LayerPending> = Vec::new();
         for (i, block) in self.blocks.iter().enumerate().skip(start) {
+            let scale = |j: usize| {
+                block
+                    .layer_scale
+                    .as_ref()
+                    .map(|(a, m)| if j == 0 { a } else { m })
+            };
             if !(resume_at_moe && i == start) {
                 block.ln0.encode(&mut rec, &x, &hbuf, bs);
                 block
@@ -435,26 +498,42 @@ impl GpuVitMoe {
                     &[&qkv, &att],
                     [s as u32, cfg.num_heads as u32, b as u32],
                 );
-                block
-                    .out
-                    .encode(&mut rec, &att, &x, bs, Activation::None, true);
+                match scale(0) {
+                    None => block
+                        .out
+                        .encode(&mut rec, &att, &x, bs, Activation::None, true),
+                    Some(ls) => {
+                        block
+                            .out
+                            .encode(&mut rec, &att, &branch, bs, Activation::None, false);
+                        add_branch(&mut rec, &branch, Some(ls), None, &x, bs, d);
+                    }
+                }
             }
             block.ln1.encode(&mut rec, &x, &hbuf, bs);
             match &block.ffn {
-                Ffn::Dense(mlp) => mlp.encode(&mut rec, &hbuf, &mlp_h, &x, 1, 1, bs, true),
+                Ffn::Dense(mlp) => match scale(1) {
+                    None => mlp.encode(&mut rec, &hbuf, &mlp_h, &x, 1, 1, bs, true),
+                    Some(ls) => {
+                        mlp.encode(&mut rec, &hbuf, &mlp_h, &branch, 1, 1, bs, false);
+                        add_branch(&mut rec, &branch, Some(ls), None, &x, bs, d);
+                    }
+                },
                 Ffn::Moe(moe) => {
                     let li = out.records.len() + pending.len();
                     let saved = storage(device, "moe input", bs * d);
                     rec.copy(&x, &saved, bs * d);
                     residuals.push(saved);
                     let router = &out.options.routers[li];
+                    let finish = scale(1).is_some() || moe.unit_bias.is_some();
                     let p = encode_moe(
                         &mut rec,
                         &mut ws,
                         moe,
                         li,
                         &hbuf,
-                        &x,
+                        if finish { &branch } else { &x },
+                        !finish,
                         router,
                         b,
                         s,
@@ -462,49 +541,87 @@ impl GpuVitMoe {
                         cfg.moe.as_ref().is_some_and(|m| m.bfloat16_dispatch),
                         cpu_sinkhorn.contains(&li),
                     )?;
+                    if finish {
+                        add_branch(
+                            &mut rec,
+                            &branch,
+                            scale(1),
+                            moe.unit_bias.as_ref(),
+                            &x,
+                            bs,
+                            d,
+                        );
+                    }
                     pending.push(p);
                 }
             }
         }
-        self.encoder_norm.encode(&mut rec, &x, &hbuf, bs);
-        let pooled = ws.get(device, "pooled", b * d);
-        let mode = match cfg.classifier {
-            Classifier::Token => 0,
-            Classifier::Gap => 1,
-        };
-        let mut params = [0u32; 12];
-        params[0] = b as u32;
-        params[8] = s as u32;
-        params[9] = d as u32;
-        params[11] = mode;
-        rec.launch(
-            Kernel::Pool,
-            &params,
-            &[&hbuf, &hbuf, &hbuf, &pooled],
-            flat_groups(b * d),
-        );
-        let rep = match &self.pre_logits {
-            Some(p) => {
-                let r = ws.get(device, "pre_logits", b * p.fan_out);
-                p.encode(&mut rec, &pooled, &r, b, Activation::Tanh, false);
-                r
+        // The features: the final LayerNorm of every token, or with timm's `fc_norm` the last
+        // block's output (the LayerNorm then normalises the pooled vector instead).
+        let features = match cfg.fc_norm {
+            true => &x,
+            false => {
+                self.encoder_norm.encode(&mut rec, &x, &hbuf, bs);
+                &hbuf
             }
-            None => pooled,
         };
         let classes = cfg.num_classes;
-        let logits = ws.get(device, "logits", b * classes);
-        self.head
-            .encode(&mut rec, &rep, &logits, b, Activation::None, false);
-        let probs = ws.get(device, "probs", b * classes);
-        rec.launch(
-            Kernel::SoftmaxRows,
-            &[b as u32, classes as u32, 0, 0],
-            &[&logits, &probs],
-            row_groups(b),
-        );
+        let probs = match &self.head {
+            None => None,
+            Some(head) => {
+                let pool = |rec: &mut Recorder<'_>, ws: &mut Workspace, name: &str, mode, token| {
+                    let pooled = ws.get(device, name, b * d);
+                    rec.launch(
+                        Kernel::Pool,
+                        &embed_params(cfg, b, mode, token),
+                        &[features, features, features, &pooled],
+                        flat_groups(b * d),
+                    );
+                    match cfg.fc_norm {
+                        false => pooled,
+                        true => {
+                            let normed = ws.get(device, &format!("{name}.normed"), b * d);
+                            self.encoder_norm.encode(rec, &pooled, &normed, b);
+                            normed
+                        }
+                    }
+                };
+                let mode = match cfg.classifier {
+                    Classifier::Token => 0,
+                    Classifier::Gap => 1,
+                };
+                let pooled = pool(&mut rec, &mut ws, "pooled", mode, 0);
+                let rep = match &self.pre_logits {
+                    Some(p) => {
+                        let r = ws.get(device, "pre_logits", b * p.fan_out);
+                        p.encode(&mut rec, &pooled, &r, b, Activation::Tanh, false);
+                        r
+                    }
+                    None => pooled,
+                };
+                let logits = ws.get(device, "logits", b * classes);
+                head.encode(&mut rec, &rep, &logits, b, Activation::None, false);
+                if let Some(hd) = &self.head_dist {
+                    // DeiT: the distillation token (token 1) through its own head, added to the
+                    // halved CLS head's logits.
+                    let dist = pool(&mut rec, &mut ws, "pooled_dist", 0, 1);
+                    hd.encode(&mut rec, &dist, &logits, b, Activation::None, true);
+                }
+                let probs = ws.get(device, "probs", b * classes);
+                rec.launch(
+                    Kernel::SoftmaxRows,
+                    &[b as u32, classes as u32, 0, 0],
+                    &[&logits, &probs],
+                    row_groups(b),
+                );
+                Some(probs)
+            }
+        };
 
-        // `hbuf` still holds the final LayerNorm output: the features.
-        let mut reads: Vec<(&wgpu::Buffer, usize)> = vec![(&probs, b * classes), (&hbuf, bs * d)];
+        let mut reads: Vec<(&wgpu::Buffer, usize)> = vec![(features, bs * d)];
+        if let Some(p) = &probs {
+            reads.push((p, b * classes));
+        }
         for p in &pending {
             reads.extend(p.reads());
         }
@@ -512,10 +629,15 @@ impl GpuVitMoe {
         if let Ok(mut s) = self.last_stats.lock() {
             *s = rec.stats;
         }
-        let probs = as_f32(words.next().unwrap_or_default());
-        out.probs = probs.chunks_exact(classes).map(<[f32]>::to_vec).collect();
         let features = as_f32(words.next().unwrap_or_default());
         out.features = features.chunks_exact(s * d).map(<[f32]>::to_vec).collect();
+        out.probs = match probs {
+            Some(_) => as_f32(words.next().unwrap_or_default())
+                .chunks_exact(classes)
+                .map(<[f32]>::to_vec)
+                .collect(),
+            None => vec![Vec::new(); b],
+        };
         let mut failed = Vec::new();
         for p in pending {
             let n = p.reads().len();
@@ -538,30 +660,43 @@ impl Forward for GpuVitMoe {
     }
 }
 
-/// What `cfg` needs that the GPU kernels do not have yet (the engine then runs on the CPU).
-fn unsupported(cfg: &ModelConfig) -> Option<&'static str> {
-    let moe = cfg.moe.as_ref();
-    if cfg.layer_scale {
-        Some("LayerScale")
-    } else if cfg.prefix()
-        != crate::model::PrefixTokens::cls_only(cfg.classifier == Classifier::Token)
-    {
-        Some("distillation or register tokens, or a CLS token with mean pooling")
-    } else if cfg.fc_norm {
-        Some("a LayerNorm after pooling (fc_norm)")
-    } else if cfg.layer_norm_eps != crate::model::DEFAULT_LAYER_NORM_EPS {
-        Some("a LayerNorm epsilon other than 1e-6")
-    } else if cfg.gelu != Gelu::Tanh {
-        Some("exact (erf) GELU")
-    } else if cfg.is_feature_model() {
-        Some("feature models (no classifier head)")
-    } else if moe.is_some_and(|m| m.combine != Combine::Gated) {
-        Some("unit-weight expert combine")
-    } else if moe.is_some_and(|m| m.expert_hidden(cfg.mlp_dim) != cfg.mlp_dim) {
-        Some("experts narrower than the dense MLP")
-    } else {
-        None
+/// The parameters of `shaders/embed.wgsl` for a batch of `b` images; `mode` and `token` say
+/// what `pool` reads.
+fn embed_params(cfg: &ModelConfig, b: usize, mode: u32, token: u32) -> [u32; 16] {
+    let [h, w] = cfg.image_size;
+    let [ph, pw] = cfg.patch_size;
+    let [gh, gw] = cfg.grid();
+    let u = |v: usize| v as u32;
+    [
+        u(b),
+        u(h),
+        u(w),
+        u(cfg.channels),
+        u(ph),
+        u(pw),
+        u(gh),
+        u(gw),
+        u(cfg.seq_len()),
+        u(cfg.hidden_size),
+        u(cfg.prefix().count()),
+        mode,
+        token,
+        0,
+        0,
+        0,
+    ]
+}
+
+/// Tensor `name`, which must hold `len` values (a per-channel vector).
+fn vector<'a>(weights: &'a ModelWeights, name: &str, len: usize) -> Result<&'a [f32], ModelError> {
+    let t = get(weights, name)?;
+    if t.len() != len {
+        return Err(ModelError::Tensor(format!(
+            "`{name}` has {} values, expected {len}",
+            t.len()
+        )));
     }
+    Ok(t)
 }
 
 /// Whether the GPU backend computed `out` (so a what-if from it resumes on the GPU).

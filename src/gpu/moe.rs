@@ -74,6 +74,9 @@ pub(crate) struct MoeWeights {
     pub router_kernel: Option<wgpu::Buffer>,
     pub soft: Option<SoftWeights>,
     pub experts: Mlp,
+    /// `Some(Moe/bias)` under unit combine: every gate is 1, the bias is added once per token
+    /// (by the caller, with the LayerScale).
+    pub unit_bias: Option<wgpu::Buffer>,
 }
 
 /// What a layer left on the GPU to read back, and how to turn it into records.
@@ -100,8 +103,9 @@ impl LayerPending {
     }
 }
 
-/// Records MoE layer `layer` (encoder block `moe.block`) on `h = LN_1(x)` `[b·s, d]`, adding its
-/// output to the residual stream `x`.
+/// Records MoE layer `layer` (encoder block `moe.block`) on `h = LN_1(x)` `[b·s, d]`: its
+/// output is added to the residual stream `x` (`accumulate`), or written to `x` as a branch
+/// for the caller to finish.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn encode_moe(
     rec: &mut Recorder<'_>,
@@ -110,6 +114,7 @@ pub(crate) fn encode_moe(
     layer: usize,
     h: &wgpu::Buffer,
     x: &wgpu::Buffer,
+    accumulate: bool,
     router: &RouterConfig,
     b: usize,
     s: usize,
@@ -220,7 +225,8 @@ pub(crate) fn encode_moe(
             a_so: n * ep,
             b_so: ep * d,
             c_so: n * d,
-            ..Matmul::plain(n, ep, d).accumulate()
+            accumulate,
+            ..Matmul::plain(n, ep, d)
         };
         rec.matmul(back, &combine, &out, None, x);
         pending.buffers = vec![
@@ -370,9 +376,10 @@ pub(crate) fn encode_moe(
     let out = ws.get(device, "moe.out", groups * e * c * d);
     moe.experts
         .encode(rec, &slots, &hidden, &out, groups, e, c, false);
+    let flags = u32::from(moe.unit_bias.is_some()) | (u32::from(!accumulate) << 1);
     rec.launch(
         Kernel::Combine,
-        &params,
+        &[u(n), u(e), u(c), u(d), u(groups), u32::from(bf16), flags, 0],
         &[&out, &table, &gates, x],
         flat_groups(bs * d),
     );

@@ -36,6 +36,10 @@ pub struct ParityReport {
     /// weight, over groups no earlier tie touched.
     pub max_logit_diff: f32,
     pub max_weight_diff: f32,
+    /// Largest |Δ| of a final feature, and largest 1 − cosine between a token's two feature
+    /// vectors, over images no tie touched.
+    pub max_feature_diff: f32,
+    pub max_feature_cosine_gap: f64,
 }
 
 impl ParityReport {
@@ -49,6 +53,8 @@ impl ParityReport {
         self.mismatches += o.mismatches;
         self.max_logit_diff = self.max_logit_diff.max(o.max_logit_diff);
         self.max_weight_diff = self.max_weight_diff.max(o.max_weight_diff);
+        self.max_feature_diff = self.max_feature_diff.max(o.max_feature_diff);
+        self.max_feature_cosine_gap = self.max_feature_cosine_gap.max(o.max_feature_cosine_gap);
     }
 }
 
@@ -69,10 +75,14 @@ fn kept(ch: &[Choice]) -> Vec<(u32, bool)> {
     v
 }
 
-/// Compares two outputs of the same images and options (CPU first).
-pub fn compare(cpu: &ForwardOutput, gpu: &ForwardOutput) -> ParityReport {
+/// Compares two outputs of the same images and options (CPU first) of a model of width `dim`
+/// (its `hidden_size`: the length of one token's features).
+pub fn compare(cpu: &ForwardOutput, gpu: &ForwardOutput, dim: usize) -> ParityReport {
     let mut r = ParityReport::default();
-    if cpu.probs.len() != gpu.probs.len() || cpu.records.len() != gpu.records.len() {
+    if cpu.probs.len() != gpu.probs.len()
+        || cpu.records.len() != gpu.records.len()
+        || cpu.features.len() != gpu.features.len()
+    {
         r.max_prob_diff = f32::INFINITY;
         r.mismatches = usize::MAX / 2;
         return r;
@@ -149,7 +159,33 @@ pub fn compare(cpu: &ForwardOutput, gpu: &ForwardOutput) -> ParityReport {
             r.max_prob_diff = r.max_prob_diff.max(d);
         }
     }
+    for (i, (a, b)) in cpu.features.iter().zip(&gpu.features).enumerate() {
+        if tied_images.contains(&i) {
+            continue;
+        }
+        r.max_feature_diff = r.max_feature_diff.max(max_diff(a, b));
+        if dim > 0 && a.len() == b.len() {
+            for (x, y) in a.chunks_exact(dim).zip(b.chunks_exact(dim)) {
+                r.max_feature_cosine_gap = r.max_feature_cosine_gap.max(1.0 - cosine(x, y));
+            }
+        }
+    }
     r
+}
+
+/// Cosine similarity in f64 (1 for two zero vectors).
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (f64::from(x), f64::from(y));
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    if aa == 0.0 && bb == 0.0 {
+        return 1.0;
+    }
+    ab / (aa.sqrt() * bb.sqrt()).max(f64::MIN_POSITIVE)
 }
 
 /// Of the `differing` tokens, those whose deciding CPU scores tie within [`TIE_EPS`]: a Token

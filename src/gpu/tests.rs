@@ -86,6 +86,8 @@ fn matmul_with_bias_activation_and_two_level_batches() {
         (Activation::Tanh, true, true),
         (Activation::None, false, false),
         (Activation::Gelu, true, false),
+        (Activation::GeluErf, false, true),
+        (Activation::GeluErf, true, false),
     ] {
         let d = &ctx.device;
         let (ab, bb, biasb, cb) = (
@@ -121,6 +123,7 @@ fn matmul_with_bias_activation_and_two_level_batches() {
                         v = match act {
                             Activation::None => v,
                             Activation::Gelu => gelu(v),
+                            Activation::GeluErf => crate::model::gelu_erf(v),
                             Activation::Tanh => v.tanh(),
                         };
                         let idx = (o * inner + j) * m * n + r * n + col;
@@ -486,7 +489,7 @@ fn model_parity(ctx: &GpuContext) {
             let a = cpu.forward(&imgs, &opts).unwrap();
             let b = gpu.forward(&imgs, &opts).unwrap();
             assert!(super::computed_on_gpu(&b));
-            let r = compare(&a, &b);
+            let r = compare(&a, &b, cfg.hidden_size);
             assert!(r.max_prob_diff < 1e-4, "{kind:?} group {group}: {r:?}");
             assert_eq!(r.mismatches, 0, "{kind:?} group {group}: {r:?}");
             assert!(r.max_weight_diff < 1e-4, "{kind:?}: {r:?}");
@@ -514,12 +517,144 @@ fn model_parity(ctx: &GpuContext) {
             };
             let full = cpu.forward(&imgs, &other).unwrap();
             let what_if = gpu.rerun(&b, &other).unwrap();
-            let r = compare(&full, &what_if);
+            let r = compare(&full, &what_if, cfg.hidden_size);
             assert!(
                 r.max_prob_diff < 1e-4 && r.mismatches == 0,
                 "{kind:?} what-if: {r:?}"
             );
         }
+    }
+}
+
+/// The configurations the CPU model runs, one per combination of the switches the GPU kernels
+/// must follow: GELU form × LayerScale × expert combine × head (CLS classifier, mean-pooled
+/// classifier, feature model) × expert width, each under a different router in turn; then the
+/// prefix-token and pooling variants of the importers (distillation token, registers, a kept CLS
+/// token with mean pooling, `fc_norm`, Hugging Face's LayerNorm epsilon, `pre_logits`).
+fn switch_configs() -> Vec<(String, crate::model::ModelConfig)> {
+    use crate::model::{Classifier, Combine, Gelu};
+    let mut out = Vec::new();
+    let mut i = 0;
+    for gelu in [Gelu::Tanh, Gelu::Erf] {
+        for layer_scale in [false, true] {
+            for combine in [Combine::Gated, Combine::Unit] {
+                for head in ["token", "gap", "features"] {
+                    for narrow in [None, Some(8)] {
+                        let kind = RouterKind::ALL[i % RouterKind::ALL.len()];
+                        i += 1;
+                        let mut cfg = tiny_config(kind);
+                        cfg.gelu = gelu;
+                        cfg.layer_scale = layer_scale;
+                        match head {
+                            "gap" => cfg.classifier = Classifier::Gap,
+                            "features" => {
+                                cfg.num_classes = 0;
+                                cfg.class_names.clear();
+                            }
+                            _ => {}
+                        }
+                        if let Some(m) = cfg.moe.as_mut() {
+                            m.combine = combine;
+                            m.expert_mlp_dim = narrow;
+                        }
+                        let name = format!(
+                            "{kind:?} {gelu:?} ls={layer_scale} {combine:?} {head} experts={narrow:?}"
+                        );
+                        out.push((name, cfg));
+                    }
+                }
+            }
+        }
+    }
+    let base = |kind| {
+        let mut cfg = tiny_config(kind);
+        cfg.gelu = Gelu::Erf;
+        cfg.layer_scale = true;
+        cfg
+    };
+    let mut c = base(RouterKind::SoftmaxTokenChoice);
+    c.distillation_token = true;
+    out.push(("distillation token".into(), c));
+    let mut c = base(RouterKind::SinkhornExpertChoice);
+    c.register_tokens = 3;
+    out.push(("registers, CLS classifier".into(), c));
+    let mut c = base(RouterKind::SoftmaxExpertChoice);
+    c.register_tokens = 2;
+    c.num_classes = 0;
+    c.class_names.clear();
+    out.push(("registers, feature model".into(), c));
+    let mut c = base(RouterKind::SparseExpertChoice);
+    c.classifier = Classifier::Gap;
+    c.cls_token = Some(true);
+    c.register_tokens = 1;
+    out.push(("CLS kept, mean pooling over patches".into(), c));
+    let mut c = base(RouterKind::SoftmaxTokenChoice);
+    c.classifier = Classifier::Gap;
+    c.cls_token = Some(true);
+    c.fc_norm = true;
+    out.push(("fc_norm".into(), c));
+    let mut c = base(RouterKind::SinkhornTokenChoice);
+    c.distillation_token = true;
+    c.fc_norm = true;
+    out.push(("distillation token with fc_norm".into(), c));
+    let mut c = base(RouterKind::SoftMoe);
+    c.layer_norm_eps = 1e-12;
+    out.push(("LayerNorm eps 1e-12".into(), c));
+    let mut c = tiny_config(RouterKind::SoftmaxTokenChoice);
+    c.representation_size = Some(6);
+    out.push(("pre_logits".into(), c));
+    out
+}
+
+/// Random weights for `cfg` with every bias, scale and learned token perturbed, so that each
+/// switch changes the result.
+fn switch_weights(cfg: &crate::model::ModelConfig, seed: u64) -> crate::model::ModelWeights {
+    let mut w = perturbed_weights(cfg, seed);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed + 1000);
+    for (name, t) in w.iter_mut() {
+        if name == "dist" || name == "registers" || name.ends_with("Moe/bias") {
+            for v in t.data.iter_mut() {
+                *v += 0.5 * rng.sample::<f32, _>(StandardNormal);
+            }
+        }
+    }
+    w
+}
+
+/// Every configuration switch the CPU model follows, the GPU model follows too: it accepts each
+/// configuration (no fallback for a missing feature) and matches the candle model's routing,
+/// features and probabilities, in a full run and in a what-if.
+#[test]
+fn every_configuration_switch_runs_on_the_gpu_as_on_the_cpu() {
+    let Some(ctx) = test_gpu() else { return };
+    for (name, cfg) in switch_configs() {
+        let w = switch_weights(&cfg, 21);
+        let cpu = VitMoe::new(cfg.clone(), w.clone()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let gpu = GpuVitMoe::new(ctx, &cfg, &w)
+            .unwrap_or_else(|e| panic!("{name}: the GPU backend refuses it: {e}"));
+        let imgs = images(&cfg, 2, 4);
+        let opts = RunOptions::from_config(&cfg);
+        let a = cpu.forward(&imgs, &opts).unwrap();
+        let b = gpu.forward(&imgs, &opts).unwrap();
+        assert!(super::computed_on_gpu(&b), "{name}");
+        let r = compare(&a, &b, cfg.hidden_size);
+        assert_eq!(r.mismatches + r.tie_mismatches, 0, "{name}: {r:?}");
+        assert!(r.max_prob_diff < 1e-4, "{name}: {r:?}");
+        assert!(r.max_feature_diff < 1e-4, "{name}: {r:?}");
+        assert!(r.max_feature_cosine_gap < 1e-6, "{name}: {r:?}");
+        assert_eq!(a.features[0].len(), cfg.seq_len() * cfg.hidden_size);
+        assert_eq!(b.probs.len(), 2, "{name}");
+        assert_eq!(b.probs[0].len(), cfg.num_classes, "{name}");
+        // A what-if at the second MoE layer, resumed on the GPU.
+        let mut other = opts.clone();
+        if other.routers[1].kind != RouterKind::SoftMoe {
+            other.routers[1].capacity = CapacitySpec::Factor(2.0);
+        }
+        let full = cpu.forward(&imgs, &other).unwrap();
+        let what_if = gpu.rerun(&b, &other).unwrap();
+        let r = compare(&full, &what_if, cfg.hidden_size);
+        assert_eq!(r.mismatches, 0, "{name} what-if: {r:?}");
+        assert!(r.max_feature_diff < 1e-4, "{name} what-if: {r:?}");
     }
 }
 
@@ -532,10 +667,12 @@ fn patch_embedding_plumbing_and_pooling_match_the_cpu_layout() {
     let (gh, gw) = (h / ph, w / pw);
     let (np, pin, dim) = (gh * gw, ph * pw * ch, 5);
     let img = randn(&mut rng, b * h * w * ch, 1.0);
-    let cls = randn(&mut rng, dim, 1.0);
+    // Three prefix tokens (CLS, distillation, a register) before the patches.
+    let np_prefix = 3;
+    let cls = randn(&mut rng, np_prefix * dim, 1.0);
     let emb = randn(&mut rng, b * np * dim, 1.0);
-    let pos = randn(&mut rng, (np + 1) * dim, 1.0);
-    let s = np + 1;
+    let pos = randn(&mut rng, (np + np_prefix) * dim, 1.0);
+    let s = np + np_prefix;
     let (ib, cb, eb, pb) = (
         upload(d, "img", &img),
         upload(d, "cls", &cls),
@@ -557,7 +694,11 @@ fn patch_embedding_plumbing_and_pooling_match_the_cpu_layout() {
         u(gw),
         u(s),
         u(dim),
+        u(np_prefix),
+        0,
         1,
+        0,
+        0,
         0,
     ];
     let mut rec = Recorder::new(ctx);
@@ -610,18 +751,17 @@ fn patch_embedding_plumbing_and_pooling_match_the_cpu_layout() {
     for bi in 0..b {
         for ti in 0..s {
             for j in 0..dim {
-                let v = if ti == 0 {
-                    cls[j]
+                let v = if ti < np_prefix {
+                    cls[ti * dim + j]
                 } else {
-                    emb[(bi * np + ti - 1) * dim + j]
+                    emb[(bi * np + ti - np_prefix) * dim + j]
                 };
                 assert_eq!(got_x[(bi * s + ti) * dim + j], v + pos[ti * dim + j]);
             }
         }
-        assert_eq!(
-            &got_cls[bi * dim..(bi + 1) * dim],
-            &got_x[bi * s * dim..bi * s * dim + dim]
-        );
+        // Mode 0 reads the token asked for: here the distillation token.
+        let at = (bi * s + 1) * dim;
+        assert_eq!(&got_cls[bi * dim..(bi + 1) * dim], &got_x[at..at + dim]);
     }
     params[11] = 1;
     rec.launch(
@@ -631,12 +771,13 @@ fn patch_embedding_plumbing_and_pooling_match_the_cpu_layout() {
         flat_groups(b * dim),
     );
     let got = read_f32(&mut rec, &pooled, b * dim);
+    // Mode 1: the mean over the patch tokens only (timm's `avg` with prefix tokens).
     let want: Vec<f32> = (0..b * dim)
         .map(|i| {
-            (0..s)
+            (np_prefix..s)
                 .map(|ti| got_x[((i / dim) * s + ti) * dim + i % dim])
                 .sum::<f32>()
-                / s as f32
+                / np as f32
         })
         .collect();
     assert_close(&got, &want, 1e-5, "mean pooling");
@@ -706,7 +847,8 @@ fn soft_moe_normalisation_and_both_softmaxes_match_the_cpu() {
 }
 
 /// Gather and combine reproduce a Token Choice routing with k = 2 and drops: slot inputs are the
-/// routed tokens (bf16-rounded when asked), outputs add Σ gate · slot output over kept choices.
+/// routed tokens (bf16-rounded when asked), outputs add Σ gate · slot output over kept choices
+/// (every gate 1 under unit combine; written rather than added for a branch).
 #[test]
 fn gather_and_combine_follow_the_routing_records() {
     let Some(ctx) = test_gpu() else { return };
@@ -739,7 +881,8 @@ fn gather_and_combine_follow_the_routing_records() {
     let x = randn(&mut rng, n * dim, 1.0);
     let out0 = randn(&mut rng, n * dim, 1.0);
     let slot_out = randn(&mut rng, e * c * dim, 1.0);
-    for bf16 in [false, true] {
+    for (bf16, flags) in [(false, 0), (true, 0), (false, 1), (false, 2), (true, 3)] {
+        let (unit, overwrite) = (flags & 1 != 0, flags & 2 != 0);
         let round = |v: f32| {
             if bf16 {
                 crate::routing::ops::round_to_bf16(v)
@@ -762,7 +905,7 @@ fn gather_and_combine_follow_the_routing_records() {
             dim as u32,
             1,
             u32::from(bf16),
-            0,
+            flags,
             0,
         ];
         let mut rec = Recorder::new(ctx);
@@ -804,12 +947,12 @@ fn gather_and_combine_follow_the_routing_records() {
                     .iter()
                     .filter_map(|ch| {
                         ch.slot.map(|s| {
-                            ch.gate
-                                * round(slot_out[(ch.expert as usize * c + s as usize) * dim + k])
+                            let gate = if unit { 1.0 } else { ch.gate };
+                            gate * round(slot_out[(ch.expert as usize * c + s as usize) * dim + k])
                         })
                     })
                     .sum();
-                let want = out0[i * dim + k] + add;
+                let want = if overwrite { add } else { out0[i * dim + k] + add };
                 assert!(
                     (got_out[i * dim + k] - want).abs() < 1e-5,
                     "token {i}: {} vs {want}",
@@ -817,6 +960,53 @@ fn gather_and_combine_follow_the_routing_records() {
                 );
             }
         }
+    }
+}
+
+/// The residual add of a finished branch: `x += (a + bias) · scale` per channel with each part
+/// optional, in the CPU path's order (bias first, then the scale), bit for bit.
+#[test]
+fn residual_add_with_layer_scale_and_bias_matches_the_cpu() {
+    let Some(ctx) = test_gpu() else { return };
+    let d = &ctx.device;
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let (rows, dim) = (37, 11);
+    let x0 = randn(&mut rng, rows * dim, 1.0);
+    let a = randn(&mut rng, rows * dim, 1.0);
+    let scale = randn(&mut rng, dim, 0.3);
+    let bias = randn(&mut rng, dim, 0.5);
+    for (use_scale, use_bias) in [(false, false), (true, false), (false, true), (true, true)] {
+        let (ab, sb, bb, xb) = (
+            upload(d, "a", &a),
+            upload(d, "scale", &scale),
+            upload(d, "bias", &bias),
+            upload(d, "x", &x0),
+        );
+        let mut rec = Recorder::new(ctx);
+        super::layers::add_branch(
+            &mut rec,
+            &ab,
+            use_scale.then_some(&sb),
+            use_bias.then_some(&bb),
+            &xb,
+            rows,
+            dim,
+        );
+        let got = read_f32(&mut rec, &xb, rows * dim);
+        let want: Vec<f32> = (0..rows * dim)
+            .map(|i| {
+                let j = i % dim;
+                let mut v = a[i];
+                if use_bias {
+                    v += bias[j];
+                }
+                if use_scale {
+                    v *= scale[j];
+                }
+                x0[i] + v
+            })
+            .collect();
+        assert_eq!(got, want, "scale {use_scale}, bias {use_bias}");
     }
 }
 
