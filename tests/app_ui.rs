@@ -309,6 +309,79 @@ fn computes_on_the_renderers_wgpu_device() {
     }
 }
 
+/// The photo model on the GPU (the renderer's device): the label names the adapter with no
+/// "GPU not used" notice, the live fidelity readout comes from the GPU run and equals the CPU's
+/// within 1e-4, and the Dataset view's analysis runs on the GPU too.
+#[test]
+fn the_photo_model_runs_on_the_gpu_with_its_fidelity_readout() {
+    let rs = egui_kittest::wgpu::create_render_state(
+        egui_kittest::wgpu::default_wgpu_setup(),
+        Default::default(),
+    );
+    let gpu = GpuContext::shared(&rs.adapter, rs.device.clone(), rs.queue.clone())
+        .expect("the renderer's device runs the kernels");
+    let wake = egui::Context::default();
+    let s = Settings {
+        device: DeviceChoice::Gpu,
+        ..settings(RouterKind::SoftmaxTokenChoice)
+    };
+    let mut app = RouterscopeApp::with_gpu(&wake, s, Ok(gpu));
+    app.hide_timings = true;
+    let mut h = Harness::builder()
+        .with_size([1400.0, 900.0])
+        .renderer(egui_kittest::wgpu::WgpuTestRenderer::from_render_state(rs))
+        .build_ui_state(|ui, app: &mut RouterscopeApp| app.show(ui), app);
+    settle(&mut h);
+    let chelsea = sample_index(&h, "photo-chelsea.png");
+    h.state_mut().show_image(chelsea);
+    settle(&mut h);
+    let app = h.state();
+    assert!(app.errors().is_empty(), "{:?}", app.errors());
+    assert!(
+        app.model_path()
+            .unwrap()
+            .ends_with("dinov2-s14-softmax-tc.safetensors")
+    );
+    assert!(
+        app.device_label().starts_with("GPU: "),
+        "{}",
+        app.device_label()
+    );
+    assert!(app.device_notice().is_none(), "{:?}", app.device_notice());
+    h.get_by_label_contains("GPU: ");
+    assert!(h.query_by_label("GPU not used").is_none());
+    let on_gpu = h.state().fidelity().expect("a fidelity readout");
+
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["photo-chelsea.png", "photo-coffee.png"] {
+        std::fs::copy(
+            routerscope::catalog::assets_dir().join("images").join(name),
+            dir.path().join(name),
+        )
+        .unwrap();
+    }
+    h.state_mut().open_dataset(dir.path().to_path_buf());
+    let ctx = h.ctx.clone();
+    assert!(h.state_mut().wait_dataset(&ctx, Duration::from_secs(300)));
+    let app = h.state();
+    assert_eq!(app.dataset_result().expect("an analysis").images, 2);
+    assert!(
+        app.dataset_device().is_some_and(|d| d.starts_with("GPU: ")),
+        "{:?}",
+        app.dataset_device()
+    );
+
+    h.state_mut().set_device(DeviceChoice::Cpu);
+    settle(&mut h);
+    let app = h.state();
+    assert!(app.device_label().starts_with("CPU"));
+    let on_cpu = app.fidelity().expect("a fidelity readout");
+    assert!(
+        (on_gpu - on_cpu).abs() <= 1e-4,
+        "fidelity on the GPU {on_gpu} vs the CPU {on_cpu}"
+    );
+}
+
 #[test]
 fn asking_for_a_gpu_the_app_does_not_have_says_so() {
     let wake = egui::Context::default();

@@ -546,3 +546,108 @@ fn distill_interrupted_keeps_a_complete_checkpoint() {
         assert!(!name.starts_with('.'), "left behind: {name}");
     }
 }
+
+/// Whether this machine has a GPU adapter (with `ROUTERSCOPE_REQUIRE_GPU=1`, CI, it must).
+fn has_gpu() -> bool {
+    match routerscope::gpu::GpuContext::headless() {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                std::env::var("ROUTERSCOPE_REQUIRE_GPU").as_deref() != Ok("1"),
+                "ROUTERSCOPE_REQUIRE_GPU=1 but no GPU device: {e}"
+            );
+            eprintln!("no GPU adapter, skipped: {e}");
+            false
+        }
+    }
+}
+
+/// `features` and `analyze` run the (distilled) photo model on the GPU with `--device gpu`: no
+/// fallback notice, features within 1e-3 of the CPU run, and the same routing statistics.
+#[test]
+fn features_and_analyze_run_the_photo_model_on_the_gpu() {
+    if !has_gpu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = root().join("assets/models/dinov2-s14-softmax-tc.safetensors");
+    let photos =
+        ["photo-chelsea.png", "photo-coffee.png"].map(|p| root().join("assets/images").join(p));
+    let mut features = Vec::new();
+    for device in ["gpu", "cpu"] {
+        let out = dir.path().join(format!("{device}.safetensors"));
+        let r = routerscope(&[
+            "features",
+            "--model",
+            s(&model),
+            "--device",
+            device,
+            "--out",
+            s(&out),
+            s(&photos[0]),
+            s(&photos[1]),
+        ]);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(r.status.success(), "{err}");
+        if device == "gpu" {
+            assert!(err.contains("device: GPU: "), "{err}");
+            assert!(!err.contains("CPU"), "a fallback notice: {err}");
+        }
+        features.push(TensorFile::open(&out).unwrap().f32("features", "").unwrap());
+    }
+    assert_eq!(features[0].shape, [2, 257, 384]);
+    let diff = features[0]
+        .data
+        .iter()
+        .zip(&features[1].data)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff <= 1e-3, "GPU vs CPU features: max |diff| {diff}");
+
+    let data = dir.path().join("photos");
+    std::fs::create_dir_all(&data).unwrap();
+    for p in &photos {
+        std::fs::copy(p, data.join(p.file_name().unwrap())).unwrap();
+    }
+    let mut stats = Vec::new();
+    for device in ["gpu", "cpu"] {
+        let out = dir.path().join(format!("analysis-{device}"));
+        let r = routerscope(&[
+            "analyze",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--device",
+            device,
+            "--out",
+            s(&out),
+        ]);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(r.status.success(), "{err}");
+        if device == "gpu" {
+            assert!(err.contains("device: GPU: "), "{err}");
+        }
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("analysis.json")).unwrap()).unwrap();
+        let layers = &json["runs"][0]["layers"];
+        assert_eq!(layers.as_array().unwrap().len(), 2);
+        stats.push(
+            layers
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| {
+                    (
+                        l["tokens_per_position_expert"].clone(),
+                        l["dropped_per_position"].clone(),
+                    )
+                })
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(
+        stats[0], stats[1],
+        "the GPU routes the photos as the CPU does"
+    );
+}

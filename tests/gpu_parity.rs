@@ -80,7 +80,10 @@ fn the_photo_model_agrees_on_gpu_and_cpu_under_every_sparse_router() {
     let cpu = VitMoe::new(cfg.clone(), weights).unwrap();
     let photos: Vec<Vec<f32>> = sample_images()
         .iter()
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("photo-")))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("photo-"))
+        })
         .map(|p| preprocess(&decode_image(p).unwrap(), &cfg).unwrap())
         .collect();
     assert!(photos.len() >= 6);

@@ -71,6 +71,11 @@ impl RouterscopeApp {
         self.dataset.result.as_ref().map(|r| &r.analysis)
     }
 
+    /// Where the shown analysis ran ("GPU: …" or "CPU (…)").
+    pub fn dataset_device(&self) -> Option<&str> {
+        self.dataset.result.as_ref().map(|r| r.device.as_str())
+    }
+
     pub fn dataset_error(&self) -> Option<&str> {
         self.dataset.error.as_deref()
     }

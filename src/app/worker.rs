@@ -100,6 +100,8 @@ pub struct DatasetResult {
     pub model: PathBuf,
     pub analysis: Analysis,
     pub source: Arc<DataSource>,
+    /// Where it ran ("GPU: …" or "CPU (candle, …)"), as the image runs say.
+    pub device: String,
 }
 
 /// One panel of a comparison: the router and its run (or why it could not run).
@@ -538,6 +540,7 @@ fn spawn_analysis(m: Arc<Runner>, req: AnalyzeRequest, replies: Sender<Reply>, w
                     model: req.model.clone(),
                     analysis,
                     source: Arc::new(source),
+                    device: m.device(),
                 }))
             })();
             let _ = replies.send(Reply::Analyzed { id: req.id, result });

@@ -53,21 +53,27 @@ pub fn run(args: &GpuCheckArgs) -> anyhow::Result<()> {
     let parity = parity(&ctx, args.parity_images)?;
     let mut failed = false;
     println!(
-        "\n| parity (GPU vs CPU) | images | tokens | ties | mismatches | max Δp | max Δlogit |"
+        "\n| parity (GPU vs CPU) | images | tokens | ties | mismatches | max Δp | max Δlogit | max Δfeature | max 1 − cos |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for (name, r) in &parity {
-        let bad = r.mismatches > 0 || r.max_prob_diff >= 1e-3 || r.max_logit_diff >= 1e-3;
+        let bad = r.mismatches > 0
+            || r.max_prob_diff >= 1e-3
+            || r.max_logit_diff >= 1e-3
+            || r.max_feature_diff > 1e-3
+            || r.max_feature_cosine_gap > 1e-5;
         failed |= bad;
         println!(
-            "| {name}{} | {} | {} | {} | {} | {:.1e} | {:.1e} |",
+            "| {name}{} | {} | {} | {} | {} | {:.1e} | {:.1e} | {:.1e} | {:.1e} |",
             if bad { " **FAIL**" } else { "" },
             r.images,
             r.tokens,
             r.tie_mismatches,
             r.mismatches,
             r.max_prob_diff,
-            r.max_logit_diff
+            r.max_logit_diff,
+            r.max_feature_diff,
+            r.max_feature_cosine_gap
         );
     }
     println!("(parity: {:.1} s)", started.elapsed().as_secs_f64());
@@ -89,7 +95,8 @@ pub fn run(args: &GpuCheckArgs) -> anyhow::Result<()> {
             "parity": parity.iter().map(|(n, r)| json!({
                 "model": n, "images": r.images, "tokens": r.tokens, "ties": r.tie_mismatches,
                 "mismatches": r.mismatches, "max_prob_diff": r.max_prob_diff,
-                "max_logit_diff": r.max_logit_diff,
+                "max_logit_diff": r.max_logit_diff, "max_feature_diff": r.max_feature_diff,
+                "max_feature_cosine_gap": r.max_feature_cosine_gap,
             })).collect::<Vec<_>>(),
             "timings": rows.iter().map(Row::json).collect::<Vec<_>>(),
         });
@@ -102,13 +109,15 @@ pub fn run(args: &GpuCheckArgs) -> anyhow::Result<()> {
 }
 
 /// Every shipped Fashion-MNIST model under its own router on the first `n` slice images, and
-/// under every router its weights allow on the sample images.
+/// under every router its weights allow on the sample images (a model left behind, as
+/// `scripts/gpu-check.sh` does to fit the transfer, is replaced by a seeded random one and says
+/// so); then the photo model on the sample photos (see [`photo_parity`]).
 fn parity(ctx: &GpuContext, n: usize) -> anyhow::Result<Vec<(String, ParityReport)>> {
     let slice = Dataset::load(&catalog::fashion_mnist_slice(), Split::Test)?;
     let n = n.min(slice.len());
     let mut out = Vec::new();
     for kind in catalog::TRAINED_ROUTERS {
-        let (path, _) = catalog::model_for(kind).map_err(anyhow::Error::msg)?;
+        let (path, trained) = catalog::model_for(kind).map_err(anyhow::Error::msg)?;
         let (cfg, weights) = load_checkpoint(&path)?;
         let gpu = GpuVitMoe::new(ctx, &cfg, &weights)?;
         let cpu = VitMoe::new(cfg.clone(), weights)?;
@@ -143,7 +152,76 @@ fn parity(ctx: &GpuContext, n: usize) -> anyhow::Result<Vec<(String, ParityRepor
             };
             report.merge(&compare(&c, &g, cfg.hidden_size));
         }
-        out.push((cfg.name.clone(), report));
+        let name = match trained {
+            true => cfg.name.clone(),
+            false => format!("{} (not here: a random stand-in)", cfg.name),
+        };
+        out.push((name, report));
+    }
+    out.extend(photo_parity(ctx)?);
+    Ok(out)
+}
+
+/// The photo model (DINOv2-S/14 MoE: LayerScale, erf GELU, unit combine, narrow experts, no
+/// head) on the sample photos: its own run, then every sparse router at k = 1, 2 and 4 (Expert
+/// Choice at capacity factor 1.25·k, the same compute) as what-ifs from it; and each distilled
+/// photo model that is here under its own router.
+fn photo_parity(ctx: &GpuContext) -> anyhow::Result<Vec<(String, ParityReport)>> {
+    let base = catalog::photo_model();
+    if !base.is_file() {
+        return Ok(Vec::new());
+    }
+    let (cfg, weights) = load_checkpoint(&base)?;
+    let photos: Vec<Vec<f32>> = catalog::sample_images()
+        .iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("photo-"))
+        })
+        .map(|p| load_image(p, &cfg))
+        .collect::<Result<_, _>>()?;
+    let gpu = GpuVitMoe::new(ctx, &cfg, &weights)?;
+    let cpu = VitMoe::new(cfg.clone(), weights)?;
+    let own = RunOptions::from_config(&cfg);
+    let (c0, g0) = (cpu.forward(&photos, &own)?, gpu.forward(&photos, &own)?);
+    let mut report = compare(&c0, &g0, cfg.hidden_size);
+    for kind in RouterKind::ALL {
+        if kind == RouterKind::SoftMoe {
+            continue;
+        }
+        for k in [1, 2, 4] {
+            let mut r = RouterConfig::new(kind);
+            match kind.family() {
+                routerscope::routing::RouterFamily::TokenChoice => {
+                    r.k = k;
+                    r.capacity = routerscope::routing::CapacitySpec::Factor(1.25);
+                }
+                _ => r.capacity = routerscope::routing::CapacitySpec::Factor(1.25 * k as f64),
+            }
+            let opts = own.clone().with_router(r);
+            report.merge(&compare(
+                &cpu.rerun(&c0, &opts)?,
+                &gpu.rerun(&g0, &opts)?,
+                cfg.hidden_size,
+            ));
+        }
+    }
+    let mut out = vec![(
+        "photo model, 5 sparse routers × k = 1, 2, 4".to_string(),
+        report,
+    )];
+    for kind in catalog::PHOTO_ROUTERS {
+        let Some(path) = catalog::photo_model_for(kind).filter(|p| p.is_file()) else {
+            continue;
+        };
+        let (dcfg, dw) = load_checkpoint(&path)?;
+        let opts = RunOptions::from_config(&dcfg);
+        let g = GpuVitMoe::new(ctx, &dcfg, &dw)?.forward(&photos, &opts)?;
+        let c = VitMoe::new(dcfg.clone(), dw)?.forward(&photos, &opts)?;
+        out.push((
+            format!("photo-{}", kind.cli_name()),
+            compare(&c, &g, dcfg.hidden_size),
+        ));
     }
     Ok(out)
 }

@@ -17,8 +17,8 @@ use super::moe::{LayerPending, MoeWeights, SoftWeights, encode_moe, finish_layer
 use super::recorder::{Recorder, RunStats, Workspace};
 use crate::model::vit::{Resume, check_run_options};
 use crate::model::{
-    Classifier, Combine, Forward, ForwardOutput, ModelConfig, ModelError, ModelWeights,
-    RunOptions, block_prefix,
+    Classifier, Combine, Forward, ForwardOutput, ModelConfig, ModelError, ModelWeights, RunOptions,
+    block_prefix,
 };
 
 /// What a what-if resumes from on the GPU: the residual stream entering each MoE layer
@@ -247,9 +247,18 @@ impl GpuVitMoe {
             let w = get(weights, &format!("{name}/kernel"))?;
             let bias = get(weights, &format!("{name}/bias"))?;
             let half = |v: &[f32]| -> Vec<f32> {
-                v.iter().map(|x| if two_heads { x * 0.5 } else { *x }).collect()
+                v.iter()
+                    .map(|x| if two_heads { x * 0.5 } else { *x })
+                    .collect()
             };
-            Linear::from_parts(device, name, &half(w), &half(bias), head_in, cfg.num_classes)
+            Linear::from_parts(
+                device,
+                name,
+                &half(w),
+                &half(bias),
+                head_in,
+                cfg.num_classes,
+            )
         };
         let (head, head_dist) = match cfg.is_feature_model() {
             true => (None, None),

@@ -952,7 +952,11 @@ fn gather_and_combine_follow_the_routing_records() {
                         })
                     })
                     .sum();
-                let want = if overwrite { add } else { out0[i * dim + k] + add };
+                let want = if overwrite {
+                    add
+                } else {
+                    out0[i * dim + k] + add
+                };
                 assert!(
                     (got_out[i * dim + k] - want).abs() < 1e-5,
                     "token {i}: {} vs {want}",

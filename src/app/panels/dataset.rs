@@ -128,7 +128,7 @@ impl RouterscopeApp {
         let Some(run) = a.runs.first() else {
             return;
         };
-        ui.label(format!(
+        let line = ui.label(format!(
             "{} · {} · {} images{}{} · {} classes{}",
             a.model,
             run.settings.label(),
@@ -150,6 +150,7 @@ impl RouterscopeApp {
                 ""
             }
         ));
+        line.on_hover_text(format!("computed on {}", result.device));
         ui.horizontal(|ui| {
             ui.label("MoE block:");
             for (l, la) in run.layers.iter().enumerate() {
