@@ -70,7 +70,10 @@ for l in sys.stdin:
       mkdir -p "$stash/$(dirname "$p")" && mv "$p" "$stash/$p"
     fi
   done
-  tracked=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+  # What the device's copy of the tree holds: the tracked files still here, and untracked ones git
+  # does not ignore.
+  tracked=$(git ls-files -z --cached --others --exclude-standard |
+    python3 -c 'import os, sys; print(sum(os.path.getsize(p) for p in sys.stdin.read().split("\0") if os.path.isfile(p)))')
   carried=$(du -cb .gpucheck .gl | tail -1 | cut -f1)
   echo "travelling: $tracked bytes tracked, $carried bytes carried: $((tracked + carried)) of $limit"
   echo "left behind in $stash until: scripts/gpu-check.sh restore"
