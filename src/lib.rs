@@ -24,6 +24,7 @@ pub mod app;
 pub mod backend;
 pub mod catalog;
 pub mod figures;
+pub mod format;
 pub mod gpu;
 pub mod import;
 pub mod model;

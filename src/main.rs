@@ -21,6 +21,9 @@ fn main() -> ExitCode {
         std::process::exit(130);
     });
     let args = cli::Cli::parse();
+    if !args.opens_app() {
+        quiet_on_closed_pipe();
+    }
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -28,5 +31,17 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A command whose reader goes away (`routerscope predict --json … | head`) ends as command-line
+/// tools do, killed quietly by SIGPIPE (status 141 in the shell), instead of panicking at the next
+/// print: Rust ignores SIGPIPE, so restore the default action. Not for the app, which writes to no
+/// pipe and must not die of one.
+fn quiet_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: restoring a signal's default disposition; no handler code is involved.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

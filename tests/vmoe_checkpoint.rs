@@ -375,5 +375,20 @@ fn hostile_indexes_are_refused_before_reading() {
         std::fs::write(shard(&prefix, i), b"\x80").unwrap();
     }
     let e = read_err(&prefix);
-    assert!(e.contains("but its 3 shards hold only"), "{e}");
+    assert!(
+        e.contains("small.data-00000-of-00003: the shard holds 0% of its declared bytes"),
+        "{e}"
+    );
+
+    // One shard cut to 40%: that shard is named, with how much of it is there.
+    let (prefix, _) = write_tiny(dir.path(), "part", 50);
+    let bytes = std::fs::read(shard(&prefix, 1)).unwrap();
+    std::fs::write(shard(&prefix, 1), &bytes[..bytes.len() * 2 / 5]).unwrap();
+    let e = read_err(&prefix);
+    assert!(
+        e.contains("part.data-00001-of-00003: the shard holds ")
+            && e.contains("% of its declared bytes"),
+        "{e}"
+    );
+    assert!(!e.contains("00000") && !e.contains("00002"), "{e}");
 }

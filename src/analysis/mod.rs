@@ -134,7 +134,7 @@ impl RouterSettings {
             s += &format!(" k={}", self.k);
         }
         if let Some(f) = self.capacity_factor {
-            s += &format!(" cf={f}");
+            s += &format!(" cf={}", crate::format::number(f));
         }
         if let Some(c) = self.slots {
             s += &format!(" c={c}");

@@ -116,9 +116,15 @@ impl IdxSource {
                  (truncated or corrupt)"
             )));
         }
-        let classes = (0..10)
-            .map(|c| class_names.get(c).cloned().unwrap_or_else(|| c.to_string()))
-            .collect();
+        // IDX files carry no names: a ten-class model's own, else Fashion-MNIST's (the format's
+        // dataset here), never bare indices.
+        let classes = match class_names.len() {
+            10 => class_names.to_vec(),
+            _ => crate::model::FASHION_MNIST_CLASSES
+                .iter()
+                .map(|c| c.to_string())
+                .collect(),
+        };
         Ok(IdxSource {
             dir: dir.to_path_buf(),
             split,

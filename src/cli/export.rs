@@ -465,7 +465,9 @@ fn short(model: &str) -> String {
 
 fn capacity_text(r: &RouterConfig) -> String {
     match r.capacity {
-        CapacitySpec::Factor(f) if r.kind != RouterKind::SoftMoe => format!("capacity factor {f}"),
+        CapacitySpec::Factor(f) if r.kind != RouterKind::SoftMoe => {
+            format!("capacity factor {}", routerscope::format::number(f))
+        }
         CapacitySpec::Slots(n) if r.kind != RouterKind::SoftMoe => format!("capacity {n}"),
         CapacitySpec::Slots(n) => format!("{n} slots per expert"),
         CapacitySpec::Factor(_) => "slots from mu".to_string(),

@@ -79,6 +79,18 @@ pub struct AppArgs {
     images: Vec<std::path::PathBuf>,
 }
 
+impl Cli {
+    /// Whether this opens the desktop viewer (no subcommand, or `app`).
+    pub fn opens_app(&self) -> bool {
+        match &self.command {
+            None => true,
+            #[cfg(feature = "app")]
+            Some(Command::App(_)) => true,
+            Some(_) => false,
+        }
+    }
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let Some(command) = cli.command else {
         return default_command();

@@ -47,12 +47,22 @@ fn layers(a: &Analysis, l: usize) -> Vec<(&RouterRun, &LayerAnalysis)> {
         .collect()
 }
 
+/// The dataset as a title names it: the folder's (or file's) own name, not its full path (the
+/// JSON keeps the path).
+pub fn data_name(a: &Analysis) -> String {
+    let p = std::path::Path::new(&a.data);
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| a.data.clone())
+}
+
 fn title(a: &Analysis, what: &str, block: usize) -> String {
     format!(
         "{} · {what} · MoE block {block} · {} images of {}{}",
         a.model,
         a.images,
-        a.data,
+        data_name(a),
         if a.partial { " (partial)" } else { "" }
     )
 }
@@ -554,7 +564,12 @@ pub fn summary_table(a: &Analysis) -> String {
         &mut s,
         width,
         height,
-        &format!("{} · routers on {} images of {}", a.model, a.images, a.data),
+        &format!(
+            "{} · routers on {} images of {}",
+            a.model,
+            a.images,
+            data_name(a)
+        ),
     );
     let cols = [PAD, 260.0, 340.0, 440.0, 540.0];
     let head = ["router", "block", "dropped", "load std", "usage entropy"];

@@ -82,7 +82,7 @@ pub fn default_stem(image: &str, model: &str, router: &RouterConfig) -> String {
     };
     let cap = match (router.kind.family(), router.capacity) {
         (RouterFamily::Soft, _) => "slots".to_string(),
-        (_, CapacitySpec::Factor(f)) => format!("cf{f}"),
+        (_, CapacitySpec::Factor(f)) => format!("cf{}", crate::format::number(f)),
         (_, CapacitySpec::Slots(c)) => format!("c{c}"),
     };
     let raw = format!(

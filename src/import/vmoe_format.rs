@@ -427,12 +427,37 @@ pub fn read_arrays(
     let total = index.data_bytes();
     // The arrays' data must come from the shards: what the index declares is checked against
     // the shards' sizes before anything is allocated for it.
+    // Each shard must hold at least the bytes of the chunks the index places in it (its msgpack
+    // framing comes on top), so a truncated or empty shard is named with how much of it is there.
+    let mut in_shard = vec![0u64; index.shard_count];
+    for leaf in &index.leaves {
+        let size = dtype_size(&leaf.dtype).unwrap_or(4) as u64;
+        for c in &leaf.chunks {
+            if let Some(b) = in_shard.get_mut(c.shard) {
+                let n = (c.region.iter())
+                    .map(|(a, b)| b.saturating_sub(*a) as u64)
+                    .fold(1u64, u64::saturating_mul);
+                *b = b.saturating_add(n.saturating_mul(size));
+            }
+        }
+    }
     let mut shard_bytes = 0u64;
-    for shard in 0..index.shard_count {
+    for (shard, &needed) in in_shard.iter().enumerate() {
         let path = index.shard_path(shard);
         crate::tensor_io::check_regular_file(&path)
             .map_err(|e| err(&path, format!("missing or unreadable shard ({e})")))?;
-        shard_bytes += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let have = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if have < needed {
+            let pct = (have as f64 / needed as f64 * 100.0).floor();
+            return Err(err(
+                &path,
+                format!(
+                    "the shard holds {pct}% of its declared bytes ({have} of the {needed} bytes \
+                     of array data the index places in it): truncated or empty"
+                ),
+            ));
+        }
+        shard_bytes += have;
     }
     let declared: u64 = (index.leaves.iter())
         .map(|l| {

@@ -139,21 +139,33 @@ fn read_idx_within(
         return Err(too_big(format!("{len} bytes")));
     }
     let raw = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
-    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
-        // Decompressed within the limit: a small gzip can expand to gigabytes.
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..])
-            .take(limit + 1)
+    let header = 4 + 4 * rank;
+    let mut bytes = if raw.starts_with(&[0x1f, 0x8b]) {
+        // A small gzip can expand to gigabytes: the header is decompressed first, and the data
+        // only up to the size it declares, into a buffer of exactly that size (growing one by
+        // doubling would peak at twice the limit).
+        let corrupt = |e: std::io::Error| err(format!("corrupt gzip stream: {e}"));
+        let mut dec = flate2::read::GzDecoder::new(&raw[..]);
+        let mut out = Vec::with_capacity(header);
+        (&mut dec)
+            .take(header as u64)
             .read_to_end(&mut out)
-            .map_err(|e| err(format!("corrupt gzip stream: {e}")))?;
-        if out.len() as u64 > limit {
-            return Err(too_big("its decompressed data".into()));
+            .map_err(corrupt)?;
+        if let Some(total) = declared_idx_len(&out, rank) {
+            if total > limit {
+                return Err(too_big(format!(
+                    "its decompressed data ({total} bytes, as its header declares)"
+                )));
+            }
+            out.reserve_exact(total as usize + 1 - out.len());
+            dec.take(total + 1 - header as u64)
+                .read_to_end(&mut out)
+                .map_err(corrupt)?;
         }
         out
     } else {
         raw
     };
-    let header = 4 + 4 * rank;
     if bytes.len() < header {
         return Err(err(format!(
             "{} bytes is too short for an IDX header of rank {rank}",
@@ -190,7 +202,26 @@ fn read_idx_within(
              corrupt)"
         )));
     };
-    Ok((dims, bytes[header..].to_vec()))
+    // In place: a copy would hold the data twice.
+    bytes.drain(..header);
+    Ok((dims, bytes))
+}
+
+/// The whole length (header and data) an IDX header of rank `rank` declares, `None` when `head`
+/// is not a complete unsigned-byte IDX header (the caller's checks then name what is wrong).
+fn declared_idx_len(head: &[u8], rank: usize) -> Option<u64> {
+    let header = 4 + 4 * rank;
+    if head.len() < header || head[..3] != [0, 0, 0x08] || head[3] as usize != rank {
+        return None;
+    }
+    (0..rank)
+        .map(|i| {
+            u64::from(u32::from_be_bytes(
+                [0, 1, 2, 3].map(|k| head[4 + 4 * i + k]),
+            ))
+        })
+        .try_fold(1u64, |a, d| a.checked_mul(d))
+        .and_then(|data| data.checked_add(header as u64))
 }
 
 /// Writes an IDX file of unsigned bytes (for fixtures and tests).
@@ -207,22 +238,43 @@ pub fn write_idx(path: &Path, dims: &[usize], data: &[u8]) -> std::io::Result<()
 mod tests {
     use super::*;
 
-    /// A gzip that expands beyond the limit (a "zip bomb") stops at the limit with a clear error;
-    /// so does a raw file beyond it. Both are checked before the data is held whole.
+    /// A gzip that expands beyond the limit (a "zip bomb") is refused from the size its header
+    /// declares, and one whose header declares little is read only that far; so is a raw file
+    /// beyond the limit. None is held whole.
     #[test]
     fn payloads_beyond_the_limit_are_refused() {
         use std::io::Write;
         let dir = tempfile::tempdir().unwrap();
-        let bomb = dir.path().join("bomb-idx1-ubyte.gz");
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-        gz.write_all(&[0u8; 100_000]).unwrap();
-        std::fs::write(&bomb, gz.finish().unwrap()).unwrap();
-        assert!(std::fs::metadata(&bomb).unwrap().len() < 1000);
+        let gzip = |name: &str, len: u32, data: usize| {
+            let path = dir.path().join(name);
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+            gz.write_all(&[0, 0, 8, 1]).unwrap();
+            gz.write_all(&len.to_be_bytes()).unwrap();
+            gz.write_all(&vec![0u8; data]).unwrap();
+            std::fs::write(&path, gz.finish().unwrap()).unwrap();
+            assert!(std::fs::metadata(&path).unwrap().len() < 1000);
+            path
+        };
+        let bomb = gzip("bomb-idx1-ubyte.gz", 100_000, 100_000);
         let e = read_idx_within(&bomb, 1, 10_000).unwrap_err().to_string();
         assert!(
-            e.contains("its decompressed data is beyond the IDX limit"),
+            e.contains("its decompressed data (100008 bytes, as its header declares) is beyond the IDX limit"),
             "{e}"
         );
+        let liar = gzip("liar-idx1-ubyte.gz", 10, 100_000);
+        let e = read_idx_within(&liar, 1, 10_000).unwrap_err().to_string();
+        assert!(
+            e.contains("need 10 data bytes but the file has 11"),
+            "read one byte past the declared size, no further: {e}"
+        );
+        let fine = gzip("fine-idx1-ubyte.gz", 10, 10);
+        assert_eq!(
+            read_idx_within(&fine, 1, 10_000).unwrap(),
+            (vec![10], vec![0; 10])
+        );
+        let bad = gzip("bad-idx1-ubyte.gz", 10, 3);
+        let e = read_idx_within(&bad, 1, 10_000).unwrap_err().to_string();
+        assert!(e.contains("the file has 3"), "{e}");
         let raw = dir.path().join("raw-idx1-ubyte");
         std::fs::write(&raw, vec![0u8; 20_000]).unwrap();
         let e = read_idx_within(&raw, 1, 10_000).unwrap_err().to_string();
