@@ -610,3 +610,77 @@ fn an_interrupted_run_writes_a_partial_analysis() {
         assert!(!name.starts_with('.'), "left behind: {name}");
     }
 }
+
+/// What people read is written for people, what programs read keeps its precision: a capacity
+/// factor of `1.2500000000000002` shows as `cf=1.25` in the summary, the CSV and the figure
+/// titles (the JSON keeps the exact number), and titles name the data folder, not its path.
+/// Fashion-MNIST IDX data under a model without ten class names gets Fashion-MNIST's names.
+#[test]
+fn titles_and_labels_read_like_text_and_idx_data_keeps_its_class_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path(), RouterKind::SoftmaxTokenChoice);
+    let (data, _) = mixed_folder(dir.path());
+    let out_dir = dir.path().join("out");
+    let run = routerscope(&[
+        "analyze",
+        "--model",
+        s(&m),
+        "--data",
+        s(&data),
+        "--capacity-factor",
+        "1.2500000000000002",
+        "--device",
+        "cpu",
+        "--out",
+        s(&out_dir),
+    ]);
+    ok(&run);
+    let said = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        said.contains("cf=1.25") && !said.contains("1.2500000000000002"),
+        "{said}"
+    );
+    let a = read_json(&out_dir.join("analysis.json"));
+    assert_eq!(
+        a["runs"][0]["settings"]["capacity_factor"],
+        1.2500000000000002
+    );
+    assert_eq!(a["data"], s(&data));
+    let summary = std::fs::read_to_string(out_dir.join("summary.csv")).unwrap();
+    assert!(
+        summary.contains("cf=1.25") && !summary.contains("00000"),
+        "{summary}"
+    );
+    let svg = std::fs::read_to_string(out_dir.join("class_expert_block3.svg")).unwrap();
+    assert!(svg.contains("images of data"), "the folder's name");
+    assert!(
+        !svg.contains(dir.path().to_str().unwrap()),
+        "no temporary path in the title"
+    );
+    assert!(svg.contains("cf=1.25") && !svg.contains("1.2500000000000002"));
+
+    let idx_out = dir.path().join("idx");
+    ok(&routerscope(&[
+        "analyze",
+        "--model",
+        s(&m),
+        "--data",
+        s(&common::fixture_dir()),
+        "--limit",
+        "20",
+        "--device",
+        "cpu",
+        "--out",
+        s(&idx_out),
+    ]));
+    let a = read_json(&idx_out.join("analysis.json"));
+    let classes: Vec<&str> = (a["classes"].as_array().unwrap().iter())
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(classes, routerscope::model::FASHION_MNIST_CLASSES);
+    let csv = std::fs::read_to_string(idx_out.join("class_expert.csv")).unwrap();
+    assert!(
+        csv.contains("Ankle boot") || csv.contains("ankle boot"),
+        "{csv}"
+    );
+}

@@ -290,3 +290,48 @@ fn predict_without_an_adapter_falls_back_to_the_cpu_with_a_notice() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("running on the CPU"), "{err}");
 }
+
+/// A reader that goes away (`routerscope predict --json … | head -c 0`) is not a crash: the
+/// command ends quietly, killed by SIGPIPE (status 141 in a shell) or done (0), with no panic or
+/// stack trace, for the JSON and the text output alike.
+#[cfg(unix)]
+#[test]
+fn a_closed_pipe_ends_the_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let (model, images) = setup(dir.path());
+    let many: Vec<&str> = (0..40).map(|i| images[i % 2].to_str().unwrap()).collect();
+    for json in [true, false] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_routerscope"));
+        cmd.args([
+            "predict",
+            "--device",
+            "cpu",
+            "--model",
+            model.to_str().unwrap(),
+        ]);
+        if json {
+            cmd.arg("--json");
+        }
+        let mut child = cmd
+            .args(&many)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Close the read end before the model has even loaded: every write then fails.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.signal() == Some(libc::SIGPIPE) || out.status.code() == Some(0),
+            "json {json}: {:?}: {err}",
+            out.status
+        );
+        assert!(
+            !err.contains("panicked") && !err.contains("Broken pipe"),
+            "{err}"
+        );
+    }
+}
