@@ -94,6 +94,9 @@ impl Forward for Engine {
     fn config(&self) -> &ModelConfig {
         &self.config
     }
+    fn check_options(&self, opts: &RunOptions, batch: usize) -> Result<(), ModelError> {
+        Engine::check_options(self, opts, batch)
+    }
     fn forward(&self, images: &[Vec<f32>], opts: &RunOptions) -> Result<ForwardOutput, ModelError> {
         Engine::forward(self, images, opts)
     }

@@ -684,3 +684,67 @@ fn titles_and_labels_read_like_text_and_idx_data_keeps_its_class_names() {
         "{csv}"
     );
 }
+
+/// A compared router the checkpoint cannot run (Soft MoE on a sparse checkpoint, a sparse router
+/// on a Soft MoE one) is left out with a note; the others run.
+#[test]
+fn compared_routers_the_checkpoint_cannot_run_are_skipped_with_a_note() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, _) = mixed_folder(dir.path());
+    // The shipped checkpoints hold only their own router's parameters.
+    for (own, compare, skipped, kept) in [
+        ("softmax-tc", "soft,softmax-ec", "soft", "softmax-ec"),
+        ("soft", "softmax-ec", "softmax-ec", "soft"),
+    ] {
+        let m = common::model_path(own);
+        let out_dir = dir.path().join(format!("cmp-{own}"));
+        let err = ok(&routerscope(&[
+            "analyze",
+            "--model",
+            s(&m),
+            "--data",
+            s(&data),
+            "--compare",
+            compare,
+            "--device",
+            "cpu",
+            "--out",
+            s(&out_dir),
+        ]));
+        assert!(
+            err.contains(&format!("note: {skipped}")) && err.contains("left out of the comparison"),
+            "{err}"
+        );
+        let a = read_json(&out_dir.join("analysis.json"));
+        let routers: Vec<&str> = (a["runs"].as_array().unwrap().iter())
+            .map(|r| r["settings"]["router"].as_str().unwrap())
+            .collect();
+        assert!(
+            routers.contains(&kept) && !routers.contains(&skipped),
+            "{routers:?}"
+        );
+        assert_eq!(a["skipped"][0]["settings"]["router"], skipped);
+        assert!(
+            a["skipped"][0]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("checkpoint")
+        );
+    }
+    // The main router itself must run.
+    let m = common::model_path("softmax-tc");
+    let out = routerscope(&[
+        "analyze",
+        "--model",
+        s(&m),
+        "--data",
+        s(&data),
+        "--router",
+        "soft",
+        "--device",
+        "cpu",
+        "--out",
+        s(&dir.path().join("main-soft")),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+}

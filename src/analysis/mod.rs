@@ -158,6 +158,13 @@ pub struct RouterRun {
     pub layers: Vec<LayerAnalysis>,
 }
 
+/// A compared router left out of an analysis, and why.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SkippedRouter {
+    pub settings: RouterSettings,
+    pub reason: String,
+}
+
 /// An image that could not be read.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Unreadable {
@@ -193,6 +200,8 @@ pub struct Analysis {
     /// Learned tokens before the patches (CLS, distillation, registers).
     pub prefix_tokens: usize,
     pub runs: Vec<RouterRun>,
+    /// Compared routers the checkpoint cannot run, left out.
+    pub skipped: Vec<SkippedRouter>,
     pub seconds: f64,
     pub images_per_second: f64,
 }
@@ -239,6 +248,26 @@ pub fn analyze(
             atlas::MAX_ATLAS_SIZE
         )));
     }
+    // A compared router the checkpoint cannot run (Soft MoE on a sparse checkpoint, a sparse
+    // router on a Soft MoE one) is left out with its reason; the main one must run.
+    model
+        .check_options(first, group)
+        .map_err(|e| AnalysisError::Model(e.to_string()))?;
+    let mut skipped = Vec::new();
+    let runs_asked: Vec<&RunOptions> = (opts.runs.iter().enumerate())
+        .filter(|(i, run)| match model.check_options(run, group) {
+            Ok(()) => true,
+            Err(e) if *i > 0 => {
+                skipped.push(SkippedRouter {
+                    settings: RouterSettings::new(&run.routers[0], run.group_images),
+                    reason: e.to_string(),
+                });
+                false
+            }
+            Err(_) => true,
+        })
+        .map(|(_, r)| r)
+        .collect();
     let start = Instant::now();
     let seq_len = cfg.seq_len();
     let has_cls = cfg.prefix().cls;
@@ -250,8 +279,7 @@ pub fn analyze(
         .max(group)
         / group
         * group;
-    let mut acc: Vec<Vec<LayerAccumulator>> = opts
-        .runs
+    let mut acc: Vec<Vec<LayerAccumulator>> = runs_asked
         .iter()
         .map(|_| {
             moe.layers
@@ -260,8 +288,7 @@ pub fn analyze(
                 .collect()
         })
         .collect();
-    let mut heaps: Vec<Vec<Vec<TopN>>> = opts
-        .runs
+    let mut heaps: Vec<Vec<Vec<TopN>>> = runs_asked
         .iter()
         .map(|_| {
             moe.layers
@@ -310,7 +337,7 @@ pub fn analyze(
         if !ids.is_empty() {
             let labels: Vec<usize> = ids.iter().map(|&i| source.label(i)).collect();
             let mut prev = None;
-            for (r, run) in opts.runs.iter().enumerate() {
+            for (r, &run) in runs_asked.iter().enumerate() {
                 let out = match &prev {
                     None => model.forward_source(&ids, &inputs, run),
                     Some(p) => model.rerun(p, run),
@@ -363,8 +390,7 @@ pub fn analyze(
             source.location().display()
         )));
     }
-    let runs = opts
-        .runs
+    let runs = runs_asked
         .iter()
         .zip(acc)
         .zip(heaps)
@@ -398,6 +424,7 @@ pub fn analyze(
         has_cls,
         prefix_tokens: cls,
         runs,
+        skipped,
         seconds,
         images_per_second: routed as f64 / seconds.max(1e-9),
     })

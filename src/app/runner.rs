@@ -143,6 +143,13 @@ impl Forward for Runner {
         Runner::config(self)
     }
 
+    fn check_options(&self, opts: &RunOptions, batch: usize) -> Result<(), ModelError> {
+        match self {
+            Runner::Model(m) => Forward::check_options(&**m, opts, batch),
+            Runner::Trace(t) => Forward::check_options(t, opts, batch),
+        }
+    }
+
     fn forward(&self, images: &[Vec<f32>], opts: &RunOptions) -> Result<ForwardOutput, ModelError> {
         match self {
             Runner::Model(m) => Forward::forward(&**m, images, opts),

@@ -156,6 +156,13 @@ pub fn run(args: &AnalyzeArgs) -> anyhow::Result<()> {
         super::report_notice(m);
     }
     let analysis = analysis?;
+    for k in &analysis.skipped {
+        eprintln!(
+            "routerscope: note: {} left out of the comparison: {}",
+            k.settings.label(),
+            k.reason
+        );
+    }
     for u in &analysis.unreadable {
         eprintln!("routerscope: skipped {}: {}", u.image, u.error);
     }

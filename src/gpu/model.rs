@@ -664,6 +664,9 @@ impl Forward for GpuVitMoe {
     fn config(&self) -> &ModelConfig {
         &self.config
     }
+    fn check_options(&self, opts: &RunOptions, batch: usize) -> Result<(), ModelError> {
+        check_run_options(&self.config, |n| self.param_names.contains(n), opts, batch)
+    }
     fn forward(&self, images: &[Vec<f32>], opts: &RunOptions) -> Result<ForwardOutput, ModelError> {
         Ok(GpuVitMoe::forward(self, images, opts)?)
     }

@@ -478,6 +478,12 @@ pub(crate) fn check_run_options(
 /// the model layer (the GPU model, the engine that picks a device).
 pub trait Forward {
     fn config(&self) -> &ModelConfig;
+    /// Whether `opts` can run on a batch of `batch` images here (one router per MoE layer, each
+    /// router's parameters in the checkpoint, whole groups), before any image is run.
+    fn check_options(&self, opts: &RunOptions, batch: usize) -> Result<(), ModelError> {
+        let _ = (opts, batch);
+        Ok(())
+    }
     fn forward(&self, images: &[Vec<f32>], opts: &RunOptions) -> Result<ForwardOutput, ModelError>;
     /// [`forward`](Self::forward) on images `ids` of the data source they came from: a routing
     /// trace routes the images it holds by index; a model runs the pixels.
@@ -524,6 +530,9 @@ pub type BlockObserver<'a> = &'a mut dyn FnMut(usize, usize) -> bool;
 impl Forward for VitMoe {
     fn config(&self) -> &ModelConfig {
         &self.config
+    }
+    fn check_options(&self, opts: &RunOptions, batch: usize) -> Result<(), ModelError> {
+        VitMoe::check_options(self, opts, batch)
     }
     fn forward(&self, images: &[Vec<f32>], opts: &RunOptions) -> Result<ForwardOutput, ModelError> {
         VitMoe::forward(self, images, opts)

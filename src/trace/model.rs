@@ -154,6 +154,10 @@ impl Forward for TraceModel {
         self.trace.config()
     }
 
+    fn check_options(&self, opts: &RunOptions, _batch: usize) -> Result<(), ModelError> {
+        TraceModel::check_options(self, opts)
+    }
+
     fn forward(&self, images: &[Vec<f32>], opts: &RunOptions) -> Result<ForwardOutput, ModelError> {
         let _ = (images, opts);
         Err(ModelError::Config(

@@ -151,6 +151,9 @@ impl RouterscopeApp {
             }
         ));
         line.on_hover_text(format!("computed on {}", result.device));
+        for k in &a.skipped {
+            ui.weak(format!("{} left out: {}", k.settings.label(), k.reason));
+        }
         ui.horizontal(|ui| {
             ui.label("MoE block:");
             for (l, la) in run.layers.iter().enumerate() {
