@@ -524,6 +524,50 @@ fn the_model_family_can_be_forced() {
 
 /// The Dataset view on the built-in Fashion-MNIST slice: the heatmap (snapshot), an expert's
 /// atlas on click, an atlas patch opening its image with the patch marked, and Export.
+/// The photo model over the built-in Fashion-MNIST slice: the load axis fits every box, whisker
+/// and the capacity line (the experts pinned at capacity included), and the classes are the
+/// dataset's own Fashion-MNIST names, not indices.
+#[test]
+fn the_dataset_view_of_the_photo_model_fits_every_box_and_names_the_classes() {
+    let mut h = harness(settings(RouterKind::SoftmaxTokenChoice));
+    let ctx = h.ctx.clone();
+    h.state_mut()
+        .open_model(routerscope::catalog::photo_model());
+    settle(&mut h);
+    h.state_mut()
+        .open_dataset(routerscope::catalog::fashion_mnist_slice());
+    assert!(h.state_mut().wait_dataset(&ctx, Duration::from_secs(600)));
+    settle(&mut h);
+    let a = h.state().dataset_result().expect("an analysis");
+    assert_eq!(a.images, 1000);
+    assert_eq!(a.classes, routerscope::model::FASHION_MNIST_CLASSES);
+    let run = &a.runs[0];
+    for la in &run.layers {
+        let st = &la.stats;
+        let cap = st.capacity as f64 / run.settings.group_images as f64;
+        let top = routerscope::app::views::dataset_plots::load_axis_top(st, Some(cap));
+        assert!(
+            top > cap,
+            "block {}: capacity {cap} above the axis {top}",
+            st.block
+        );
+        for l in &st.load_per_expert {
+            assert!(l.max < top && l.p95 < top && l.p75 < top, "{l:?} vs {top}");
+        }
+    }
+    // Block 9, where the two busiest experts sit at capacity.
+    assert!(
+        run.layers[0]
+            .stats
+            .load_per_expert
+            .iter()
+            .filter(|l| l.p25 >= run.layers[0].stats.capacity as f64)
+            .count()
+            >= 1
+    );
+    h.snapshot_options("dataset_photo_slice", &snapshot_options());
+}
+
 #[test]
 fn the_dataset_view_analyses_the_built_in_slice() {
     let mut h = harness(settings(RouterKind::SoftmaxTokenChoice));

@@ -201,10 +201,16 @@ impl RouterscopeApp {
                 dataset_plots::drop_bars(ui, st, &a.classes);
             });
         });
-        ui.strong("tokens per image per expert (box 25–75%, whiskers 5–95%, line median)");
+        ui.strong(
+            "tokens per image per expert (box 25–75%, whiskers 5–95%, line median, dashed capacity)",
+        );
+        // Capacity is per routing group; the boxes count tokens per image.
+        let capacity = (st.router != "soft")
+            .then(|| st.capacity as f64 / run.settings.group_images.max(1) as f64);
         if let Some(j) = dataset_plots::load_boxes(
             ui,
             st,
+            capacity,
             self.settings.palette,
             self.dataset.expert,
             width.min(640.0),

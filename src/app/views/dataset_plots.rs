@@ -140,29 +140,83 @@ pub fn position_map(
     }
 }
 
-/// Per expert: box 25–75th percentile of tokens per image, median line, whiskers 5–95th;
-/// returns the clicked expert.
+/// Where the load axis ends: above every whisker, maximum and the capacity line (when given), with
+/// room for a box pinned at the top to stay visible.
+pub fn load_axis_top(st: &LayerStats, capacity: Option<f64>) -> f64 {
+    let top = (st.load_per_expert.iter())
+        .flat_map(|l| [l.max, l.p95, l.p75])
+        .chain(capacity)
+        .filter(|v| v.is_finite())
+        .fold(1.0f64, f64::max);
+    top * 1.1
+}
+
+/// Per expert: box 25–75th percentile of tokens per image, median line, whiskers 5–95th, the
+/// capacity (tokens per image an expert holds) as a dashed line, on a labelled axis that fits
+/// them all; returns the clicked expert.
 pub fn load_boxes(
     ui: &mut egui::Ui,
     st: &LayerStats,
+    capacity: Option<f64>,
     palette: Palette,
     selected: Option<usize>,
     width: f32,
 ) -> Option<usize> {
     let e = st.num_experts;
-    let h = 110.0;
-    let slot = (width / e.max(1) as f32).clamp(4.0, 30.0);
-    let (rect, response) =
-        ui.allocate_exact_size(egui::vec2(slot * e as f32, h), egui::Sense::click());
-    let painter = ui.painter_at(rect);
-    let ymax = st
-        .load_per_expert
-        .iter()
-        .map(|l| l.max)
-        .fold(1.0f64, f64::max)
-        * 1.05;
-    let y = |v: f64| rect.bottom() - (v / ymax) as f32 * h;
+    let h = 120.0;
+    let axis = 44.0;
+    let slot = ((width - axis) / e.max(1) as f32).clamp(4.0, 30.0);
+    let (full, response) = ui.allocate_exact_size(
+        egui::vec2(axis + slot * e as f32, h + 8.0),
+        egui::Sense::click(),
+    );
+    let rect = egui::Rect::from_min_max(
+        egui::pos2(full.left() + axis, full.top() + 4.0),
+        egui::pos2(full.right(), full.bottom() - 4.0),
+    );
+    let painter = ui.painter_at(full);
+    let ymax = load_axis_top(st, capacity);
+    let y = |v: f64| rect.bottom() - (v.clamp(0.0, ymax) / ymax) as f32 * rect.height();
     let dark = ui.visuals().text_color();
+    let weak = ui.visuals().weak_text_color();
+    let font = egui::FontId::proportional(10.0);
+    // The y axis: 0, the capacity and the top, and what they count.
+    painter.line_segment(
+        [rect.left_top(), rect.left_bottom()],
+        egui::Stroke::new(1.0, weak),
+    );
+    let mut ticks = vec![0.0, ymax / 1.1];
+    ticks.extend(capacity);
+    for v in ticks {
+        painter.text(
+            egui::pos2(rect.left() - 4.0, y(v)),
+            egui::Align2::RIGHT_CENTER,
+            crate::format::number_with(v, 1),
+            font.clone(),
+            weak,
+        );
+    }
+    painter.text(
+        egui::pos2(full.left(), rect.top()),
+        egui::Align2::LEFT_TOP,
+        "tokens\n/ image",
+        font.clone(),
+        weak,
+    );
+    if let Some(c) = capacity {
+        let cy = y(c);
+        let mut x = rect.left();
+        while x < rect.right() {
+            painter.line_segment(
+                [
+                    egui::pos2(x, cy),
+                    egui::pos2((x + 4.0).min(rect.right()), cy),
+                ],
+                egui::Stroke::new(1.0, egui::Color32::from_rgb(200, 80, 60)),
+            );
+            x += 7.0;
+        }
+    }
     for (j, l) in st.load_per_expert.iter().enumerate() {
         let cx = rect.left() + (j as f32 + 0.5) * slot;
         let bw = slot * 0.6;
@@ -170,11 +224,21 @@ pub fn load_boxes(
             [egui::pos2(cx, y(l.p5)), egui::pos2(cx, y(l.p95))],
             egui::Stroke::new(1.0, dark),
         );
+        // At least 4 px tall, so that a box whose quartiles coincide (an expert always full)
+        // still shows.
+        let (top, bottom) = (y(l.p75), y(l.p25));
+        let pad = ((4.0 - (bottom - top)) / 2.0).max(0.0);
         let b = egui::Rect::from_min_max(
-            egui::pos2(cx - bw / 2.0, y(l.p75)),
-            egui::pos2(cx + bw / 2.0, y(l.p25).max(y(l.p75) + 1.0)),
+            egui::pos2(cx - bw / 2.0, top - pad),
+            egui::pos2(cx + bw / 2.0, bottom + pad),
         );
         painter.rect_filled(b, 0.0, color(palette.expert(j), 1.0));
+        painter.rect_stroke(
+            b,
+            0.0,
+            egui::Stroke::new(1.0, dark),
+            egui::StrokeKind::Inside,
+        );
         painter.line_segment(
             [
                 egui::pos2(b.left(), y(l.p50)),
