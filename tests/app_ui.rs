@@ -250,11 +250,8 @@ fn compares_routers_side_by_side() {
     h.snapshot_options("compare_routers", &snapshot_options());
 }
 
-/// The app computes on the renderer's own wgpu device (as eframe's in the real app): the label
-/// names the adapter, and the routing and prediction equal the CPU run's. Switching to the CPU
-/// runs there; asking for a GPU the app was not given says so and stays on the CPU.
-#[test]
-fn computes_on_the_renderers_wgpu_device() {
+/// The app with device GPU on the renderer's own wgpu device (as eframe's in the real app).
+fn gpu_harness(router: RouterKind) -> Harness<'static, RouterscopeApp> {
     let rs = egui_kittest::wgpu::create_render_state(
         egui_kittest::wgpu::default_wgpu_setup(),
         Default::default(),
@@ -264,7 +261,7 @@ fn computes_on_the_renderers_wgpu_device() {
     let wake = egui::Context::default();
     let s = Settings {
         device: DeviceChoice::Gpu,
-        ..settings(RouterKind::SoftmaxExpertChoice)
+        ..settings(router)
     };
     let mut app = RouterscopeApp::with_gpu(&wake, s, Ok(gpu));
     app.hide_timings = true;
@@ -273,6 +270,15 @@ fn computes_on_the_renderers_wgpu_device() {
         .renderer(egui_kittest::wgpu::WgpuTestRenderer::from_render_state(rs))
         .build_ui_state(|ui, app: &mut RouterscopeApp| app.show(ui), app);
     settle(&mut h);
+    h
+}
+
+/// The app computes on the renderer's own wgpu device (as eframe's in the real app): the label
+/// names the adapter, and the routing and prediction equal the CPU run's. Switching to the CPU
+/// runs there; asking for a GPU the app was not given says so and stays on the CPU.
+#[test]
+fn computes_on_the_renderers_wgpu_device() {
+    let mut h = gpu_harness(RouterKind::SoftmaxExpertChoice);
     let app = h.state();
     assert!(
         app.device_label().starts_with("GPU: "),
@@ -314,24 +320,7 @@ fn computes_on_the_renderers_wgpu_device() {
 /// within 1e-4, and the Dataset view's analysis runs on the GPU too.
 #[test]
 fn the_photo_model_runs_on_the_gpu_with_its_fidelity_readout() {
-    let rs = egui_kittest::wgpu::create_render_state(
-        egui_kittest::wgpu::default_wgpu_setup(),
-        Default::default(),
-    );
-    let gpu = GpuContext::shared(&rs.adapter, rs.device.clone(), rs.queue.clone())
-        .expect("the renderer's device runs the kernels");
-    let wake = egui::Context::default();
-    let s = Settings {
-        device: DeviceChoice::Gpu,
-        ..settings(RouterKind::SoftmaxTokenChoice)
-    };
-    let mut app = RouterscopeApp::with_gpu(&wake, s, Ok(gpu));
-    app.hide_timings = true;
-    let mut h = Harness::builder()
-        .with_size([1400.0, 900.0])
-        .renderer(egui_kittest::wgpu::WgpuTestRenderer::from_render_state(rs))
-        .build_ui_state(|ui, app: &mut RouterscopeApp| app.show(ui), app);
-    settle(&mut h);
+    let mut h = gpu_harness(RouterKind::SoftmaxTokenChoice);
     let chelsea = sample_index(&h, "photo-chelsea.png");
     h.state_mut().show_image(chelsea);
     settle(&mut h);
