@@ -748,3 +748,112 @@ fn compared_routers_the_checkpoint_cannot_run_are_skipped_with_a_note() {
     ]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// A valid 16384 × 16384 RGBA PNG (1 GiB decoded, a few MB on disk), streamed so that the test
+/// never holds the pixels.
+fn huge_png(path: &Path) {
+    use std::io::Write;
+    let side = 16384u32;
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+    let row = vec![0u8; 1 + 4 * side as usize];
+    for _ in 0..side {
+        z.write_all(&row).unwrap();
+    }
+    let idat = z.finish().unwrap();
+    let chunk = |out: &mut Vec<u8>, kind: &[u8], data: &[u8]| {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(data);
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        out.extend_from_slice(&crc.sum().to_be_bytes());
+    };
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&side.to_be_bytes());
+    ihdr.extend_from_slice(&side.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 6, 0, 0, 0]);
+    chunk(&mut png, b"IHDR", &ihdr);
+    chunk(&mut png, b"IDAT", &idat);
+    chunk(&mut png, b"IEND", &[]);
+    std::fs::write(path, png).unwrap();
+}
+
+/// A data folder with a symbolic link back to its root, a broken link, a FIFO named like an
+/// image and a 16384 × 16384 PNG: the link loop, the broken link and the FIFO are passed over and
+/// counted, the giant is refused before it is decoded and counted as unreadable, a link to an
+/// image is followed, and the run completes on the rest.
+#[test]
+fn hostile_folder_entries_are_skipped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model(dir.path(), RouterKind::SoftmaxTokenChoice);
+    let root = dir.path().join("data");
+    std::fs::create_dir_all(root.join("cats")).unwrap();
+    std::fs::create_dir_all(root.join("dogs")).unwrap();
+    for i in 0..3 {
+        picture(&root.join(format!("cats/{i}.png")), i);
+    }
+    std::os::unix::fs::symlink(root.join("cats/0.png"), root.join("dogs/linked.png")).unwrap();
+    std::os::unix::fs::symlink(&root, root.join("cats/loop")).unwrap();
+    std::os::unix::fs::symlink(root.join("nowhere.png"), root.join("dogs/broken.png")).unwrap();
+    let fifo = root.join("dogs/pipe.png");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let t = std::time::Instant::now();
+    huge_png(&root.join("dogs/huge.png"));
+    eprintln!(
+        "huge.png: {} bytes, written in {:.1} s",
+        std::fs::metadata(root.join("dogs/huge.png")).unwrap().len(),
+        t.elapsed().as_secs_f64()
+    );
+    let out_dir = dir.path().join("out");
+    let out = routerscope(&[
+        "analyze",
+        "--model",
+        s(&model),
+        "--data",
+        s(&root),
+        "--out",
+        s(&out_dir),
+    ]);
+    let stderr = ok(&out);
+    let a = read_json(&out_dir.join("analysis.json"));
+    assert_eq!(a["images"], 4, "{stderr}");
+    assert_eq!(a["unreadable_count"], 1);
+    let huge = &a["unreadable"][0];
+    assert_eq!(huge["image"], "dogs/huge.png");
+    let why = huge["error"].as_str().unwrap();
+    assert!(why.contains("16384x16384"), "{why}");
+    assert!(why.contains("decode limit"), "{why}");
+    assert_eq!(a["passed_over_count"], 3, "{a}");
+    let passed: Vec<(String, String)> = a["passed_over"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| {
+            (
+                u["image"].as_str().unwrap().to_string(),
+                u["error"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let reason = |name: &str| {
+        passed
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, w)| w.clone())
+            .unwrap_or_else(|| panic!("{name} not passed over: {passed:?}"))
+    };
+    assert!(reason("cats/loop").contains("already searched"));
+    assert!(reason("dogs/broken.png").contains("broken or looping symbolic link"));
+    assert!(reason("dogs/pipe.png").contains("FIFO"));
+    assert!(stderr.contains("passed over dogs/pipe.png"), "{stderr}");
+    assert!(stderr.contains("skipped dogs/huge.png"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("4 images analysed (1 unreadable, 3 passed over"),
+        "{stdout}"
+    );
+    assert_eq!(a["classes"], serde_json::json!(["cats", "dogs"]));
+}

@@ -191,6 +191,12 @@ pub struct Analysis {
     pub partial: bool,
     pub unreadable_count: usize,
     pub unreadable: Vec<Unreadable>,
+    /// Files of a data folder that are not images by their extension (not read).
+    pub other_files: usize,
+    /// Entries of a data folder passed over while listing it (a FIFO, socket or device, a
+    /// broken or looping symbolic link): how many, and the first ones with why.
+    pub passed_over_count: usize,
+    pub passed_over: Vec<Unreadable>,
     /// Readable images left out at the end because they do not fill a routing group.
     pub left_out: usize,
     /// Patch grid `[rows, cols]`, tokens per image and whether token 0 is the CLS token.
@@ -408,6 +414,24 @@ pub fn analyze(
         .collect();
     let seconds = start.elapsed().as_secs_f64();
     let labelled = classes.iter().any(|c| c != source::UNLABELLED);
+    let (other_files, passed_over_count, passed_over) = match source {
+        DataSource::Folder(f) => (
+            f.other_files,
+            f.skipped_count,
+            f.skipped
+                .iter()
+                .map(|(p, why)| Unreadable {
+                    image: p
+                        .strip_prefix(&f.root)
+                        .unwrap_or(p)
+                        .to_string_lossy()
+                        .into_owned(),
+                    error: why.clone(),
+                })
+                .collect(),
+        ),
+        _ => (0, 0, Vec::new()),
+    };
     Ok(Analysis {
         model: cfg.name.clone(),
         data: source.location().display().to_string(),
@@ -418,6 +442,9 @@ pub fn analyze(
         partial,
         unreadable_count,
         unreadable,
+        other_files,
+        passed_over_count,
+        passed_over,
         left_out,
         grid: cfg.grid(),
         seq_len,

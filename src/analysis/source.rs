@@ -59,6 +59,10 @@ pub struct FolderSource {
     pub classes: Vec<String>,
     /// Files that are not images by their extension (not read).
     pub other_files: usize,
+    /// Entries passed over while listing (special files, looping or broken links), with why:
+    /// the first [`crate::model::MAX_LISTED_SKIPPED`], and how many in all.
+    pub skipped: Vec<(PathBuf, String)>,
+    pub skipped_count: usize,
 }
 
 /// A Fashion-MNIST split, read image by image from its IDX file (gzip-compressed or not):
@@ -344,7 +348,8 @@ impl FolderSource {
         let listing = list_images(root, MAX_FOLDER_IMAGES).map_err(|e| {
             AnalysisError::Data(format!("{e}; analyse a subfolder or pass --limit"))
         })?;
-        let other_files = listing.other_files;
+        let (other_files, skipped, skipped_count) =
+            (listing.other_files, listing.skipped, listing.skipped_count);
         let images: Vec<(PathBuf, Option<String>)> = listing
             .files
             .into_iter()
@@ -360,13 +365,20 @@ impl FolderSource {
             .collect();
         if images.is_empty() {
             return Err(AnalysisError::Data(format!(
-                "{}: no images found (searched recursively for {}{})",
+                "{}: no images found (searched recursively for {}{}{})",
                 root.display(),
                 IMAGE_EXTENSIONS.join(", "),
                 if other_files > 0 {
                     format!("; {other_files} other files were not read")
                 } else {
                     String::new()
+                },
+                match skipped.first() {
+                    Some((p, why)) => format!(
+                        "; {skipped_count} entries were passed over (first: {}: {why})",
+                        p.display()
+                    ),
+                    None => String::new(),
                 }
             )));
         }
@@ -393,6 +405,8 @@ impl FolderSource {
             files,
             classes,
             other_files,
+            skipped,
+            skipped_count,
         })
     }
 }

@@ -163,6 +163,15 @@ pub fn run(args: &AnalyzeArgs) -> anyhow::Result<()> {
             k.reason
         );
     }
+    for u in &analysis.passed_over {
+        eprintln!("routerscope: passed over {}: {}", u.image, u.error);
+    }
+    if analysis.passed_over_count > analysis.passed_over.len() {
+        eprintln!(
+            "routerscope: … and {} more entries passed over",
+            analysis.passed_over_count - analysis.passed_over.len()
+        );
+    }
     for u in &analysis.unreadable {
         eprintln!("routerscope: skipped {}: {}", u.image, u.error);
     }
@@ -184,10 +193,11 @@ pub fn run(args: &AnalyzeArgs) -> anyhow::Result<()> {
         .context("writing the figures")?,
     );
     println!(
-        "{}: {} images analysed ({} unreadable, {} left out of a partial group) in {:.1} s, {:.1} images/s",
+        "{}: {} images analysed ({} unreadable, {} passed over, {} left out of a partial group) in {:.1} s, {:.1} images/s",
         analysis.model,
         analysis.images,
         analysis.unreadable_count,
+        analysis.passed_over_count,
         analysis.left_out,
         analysis.seconds,
         analysis.images_per_second

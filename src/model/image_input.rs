@@ -21,33 +21,114 @@ pub struct ImageListing {
     /// Sorted by path.
     pub files: Vec<std::path::PathBuf>,
     pub other_files: usize,
+    /// Entries passed over (a FIFO, socket or device, a broken or looping symbolic link, a folder
+    /// reached a second time, an unreadable subfolder), each counted; the first
+    /// [`MAX_LISTED_SKIPPED`] are kept with the reason, in the order met.
+    pub skipped: Vec<(std::path::PathBuf, String)>,
+    pub skipped_count: usize,
+}
+
+/// At most this many skipped entries are kept with their reason (all are counted).
+pub const MAX_LISTED_SKIPPED: usize = 100;
+
+impl ImageListing {
+    fn skip(&mut self, path: &Path, why: String) {
+        self.skipped_count += 1;
+        if self.skipped.len() < MAX_LISTED_SKIPPED {
+            self.skipped.push((path.to_path_buf(), why));
+        }
+    }
 }
 
 /// Lists the images (by [`IMAGE_EXTENSIONS`], any case) under `dir` recursively; more than `max`
 /// images is an error (checked while listing). Errors name the folder.
+///
+/// Symbolic links are followed, but every folder is entered once (by its canonical path), so a
+/// link back to an ancestor ends the descent instead of looping. Only regular files are listed:
+/// a FIFO would block the reader forever, so special files are skipped even with an image name.
 pub fn list_images(dir: &Path, max: usize) -> Result<ImageListing, String> {
     let mut out = ImageListing::default();
+    let root = std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut seen = std::collections::HashSet::from([root]);
     let mut stack = vec![dir.to_path_buf()];
+    let mut first = true;
     while let Some(d) = stack.pop() {
-        let entries = std::fs::read_dir(&d).map_err(|e| format!("{}: {e}", d.display()))?;
-        for entry in entries.flatten() {
+        let entries = match std::fs::read_dir(&d) {
+            Ok(e) => e,
+            Err(e) if first => return Err(format!("{}: {e}", d.display())),
+            Err(e) => {
+                out.skip(&d, format!("folder not readable: {e}"));
+                continue;
+            }
+        };
+        first = false;
+        let mut entries: Vec<std::fs::DirEntry> = entries
+            .filter_map(|e| match e {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    out.skip(&d, format!("folder entry not readable: {e}"));
+                    None
+                }
+            })
+            .collect();
+        // Sorted, so that which way into a folder reached twice is used does not depend on the
+        // file system's order.
+        entries.sort_by_key(|e| std::cmp::Reverse(e.file_name()));
+        for entry in entries {
             let p = entry.path();
-            match entry.file_type() {
-                Ok(t) if t.is_dir() => stack.push(p),
-                Ok(t) if t.is_file() => {
-                    let ext = p
-                        .extension()
-                        .and_then(|e| e.to_str())
-                        .map(str::to_lowercase);
-                    if !ext.is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str())) {
-                        out.other_files += 1;
-                    } else if out.files.len() >= max {
-                        return Err(format!("{}: more than {max} images", dir.display()));
-                    } else {
-                        out.files.push(p);
+            let Ok(t) = entry.file_type() else {
+                out.skip(&p, "file type not readable".into());
+                continue;
+            };
+            let link = t.is_symlink();
+            let t = if link {
+                match std::fs::metadata(&p) {
+                    Ok(m) => m.file_type(),
+                    Err(e) => {
+                        out.skip(&p, format!("broken or looping symbolic link: {e}"));
+                        continue;
                     }
                 }
-                _ => {}
+            } else {
+                t
+            };
+            if t.is_dir() {
+                match std::fs::canonicalize(&p) {
+                    Ok(c) if seen.contains(&c) => out.skip(
+                        &p,
+                        if link {
+                            format!(
+                                "symbolic link to {}, a folder already searched (a loop or a \
+                                 second way in)",
+                                c.display()
+                            )
+                        } else {
+                            "folder already searched through a symbolic link".to_string()
+                        },
+                    ),
+                    Ok(c) => {
+                        seen.insert(c);
+                        stack.push(p);
+                    }
+                    Err(e) => out.skip(&p, format!("folder path not resolvable: {e}")),
+                }
+            } else if t.is_file() {
+                let ext = p
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .map(str::to_lowercase);
+                if !ext.is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str())) {
+                    out.other_files += 1;
+                } else if out.files.len() >= max {
+                    return Err(format!("{}: more than {max} images", dir.display()));
+                } else {
+                    out.files.push(p);
+                }
+            } else {
+                out.skip(
+                    &p,
+                    "not a regular file (a FIFO, socket or device), not opened".into(),
+                );
             }
         }
     }

@@ -17,8 +17,8 @@ pub use config::{
     Normalization, PrefixTokens,
 };
 pub use image_input::{
-    IMAGE_EXTENSIONS, ImageListing, MAX_DECODE_BYTES, MAX_IMAGE_SIDE, decode_image,
-    decode_image_bytes, list_images, load_image, preprocess,
+    IMAGE_EXTENSIONS, ImageListing, MAX_DECODE_BYTES, MAX_IMAGE_SIDE, MAX_LISTED_SKIPPED,
+    decode_image, decode_image_bytes, list_images, load_image, preprocess,
 };
 pub use kernels::{erf, gelu, gelu_erf};
 pub use presets::{FASHION_MNIST_CLASSES, PRESETS, preset, preset_router};

@@ -133,10 +133,11 @@ impl RouterscopeApp {
             a.model,
             run.settings.label(),
             a.images,
-            if a.unreadable_count > 0 {
-                format!(" ({} unreadable, skipped)", a.unreadable_count)
-            } else {
-                String::new()
+            match (a.unreadable_count, a.passed_over_count) {
+                (0, 0) => String::new(),
+                (u, 0) => format!(" ({u} unreadable, skipped)"),
+                (0, p) => format!(" ({p} folder entries passed over)"),
+                (u, p) => format!(" ({u} unreadable, skipped; {p} folder entries passed over)"),
             },
             if self.hide_timings {
                 String::new()
