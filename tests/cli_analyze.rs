@@ -857,3 +857,101 @@ fn hostile_folder_entries_are_skipped_and_counted() {
     );
     assert_eq!(a["classes"], serde_json::json!(["cats", "dogs"]));
 }
+
+/// The atlas of every expert: at most `--atlas-per-image` tiles of one image, no tile repeating
+/// a kept one (each skipped near-duplicate is listed with the kept tile it matches), and the
+/// best patch of each expert always kept.
+#[test]
+fn atlas_rows_cap_each_image_and_skip_near_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = common::model_path("softmax-tc");
+    let data = common::fixture_dir();
+    let run = |cap: &str| {
+        let out_dir = dir.path().join(format!("cap{cap}"));
+        ok(&routerscope(&[
+            "analyze",
+            "--model",
+            s(&m),
+            "--data",
+            s(&data),
+            "--limit",
+            "300",
+            "--device",
+            "cpu",
+            "--atlas-per-image",
+            cap,
+            "--out",
+            s(&out_dir),
+        ]));
+        read_json(&out_dir.join("analysis.json"))
+    };
+    let rows = |a: &Value| -> Vec<Value> {
+        a["runs"][0]["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|l| l["atlas"].as_array().unwrap().clone())
+            .collect()
+    };
+    let names = |row: &Value| -> Vec<(String, u64)> {
+        row["patches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                (
+                    t["name"].as_str().unwrap().to_string(),
+                    t["token"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let most_of_one_image = |row: &Value| {
+        let n = names(row);
+        n.iter()
+            .map(|(i, _)| n.iter().filter(|(j, _)| j == i).count())
+            .max()
+            .unwrap_or(0)
+    };
+    let uncapped = run("0");
+    let capped = run("2");
+    let single = run("1");
+    assert_eq!(capped["atlas_per_image"], 2);
+    let mut skipped = 0;
+    for ((u, c), one) in rows(&uncapped).iter().zip(rows(&capped)).zip(rows(&single)) {
+        assert!(most_of_one_image(&c) <= 2, "{c}");
+        assert!(most_of_one_image(&one) <= 1, "{one}");
+        assert_eq!(names(u).first(), names(&c).first());
+        assert_eq!(
+            c["patches"].as_array().unwrap().len(),
+            16,
+            "a row is filled from the pool"
+        );
+        let kept = names(&c);
+        for k in c["skipped"].as_array().unwrap() {
+            skipped += 1;
+            let like = (
+                k["like_name"].as_str().unwrap().to_string(),
+                k["like_token"].as_u64().unwrap(),
+            );
+            assert!(kept.contains(&like), "{k} matches no kept tile");
+            assert!(k["difference"].as_f64().unwrap() <= 2.0);
+            assert!(k["score"].as_f64().unwrap() <= kept_score(&c, &like));
+        }
+    }
+    assert!(skipped > 0, "the slice's black backgrounds repeat");
+    assert!(
+        rows(&uncapped).iter().any(|r| most_of_one_image(r) > 2),
+        "without a cap some expert's best patches crowd into one image"
+    );
+}
+
+fn kept_score(row: &Value, like: &(String, u64)) -> f64 {
+    row["patches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == like.0.as_str() && t["token"] == like.1)
+        .map(|t| t["score"].as_f64().unwrap())
+        .unwrap()
+}

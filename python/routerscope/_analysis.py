@@ -33,6 +33,7 @@ def analyze(
     split: str = "test",
     limit: Optional[int] = None,
     atlas_size: int = 16,
+    atlas_per_image: int = 2,
     png_width: int = 1200,
     progress: Optional[bool] = None,
 ) -> Dict[str, Any]:
@@ -50,7 +51,9 @@ def analyze(
 
     ``router``, ``k``, ``capacity_factor`` and ``group_images`` are a what-if on the model's own
     routing; ``compare`` adds routers (taking the main router's k and capacity factor). ``limit``
-    analyses the first N images; ``atlas_size`` patches are kept per expert.
+    analyses the first N images; ``atlas_size`` patches are kept per expert, at most
+    ``atlas_per_image`` of one image (0: no cap), near-duplicate tiles skipped (listed per expert
+    under ``skipped``).
 
     Returns the dict ``analysis.json`` holds (per router in ``runs`` and per MoE layer: tokens
     per class and expert, drops by class and position, load percentiles, experts per token,
@@ -83,6 +86,7 @@ def analyze(
             split=split,
             limit=limit,
             atlas_size=atlas_size,
+            atlas_per_image=atlas_per_image,
             png_width=png_width,
             progress=report,
         )

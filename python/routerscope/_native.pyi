@@ -309,6 +309,7 @@ def _analyze(
     split: str = "test",
     limit: Optional[int] = None,
     atlas_size: int = 16,
+    atlas_per_image: int = 2,
     png_width: int = 1200,
     progress: Optional[Callable[[int, int], Any]] = None,
 ) -> Dict[str, Any]:

@@ -67,7 +67,7 @@ impl Subject {
 #[pyfunction]
 #[pyo3(signature = (
     model, data = None, *, out = None, compare = None, router = None, k = None, capacity_factor = None,
-    group_images = None, split = "test", limit = None, atlas_size = 16, png_width = 1200,
+    group_images = None, split = "test", limit = None, atlas_size = 16, atlas_per_image = 2, png_width = 1200,
     progress = None
 ))]
 #[allow(clippy::too_many_arguments)]
@@ -84,6 +84,7 @@ pub(crate) fn _analyze<'py>(
     split: &str,
     limit: Option<i64>,
     atlas_size: i64,
+    atlas_per_image: i64,
     png_width: u32,
     progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
@@ -148,6 +149,7 @@ pub(crate) fn _analyze<'py>(
             "atlas_size={atlas_size} is beyond the limit of {max_atlas}"
         )));
     }
+    let atlas_per_image = non_negative("atlas_per_image", Some(atlas_per_image))?.unwrap_or(0);
     let runs =
         router_runs(cfg, &what, &main, &compare, ArgStyle::Python).map_err(analysis_error)?;
     let mut source = match &subject {
@@ -165,6 +167,7 @@ pub(crate) fn _analyze<'py>(
     let opts = AnalyzeOptions {
         runs,
         atlas_size,
+        atlas_per_image,
         batch_tokens: AnalyzeOptions::DEFAULT_BATCH_TOKENS,
     };
     let engine = subject.forward();

@@ -1,9 +1,14 @@
 //! The expert atlas: for every expert, the patches of the dataset most strongly routed to it,
-//! kept as a bounded heap during the run (memory independent of the dataset) and cut from the
+//! kept as a bounded pool during the run (memory independent of the dataset) and cut from the
 //! original images with some context once the run is over.
+//!
+//! Two rules keep an atlas varied: at most `per_image` patches of one image (ten crops of one
+//! photo say little), and a tile that shows the same pixels as a better one already in the row
+//! (the black background of many Fashion-MNIST images) is skipped and listed. The pool holds
+//! [`POOL_FACTOR`] times the atlas size, so skipped tiles are replaced by the next best.
 
-use std::cmp::{Ordering, Reverse};
-use std::collections::BinaryHeap;
+use std::cmp::Ordering;
+use std::collections::{BTreeSet, HashMap};
 
 use image::RgbaImage;
 use image::imageops::FilterType;
@@ -44,43 +49,106 @@ impl PartialOrd for AtlasEntry {
     }
 }
 
-/// The best `n` entries seen.
+/// Patches of one image an atlas row shows, by default.
+pub const DEFAULT_PER_IMAGE: usize = 2;
+/// Candidates kept per atlas place, to replace near-duplicates.
+pub const POOL_FACTOR: usize = 4;
+/// Two tiles are near-duplicates when their pixels differ by at most this much on average
+/// (mean absolute difference over the RGB channels, in 0–255 levels).
+pub const DUPLICATE_TOLERANCE: f32 = 2.0;
+
+/// The best `pool` entries seen, at most `per_image` of any one image (0: no cap).
 #[derive(Clone, Debug)]
 pub struct TopN {
-    n: usize,
-    heap: BinaryHeap<Reverse<AtlasEntry>>,
+    pool: usize,
+    per_image: usize,
+    /// Ascending: the first is the worst.
+    set: BTreeSet<AtlasEntry>,
+    by_image: HashMap<usize, BTreeSet<AtlasEntry>>,
 }
 
 impl TopN {
+    /// Keeps the best `n` (no per-image cap, no spare candidates).
     pub fn new(n: usize) -> Self {
+        Self::with_rules(n, 0, 1)
+    }
+
+    /// Room for an atlas of `n`, at most `per_image` per image (0: no cap), with `factor` times
+    /// `n` candidates.
+    pub fn with_rules(n: usize, per_image: usize, factor: usize) -> Self {
         Self {
-            n,
-            heap: BinaryHeap::with_capacity(n + 1),
+            pool: n.saturating_mul(factor.max(1)),
+            per_image,
+            set: BTreeSet::new(),
+            by_image: HashMap::new(),
         }
     }
 
     pub fn push(&mut self, entry: AtlasEntry) {
-        if self.n == 0 {
+        if self.pool == 0 {
             return;
         }
-        if self.heap.len() < self.n {
-            self.heap.push(Reverse(entry));
-        } else if self
-            .heap
-            .peek()
-            .is_some_and(|Reverse(worst)| entry > *worst)
+        if self.set.len() >= self.pool && self.set.first().is_some_and(|worst| entry <= *worst) {
+            return;
+        }
+        let of_image = self.by_image.entry(entry.image).or_default();
+        if self.per_image > 0 && of_image.len() >= self.per_image {
+            // The image is at its cap: the entry takes its own worst one's place, or nothing.
+            match of_image.first().copied() {
+                Some(worst) if entry > worst => {
+                    of_image.remove(&worst);
+                    self.set.remove(&worst);
+                }
+                _ => return,
+            }
+        }
+        of_image.insert(entry);
+        self.set.insert(entry);
+        if self.set.len() > self.pool
+            && let Some(worst) = self.set.pop_first()
+            && let Some(v) = self.by_image.get_mut(&worst.image)
         {
-            self.heap.pop();
-            self.heap.push(Reverse(entry));
+            v.remove(&worst);
+            if v.is_empty() {
+                self.by_image.remove(&worst.image);
+            }
         }
     }
 
     /// Best first.
     pub fn into_sorted(self) -> Vec<AtlasEntry> {
-        let mut v: Vec<AtlasEntry> = self.heap.into_iter().map(|Reverse(e)| e).collect();
-        v.sort_by(|a, b| b.cmp(a));
-        v
+        self.set.into_iter().rev().collect()
     }
+}
+
+/// Mean absolute difference of two tiles' RGB channels, in 0–255 levels (infinite for tiles of
+/// different sizes).
+pub fn tile_difference(a: &RgbaImage, b: &RgbaImage) -> f32 {
+    if a.dimensions() != b.dimensions() {
+        return f32::INFINITY;
+    }
+    let (mut sum, mut n) = (0u64, 0u64);
+    for (p, q) in a.pixels().zip(b.pixels()) {
+        for c in 0..3 {
+            sum += p.0[c].abs_diff(q.0[c]) as u64;
+        }
+        n += 3;
+    }
+    sum as f32 / n.max(1) as f32
+}
+
+/// An atlas candidate left out because it shows what a better tile of the row shows.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SkippedTile {
+    pub image: usize,
+    pub name: String,
+    pub token: usize,
+    pub score: f32,
+    /// The kept tile it matches: its image's name and token.
+    pub like_name: String,
+    pub like_token: usize,
+    /// Their mean absolute difference (RGB levels).
+    pub difference: f32,
 }
 
 /// A cut-out atlas patch.
@@ -107,6 +175,8 @@ pub struct AtlasTile {
 pub struct AtlasExpert {
     pub expert: usize,
     pub patches: Vec<AtlasTile>,
+    /// Near-duplicates passed over (best first).
+    pub skipped: Vec<SkippedTile>,
 }
 
 /// Cuts patch `(row, col)` of a `grid` laid over `img` (the model stretches images to its
@@ -141,56 +211,91 @@ pub fn cut_tile(
     (tile, [fx(x0), fy(y0), fx(x0 + pw), fy(y0 + ph)])
 }
 
-/// Turns the heaps of one layer into atlas rows, reading each listed image once.
+/// Turns the pools of one layer into atlas rows of at most `n` tiles each: candidates are taken
+/// best first, a near-duplicate of a tile already in its row is skipped, and more candidates are
+/// cut (each image read once per round) until the row is full or its pool is spent.
 pub fn build_atlas(
     source: &DataSource,
     heaps: Vec<TopN>,
+    n: usize,
     grid: [usize; 2],
     cls_offset: usize,
 ) -> Vec<AtlasExpert> {
-    let rows: Vec<Vec<AtlasEntry>> = heaps.into_iter().map(TopN::into_sorted).collect();
-    let mut wanted: Vec<usize> = rows.iter().flatten().map(|e| e.image).collect();
-    wanted.sort_unstable();
-    wanted.dedup();
-    let mut tiles = std::collections::HashMap::new();
-    for &i in &wanted {
-        let img = source.original(i).ok();
-        for e in rows.iter().flatten().filter(|e| e.image == i) {
+    let pools: Vec<Vec<AtlasEntry>> = heaps.into_iter().map(TopN::into_sorted).collect();
+    let mut rows: Vec<AtlasExpert> = (0..pools.len())
+        .map(|j| AtlasExpert {
+            expert: j,
+            patches: Vec::new(),
+            skipped: Vec::new(),
+        })
+        .collect();
+    let mut next = vec![0usize; pools.len()];
+    let cols = grid[1].max(1);
+    loop {
+        // This round's candidates: as many per row as it still lacks.
+        let mut round: Vec<(usize, AtlasEntry)> = Vec::new();
+        for (j, pool) in pools.iter().enumerate() {
+            let want = n.saturating_sub(rows[j].patches.len());
+            let take = want.min(pool.len() - next[j]);
+            round.extend(pool[next[j]..next[j] + take].iter().map(|&e| (j, e)));
+            next[j] += take;
+        }
+        if round.is_empty() {
+            break;
+        }
+        let mut wanted: Vec<usize> = round.iter().map(|(_, e)| e.image).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let mut cuts = HashMap::new();
+        for &i in &wanted {
+            let img = source.original(i).ok();
+            for (_, e) in round.iter().filter(|(_, e)| e.image == i) {
+                let p = e.token - cls_offset;
+                let cut = img
+                    .as_ref()
+                    .map(|im| cut_tile(im, grid, p / cols, p % cols));
+                cuts.insert((e.image, e.token), cut);
+            }
+        }
+        // Best first within each row, so the better of two duplicates is the one kept.
+        for (j, e) in round {
             let p = e.token - cls_offset;
-            let (row, col) = (p / grid[1].max(1), p % grid[1].max(1));
-            let cut = img.as_ref().map(|im| cut_tile(im, grid, row, col));
-            tiles.insert((e.image, e.token), (row, col, cut));
+            let (thumbnail, patch_box) = match cuts.get(&(e.image, e.token)).cloned().flatten() {
+                Some((t, b)) => (Some(t), b),
+                None => (None, [0.0; 4]),
+            };
+            let row = &mut rows[j];
+            let like = thumbnail.as_ref().and_then(|t| {
+                row.patches.iter().find_map(|k| {
+                    let d = tile_difference(k.thumbnail.as_ref()?, t);
+                    (d <= DUPLICATE_TOLERANCE).then_some((k, d))
+                })
+            });
+            if let Some((k, difference)) = like {
+                row.skipped.push(SkippedTile {
+                    image: e.image,
+                    name: source.name(e.image),
+                    token: e.token,
+                    score: e.score,
+                    like_name: k.name.clone(),
+                    like_token: k.token,
+                    difference,
+                });
+                continue;
+            }
+            row.patches.push(AtlasTile {
+                image: e.image,
+                name: source.name(e.image),
+                token: e.token,
+                row: p / cols,
+                col: p % cols,
+                score: e.score,
+                thumbnail,
+                patch_box,
+            });
         }
     }
-    rows.into_iter()
-        .enumerate()
-        .map(|(j, entries)| AtlasExpert {
-            expert: j,
-            patches: entries
-                .into_iter()
-                .map(|e| {
-                    let (row, col, cut) = tiles
-                        .get(&(e.image, e.token))
-                        .cloned()
-                        .unwrap_or((0, 0, None));
-                    let (thumbnail, patch_box) = match cut {
-                        Some((t, b)) => (Some(t), b),
-                        None => (None, [0.0; 4]),
-                    };
-                    AtlasTile {
-                        image: e.image,
-                        name: source.name(e.image),
-                        token: e.token,
-                        row,
-                        col,
-                        score: e.score,
-                        thumbnail,
-                        patch_box,
-                    }
-                })
-                .collect(),
-        })
-        .collect()
+    rows
 }
 
 #[cfg(test)]
@@ -209,6 +314,90 @@ mod tests {
         }
         let got: Vec<(f32, usize)> = t.into_sorted().iter().map(|e| (e.score, e.image)).collect();
         assert_eq!(got, vec![(0.9, 1), (0.9, 3), (0.7, 4)]);
+    }
+
+    fn entry(score: f32, image: usize, token: usize) -> AtlasEntry {
+        AtlasEntry {
+            score,
+            image,
+            token,
+        }
+    }
+
+    /// With a cap of 2 per image, a third patch of an image only takes the place of that image's
+    /// worst; the pool still holds the best candidates overall.
+    #[test]
+    fn the_per_image_cap_keeps_each_images_best() {
+        let mut t = TopN::with_rules(2, 2, 2);
+        for (s, i, k) in [
+            (0.9, 0, 1),
+            (0.8, 0, 2),
+            (0.95, 0, 3),
+            (0.1, 1, 1),
+            (0.7, 2, 1),
+            (0.6, 3, 1),
+            (0.85, 0, 4),
+            (0.5, 4, 1),
+        ] {
+            t.push(entry(s, i, k));
+        }
+        let got: Vec<(usize, usize)> = t.into_sorted().iter().map(|e| (e.image, e.token)).collect();
+        assert_eq!(got, vec![(0, 3), (0, 1), (2, 1), (3, 1)]);
+        // Without a cap the four best are kept whatever their image.
+        let mut t = TopN::with_rules(2, 0, 2);
+        for (s, i) in [(0.9, 0), (0.8, 0), (0.95, 0), (0.1, 1), (0.7, 0)] {
+            t.push(entry(s, i, (s * 100.0) as usize));
+        }
+        assert!(t.into_sorted().iter().all(|e| e.image == 0));
+    }
+
+    /// Three all-black images and one with a white square: the black patches of images 1 and 2
+    /// repeat image 0's and are skipped (listed, with what they repeat), the row fills from the
+    /// pool; another expert's row is judged on its own.
+    #[test]
+    fn near_duplicate_tiles_are_skipped_and_replaced_from_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..4 {
+            let mut img = image::GrayImage::new(28, 28);
+            if i == 3 {
+                for y in 0..12 {
+                    for x in 0..12 {
+                        img.put_pixel(x, y, image::Luma([255]));
+                    }
+                }
+            }
+            img.save(dir.path().join(format!("{i}.png"))).unwrap();
+        }
+        let source =
+            DataSource::Folder(super::super::source::FolderSource::scan(dir.path()).unwrap());
+        let mut a = TopN::with_rules(2, 2, POOL_FACTOR);
+        let mut b = TopN::with_rules(2, 2, POOL_FACTOR);
+        for (s, i) in [(0.9, 0), (0.8, 1), (0.7, 2), (0.6, 3)] {
+            a.push(entry(s, i, 1));
+        }
+        // Token 0 of image 3 is the white square; token 48 (bottom right) is black.
+        b.push(entry(0.9, 3, 49));
+        b.push(entry(0.8, 0, 1));
+        b.push(entry(0.7, 3, 1));
+        let rows = build_atlas(&source, vec![a, b], 2, [7, 7], 1);
+        let kept: Vec<usize> = rows[0].patches.iter().map(|t| t.image).collect();
+        assert_eq!(kept, vec![0, 3]);
+        let skipped: Vec<(usize, &str, f32)> = rows[0]
+            .skipped
+            .iter()
+            .map(|k| (k.image, k.like_name.as_str(), k.difference))
+            .collect();
+        assert_eq!(skipped, vec![(1, "0.png", 0.0), (2, "0.png", 0.0)]);
+        let kept: Vec<(usize, usize)> =
+            rows[1].patches.iter().map(|t| (t.image, t.token)).collect();
+        assert_eq!(kept, vec![(3, 49), (3, 1)]);
+        assert_eq!(rows[1].skipped.len(), 1);
+        assert_eq!(rows[1].skipped[0].like_token, 49);
+        // Tiles that differ by more than the tolerance are both kept.
+        let grey = |v: u8| RgbaImage::from_pixel(4, 4, image::Rgba([v, v, v, 255]));
+        assert_eq!(tile_difference(&grey(10), &grey(12)), 2.0);
+        assert!(tile_difference(&grey(10), &grey(13)) > DUPLICATE_TOLERANCE);
+        assert!(tile_difference(&grey(10), &RgbaImage::new(2, 2)).is_infinite());
     }
 
     /// A patch of a 28x28 image on a 7x7 grid: the tile shows it with half a patch around it

@@ -38,6 +38,8 @@ pub struct AnalyzeOptions {
     pub runs: Vec<RunOptions>,
     /// Patches kept per expert in the atlas.
     pub atlas_size: usize,
+    /// At most this many of them from one image (0: no cap); see [`atlas`].
+    pub atlas_per_image: usize,
     /// Tokens per forward batch (rounded to whole routing groups): bounds memory and how soon a
     /// stop request is honoured.
     pub batch_tokens: usize,
@@ -205,6 +207,11 @@ pub struct Analysis {
     pub has_cls: bool,
     /// Learned tokens before the patches (CLS, distillation, registers).
     pub prefix_tokens: usize,
+    /// The atlas rules: patches per expert, at most this many of one image (0: no cap), and the
+    /// near-duplicate tolerance (mean absolute RGB difference, 0–255 levels).
+    pub atlas_size: usize,
+    pub atlas_per_image: usize,
+    pub atlas_duplicate_tolerance: f32,
     pub runs: Vec<RouterRun>,
     /// Compared routers the checkpoint cannot run, left out.
     pub skipped: Vec<SkippedRouter>,
@@ -299,7 +306,17 @@ pub fn analyze(
         .map(|_| {
             moe.layers
                 .iter()
-                .map(|_| (0..e).map(|_| TopN::new(opts.atlas_size)).collect())
+                .map(|_| {
+                    (0..e)
+                        .map(|_| {
+                            TopN::with_rules(
+                                opts.atlas_size,
+                                opts.atlas_per_image,
+                                atlas::POOL_FACTOR,
+                            )
+                        })
+                        .collect()
+                })
                 .collect()
         })
         .collect();
@@ -407,7 +424,7 @@ pub fn analyze(
                 .zip(heaps)
                 .map(|(a, h)| LayerAnalysis {
                     stats: a.finish(),
-                    atlas: atlas::build_atlas(source, h, cfg.grid(), cls),
+                    atlas: atlas::build_atlas(source, h, opts.atlas_size, cfg.grid(), cls),
                 })
                 .collect(),
         })
@@ -450,6 +467,9 @@ pub fn analyze(
         seq_len,
         has_cls,
         prefix_tokens: cls,
+        atlas_size: opts.atlas_size,
+        atlas_per_image: opts.atlas_per_image,
+        atlas_duplicate_tolerance: atlas::DUPLICATE_TOLERANCE,
         runs,
         skipped,
         seconds,

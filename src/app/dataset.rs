@@ -159,6 +159,7 @@ impl RouterscopeApp {
             options: AnalyzeOptions {
                 runs: vec![opts],
                 atlas_size: APP_ATLAS_SIZE,
+                atlas_per_image: crate::analysis::atlas::DEFAULT_PER_IMAGE,
                 batch_tokens: AnalyzeOptions::DEFAULT_BATCH_TOKENS,
             },
             cancel,

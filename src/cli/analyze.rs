@@ -50,6 +50,10 @@ pub struct AnalyzeArgs {
     /// Patches per expert in the atlas.
     #[arg(long, default_value_t = 16)]
     atlas_size: usize,
+    /// At most N atlas patches of one image per expert (0: no cap); near-duplicate tiles are
+    /// skipped either way and listed in analysis.json.
+    #[arg(long, default_value_t = routerscope::analysis::atlas::DEFAULT_PER_IMAGE)]
+    atlas_per_image: usize,
     /// Width in pixels of the PNG figures (wider figures keep their own width).
     #[arg(long, default_value_t = 1200)]
     png_width: u32,
@@ -127,6 +131,7 @@ pub fn run(args: &AnalyzeArgs) -> anyhow::Result<()> {
     let opts = AnalyzeOptions {
         runs,
         atlas_size: args.atlas_size,
+        atlas_per_image: args.atlas_per_image,
         batch_tokens: AnalyzeOptions::DEFAULT_BATCH_TOKENS,
     };
     eprintln!(

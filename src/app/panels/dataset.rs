@@ -251,6 +251,15 @@ impl RouterscopeApp {
                 let Some(ex) = la.atlas.get(j) else {
                     return;
                 };
+                ui.weak(format!(
+                    "at most {} per image{}",
+                    a.atlas_per_image,
+                    match ex.skipped.len() {
+                        0 => String::new(),
+                        1 => " · 1 near-duplicate tile skipped".to_string(),
+                        n => format!(" · {n} near-duplicate tiles skipped"),
+                    }
+                ));
                 let ctx = ui.ctx().clone();
                 let textures = self.dataset.textures.entry((l, j)).or_insert_with(|| {
                     ex.patches
