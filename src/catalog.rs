@@ -180,6 +180,69 @@ pub fn fashion_mnist_slice() -> PathBuf {
     assets_dir().join("datasets/fashion-mnist-slice")
 }
 
+/// The built-in photo dataset: the gallery photos and more public-domain / CC0 pictures from
+/// registry packages, one subfolder per subject (`assets/datasets/photos/README.md`).
+pub fn photo_dataset() -> PathBuf {
+    assets_dir().join("datasets/photos")
+}
+
+/// Which built-in models a dataset runs under, by the rule for images: a Fashion-MNIST IDX
+/// directory and a folder whose first image is a 28×28 grey one under the Fashion-MNIST models,
+/// anything else under the photo model. Only a bounded corner of a folder is looked at (the
+/// first image in sorted order within [`DATASET_PEEK`] entries, by its header unless it is
+/// 28×28), so a huge folder does not stall the caller.
+pub fn dataset_kind(path: &Path) -> ImageKind {
+    let idx = ["t10k", "train"].iter().any(|stem| {
+        let f = format!("{stem}-images-idx3-ubyte");
+        path.join(&f).is_file() || path.join(format!("{f}.gz")).is_file()
+    });
+    if idx {
+        return ImageKind::FashionMnist;
+    }
+    let mut budget = DATASET_PEEK;
+    first_image_kind(path, 3, &mut budget).unwrap_or(ImageKind::Photo)
+}
+
+/// Folder entries [`dataset_kind`] looks at, at most.
+pub const DATASET_PEEK: usize = 256;
+
+fn first_image_kind(dir: &Path, depth: usize, budget: &mut usize) -> Option<ImageKind> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .take(*budget)
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    *budget = budget.saturating_sub(entries.len());
+    entries.sort();
+    for p in &entries {
+        let is_image = p
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| crate::model::IMAGE_EXTENSIONS.contains(&e.to_lowercase().as_str()));
+        if is_image && crate::tensor_io::check_regular_file(p).is_ok() {
+            let Ok(dims) = image::ImageReader::open(p).and_then(|r| r.with_guessed_format()) else {
+                continue;
+            };
+            match dims.into_dimensions() {
+                Ok((28, 28)) => {
+                    if let Ok(img) = crate::model::decode_image(p) {
+                        return Some(ImageKind::of(&img));
+                    }
+                }
+                Ok(_) => return Some(ImageKind::Photo),
+                Err(_) => {}
+            }
+        }
+    }
+    if depth == 0 {
+        return None;
+    }
+    entries
+        .iter()
+        .filter(|p| p.is_dir())
+        .find_map(|p| first_image_kind(p, depth - 1, budget))
+}
+
 /// The full Fashion-MNIST test set where the Debian package is installed, else the slice.
 pub fn fashion_mnist_test_set() -> PathBuf {
     let full = Path::new(crate::train::DEFAULT_DATA_DIR);
@@ -231,5 +294,56 @@ mod tests {
         assert_eq!(ImageKind::of(&colour), ImageKind::Photo);
         let big_grey = image::DynamicImage::ImageLuma8(image::GrayImage::new(56, 56));
         assert_eq!(ImageKind::of(&big_grey), ImageKind::Photo);
+    }
+
+    #[test]
+    fn datasets_follow_the_rule_for_images() {
+        assert_eq!(
+            dataset_kind(&fashion_mnist_slice()),
+            ImageKind::FashionMnist
+        );
+        assert_eq!(dataset_kind(&photo_dataset()), ImageKind::Photo);
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(dataset_kind(dir.path()), ImageKind::Photo, "empty");
+        std::fs::create_dir_all(dir.path().join("a/deeper")).unwrap();
+        std::fs::write(dir.path().join("a/notes.txt"), "x").unwrap();
+        std::fs::write(dir.path().join("a/0-broken.png"), "not a png").unwrap();
+        image::GrayImage::new(28, 28)
+            .save(dir.path().join("a/deeper/1.png"))
+            .unwrap();
+        assert_eq!(dataset_kind(dir.path()), ImageKind::FashionMnist);
+        image::RgbImage::new(40, 30)
+            .save(dir.path().join("a/1.png"))
+            .unwrap();
+        assert_eq!(dataset_kind(dir.path()), ImageKind::Photo);
+    }
+
+    /// Every photo of the built-in dataset is credited in its README, and it holds photos only.
+    #[test]
+    fn the_photo_dataset_lists_a_licence_for_every_photo() {
+        let readme = std::fs::read_to_string(photo_dataset().join("README.md")).unwrap();
+        let source = crate::analysis::source::FolderSource::scan(&photo_dataset()).unwrap();
+        assert!(source.files.len() >= 18, "{}", source.files.len());
+        assert_eq!(source.other_files, 1, "only the README is not a photo");
+        assert!(
+            !source
+                .classes
+                .iter()
+                .any(|c| c == crate::analysis::source::UNLABELLED)
+        );
+        for (p, _) in &source.files {
+            let rel = p
+                .strip_prefix(photo_dataset())
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            assert!(
+                readme.contains(&format!("`{rel}`")),
+                "{rel} has no licence line"
+            );
+            let img = crate::model::decode_image(p).unwrap();
+            assert!(img.width().max(img.height()) <= 256, "{rel}");
+            assert_eq!(ImageKind::of(&img), ImageKind::Photo, "{rel}");
+        }
     }
 }

@@ -511,14 +511,16 @@ fn the_model_family_can_be_forced() {
     );
 }
 
-/// The Dataset view on the built-in Fashion-MNIST slice: the heatmap (snapshot), an expert's
-/// atlas on click, an atlas patch opening its image with the patch marked, and Export.
 /// The photo model over the built-in Fashion-MNIST slice: the load axis fits every box, whisker
 /// and the capacity line (the experts pinned at capacity included), and the classes are the
 /// dataset's own Fashion-MNIST names, not indices.
 #[test]
 fn the_dataset_view_of_the_photo_model_fits_every_box_and_names_the_classes() {
-    let mut h = harness(settings(RouterKind::SoftmaxTokenChoice));
+    // What-if mode: the opened (moefied, undistilled) photo model stays on Fashion-MNIST data.
+    let mut h = harness(Settings {
+        mode: ModelMode::WhatIf,
+        ..settings(RouterKind::SoftmaxTokenChoice)
+    });
     let ctx = h.ctx.clone();
     h.state_mut()
         .open_model(routerscope::catalog::photo_model());
@@ -557,6 +559,8 @@ fn the_dataset_view_of_the_photo_model_fits_every_box_and_names_the_classes() {
     h.snapshot_options("dataset_photo_slice", &snapshot_options());
 }
 
+/// The Dataset view on the built-in Fashion-MNIST slice: the heatmap (snapshot), an expert's
+/// atlas on click, an atlas patch opening its image with the patch marked, and Export.
 #[test]
 fn the_dataset_view_analyses_the_built_in_slice() {
     let mut h = harness(settings(RouterKind::SoftmaxTokenChoice));
@@ -612,6 +616,134 @@ fn the_dataset_view_analyses_the_built_in_slice() {
     let files = h.state().export_dataset_to(dir.path()).unwrap();
     assert!(files.iter().any(|f| f.ends_with("analysis.json")));
     assert!(dir.path().join("atlas_block3.png").is_file());
+}
+
+/// The built-in photo set runs under the router's photo model by the built-in rule and says so;
+/// opening the Fashion-MNIST slice then switches to the Fashion-MNIST models, and the photos
+/// come back under the photo model.
+#[test]
+fn the_built_in_photo_set_runs_under_the_photo_model() {
+    use routerscope::catalog::{self, ImageKind};
+    let mut h = harness(settings(RouterKind::SoftmaxTokenChoice));
+    let ctx = h.ctx.clone();
+    assert!(
+        h.state()
+            .model_path()
+            .unwrap()
+            .ends_with("fashion-mnist-softmax-tc.safetensors")
+    );
+    h.state_mut().open_dataset(catalog::photo_dataset());
+    assert_eq!(h.state().dataset_kind(), Some(ImageKind::Photo));
+    settle(&mut h);
+    assert!(h.state_mut().wait_dataset(&ctx, Duration::from_secs(600)));
+    settle(&mut h);
+    let photo = catalog::photo_model_for(RouterKind::SoftmaxTokenChoice).unwrap();
+    assert_eq!(h.state().model_path(), Some(photo.as_path()));
+    let a = h.state().dataset_result().expect("an analysis");
+    assert_eq!(a.images, 19);
+    assert_eq!(a.unreadable.len(), 0);
+    let folders: Vec<String> = [
+        "animals",
+        "microscopy",
+        "objects",
+        "people",
+        "scenes",
+        "space",
+        "text",
+        "textures",
+    ]
+    .map(String::from)
+    .to_vec();
+    assert_eq!(a.classes, folders);
+    h.get_by_label_contains("the built-in rule: a dataset of photos runs under the photo model");
+    assert!(
+        h.get_all_by_label_contains("model: dinov2-s14-softmax-tc.safetensors")
+            .next()
+            .is_some()
+    );
+    h.snapshot_options("dataset_photos", &snapshot_options());
+
+    h.state_mut().open_dataset(catalog::fashion_mnist_slice());
+    assert_eq!(h.state().dataset_kind(), Some(ImageKind::FashionMnist));
+    settle(&mut h);
+    assert!(h.state_mut().wait_dataset(&ctx, Duration::from_secs(600)));
+    settle(&mut h);
+    assert!(
+        h.state()
+            .model_path()
+            .unwrap()
+            .ends_with("fashion-mnist-softmax-tc.safetensors")
+    );
+    assert_eq!(h.state().dataset_result().unwrap().images, 1000);
+    h.get_by_label_contains("the built-in rule: Fashion-MNIST data runs under the");
+}
+
+/// "compare routers side by side" in the Dataset view runs every router over the dataset on
+/// the one checkpoint: a summary row and a heatmap per router, Soft MoE (which a sparse
+/// checkpoint cannot run) left out with a note, and a click on a row shows that router's details.
+#[test]
+fn the_dataset_view_shows_routers_side_by_side() {
+    let mut h = harness(Settings {
+        compare: true,
+        ..settings(RouterKind::SoftmaxTokenChoice)
+    });
+    let ctx = h.ctx.clone();
+    h.state_mut()
+        .open_dataset(routerscope::catalog::fashion_mnist_slice());
+    settle(&mut h);
+    assert!(h.state_mut().wait_dataset(&ctx, Duration::from_secs(600)));
+    settle(&mut h);
+    let a = h.state().dataset_result().expect("an analysis");
+    let routers: Vec<&str> = a.runs.iter().map(|r| r.settings.router.as_str()).collect();
+    assert_eq!(
+        routers,
+        [
+            "softmax-tc",
+            "sinkhorn-tc",
+            "softmax-ec",
+            "sinkhorn-ec",
+            "sparse-ec",
+            "sparse-tc"
+        ]
+    );
+    assert!(
+        a.runs
+            .iter()
+            .all(|r| r.layers.len() == a.runs[0].layers.len())
+    );
+    // The same compute: every sparse router at the main one's capacity factor.
+    let cf = a.runs[0].settings.capacity_factor;
+    assert!(a.runs.iter().all(|r| r.settings.capacity_factor == cf));
+    assert_eq!(a.skipped.len(), 1);
+    assert_eq!(a.skipped[0].settings.router, "soft");
+    // Expert Choice drops differently from Token Choice: the rows are not copies.
+    let drops: Vec<f64> = (a.runs.iter())
+        .map(|r| r.layers[0].stats.dropped_token_rate)
+        .collect();
+    assert!(drops.iter().any(|&d| d != drops[0]), "{drops:?}");
+    let ec = a.runs[3].settings.label();
+    h.get_by_label_contains("soft left out of the comparison:");
+    h.get_by_label_contains("6 routers side by side");
+    assert_eq!(h.state().dataset_run(), 0);
+    h.snapshot_options("dataset_routers", &snapshot_options());
+
+    h.get_by_label(&ec).click();
+    h.run_steps(3);
+    assert_eq!(h.state().dataset_run(), 3);
+    h.get_by_label(&format!("details: {ec}"));
+    // Below the fold: scrolled to, as a user would.
+    h.get_by_label("show expert 2").scroll_to_me();
+    h.run_steps(3);
+    h.get_by_label("show expert 2").click();
+    h.run_steps(3);
+    assert_eq!(h.state().dataset_expert(), Some(2));
+    let atlas = &h.state().dataset_result().unwrap().runs[3].layers[0].atlas[2];
+    let first = atlas.patches.first().map(|p| p.name.clone());
+    if let Some(name) = first {
+        h.get_all_by_label_contains(&format!("atlas patch of {name}"))
+            .next()
+            .expect("the selected router's atlas");
+    }
 }
 
 /// Cancel stops the run between batches (its partial result is shown) while the UI keeps

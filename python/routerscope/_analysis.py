@@ -52,8 +52,9 @@ def analyze(
     ``router``, ``k``, ``capacity_factor`` and ``group_images`` are a what-if on the model's own
     routing; ``compare`` adds routers (taking the main router's k and capacity factor). ``limit``
     analyses the first N images; ``atlas_size`` patches are kept per expert, at most
-    ``atlas_per_image`` of one image (0: no cap), near-duplicate tiles skipped (listed per expert
-    under ``skipped``).
+    ``atlas_per_image`` of one image (0: no cap); a tile whose patch matches a kept one within a
+    small tolerance (its own pixels, not the context around it) is skipped and listed per expert
+    under ``skipped``.
 
     Returns the dict ``analysis.json`` holds (per router in ``runs`` and per MoE layer: tokens
     per class and expert, drops by class and position, load percentiles, experts per token,

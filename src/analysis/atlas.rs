@@ -52,7 +52,7 @@ impl PartialOrd for AtlasEntry {
 /// Patches of one image an atlas row shows, by default.
 pub const DEFAULT_PER_IMAGE: usize = 2;
 /// Candidates kept per atlas place, to replace near-duplicates.
-pub const POOL_FACTOR: usize = 4;
+pub const POOL_FACTOR: usize = 16;
 /// Two tiles are near-duplicates when their pixels differ by at most this much on average
 /// (mean absolute difference over the RGB channels, in 0–255 levels).
 pub const DUPLICATE_TOLERANCE: f32 = 2.0;
@@ -211,8 +211,40 @@ pub fn cut_tile(
     (tile, [fx(x0), fy(y0), fx(x0 + pw), fy(y0 + ph)])
 }
 
+/// Side of the square a patch's own pixels (no context) are scaled to for the near-duplicate
+/// rule.
+pub const SIGNATURE_SIDE: u32 = 16;
+
+/// Patch `(row, col)` of a `grid` over `img` by itself, scaled to a [`SIGNATURE_SIDE`] square:
+/// what the near-duplicate rule compares, so that two blank background patches are alike
+/// whatever surrounds them.
+pub fn patch_signature(
+    img: &image::DynamicImage,
+    grid: [usize; 2],
+    row: usize,
+    col: usize,
+) -> RgbaImage {
+    let (w, h) = (img.width().max(1) as f64, img.height().max(1) as f64);
+    let (ph, pw) = (h / grid[0].max(1) as f64, w / grid[1].max(1) as f64);
+    let (x0, y0) = ((col as f64 * pw).floor(), (row as f64 * ph).floor());
+    let (x1, y1) = (
+        ((col + 1) as f64 * pw).ceil().min(w),
+        ((row + 1) as f64 * ph).ceil().min(h),
+    );
+    let (iw, ih) = (((x1 - x0) as u32).max(1), ((y1 - y0) as u32).max(1));
+    let crop = img.crop_imm(x0 as u32, y0 as u32, iw, ih);
+    let filter = if iw.max(ih) < SIGNATURE_SIDE {
+        FilterType::Nearest
+    } else {
+        FilterType::Triangle
+    };
+    crop.resize_exact(SIGNATURE_SIDE, SIGNATURE_SIDE, filter)
+        .to_rgba8()
+}
+
 /// Turns the pools of one layer into atlas rows of at most `n` tiles each: candidates are taken
-/// best first, a near-duplicate of a tile already in its row is skipped, and more candidates are
+/// best first, a near-duplicate of a tile already in its row (its patch's own pixels within
+/// [`DUPLICATE_TOLERANCE`] of a kept one's) is skipped, and more candidates are
 /// cut (each image read once per round) until the row is full or its pool is spent.
 pub fn build_atlas(
     source: &DataSource,
@@ -229,6 +261,8 @@ pub fn build_atlas(
             skipped: Vec::new(),
         })
         .collect();
+    // The kept tiles' patch signatures, row by row, beside `rows[j].patches`.
+    let mut signatures: Vec<Vec<Option<RgbaImage>>> = vec![Vec::new(); pools.len()];
     let mut next = vec![0usize; pools.len()];
     let cols = grid[1].max(1);
     loop {
@@ -251,23 +285,25 @@ pub fn build_atlas(
             let img = source.original(i).ok();
             for (_, e) in round.iter().filter(|(_, e)| e.image == i) {
                 let p = e.token - cls_offset;
-                let cut = img
-                    .as_ref()
-                    .map(|im| cut_tile(im, grid, p / cols, p % cols));
+                let cut = img.as_ref().map(|im| {
+                    let (tile, b) = cut_tile(im, grid, p / cols, p % cols);
+                    (tile, b, patch_signature(im, grid, p / cols, p % cols))
+                });
                 cuts.insert((e.image, e.token), cut);
             }
         }
         // Best first within each row, so the better of two duplicates is the one kept.
         for (j, e) in round {
             let p = e.token - cls_offset;
-            let (thumbnail, patch_box) = match cuts.get(&(e.image, e.token)).cloned().flatten() {
-                Some((t, b)) => (Some(t), b),
-                None => (None, [0.0; 4]),
-            };
+            let (thumbnail, patch_box, signature) =
+                match cuts.get(&(e.image, e.token)).cloned().flatten() {
+                    Some((t, b, sig)) => (Some(t), b, Some(sig)),
+                    None => (None, [0.0; 4], None),
+                };
             let row = &mut rows[j];
-            let like = thumbnail.as_ref().and_then(|t| {
-                row.patches.iter().find_map(|k| {
-                    let d = tile_difference(k.thumbnail.as_ref()?, t);
+            let like = signature.as_ref().and_then(|sig| {
+                (row.patches.iter().zip(&signatures[j])).find_map(|(k, ks)| {
+                    let d = tile_difference(ks.as_ref()?, sig);
                     (d <= DUPLICATE_TOLERANCE).then_some((k, d))
                 })
             });
@@ -283,6 +319,7 @@ pub fn build_atlas(
                 });
                 continue;
             }
+            signatures[j].push(signature);
             row.patches.push(AtlasTile {
                 image: e.image,
                 name: source.name(e.image),
@@ -398,6 +435,59 @@ mod tests {
         assert_eq!(tile_difference(&grey(10), &grey(12)), 2.0);
         assert!(tile_difference(&grey(10), &grey(13)) > DUPLICATE_TOLERANCE);
         assert!(tile_difference(&grey(10), &RgbaImage::new(2, 2)).is_infinite());
+    }
+
+    /// Two black patches are alike whatever their context shows (a white neighbour here), and
+    /// a patch that differs in its own pixels is not.
+    #[test]
+    fn duplicates_are_judged_by_the_patch_not_its_context() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..3 {
+            let mut img = image::GrayImage::new(28, 28);
+            // Image 1: the patch right of (2, 2) is white; image 2: one pixel of (2, 2) is.
+            match i {
+                1 => (12..16)
+                    .for_each(|x| (8..12).for_each(|y| img.put_pixel(x, y, image::Luma([255])))),
+                2 => img.put_pixel(9, 9, image::Luma([255])),
+                _ => {}
+            }
+            img.save(dir.path().join(format!("{i}.png"))).unwrap();
+        }
+        let source =
+            DataSource::Folder(super::super::source::FolderSource::scan(dir.path()).unwrap());
+        let mut a = TopN::with_rules(3, 2, POOL_FACTOR);
+        for (s, i) in [(0.9, 0), (0.8, 1), (0.7, 2)] {
+            // Token 1 + 2·7 + 2: patch (2, 2) after the CLS token.
+            a.push(entry(s, i, 17));
+        }
+        let rows = build_atlas(&source, vec![a], 3, [7, 7], 1);
+        let kept: Vec<usize> = rows[0].patches.iter().map(|t| t.image).collect();
+        assert_eq!(kept, vec![0, 2]);
+        assert_eq!(rows[0].skipped.len(), 1);
+        assert_eq!(
+            (
+                rows[0].skipped[0].image,
+                rows[0].skipped[0].like_name.as_str()
+            ),
+            (1, "0.png")
+        );
+        // The tiles themselves (with context) differ a lot.
+        let t = |i: usize| {
+            rows[0]
+                .patches
+                .iter()
+                .find(|t| t.image == i)
+                .map(|t| t.thumbnail.clone())
+        };
+        assert!(t(0).is_some() && t(2).is_some());
+        let sig = patch_signature(
+            &image::open(dir.path().join("2.png")).unwrap(),
+            [7, 7],
+            2,
+            2,
+        );
+        assert_eq!(sig.dimensions(), (SIGNATURE_SIDE, SIGNATURE_SIDE));
+        assert!(sig.pixels().filter(|p| p.0[0] == 255).count() == 16);
     }
 
     /// A patch of a 28x28 image on a 7x7 grid: the tile shows it with half a patch around it

@@ -17,8 +17,9 @@ use crate::model::RunOptions;
 /// Patches per expert in the app's atlas.
 pub const APP_ATLAS_SIZE: usize = 12;
 
-/// What an analysis depends on: model, data and routing.
-pub(super) type DatasetKey = (PathBuf, PathBuf, RunOptions);
+/// What an analysis depends on: model, data and routing (the main router first, then the
+/// compared ones when routers are shown side by side).
+pub(super) type DatasetKey = (PathBuf, PathBuf, Vec<RunOptions>);
 
 pub(super) struct Running {
     pub id: u64,
@@ -35,6 +36,8 @@ pub struct DatasetView {
     /// The central panel shows the Dataset view (else the image view).
     pub shown: bool,
     pub(super) data: Option<PathBuf>,
+    /// Which built-in models the open dataset runs under by the rule (trained mode).
+    pub(super) kind: Option<crate::catalog::ImageKind>,
     pub(super) running: Option<Running>,
     pub(super) latest: u64,
     pub(super) result: Option<Box<DatasetResult>>,
@@ -43,9 +46,11 @@ pub struct DatasetView {
     pub(super) paused_key: Option<DatasetKey>,
     pub(super) error: Option<String>,
     pub(super) layer: usize,
+    /// The run (router) whose details are shown, when routers are side by side.
+    pub(super) run: usize,
     pub(super) expert: Option<usize>,
-    /// Atlas textures of the shown result, by (layer, expert).
-    pub(super) textures: HashMap<(usize, usize), Vec<Option<egui::TextureHandle>>>,
+    /// Atlas textures of the shown result, by (run, layer, expert).
+    pub(super) textures: HashMap<(usize, usize, usize), Vec<Option<egui::TextureHandle>>>,
     /// The token to mark on the dataset image being opened.
     pub(super) pending_mark: Option<(PathBuf, usize)>,
 }
@@ -54,11 +59,39 @@ impl RouterscopeApp {
     /// Shows the Dataset view on `data` (a folder of images or a Fashion-MNIST IDX directory)
     /// and starts its analysis.
     pub fn open_dataset(&mut self, data: PathBuf) {
+        let before = self.shown_kind();
+        self.dataset.kind = Some(crate::catalog::dataset_kind(&data));
         self.dataset.data = Some(data);
-        self.dataset.shown = true;
         self.dataset.paused_key = None;
         self.dataset.error = None;
+        self.switch_dataset_view(true, before);
+    }
+
+    /// Shows the Dataset view (or the image view); in trained mode the view's data picks the
+    /// built-in models, as an image does.
+    pub fn show_dataset_view(&mut self, shown: bool) {
+        if self.dataset.shown == shown && !shown {
+            return;
+        }
+        let before = self.shown_kind();
+        self.switch_dataset_view(shown, before);
+    }
+
+    /// Shows or hides the Dataset view, given the kind of data shown before the change.
+    fn switch_dataset_view(&mut self, shown: bool, before: crate::catalog::ImageKind) {
+        self.dataset.shown = shown;
+        // Only a change of kind changes the model; the same model keeps its image run as it is.
+        if self.settings.mode == crate::app::settings::ModelMode::Trained
+            && (self.shown_kind() != before || self.model.is_none())
+        {
+            self.select_model_for_mode();
+        }
         self.maintain_dataset();
+    }
+
+    /// The kind of data the open dataset is, by the built-in models' rule.
+    pub fn dataset_kind(&self) -> Option<crate::catalog::ImageKind> {
+        self.dataset.kind
     }
 
     /// Whether an analysis is running, and its progress `(done, total)`.
@@ -83,6 +116,11 @@ impl RouterscopeApp {
     /// The expert whose atlas is shown.
     pub fn dataset_expert(&self) -> Option<usize> {
         self.dataset.expert
+    }
+
+    /// The run (index into the analysis's runs) whose details are shown.
+    pub fn dataset_run(&self) -> usize {
+        self.dataset.run
     }
 
     /// The patch marked in the image view (from an atlas click): the shown image's name and the
@@ -111,17 +149,40 @@ impl RouterscopeApp {
         };
         let cfg = &model.config;
         cfg.moe.as_ref()?;
-        let mut opts = RunOptions::from_config(cfg)
-            .with_router(self.routed_as_logged(self.settings.router_config()));
+        let main = self.routed_as_logged(self.settings.router_config());
+        let mut opts = RunOptions::from_config(cfg).with_router(main.clone());
         if self.settings.group == GroupMode::Single {
             opts.group_images = 1;
         }
-        Some((model.path.clone(), data, opts))
+        let mut runs = vec![opts.clone()];
+        if self.settings.compare {
+            // Every other router re-routes the same checkpoint at the main router's k and
+            // capacity, as `analyze --compare` does; Soft MoE keeps the checkpoint's own slots.
+            // Those the checkpoint cannot run are left out by the analysis with their reason.
+            let own = RunOptions::from_config(cfg).routers.first().cloned();
+            for &kind in crate::routing::RouterKind::ALL.iter() {
+                let r = match &own {
+                    Some(o) if o.kind == kind && kind == crate::routing::RouterKind::SoftMoe => {
+                        o.clone()
+                    }
+                    _ => super::state::router_like(&main, kind),
+                };
+                let run = RunOptions {
+                    group_images: opts.group_images,
+                    ..RunOptions::from_config(cfg).with_router(self.routed_as_logged(r))
+                };
+                if !runs.contains(&run) && run.routers.first().map(|r| r.kind) != Some(main.kind) {
+                    runs.push(run);
+                }
+            }
+        }
+        Some((model.path.clone(), data, runs))
     }
 
     /// Starts (or supersedes) the analysis when the shown view needs a different one.
     pub(super) fn maintain_dataset(&mut self) {
-        if !self.dataset.shown {
+        // A model being opened (the dataset's own, say) comes first.
+        if !self.dataset.shown || self.opening.is_some() {
             return;
         }
         let Some(key) = self.dataset_key() else {
@@ -142,7 +203,7 @@ impl RouterscopeApp {
         }
         self.dataset.latest += 1;
         let cancel = Arc::new(AtomicBool::new(false));
-        let (model, data, opts) = key.clone();
+        let (model, data, runs) = key.clone();
         self.dataset.running = Some(Running {
             id: self.dataset.latest,
             key,
@@ -157,7 +218,7 @@ impl RouterscopeApp {
             model,
             data,
             options: AnalyzeOptions {
-                runs: vec![opts],
+                runs,
                 atlas_size: APP_ATLAS_SIZE,
                 atlas_per_image: crate::analysis::atlas::DEFAULT_PER_IMAGE,
                 batch_tokens: AnalyzeOptions::DEFAULT_BATCH_TOKENS,
@@ -190,6 +251,15 @@ impl RouterscopeApp {
                 if self.dataset.expert.is_some_and(|j| j >= e) {
                     self.dataset.expert = None;
                 }
+                // The same router stays selected when it is still among the runs.
+                let shown = (self.dataset.result.as_ref())
+                    .and_then(|old| old.analysis.runs.get(self.dataset.run))
+                    .map(|x| x.settings.router.clone());
+                self.dataset.run = shown
+                    .and_then(|name| {
+                        (r.analysis.runs.iter()).position(|x| x.settings.router == name)
+                    })
+                    .unwrap_or(0);
                 self.dataset.textures.clear();
                 self.dataset.result = Some(r);
                 self.dataset.result_key = Some(running.key);
@@ -221,7 +291,7 @@ impl RouterscopeApp {
                 (path, found)
             }
         };
-        self.dataset.shown = false;
+        self.show_dataset_view(false);
         if let Some(i) = found {
             self.marked = Some((self.images[i].id, token));
             self.show_image(i);

@@ -43,6 +43,15 @@ impl ModelFamily {
         }
     }
 
+    /// The kind of model a dataset of `kind` (see [`crate::catalog::dataset_kind`]) runs under.
+    pub fn for_dataset(self, kind: ImageKind) -> ImageKind {
+        match self {
+            Self::ByImage => kind,
+            Self::FashionMnist => ImageKind::FashionMnist,
+            Self::Photo => ImageKind::Photo,
+        }
+    }
+
     /// The kind of model `img` runs under.
     pub fn for_image(self, img: &image::DynamicImage) -> ImageKind {
         match self {

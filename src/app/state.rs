@@ -347,9 +347,15 @@ impl RouterscopeApp {
         self.images.len()
     }
 
-    /// Which built-in models the shown image runs under in trained mode (Fashion-MNIST before
-    /// any image is loaded).
+    /// Which built-in models the shown image (or, in the Dataset view, the open dataset) runs
+    /// under in trained mode (Fashion-MNIST before any image is loaded).
     pub fn shown_kind(&self) -> ImageKind {
+        if self.dataset.shown
+            && self.model.as_ref().is_none_or(|m| m.trace.is_none())
+            && let Some(kind) = self.dataset.kind
+        {
+            return self.settings.family.for_dataset(kind);
+        }
         match self.images.get(self.settings.current_image) {
             Some(img) => self.settings.family.for_image(&img.image),
             None => ImageKind::FashionMnist,
@@ -387,7 +393,7 @@ impl RouterscopeApp {
 }
 
 /// `base`'s k, capacity and solver settings for router `kind`.
-fn router_like(
+pub(super) fn router_like(
     base: &crate::routing::RouterConfig,
     kind: RouterKind,
 ) -> crate::routing::RouterConfig {

@@ -50,8 +50,9 @@ pub struct AnalyzeArgs {
     /// Patches per expert in the atlas.
     #[arg(long, default_value_t = 16)]
     atlas_size: usize,
-    /// At most N atlas patches of one image per expert (0: no cap); near-duplicate tiles are
-    /// skipped either way and listed in analysis.json.
+    /// At most N atlas patches of one image per expert (0: no cap); near-duplicate tiles (the
+    /// patch's own pixels within 2 RGB levels of a kept one's) are skipped either way and listed
+    /// in analysis.json.
     #[arg(long, default_value_t = routerscope::analysis::atlas::DEFAULT_PER_IMAGE)]
     atlas_per_image: usize,
     /// Width in pixels of the PNG figures (wider figures keep their own width).

@@ -23,14 +23,14 @@ impl RouterscopeApp {
         }
         ui.horizontal(|ui| {
             if ui.selectable_label(!self.dataset.shown, "Image").clicked() {
-                self.dataset.shown = false;
+                self.show_dataset_view(false);
             }
             if ui
                 .selectable_label(self.dataset.shown, "Dataset")
                 .on_hover_text("routing statistics and the expert atlas over a whole dataset")
                 .clicked()
             {
-                self.dataset.shown = true;
+                self.show_dataset_view(true);
             }
         });
         if let Some(t) = self.trace_summary() {

@@ -3,10 +3,42 @@
 //! picked expert its position map and atlas, whose patches open their image in the image view.
 
 use crate::app::RouterscopeApp;
-use crate::app::views::dataset_plots;
+use crate::app::views::{dataset_plots, dataset_routers};
 use crate::catalog;
 
 impl RouterscopeApp {
+    /// Which model the shown analysis ran under, and why that one.
+    fn dataset_model_line(&self, model: &std::path::Path) -> String {
+        let file = model.file_name().map_or_else(
+            || model.display().to_string(),
+            |f| f.to_string_lossy().into_owned(),
+        );
+        let why = match (self.settings.mode, self.dataset.kind) {
+            (crate::app::settings::ModelMode::Trained, Some(kind))
+                if self.model.as_ref().is_none_or(|m| m.trace.is_none()) =>
+            {
+                let ran = self.settings.family.for_dataset(kind);
+                let data = match kind {
+                    catalog::ImageKind::FashionMnist => "Fashion-MNIST data",
+                    catalog::ImageKind::Photo => "a dataset of photos",
+                };
+                if ran == kind {
+                    format!(
+                        " · the built-in rule: {data} runs under the {}",
+                        ran.label()
+                    )
+                } else {
+                    format!(
+                        " · {data}, run under the {} as the model family asks",
+                        ran.label()
+                    )
+                }
+            }
+            _ => String::new(),
+        };
+        format!("model: {file}{why}")
+    }
+
     pub(in crate::app) fn dataset_panel(&mut self, ui: &mut egui::Ui) {
         let trace = self.model.as_ref().and_then(|m| m.trace.clone());
         if let Some(t) = &trace {
@@ -44,6 +76,17 @@ impl RouterscopeApp {
                 .clicked()
             {
                 self.open_dataset(catalog::fashion_mnist_slice());
+            }
+            if ui
+                .button("Photos (built-in)")
+                .on_hover_text(
+                    "19 public-domain, CC0 and CC-BY photos in eight subject folders (the gallery \
+                     photos among them; licences in assets/datasets/photos/README.md), run under \
+                     the photo model",
+                )
+                .clicked()
+            {
+                self.open_dataset(catalog::photo_dataset());
             }
             let full = catalog::fashion_mnist_test_set();
             let installed = full != catalog::fashion_mnist_slice();
@@ -125,13 +168,17 @@ impl RouterscopeApp {
             return;
         };
         let a = &result.analysis;
-        let Some(run) = a.runs.first() else {
+        let ri = self.dataset.run.min(a.runs.len().saturating_sub(1));
+        let Some(run) = a.runs.get(ri) else {
             return;
         };
         let line = ui.label(format!(
             "{} · {} · {} images{}{} · {} classes{}",
             a.model,
-            run.settings.label(),
+            match a.runs.len() {
+                1 => run.settings.label(),
+                n => format!("{n} routers side by side"),
+            },
             a.images,
             match (a.unreadable_count, a.passed_over_count) {
                 (0, 0) => String::new(),
@@ -152,8 +199,18 @@ impl RouterscopeApp {
             }
         ));
         line.on_hover_text(format!("computed on {}", result.device));
+        ui.label(self.dataset_model_line(&result.model));
         for k in &a.skipped {
-            ui.weak(format!("{} left out: {}", k.settings.label(), k.reason));
+            ui.weak(format!(
+                "{} left out of the comparison: {}",
+                k.settings.label(),
+                k.reason
+            ));
+        }
+        if a.runs.len() == 1 && !self.settings.compare {
+            ui.weak(
+                "tick \"compare routers side by side\" on the left to run every router over this dataset",
+            );
         }
         ui.horizontal(|ui| {
             ui.label("MoE block:");
@@ -171,6 +228,32 @@ impl RouterscopeApp {
             return;
         };
         let st = &la.stats;
+        let mut picked = None;
+        let width = ui.available_width();
+        if a.runs.len() > 1 {
+            ui.strong(format!(
+                "routers side by side on block {} (each re-routes this checkpoint at the first \
+                 router's k and capacity factor; click one for its details below)",
+                st.block
+            ));
+            if let Some(i) = dataset_routers::summary_table(ui, &a.runs, l, ri) {
+                self.dataset.run = i;
+            }
+            ui.add_space(4.0);
+            if let Some((i, j)) = dataset_routers::heatmaps(
+                ui,
+                &a.runs,
+                l,
+                &a.classes,
+                (ri, self.dataset.expert),
+                width,
+            ) {
+                self.dataset.run = i;
+                picked = Some(j);
+            }
+            ui.separator();
+            ui.strong(format!("details: {}", run.settings.label()));
+        }
         ui.label(format!(
             "dropped {:.2}% of tokens · load std {:.2} tokens/image · usage entropy {:.3} · {}",
             100.0 * st.dropped_token_rate,
@@ -182,8 +265,6 @@ impl RouterscopeApp {
                 |h| format!("mean router entropy {:.2}", h.mean)
             )
         ));
-        let mut picked = None;
-        let width = ui.available_width();
         ui.horizontal_top(|ui| {
             ui.vertical(|ui| {
                 ui.strong(
@@ -261,14 +342,14 @@ impl RouterscopeApp {
                     }
                 ));
                 let ctx = ui.ctx().clone();
-                let textures = self.dataset.textures.entry((l, j)).or_insert_with(|| {
+                let textures = self.dataset.textures.entry((ri, l, j)).or_insert_with(|| {
                     ex.patches
                         .iter()
                         .enumerate()
                         .map(|(k, t)| {
                             t.thumbnail.as_ref().map(|img| {
                                 ctx.load_texture(
-                                    format!("atlas-{l}-{j}-{k}"),
+                                    format!("atlas-{ri}-{l}-{j}-{k}"),
                                     egui::ColorImage::from_rgba_unmultiplied(
                                         [img.width() as usize, img.height() as usize],
                                         img.as_raw(),

@@ -3,6 +3,7 @@
 
 pub mod controls;
 pub mod dataset_plots;
+pub mod dataset_routers;
 pub mod load_plot;
 pub mod patch_grid;
 pub mod prediction;
