@@ -131,7 +131,17 @@ def without_names(value: Any) -> Any:
         return {
             k: without_names(v)
             for k, v in value.items()
-            if k not in ("name", "image", "model", "data", "source", "elapsed_s", "images_per_s")
+            if k
+            not in (
+                "name",
+                "like_name",
+                "image",
+                "model",
+                "data",
+                "source",
+                "elapsed_s",
+                "images_per_s",
+            )
         }
     if isinstance(value, list):
         return [without_names(v) for v in value]
