@@ -219,8 +219,13 @@ fn first_image_kind(dir: &Path, depth: usize, budget: &mut usize) -> Option<Imag
             .extension()
             .and_then(|e| e.to_str())
             .is_some_and(|e| crate::model::IMAGE_EXTENSIONS.contains(&e.to_lowercase().as_str()));
-        if is_image && crate::tensor_io::check_regular_file(p).is_ok() {
-            let Ok(dims) = image::ImageReader::open(p).and_then(|r| r.with_guessed_format()) else {
+        if is_image {
+            let Ok(file) = crate::files::open_regular(p) else {
+                continue;
+            };
+            let Ok(dims) =
+                image::ImageReader::new(std::io::BufReader::new(file)).with_guessed_format()
+            else {
                 continue;
             };
             match dims.into_dimensions() {

@@ -2,8 +2,8 @@
 //!
 //! Layers, bottom up; a module only uses the ones above it in this list:
 //! - [`routing`]: the routers of "Routers in Vision Mixture of Experts" as pure functions.
-//! - [`tensor_io`], [`runtime`]: validated safetensors reading and atomic writing; thread
-//!   settings.
+//! - [`files`], [`tensor_io`], [`runtime`]: inputs opened only as regular files, staged
+//!   output folders; validated safetensors reading and atomic writing; thread settings.
 //! - [`model`]: the ViT-MoE on candle (CPU), its checkpoints and image input.
 //! - [`import`]: pretrained ViTs (timm, Hugging Face, Flax `.npz`, ONNX) and vmoe checkpoints
 //!   read as routerscope models; [`moefy`]: a dense ViT split into experts.
@@ -24,6 +24,7 @@ pub mod app;
 pub mod backend;
 pub mod catalog;
 pub mod figures;
+pub mod files;
 pub mod format;
 pub mod gpu;
 pub mod import;

@@ -58,7 +58,7 @@ pub enum TensorIoError {
 pub fn file_sha256(path: &Path) -> std::io::Result<String> {
     use sha2::{Digest, Sha256};
     use std::io::Read;
-    let mut f = fs::File::open(path)?;
+    let mut f = crate::files::open_regular(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -76,21 +76,10 @@ pub fn file_sha256(path: &Path) -> std::io::Result<String> {
 }
 
 /// Checks that `path` is a regular file before it is opened as an input: opening a FIFO blocks
-/// forever, and a directory or device gives an unhelpful OS error ("No such device").
+/// forever, and a directory or device gives an unhelpful OS error ("No such device"). Readers
+/// open with [`crate::files::open_regular`], which also checks the opened handle.
 pub fn check_regular_file(path: &Path) -> std::io::Result<()> {
-    let meta = fs::metadata(path)?;
-    if meta.is_file() {
-        return Ok(());
-    }
-    let what = if meta.is_dir() {
-        "a directory"
-    } else {
-        "a FIFO, socket or device"
-    };
-    Err(std::io::Error::new(
-        std::io::ErrorKind::InvalidInput,
-        format!("is not a regular file (it is {what})"),
-    ))
+    crate::files::check_regular(path)
 }
 
 /// A float32 tensor read from a file.
@@ -114,8 +103,7 @@ impl TensorFile {
             path: path.to_owned(),
             err,
         };
-        check_regular_file(path).map_err(io)?;
-        let handle = fs::File::open(path).map_err(io)?;
+        let handle = crate::files::open_regular(path).map_err(io)?;
         // SAFETY: the map is read-only and private to this value. A file truncated by another
         // process while mapped would fault; checkpoints are not edited in place by this program,
         // and everything it writes goes through a temporary file and a rename.
@@ -546,7 +534,7 @@ fn remove_stale_temporaries(dir: &Path, stem: &str) {
     }
 }
 
-fn process_alive(pid: i32) -> bool {
+pub(crate) fn process_alive(pid: i32) -> bool {
     #[cfg(unix)]
     {
         // SAFETY: signal 0 only checks that the process exists; nothing is sent.

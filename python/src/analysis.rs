@@ -185,17 +185,13 @@ pub(crate) fn _analyze<'py>(
     let analysis = result.map_err(analysis_error)?;
     // Stopped by Ctrl-C: what was done is kept (marked partial), as the command line does.
     if let Some(dir) = &out {
-        let written = report::write_data(&analysis, dir)
-            .map_err(analysis_error)
-            .and_then(|_| {
-                routerscope::figures::dataset::write_figures(
-                    &analysis,
-                    dir,
-                    Palette::TolMuted,
-                    png_width,
-                )
-                .map_err(value_error)
-            });
+        let written = routerscope::figures::dataset::write_analysis(
+            &analysis,
+            dir,
+            Palette::TolMuted,
+            png_width,
+        )
+        .map_err(value_error);
         if interrupted.is_none() {
             written?;
         }

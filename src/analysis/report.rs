@@ -148,8 +148,9 @@ pub fn csv_tables(a: &Analysis) -> Vec<(&'static str, String)> {
     out
 }
 
-/// Checks that `dir` can take the output before the run starts: it is created if missing and a
-/// probe file is written and removed. Errors name it as the `out` option in `style`.
+/// Checks that `dir` can take the output before the run starts, creating nothing: it is a
+/// folder or does not exist yet, and a probe file can be written (and is removed) in it or in
+/// the nearest folder above it that exists. Errors name it as the `out` option in `style`.
 pub fn check_output_dir(dir: &Path, style: ArgStyle) -> Result<(), AnalysisError> {
     let out = style.name("out");
     let sep = if style == ArgStyle::Cli { " " } else { "" };
@@ -165,8 +166,24 @@ pub fn check_output_dir(dir: &Path, style: ArgStyle) -> Result<(), AnalysisError
             dir.display()
         )));
     }
-    std::fs::create_dir_all(dir).map_err(err)?;
-    let probe = dir.join(format!(".routerscope-probe-{}", std::process::id()));
+    let mut existing = dir.to_path_buf();
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => existing = p.to_path_buf(),
+            _ => {
+                existing = PathBuf::from(".");
+                break;
+            }
+        }
+    }
+    if !existing.is_dir() {
+        return Err(AnalysisError::Data(format!(
+            "{out}{sep}{}: {} is not a folder",
+            dir.display(),
+            existing.display()
+        )));
+    }
+    let probe = existing.join(format!(".routerscope-probe-{}", std::process::id()));
     std::fs::write(&probe, b"").map_err(err)?;
     let _ = std::fs::remove_file(&probe);
     Ok(())

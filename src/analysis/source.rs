@@ -177,8 +177,7 @@ impl IdxSource {
 
 /// Opens an IDX image file past its header: `[count, rows, cols]`.
 fn open_images(path: &Path) -> Result<(Box<dyn Read + Send>, [usize; 3]), String> {
-    crate::tensor_io::check_regular_file(path).map_err(|e| e.to_string())?;
-    let mut file = BufReader::new(std::fs::File::open(path).map_err(|e| e.to_string())?);
+    let mut file = BufReader::new(crate::files::open_regular(path).map_err(|e| e.to_string())?);
     let gz = file
         .fill_buf()
         .map_err(|e| e.to_string())?

@@ -350,9 +350,5 @@ fn write_dataset_export(
 ) -> Result<Vec<PathBuf>, String> {
     crate::analysis::report::check_output_dir(dir, crate::routing::ArgStyle::Cli)
         .map_err(|e| e.to_string())?;
-    let mut files = crate::analysis::report::write_data(a, dir).map_err(|e| e.to_string())?;
-    files.extend(crate::figures::dataset::write_figures(
-        a, dir, palette, width,
-    )?);
-    Ok(files)
+    crate::figures::dataset::write_analysis(a, dir, palette, width)
 }

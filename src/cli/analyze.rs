@@ -187,17 +187,14 @@ pub fn run(args: &AnalyzeArgs) -> anyhow::Result<()> {
             analysis.unreadable_count - analysis.unreadable.len()
         );
     }
-    let mut files = report::write_data(&analysis, &args.out)?;
-    files.extend(
-        routerscope::figures::dataset::write_figures(
-            &analysis,
-            &args.out,
-            Palette::TolMuted,
-            args.png_width,
-        )
-        .map_err(anyhow::Error::msg)
-        .context("writing the figures")?,
-    );
+    let files = routerscope::figures::dataset::write_analysis(
+        &analysis,
+        &args.out,
+        Palette::TolMuted,
+        args.png_width,
+    )
+    .map_err(anyhow::Error::msg)
+    .context("writing the analysis")?;
     println!(
         "{}: {} images analysed ({} unreadable, {} passed over, {} left out of a partial group) in {:.1} s, {:.1} images/s",
         analysis.model,

@@ -9,6 +9,9 @@ use anyhow::Context;
 use routerscope::import::load_vmoe;
 use routerscope::model::{ModelConfig, save_checkpoint};
 
+/// A model configuration is a few kilobytes (ImageNet-21k's class names: under 1 MB).
+const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
 #[derive(clap::Args, Debug)]
 pub struct ConvertArgs {
     /// vmoe checkpoint: PREFIX (or PREFIX.index) of PREFIX.index and PREFIX.data-*-of-*.
@@ -26,7 +29,8 @@ pub struct ConvertArgs {
 pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
     let config = match &args.config {
         Some(p) => {
-            let json = std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?;
+            let json = routerscope::files::read_regular_string(p, MAX_CONFIG_BYTES)
+                .with_context(|| format!("{}", p.display()))?;
             Some(ModelConfig::from_json(&json).with_context(|| format!("{}", p.display()))?)
         }
         None => None,

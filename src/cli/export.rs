@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use routerscope::backend::{DeviceChoice, Engine};
 use routerscope::figures::export::{FigurePanel, FigureSet, Format, default_stem};
 use routerscope::figures::{ImageRouting, Palette};
+use routerscope::files::StagedDir;
 use routerscope::model::{ModelConfig, RunOptions, decode_image, preprocess};
 use routerscope::moefy::{all_experts_options, mean_patch_cosine};
 use routerscope::routing::{ArgStyle, CapacitySpec, RouterConfig, RouterKind};
@@ -181,12 +182,7 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
         ),
         (None, None) => anyhow::bail!("give --model and images, or --trace"),
     };
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create {}", args.out.display()))?;
-    let probe = args.out.join(".routerscope-write-test");
-    std::fs::write(&probe, b"")
-        .with_context(|| format!("{} is not writable", args.out.display()))?;
-    let _ = std::fs::remove_file(&probe);
+    routerscope::analysis::report::check_output_dir(&args.out, ArgStyle::Cli)?;
     let main_router = router_for(subject.config(), &model_name, args, args.router)?;
     let routers: Vec<RouterConfig> = if args.compare.is_empty() {
         vec![main_router.clone()]
@@ -237,6 +233,10 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
             t.check_options(&base.clone().with_router(r.clone()))?;
         }
     }
+    // Everything is written into a staging folder beside `--out` and moved in at the end: a
+    // run that fails (or is stopped) leaves `--out` as it was.
+    let staged = StagedDir::new(&args.out)
+        .with_context(|| format!("--out {}: cannot write there", args.out.display()))?;
     let bar = ProgressBar::new(images.len() as u64).with_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
             .map_err(|e| anyhow::anyhow!("{e}"))?,
@@ -256,7 +256,15 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
     let mut skipped: Vec<String> = Vec::new();
     for (item, name) in &images {
         bar.set_message(name.clone());
-        match export_one(&subject, item, name, &routers, args, &model_name) {
+        match export_one(
+            &subject,
+            item,
+            name,
+            &routers,
+            args,
+            &model_name,
+            staged.path(),
+        ) {
             Ok(panels) => {
                 for (i, (name, r)) in panels.iter().enumerate() {
                     panel_names[i] = name.clone();
@@ -298,11 +306,14 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
             "dropped_token_rate": dropped[i] as f64 / tokens[i].max(1) as f64,
         })).collect::<Vec<_>>(),
     });
-    let summary_path = args.out.join("summary.json");
     routerscope::tensor_io::write_atomic(
-        &summary_path,
+        &staged.path().join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
+    staged
+        .commit()
+        .with_context(|| format!("--out {}: moving the files in", args.out.display()))?;
+    let summary_path = args.out.join("summary.json");
     println!(
         "exported {done} images to {} (summary: {})",
         args.out.display(),
@@ -337,6 +348,7 @@ fn export_one(
     routers: &[RouterConfig],
     args: &ExportArgs,
     model_name: &str,
+    out: &Path,
 ) -> anyhow::Result<Vec<(String, ImageRouting)>> {
     let cfg = subject.config();
     let moe = cfg.moe.as_ref().context("no MoE layers")?;
@@ -451,7 +463,7 @@ fn export_one(
             stem.split("__").take(2).collect::<Vec<_>>().join("__")
         );
     }
-    set.write(&args.out, &stem, &args.format, args.width)
+    set.write(out, &stem, &args.format, args.width)
         .map_err(anyhow::Error::msg)?;
     Ok(panels.into_iter().map(|p| (p.title, p.routing)).collect())
 }

@@ -634,6 +634,25 @@ fn file_part(s: &str) -> String {
 
 /// Writes every figure as SVG and as PNG `png_width` wide (at least the SVG's own width, so
 /// wide comparisons stay legible) into `dir`, atomically; returns the paths.
+/// Writes a whole analysis into `dir`: `analysis.json`, the CSV tables and every figure, staged
+/// beside it and moved in only when all are written (a failure leaves `dir` as it was, and
+/// creates nothing). Returns the final paths.
+pub fn write_analysis(
+    a: &Analysis,
+    dir: &std::path::Path,
+    palette: Palette,
+    png_width: u32,
+) -> Result<Vec<std::path::PathBuf>, String> {
+    let staged =
+        crate::files::StagedDir::new(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    crate::analysis::report::write_data(a, staged.path()).map_err(|e| e.to_string())?;
+    write_figures(a, staged.path(), palette, png_width)?;
+    staged
+        .commit()
+        .map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+/// Writes the figures of `a` into `dir` (each file atomically); returns their paths.
 pub fn write_figures(
     a: &Analysis,
     dir: &std::path::Path,

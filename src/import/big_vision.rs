@@ -31,8 +31,7 @@ fn err(path: &Path, m: impl std::fmt::Display) -> ModelError {
 
 /// The float arrays of an `.npz` file by name (`.npy` dropped); other dtypes are left out.
 pub fn read_npz(path: &Path) -> Result<HashMap<String, F32Tensor>, ModelError> {
-    crate::tensor_io::check_regular_file(path).map_err(|e| err(path, e))?;
-    let file = std::fs::File::open(path).map_err(|e| err(path, e))?;
+    let file = crate::files::open_regular(path).map_err(|e| err(path, e))?;
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
         .map_err(|e| err(path, format!("not an .npz (zip) archive: {e}")))?;
     if zip.len() > MAX_ARRAYS {

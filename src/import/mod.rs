@@ -36,12 +36,15 @@ pub fn is_vmoe_checkpoint(path: &Path) -> bool {
 pub fn load_any(path: &Path) -> Result<(ModelConfig, ModelWeights), ModelError> {
     if is_vmoe_checkpoint(path) {
         let sidecar = vmoe_format::checkpoint_prefix(path).with_extension("config.json");
-        let config = match std::fs::read_to_string(&sidecar) {
-            Ok(json) => Some(
+        let config = if sidecar.exists() {
+            let json = crate::files::read_regular_string(&sidecar, 16 << 20)
+                .map_err(|e| ModelError::Config(format!("{}: {e}", sidecar.display())))?;
+            Some(
                 ModelConfig::from_json(&json)
                     .map_err(|e| ModelError::Config(format!("{}: {e}", sidecar.display())))?,
-            ),
-            Err(_) => None,
+            )
+        } else {
+            None
         };
         load_vmoe(path, config, &mut |_, _| {})
     } else {
@@ -193,10 +196,12 @@ impl Format {
     pub fn detect(path: &Path) -> Result<Self, String> {
         use std::io::Read;
         let mut head = Vec::with_capacity(16);
-        std::fs::File::open(path)
-            .and_then(|f| f.take(16).read_to_end(&mut head))
+        let file =
+            crate::files::open_regular(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        file.take(16)
+            .read_to_end(&mut head)
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
         let ext = |e: &str| path.extension().is_some_and(|x| x.eq_ignore_ascii_case(e));
         if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
             return Ok(Format::BigVision);

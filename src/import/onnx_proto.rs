@@ -166,15 +166,13 @@ fn err(m: impl Into<String>) -> ModelError {
 /// Reads and decodes the ONNX file at `path` (size-checked first).
 pub fn read_model(path: &Path) -> Result<ModelProto, ModelError> {
     let at = |m: String| err(format!("{}: {m}", path.display()));
-    crate::tensor_io::check_regular_file(path).map_err(|e| at(e.to_string()))?;
-    let meta = std::fs::metadata(path).map_err(|e| at(e.to_string()))?;
-    if meta.len() > MAX_ONNX_BYTES {
-        return Err(at(format!(
-            "{} bytes is beyond the {MAX_ONNX_BYTES}-byte limit for ONNX files",
-            meta.len()
-        )));
-    }
-    let bytes = std::fs::read(path).map_err(|e| at(e.to_string()))?;
+    let bytes = crate::files::read_regular(path, MAX_ONNX_BYTES).map_err(|e| {
+        at(if e.kind() == std::io::ErrorKind::InvalidData {
+            format!("{e} (the limit for ONNX files)")
+        } else {
+            e.to_string()
+        })
+    })?;
     <ModelProto as prost::Message>::decode(bytes.as_slice())
         .map_err(|e| at(format!("not an ONNX model (protobuf: {e})")))
 }
@@ -246,7 +244,7 @@ fn external_bytes(
         )));
     }
     let file = dir.join(rel);
-    let mut f = std::fs::File::open(&file).map_err(|e| {
+    let mut f = crate::files::open_regular(&file).map_err(|e| {
         err(format!(
             "tensor `{name}` is stored in `{}`, which cannot be opened ({e}); keep the data file \
              beside the model",

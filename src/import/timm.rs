@@ -499,10 +499,11 @@ pub(super) fn patch_kernel(w: &[f32], [d, c, ph, pw]: [usize; 4]) -> Vec<f32> {
 /// The JSON file `name` beside `path`, when there is one.
 pub(super) fn read_json_beside(path: &Path, name: &str) -> Result<Option<Value>, ModelError> {
     let p = path.with_file_name(name);
-    if !p.is_file() {
+    if !p.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&p).map_err(|e| err(&p, e))?;
+    // A configuration is a few kilobytes; 16 MB is generous (ImageNet-21k's class names).
+    let text = crate::files::read_regular_string(&p, 16 << 20).map_err(|e| err(&p, e))?;
     serde_json::from_str(&text)
         .map(Some)
         .map_err(|e| err(&p, format!("not valid JSON: {e}")))

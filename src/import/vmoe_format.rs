@@ -489,8 +489,7 @@ pub fn read_arrays(
     let mut done = 0u64;
     for shard in 0..index.shard_count {
         let path = index.shard_path(shard);
-        let file = crate::tensor_io::check_regular_file(&path)
-            .and_then(|()| File::open(&path))
+        let file = crate::files::open_regular(&path)
             .map_err(|e| err(&path, format!("missing or unreadable shard ({e})")))?;
         let mut rd = Counting {
             inner: BufReader::with_capacity(1 << 20, file),

@@ -152,8 +152,13 @@ fn limits() -> Limits {
 /// Decodes an image file with limits and EXIF orientation.
 pub fn decode_image(path: &Path) -> Result<DynamicImage, ModelError> {
     let err = |e: &dyn std::fmt::Display| ModelError::Image(format!("{}: {e}", path.display()));
-    crate::tensor_io::check_regular_file(path).map_err(|e| err(&e))?;
-    let reader = ImageReader::open(path).map_err(|e| err(&e))?;
+    let file = crate::files::open_regular(path).map_err(|e| err(&e))?;
+    let mut reader = ImageReader::new(std::io::BufReader::new(file));
+    // The format from the extension, as `ImageReader::open` guesses it (the contents decide
+    // when it says nothing).
+    if let Ok(format) = image::ImageFormat::from_path(path) {
+        reader.set_format(format);
+    }
     decode_reader(reader).map_err(|e| err(&e))
 }
 

@@ -250,6 +250,14 @@ impl RouterConfig {
                 compute_capacity(big_n, e, cf, self.rounding, self.multiple_of)?
             }
         };
+        // Token Choice: no expert is ever sent more than the group's `N = n·k` requests, so
+        // slots beyond them would stay empty; capping there keeps a huge factor or slot count
+        // (1e300, 2^62) from sizing the `[e, c]` slot buffers (the routing is the same).
+        let c = if family == RouterFamily::TokenChoice {
+            c.min(big_n)
+        } else {
+            c
+        };
         if family == RouterFamily::ExpertChoice && c > n {
             return Err(RoutingError::Capacity(format!(
                 "capacity {c} exceeds the {n} tokens of the group: Expert Choice picks {c} distinct \

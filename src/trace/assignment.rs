@@ -162,9 +162,25 @@ pub(crate) fn from_picks(
     }
     // The slot of every choice, `None` where dropped.
     let mut slot_of: Vec<Option<u32>> = vec![None; n * k];
+    // Slots index an expert's buffer: below the capacity, or without one below the group's
+    // requests (a slot beyond them can never be filled); checked before anything is sized by
+    // them.
+    let slot_limit = capacity.unwrap_or(n * k).min(n * k);
     match slots {
         Some(slots) => {
             for (at, &s) in slots.iter().enumerate() {
+                if s >= slot_limit as i64 {
+                    return Err(format!(
+                        "slot[{}, {}] is {s}: beyond {} ({slot_limit} slots per expert)",
+                        at / k,
+                        at % k,
+                        if capacity.is_some() {
+                            "the logged capacity"
+                        } else {
+                            "the group's requests"
+                        }
+                    ));
+                }
                 if s >= 0 {
                     slot_of[at] = Some(s as u32);
                 } else if s != -1 {

@@ -196,7 +196,7 @@ impl Forward for TraceModel {
 /// Whether `path` is a routing trace (a safetensors file whose metadata describes a trace),
 /// read from its header only.
 pub fn is_trace_file(path: &Path) -> bool {
-    let Ok(mut f) = std::fs::File::open(path) else {
+    let Ok(mut f) = crate::files::open_regular(path) else {
         return false;
     };
     use std::io::Read;

@@ -21,8 +21,21 @@ use crate::routing::{
     route_logits,
 };
 
-/// The most images, layers or groups per layer one trace may describe.
+/// The most images one trace may describe.
 pub const MAX_TRACE_ITEMS: usize = 10_000_000;
+/// The most MoE layers of one trace.
+pub const MAX_TRACE_LAYERS: usize = 1024;
+/// The most classes: the length of `classes`, and the largest label plus one without it.
+pub const MAX_TRACE_CLASSES: usize = 100_000;
+/// The most tokens per image (the model configuration's limit).
+pub const MAX_TRACE_TOKENS: usize = 1 << 20;
+/// The most values of one tensor of one group (`[n, e]` logits, `[n, e, c]` dispatch): what a
+/// group's routing holds in memory is bounded by this, whatever the file declares.
+pub const MAX_GROUP_VALUES: usize = 1 << 26;
+/// A trace's description (the safetensors header) at most, as safetensors itself limits it.
+pub const MAX_DESCRIPTION_BYTES: u64 = 100_000_000;
+/// Tensors are read in pieces of this many bytes (never a second whole copy of a tensor).
+const READ_PIECE: usize = 1 << 20;
 
 /// An opened, validated trace.
 pub struct TraceFile {
@@ -39,7 +52,7 @@ pub struct TraceFile {
     /// Per layer: whether the router's kind was logged (else inferred).
     router_known: Vec<bool>,
     /// Per layer, per image: its group.
-    image_group: Vec<Vec<usize>>,
+    image_group: Vec<Vec<u32>>,
     group_images: usize,
 }
 
@@ -59,6 +72,28 @@ struct Pieces {
     probs: Option<Vec<f32>>,
 }
 
+/// The format and version of a description, read before the rest: a newer version's
+/// description need not parse as this one's.
+#[derive(serde::Deserialize)]
+struct FormatProbe {
+    format: Option<String>,
+    version: Option<serde_json::Value>,
+}
+
+/// Parses a trace description, naming the entry that is wrong
+/// (`` `images[3].label`: invalid value: integer `-1`, expected usize ``).
+pub(crate) fn parse_description<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, String> {
+    let mut de = serde_json::Deserializer::from_str(json);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let at = e.path().to_string();
+        if at == "." || at.is_empty() {
+            format!("the `{TRACE_METADATA_KEY}` JSON: {}", e.inner())
+        } else {
+            format!("the `{TRACE_METADATA_KEY}` JSON: `{at}`: {}", e.inner())
+        }
+    })
+}
+
 impl TraceFile {
     /// Opens the file, parses and checks its description and the shape and dtype of every
     /// tensor it names.
@@ -67,8 +102,7 @@ impl TraceFile {
             path: path.to_owned(),
             err,
         };
-        crate::tensor_io::check_regular_file(path).map_err(io)?;
-        let mut handle = std::fs::File::open(path).map_err(io)?;
+        let mut handle = crate::files::open_regular(path).map_err(io)?;
         let file_len = handle.metadata().map_err(io)?.len();
         let bad = |m: String| TraceError::Invalid {
             path: path.to_owned(),
@@ -79,10 +113,11 @@ impl TraceFile {
             .read_exact(&mut len)
             .map_err(|_| bad(format!("not a safetensors file: {file_len} bytes")))?;
         let header = u64::from_le_bytes(len);
-        // safetensors' own limit on a header; checked before allocating it.
-        if header > 100_000_000 || 8 + header > file_len {
+        // Checked before the header is allocated.
+        if header > MAX_DESCRIPTION_BYTES || header.saturating_add(8) > file_len {
             return Err(bad(format!(
-                "not a valid safetensors file: a header of {header} bytes in a file of {file_len}"
+                "not a valid safetensors file: a header of {header} bytes in a file of \
+                 {file_len} (at most {MAX_DESCRIPTION_BYTES})"
             )));
         }
         let mut text = vec![0u8; header as usize];
@@ -94,7 +129,7 @@ impl TraceFile {
         drop(text);
         let data_start = 8 + header;
         let data_len = metadata.data_len() as u64;
-        if file_len < data_start + data_len {
+        if file_len < data_start.saturating_add(data_len) {
             return Err(bad(format!(
                 "truncated: the header declares {data_len} bytes of tensors, the file holds {}",
                 file_len - data_start
@@ -109,15 +144,7 @@ impl TraceFile {
                     "not a routerscope trace: no `{TRACE_METADATA_KEY}` entry in its metadata"
                 ))
             })?;
-        // The format and version first, from a probe that skips everything else: a newer
-        // version's description need not parse as this one's.
-        #[derive(serde::Deserialize)]
-        struct Probe {
-            format: Option<String>,
-            version: Option<serde_json::Value>,
-        }
-        let probe: Probe = serde_json::from_str(json)
-            .map_err(|e| bad(format!("the `{TRACE_METADATA_KEY}` JSON: {e}")))?;
+        let probe: FormatProbe = parse_description(json).map_err(bad)?;
         if probe.format.as_deref() != Some(FORMAT_NAME) {
             return Err(bad(format!("`format` is not \"{FORMAT_NAME}\"")));
         }
@@ -130,8 +157,7 @@ impl TraceFile {
             }
             None => return Err(bad("no `version` in the trace description".into())),
         }
-        let meta: TraceMeta = serde_json::from_str(json)
-            .map_err(|e| bad(format!("the `{TRACE_METADATA_KEY}` JSON: {e}")))?;
+        let meta: TraceMeta = parse_description(json).map_err(bad)?;
         let infos: HashMap<String, TensorInfo> = metadata
             .tensors()
             .into_iter()
@@ -161,6 +187,8 @@ impl TraceFile {
         }
     }
 
+    /// Every number of the description bounded (by its documented limit and by the tensors
+    /// actually present) before anything is sized or indexed by it.
     fn validate(&mut self) -> Result<(), TraceError> {
         let m = &self.meta;
         let (ni, nl) = (m.images.len(), m.layers.len());
@@ -170,20 +198,42 @@ impl TraceFile {
         if nl == 0 {
             return Err(self.invalid("the trace holds no MoE layers".into()));
         }
-        if ni > MAX_TRACE_ITEMS || nl > 1024 {
+        if ni > MAX_TRACE_ITEMS || nl > MAX_TRACE_LAYERS {
             return Err(self.invalid(format!(
                 "{ni} images and {nl} layers are beyond the limits ({MAX_TRACE_ITEMS} images, \
-                 1024 layers)"
+                 {MAX_TRACE_LAYERS} layers)"
             )));
         }
         let e = m.num_experts;
         if !(1..=4096).contains(&e) {
             return Err(self.invalid(format!("num_experts is {e}: between 1 and 4096 experts")));
         }
+        if m.classes.len() > MAX_TRACE_CLASSES {
+            return Err(self.invalid(format!(
+                "`classes` names {} classes, beyond the limit of {MAX_TRACE_CLASSES}",
+                m.classes.len()
+            )));
+        }
         let first = &m.images[0];
         let [gh, gw] = first.grid;
-        if gh == 0 || gw == 0 || gh * gw > 1 << 20 {
-            return Err(self.invalid(format!("image 0 has a patch grid of {gh}x{gw}")));
+        let tokens = gh
+            .checked_mul(gw)
+            .filter(|&t| (1..MAX_TRACE_TOKENS).contains(&t));
+        let Some(tokens) = tokens else {
+            return Err(self.invalid(format!(
+                "image 0 has a patch grid of {gh}x{gw}: between 1 and {} patches",
+                MAX_TRACE_TOKENS - 1
+            )));
+        };
+        let side = crate::model::MAX_IMAGE_SIDE as usize;
+        if let Some([ph, pw]) = m.patch_size {
+            let fits = |g: usize, p: usize| p >= 1 && g.checked_mul(p).is_some_and(|s| s <= side);
+            if !(fits(gh, ph) && fits(gw, pw)) {
+                return Err(self.invalid(format!(
+                    "`patch_size` [{ph}, {pw}] on a grid of {gh}x{gw}: patches are at least 1 \
+                     pixel and the image at most {side} pixels a side"
+                )));
+            }
         }
         if let Some((i, img)) = m
             .images
@@ -197,30 +247,55 @@ impl TraceFile {
                 img.grid, img.cls_token, first.grid, first.cls_token
             )));
         }
+        // Every image's label, not the first only: the statistics index classes by it.
+        let label_limit = if m.classes.is_empty() {
+            MAX_TRACE_CLASSES
+        } else {
+            m.classes.len()
+        };
         if let Some((i, label)) = m
             .images
             .iter()
             .enumerate()
-            .find_map(|(i, im)| im.label.map(|l| (i, l)))
-            .filter(|&(_, l)| !m.classes.is_empty() && l >= m.classes.len())
+            .find_map(|(i, im)| im.label.filter(|&l| l >= label_limit).map(|l| (i, l)))
         {
-            return Err(self.invalid(format!(
-                "image {i} has label {label} but `classes` names {} classes",
-                m.classes.len()
-            )));
+            return Err(self.invalid(if m.classes.is_empty() {
+                format!(
+                    "image {i} has label {label}: without `classes`, labels are below \
+                     {MAX_TRACE_CLASSES}"
+                )
+            } else {
+                format!(
+                    "image {i} has label {label} but `classes` names {} classes",
+                    m.classes.len()
+                )
+            }));
         }
-        let s = gh * gw + usize::from(first.cls_token);
+        let s = tokens + usize::from(first.cls_token);
         let mut group_images = None;
         let mut image_group = Vec::with_capacity(nl);
         let mut blocks = std::collections::BTreeSet::new();
         for (l, layer) in m.layers.iter().enumerate() {
+            if layer.block >= 1024 {
+                return Err(self.invalid(format!(
+                    "layer {l} is block {}: a model has at most 1024 blocks",
+                    layer.block
+                )));
+            }
             if !blocks.insert(layer.block) {
                 return Err(self.invalid(format!(
                     "layers {l} and an earlier one are both block {}",
                     layer.block
                 )));
             }
-            let mut owner = vec![usize::MAX; ni];
+            if layer.groups.len() > ni {
+                return Err(self.invalid(format!(
+                    "layer {l} (block {}) has {} groups for {ni} images",
+                    layer.block,
+                    layer.groups.len()
+                )));
+            }
+            let mut owner = vec![u32::MAX; ni];
             for (g, group) in layer.groups.iter().enumerate() {
                 let where_ = || format!("layer {l} (block {}) group {g}", layer.block);
                 if group.members.is_empty() {
@@ -234,21 +309,21 @@ impl TraceFile {
                             where_()
                         )));
                     }
-                    if start != 0 || end != s || img != first_image + k {
+                    if start != 0 || end != s || Some(img) != first_image.checked_add(k) {
                         return Err(self.invalid(format!(
                             "{}: member {k} is tokens {start}..{end} of image {img}; version 1 \
                              groups hold consecutive whole images (tokens 0..{s})",
                             where_()
                         )));
                     }
-                    if owner[img] != usize::MAX {
+                    if owner[img] != u32::MAX {
                         return Err(self.invalid(format!(
                             "{}: image {img} is already in group {}",
                             where_(),
                             owner[img]
                         )));
                     }
-                    owner[img] = g;
+                    owner[img] = g as u32;
                 }
                 let size = group.members.len();
                 match group_images {
@@ -262,9 +337,11 @@ impl TraceFile {
                     }
                     _ => {}
                 }
+                // `size` ≤ images ≤ 10^7 and `s` ≤ 2^20: the product fits, and a group of more
+                // tokens than any tensor may hold values is refused by the tensor checks.
                 self.check_group_tensors(l, g, size * s, e)?;
             }
-            if let Some(img) = owner.iter().position(|&o| o == usize::MAX) {
+            if let Some(img) = owner.iter().position(|&o| o == u32::MAX) {
                 return Err(self.invalid(format!(
                     "layer {l} (block {}) routes no group holding image {img}",
                     layer.block
@@ -272,19 +349,29 @@ impl TraceFile {
             }
             image_group.push(owner);
         }
+        let pixels_limit = crate::model::MAX_DECODE_BYTES as usize;
         for i in 0..ni {
             if let Some(info) = self.infos.get(&image_tensor(i)) {
                 let ok = info.dtype == Dtype::U8
                     && info.shape.len() == 3
                     && info.shape[2] == 3
-                    && info.shape[0] > 0
-                    && info.shape[1] > 0;
+                    && (1..=side).contains(&info.shape[0])
+                    && (1..=side).contains(&info.shape[1]);
                 if !ok {
                     return Err(self.invalid(format!(
-                        "tensor `{}` is {:?} {:?}: images are uint8 [H, W, 3]",
+                        "tensor `{}` is {:?} {:?}: images are uint8 [H, W, 3], at most {side} \
+                         pixels a side",
                         image_tensor(i),
                         info.dtype,
                         info.shape
+                    )));
+                }
+                if info.shape[0] * info.shape[1] * 3 > pixels_limit {
+                    return Err(self.invalid(format!(
+                        "tensor `{}` of shape {:?} is beyond the limit of {} MB of pixels",
+                        image_tensor(i),
+                        info.shape,
+                        pixels_limit >> 20
                     )));
                 }
             }
@@ -305,6 +392,48 @@ impl TraceFile {
         e: usize,
     ) -> Result<(), TraceError> {
         let shape_of = |piece: &str| self.infos.get(&group_tensor(l, g, piece));
+        // Pieces that go together, before any shape is compared with its partner's.
+        for (a, b) in [
+            ("expert_index", "gates"),
+            ("dispatch", "combine"),
+            ("soft_dispatch", "soft_combine"),
+        ] {
+            match (shape_of(a).is_some(), shape_of(b).is_some()) {
+                (true, false) | (false, true) => {
+                    let (has, lacks) = if shape_of(a).is_some() {
+                        (a, b)
+                    } else {
+                        (b, a)
+                    };
+                    return Err(self.invalid(format!(
+                        "layer {l} group {g}: `{}` without `{lacks}`: {a} and {b} go together",
+                        group_tensor(l, g, has)
+                    )));
+                }
+                _ => {}
+            }
+        }
+        for piece in ["kept", "slot"] {
+            if shape_of(piece).is_some() && shape_of("expert_index").is_none() {
+                return Err(self.invalid(format!(
+                    "layer {l} group {g}: `{}` without `expert_index`: {piece} describes the picks",
+                    group_tensor(l, g, piece)
+                )));
+            }
+        }
+        for piece in super::format::PIECES {
+            if let Some(info) = shape_of(piece) {
+                let values = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+                if values.is_none_or(|v| v > MAX_GROUP_VALUES) {
+                    return Err(self.invalid(format!(
+                        "tensor `{}` of shape {:?} is beyond the limit of {MAX_GROUP_VALUES} \
+                         values per tensor of a group",
+                        group_tensor(l, g, piece),
+                        info.shape
+                    )));
+                }
+            }
+        }
         let want = |piece: &str, dtypes: &[Dtype], shape: &dyn Fn(&[usize]) -> bool, text: &str| {
             match shape_of(piece) {
                 None => Ok(false),
@@ -323,7 +452,6 @@ impl TraceFile {
         let ne = |s: &[usize]| s == [n, e];
         let logits = want("logits", &float, &ne, &format!("float [{n}, {e}]"))?;
         let probs = want("probs", &float, &ne, &format!("float [{n}, {e}]"))?;
-        let k = shape_of("expert_index").map(|i| i.shape.get(1).copied().unwrap_or(0));
         let nk = |s: &[usize]| s.len() == 2 && s[0] == n && (1..=e).contains(&s[1]);
         let picks = want(
             "expert_index",
@@ -331,9 +459,10 @@ impl TraceFile {
             &nk,
             &format!("int32/int64 [{n}, k ≤ {e}]"),
         )?;
-        let same_k = |s: &[usize]| Some(s.get(1).copied().unwrap_or(0)) == k && s[0] == n;
+        let k = shape_of("expert_index").map(|i| i.shape[1]);
+        let same_k = |s: &[usize]| s.len() == 2 && Some(s[1]) == k && s[0] == n;
         let kk = k.unwrap_or(0);
-        let gates = want(
+        want(
             "gates",
             &float,
             &same_k,
@@ -346,11 +475,6 @@ impl TraceFile {
             &format!("bool [{n}, {kk}]"),
         )?;
         want("slot", &ints, &same_k, &format!("int32/int64 [{n}, {kk}]"))?;
-        if picks != gates {
-            return Err(self.invalid(format!(
-                "layer {l} group {g}: expert_index and gates go together (one is missing)"
-            )));
-        }
         let nec = |s: &[usize]| s.len() == 3 && s[0] == n && s[1] == e && s[2] > 0;
         let dense = want(
             "dispatch",
@@ -358,7 +482,7 @@ impl TraceFile {
             &nec,
             &format!("float [{n}, {e}, capacity]"),
         )?;
-        let comb = want(
+        want(
             "combine",
             &float,
             &nec,
@@ -370,22 +494,12 @@ impl TraceFile {
             &nec,
             &format!("float [{n}, {e}, slots]"),
         )?;
-        let soft_c = want(
+        want(
             "soft_combine",
             &float,
             &nec,
             &format!("float [{n}, {e}, slots]"),
         )?;
-        for (a, b, what) in [
-            (dense, comb, "dispatch and combine"),
-            (soft_d, soft_c, "soft_dispatch and soft_combine"),
-        ] {
-            if a != b {
-                return Err(self.invalid(format!(
-                    "layer {l} group {g}: {what} go together (one is missing)"
-                )));
-            }
-        }
         for pair in [["dispatch", "combine"], ["soft_dispatch", "soft_combine"]] {
             if let (Some(a), Some(b)) = (shape_of(pair[0]), shape_of(pair[1]))
                 && a.shape != b.shape
@@ -405,17 +519,27 @@ impl TraceFile {
         Ok(())
     }
 
-    /// The router of each layer: as logged, else inferred from what was logged.
+    /// Tokens per image.
+    fn tokens_per_image(&self) -> usize {
+        let first = &self.meta.images[0];
+        first.grid[0] * first.grid[1] + usize::from(first.cls_token)
+    }
+
+    /// The router of each layer: as logged, else inferred from what was logged. The logged
+    /// numbers are bounded by the group they describe: `k` by the experts, a capacity by the
+    /// group's requests (slots beyond them can never be filled), a capacity factor finite and
+    /// positive.
     fn infer_routers(&mut self) -> Result<(), TraceError> {
+        let e = self.meta.num_experts;
+        let n = self.group_images * self.tokens_per_image();
         let mut routers = Vec::new();
         let mut known = Vec::new();
         for (l, layer) in self.meta.layers.iter().enumerate() {
+            let at = |m: String| self.invalid(format!("layer {l} (block {}): {m}", layer.block));
             let has = |piece: &str| self.infos.contains_key(&group_tensor(l, 0, piece));
             let logged = layer.router.clone().unwrap_or_default();
             let kind = match &logged.kind {
-                Some(k) => k
-                    .parse::<RouterKind>()
-                    .map_err(|e| self.invalid(format!("layer {l} (block {}): {e}", layer.block)))?,
+                Some(k) => k.parse::<RouterKind>().map_err(at)?,
                 None if has("soft_dispatch") => RouterKind::SoftMoe,
                 None => RouterKind::SoftmaxTokenChoice,
             };
@@ -425,11 +549,39 @@ impl TraceFile {
                 .infos
                 .get(&group_tensor(l, 0, "expert_index"))
                 .map(|i| i.shape[1]);
+            if let Some(k) = logged.k {
+                if !(1..=e).contains(&k) {
+                    return Err(at(format!("router `k` is {k} for {e} experts")));
+                }
+                if picks_k.is_some_and(|p| p != k) && kind.family() == RouterFamily::TokenChoice {
+                    return Err(at(format!(
+                        "router `k` is {k} but `expert_index` holds {} picks per token",
+                        picks_k.unwrap_or(0)
+                    )));
+                }
+            }
             if let Some(k) = logged.k.or(picks_k) {
                 cfg.k = k;
             }
             if let Some(b) = logged.batch_priority {
                 cfg.batch_priority = b;
+            }
+            let requests = n * cfg.experts_per_token();
+            if let Some(c) = logged.capacity
+                && !(1..=requests).contains(&c)
+            {
+                return Err(at(format!(
+                    "router `capacity` is {c} slots per expert: between 1 and the group's \
+                     {requests} requests ({n} tokens x k = {})",
+                    cfg.experts_per_token()
+                )));
+            }
+            if let Some(f) = logged.capacity_factor
+                && !(f.is_finite() && f > 0.0)
+            {
+                return Err(at(format!(
+                    "router `capacity_factor` is {f}: a positive finite number"
+                )));
             }
             cfg.capacity = match (logged.capacity, logged.capacity_factor) {
                 (Some(c), _) => CapacitySpec::Slots(c),
@@ -443,7 +595,7 @@ impl TraceFile {
                         (Some(c), _) => CapacitySpec::Slots(c),
                         // Picks without a capacity: the fullest expert of any group, so that
                         // every group shows the same (smallest consistent) capacity.
-                        (None, Some(_)) => CapacitySpec::Slots(self.fullest_expert(l)?),
+                        (None, Some(k)) => CapacitySpec::Slots(self.fullest_expert(l, n * k)?),
                         (None, None) => cfg.capacity,
                     }
                 }
@@ -464,8 +616,8 @@ impl TraceFile {
     }
 
     /// The most picks any expert kept in any group of layer `l` (from `slot`, `kept` or all
-    /// picks), read from the index tensors alone.
-    fn fullest_expert(&self, l: usize) -> Result<usize, TraceError> {
+    /// picks), read from the index tensors alone; a slot must lie below the group's `requests`.
+    fn fullest_expert(&self, l: usize, requests: usize) -> Result<usize, TraceError> {
         let e = self.meta.num_experts;
         let mut most = 1;
         for g in 0..self.meta.layers[l].groups.len() {
@@ -474,7 +626,19 @@ impl TraceFile {
                 continue;
             };
             if let Some(slots) = self.ints(&name("slot"))? {
-                most = most.max(slots.iter().map(|&s| s + 1).max().unwrap_or(1).max(1) as usize);
+                for (at, &s) in slots.iter().enumerate() {
+                    if s < -1 || s >= requests as i64 {
+                        let k = self.infos[&name("slot")].shape[1].max(1);
+                        return Err(self.invalid(format!(
+                            "tensor `{}` has {s} at [{}, {}]: a slot is -1 (dropped) or below the \
+                             group's {requests} requests",
+                            name("slot"),
+                            at / k,
+                            at % k
+                        )));
+                    }
+                    most = most.max((s + 1) as usize);
+                }
                 continue;
             }
             let kept = self.bools(&name("kept"))?;
@@ -494,12 +658,15 @@ impl TraceFile {
     fn build_config(&self) -> ModelConfig {
         let first = &self.meta.images[0];
         let [gh, gw] = first.grid;
+        // Without a logged patch size: the image's pixels over the grid, else 16 pixels (fewer
+        // where the grid is so fine that the image would pass its size limit).
+        let side = crate::model::MAX_IMAGE_SIDE as usize;
         let patch = self.meta.patch_size.unwrap_or_else(|| {
             self.infos
                 .get(&image_tensor(0))
                 .map(|i| [i.shape[0] / gh, i.shape[1] / gw])
                 .filter(|&[a, b]| a > 0 && b > 0)
-                .unwrap_or([16, 16])
+                .unwrap_or([(side / gh).clamp(1, 16), (side / gw).clamp(1, 16)])
         });
         let blocks: Vec<usize> = self.meta.layers.iter().map(|l| l.block).collect();
         ModelConfig {
@@ -588,7 +755,7 @@ impl TraceFile {
 
     /// The group of layer `l` that holds image `i`.
     pub fn group_of(&self, l: usize, i: usize) -> usize {
-        self.image_group[l][i]
+        self.image_group[l][i] as usize
     }
 
     /// Whether every group of layer `l` logged router logits or probabilities (what a what-if
@@ -609,13 +776,21 @@ impl TraceFile {
             .collect()
     }
 
-    /// Tensor `name`'s info and bytes, read from the file; `None` when the trace lacks it.
-    fn tensor(&self, name: &str) -> Result<Option<(&TensorInfo, Vec<u8>)>, TraceError> {
+    /// Tensor `name` decoded `width` bytes per value by `decode`, read in pieces of at most
+    /// [`READ_PIECE`] bytes straight into the values (a tensor is never held twice); `None`
+    /// when the trace lacks it.
+    fn read_values<T>(
+        &self,
+        name: &str,
+        width: usize,
+        decode: impl Fn(&[u8]) -> T,
+    ) -> Result<Option<(&TensorInfo, Vec<T>)>, TraceError> {
         let Some(info) = self.infos.get(name) else {
             return Ok(None);
         };
         let (a, b) = info.data_offsets;
-        let mut bytes = vec![0u8; b - a];
+        let total = b - a;
+        let mut values = Vec::with_capacity(total / width.max(1));
         let io = |err| TraceError::Io {
             path: self.path.clone(),
             err,
@@ -624,31 +799,37 @@ impl TraceFile {
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         file.seek(SeekFrom::Start(self.data_start + a as u64))
             .map_err(io)?;
-        file.read_exact(&mut bytes).map_err(|e| {
-            self.invalid(format!(
-                "tensor `{name}` cannot be read ({e}): was the file changed or cut short?"
-            ))
-        })?;
-        Ok(Some((info, bytes)))
+        let piece = READ_PIECE / width.max(1) * width.max(1);
+        let mut buf = vec![0u8; piece.min(total)];
+        let mut left = total;
+        while left > 0 {
+            let take = left.min(buf.len());
+            file.read_exact(&mut buf[..take]).map_err(|e| {
+                self.invalid(format!(
+                    "tensor `{name}` cannot be read ({e}): was the file changed or cut short?"
+                ))
+            })?;
+            values.extend(buf[..take].chunks_exact(width.max(1)).map(&decode));
+            left -= take;
+        }
+        Ok(Some((info, values)))
     }
 
     fn floats(&self, name: &str) -> Result<Option<Vec<f32>>, TraceError> {
-        let Some((info, bytes)) = self.tensor(name)? else {
+        let Some(dtype) = self.infos.get(name).map(|i| i.dtype) else {
             return Ok(None);
         };
-        let data: Vec<f32> = match info.dtype {
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            _ => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
+        let read = match dtype {
+            Dtype::F16 => {
+                self.read_values(name, 2, |b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            }
+            Dtype::BF16 => self.read_values(name, 2, |b| {
+                half::bf16::from_le_bytes([b[0], b[1]]).to_f32()
+            }),
+            _ => self.read_values(name, 4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        }?;
+        let Some((info, data)) = read else {
+            return Ok(None);
         };
         if let Some(at) = data.iter().position(|v| !v.is_finite()) {
             let cols = info.shape.iter().skip(1).product::<usize>().max(1);
@@ -663,25 +844,22 @@ impl TraceFile {
     }
 
     fn ints(&self, name: &str) -> Result<Option<Vec<i64>>, TraceError> {
-        let Some((info, bytes)) = self.tensor(name)? else {
+        let Some(dtype) = self.infos.get(name).map(|i| i.dtype) else {
             return Ok(None);
         };
-        Ok(Some(match info.dtype {
-            Dtype::I32 => bytes
-                .chunks_exact(4)
-                .map(|b| i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])))
-                .collect(),
-            _ => bytes
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
-                .collect(),
-        }))
+        let read = match dtype {
+            Dtype::I32 => self.read_values(name, 4, |b| {
+                i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            }),
+            _ => self.read_values(name, 8, |b| {
+                i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+            }),
+        }?;
+        Ok(read.map(|(_, v)| v))
     }
 
     fn bools(&self, name: &str) -> Result<Option<Vec<bool>>, TraceError> {
-        Ok(self
-            .tensor(name)?
-            .map(|(_, bytes)| bytes.iter().map(|&b| b != 0).collect()))
+        Ok(self.read_values(name, 1, |b| b[0] != 0)?.map(|(_, v)| v))
     }
 
     fn logits_of(&self, l: usize, g: usize) -> Result<Pieces, TraceError> {
@@ -841,7 +1019,7 @@ impl TraceFile {
     /// trace's folder).
     pub fn image(&self, i: usize) -> Result<image::DynamicImage, TraceError> {
         let name = image_tensor(i);
-        if let Some((info, bytes)) = self.tensor(&name)? {
+        if let Some((info, bytes)) = self.read_values(&name, 1, |b| b[0])? {
             let (h, w) = (info.shape[0] as u32, info.shape[1] as u32);
             return image::RgbImage::from_raw(w, h, bytes)
                 .map(image::DynamicImage::ImageRgb8)

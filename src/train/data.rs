@@ -132,13 +132,18 @@ fn read_idx_within(
     limit: u64,
 ) -> Result<(Vec<usize>, Vec<u8>), TrainError> {
     let err = |what: String| TrainError::Data(format!("{}: {what}", path.display()));
-    crate::tensor_io::check_regular_file(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let file = crate::files::open_regular(path).map_err(|e| err(format!("cannot read: {e}")))?;
     let too_big = |n: String| err(format!("{n} is beyond the IDX limit of {} MB", limit >> 20));
-    let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     if len > limit {
         return Err(too_big(format!("{len} bytes")));
     }
-    let raw = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let mut raw = Vec::with_capacity(len as usize);
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, limit + 1), &mut raw)
+        .map_err(|e| err(format!("cannot read: {e}")))?;
+    if raw.len() as u64 > limit {
+        return Err(too_big(format!("{} bytes", raw.len())));
+    }
     let header = 4 + 4 * rank;
     let mut bytes = if raw.starts_with(&[0x1f, 0x8b]) {
         // A small gzip can expand to gigabytes: the header is decompressed first, and the data
