@@ -16,6 +16,9 @@ pub enum TensorIoError {
     Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: not a valid safetensors file ({reason})")]
     Format { path: PathBuf, reason: String },
+    /// A file of another tensor format (a PyTorch checkpoint) that is not valid.
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
     #[error("{path}: cannot write ({reason})")]
     Write { path: PathBuf, reason: String },
     #[error("{path}: missing tensor `{name}` ({expected})")]
@@ -252,7 +255,7 @@ impl TensorFile {
     }
 }
 
-fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
+pub(crate) fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
     let mut index = vec![0; shape.len()];
     for (slot, &dim) in index.iter_mut().zip(shape).rev() {
         if dim > 0 {

@@ -57,8 +57,18 @@ fn sized(side: usize) -> TimmOptions {
 /// Imports fixture `name`, runs it on the reference input (`{tag}pixels`) and compares with the
 /// source framework's outputs (`{tag}features`, `{tag}logits`).
 fn matches_reference(name: &str, tag: &str, import: impl Fn(&Path) -> Imported) -> ModelConfig {
+    matches_reference_of(name, &fixture(name).join("model.safetensors"), tag, import)
+}
+
+/// As [`matches_reference`], importing `checkpoint` (the same weights in another file).
+fn matches_reference_of(
+    name: &str,
+    checkpoint: &Path,
+    tag: &str,
+    import: impl Fn(&Path) -> Imported,
+) -> ModelConfig {
     let dir = fixture(name);
-    let (cfg, weights) = import(&dir.join("model.safetensors")).expect("the checkpoint imports");
+    let (cfg, weights) = import(checkpoint).expect("the checkpoint imports");
     let reference = TensorFile::open(&dir.join("reference.safetensors")).expect("reference");
     let names = reference.names().expect("names");
     let pixels = {
@@ -257,6 +267,98 @@ fn import_error(path: &Path, heads: Option<usize>) -> String {
         Ok(_) => panic!("{} imported", path.display()),
         Err(e) => e.to_string(),
     }
+}
+
+/// PyTorch checkpoints (`torch.save`'s zip format) written by timm and transformers from the
+/// safetensors fixtures' weights (`scripts/make_pytorch_references.py`) import as those do.
+#[test]
+fn pytorch_checkpoints_import_and_match_their_frameworks() {
+    let pt = |p: &str| fixture("pt").join(p);
+    // timm's save_for_hf(safe_serialization=False): pytorch_model.bin + config.json.
+    matches_reference_of("timm-vit", &pt("timm-vit/pytorch_model.bin"), "", |p| {
+        import_timm(p, &TimmOptions::default())
+    });
+    // torch.save(model.state_dict(), "vit.pth") with nothing beside it.
+    let e = import_error(&pt("timm-dinov2-reg/vit.pth"), None);
+    assert!(e.contains("give --heads"), "{e}");
+    matches_reference_of("timm-dinov2-reg", &pt("timm-dinov2-reg/vit.pth"), "", |p| {
+        import_timm(
+            p,
+            &TimmOptions {
+                heads: Some(4),
+                ..TimmOptions::default()
+            },
+        )
+    });
+    // A training checkpoint: the state dict under "model", beside an optimizer's state.
+    matches_reference_of(
+        "timm-deit-distilled",
+        &pt("timm-deit-distilled/checkpoint.pth.tar"),
+        "",
+        |p| import_timm(p, &TimmOptions::default()),
+    );
+    // transformers' save_pretrained(safe_serialization=False).
+    matches_reference_of("hf-vit", &pt("hf-vit/pytorch_model.bin"), "", |p| {
+        import_hf(p, &HfOptions::default())
+    });
+    matches_reference_of("hf-dinov2", &pt("hf-dinov2/pytorch_model.bin"), "", |p| {
+        import_hf(p, &HfOptions::default())
+    });
+    // Told apart from an .npz (both are zip archives) whatever the name.
+    use routerscope::import::Format;
+    assert_eq!(
+        Format::detect(&pt("hf-vit/pytorch_model.bin")),
+        Ok(Format::HuggingFace)
+    );
+    assert_eq!(
+        Format::detect(&pt("timm-deit-distilled/checkpoint.pth.tar")),
+        Ok(Format::Timm)
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let renamed = dir.path().join("weights.npz");
+    std::fs::copy(pt("timm-vit/pytorch_model.bin"), &renamed).expect("copy");
+    assert_eq!(Format::detect(&renamed), Ok(Format::Timm));
+}
+
+/// A pickle that holds anything but tensors and plain containers is refused by name without
+/// being run; a ResNet is not a ViT; the format before PyTorch 1.6 is named.
+#[test]
+fn pickles_with_code_or_other_models_are_refused_unrun() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let hostile = fixture("pt/hostile");
+    let import = |name: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_routerscope"))
+            .current_dir(dir.path())
+            .arg("import")
+            .arg(hostile.join(name))
+            .arg("--out")
+            .arg(dir.path().join("out.safetensors"))
+            .output()
+            .expect("runs");
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(1), "{name}: {err}");
+        assert!(err.contains(name) && !err.contains("panicked"), "{err}");
+        assert!(!dir.path().join("out.safetensors").exists());
+        err
+    };
+    let e = import("custom-class.pth");
+    assert!(e.contains("`__main__.Net`") && e.contains("refused"), "{e}");
+    let e = import("os-system.pth");
+    assert!(
+        e.contains("`posix.system`") && e.contains("never run"),
+        "{e}"
+    );
+    assert!(
+        !dir.path().join("routerscope-pwned").exists(),
+        "the pickled os.system ran"
+    );
+    let e = import("resnet.pth");
+    assert!(e.contains("not a ViT") && e.contains("bn1.bias"), "{e}");
+    let e = import("legacy.pth");
+    assert!(e.contains("before PyTorch 1.6"), "{e}");
+    // Through the importer directly (the same message).
+    let e = import_error(&hostile.join("os-system.pth"), None);
+    assert!(e.contains("`posix.system`"), "{e}");
 }
 
 #[test]

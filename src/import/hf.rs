@@ -15,7 +15,7 @@ use crate::model::{
     Classifier, Gelu, ModelConfig, ModelError, ModelWeights, Normalization, PrefixTokens,
     block_prefix, check_tensors,
 };
-use crate::tensor_io::{F32Tensor, TensorFile};
+use crate::tensor_io::F32Tensor;
 
 /// Hugging Face's options: heads (else `config.json`'s `num_attention_heads`), mean and std
 /// (else `preprocessor_config.json`'s, else the family's processor defaults).
@@ -44,7 +44,7 @@ pub fn hf_root(names: &[String]) -> Option<String> {
 
 /// Reads the Hugging Face checkpoint at `path` with the JSON configs beside it.
 pub fn import_hf(path: &Path, opts: &HfOptions) -> Result<(ModelConfig, ModelWeights), ModelError> {
-    let file = TensorFile::open(path)?;
+    let file = super::WeightsFile::open(path)?;
     let names = file.names()?;
     let root = hf_root(&names).ok_or_else(|| {
         err(

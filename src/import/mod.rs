@@ -1,5 +1,7 @@
 //! Importers of pretrained ViTs from other frameworks into routerscope checkpoints, one file per
-//! format: timm state dicts ([`timm`]) and Hugging Face checkpoints ([`hf`]) in safetensors, dense
+//! format: timm state dicts ([`timm`]) and Hugging Face checkpoints ([`hf`]) in safetensors or
+//! in PyTorch's own zip format ([`pytorch`], its pickles read by [`pickle`] without running
+//! code), dense
 //! Flax ViTs as `.npz` ([`big_vision`]: big_vision, the original ViT, vmoe), and ONNX graphs from
 //! any exporter ([`onnx`], its protobuf messages in [`onnx_proto`]), and vmoe's msgpack
 //! V-MoE checkpoints ([`vmoe`], the format itself in [`vmoe_format`]); the position-embedding
@@ -10,6 +12,8 @@ pub mod big_vision;
 pub mod hf;
 pub mod onnx;
 pub mod onnx_proto;
+pub mod pickle;
+pub mod pytorch;
 pub mod resample;
 pub mod timm;
 pub mod vmoe;
@@ -24,7 +28,40 @@ pub use vmoe::load_vmoe;
 use crate::model::{
     Classifier, Gelu, ModelConfig, ModelError, ModelWeights, PrefixTokens, load_checkpoint,
 };
-use crate::tensor_io::F32Tensor;
+use crate::tensor_io::{F32Tensor, TensorFile, TensorIoError};
+
+/// A file of named tensors a state-dict importer reads: safetensors, or a PyTorch checkpoint
+/// (`torch.save`'s zip format, told apart by its contents, whatever its name).
+pub enum WeightsFile {
+    Safetensors(TensorFile),
+    PyTorch(pytorch::TorchFile),
+}
+
+impl WeightsFile {
+    pub fn open(path: &Path) -> Result<Self, TensorIoError> {
+        if pytorch::is_torch_zip(path) {
+            pytorch::TorchFile::open(path).map(Self::PyTorch)
+        } else {
+            TensorFile::open(path).map(Self::Safetensors)
+        }
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> Result<Vec<String>, TensorIoError> {
+        match self {
+            Self::Safetensors(f) => f.names(),
+            Self::PyTorch(f) => Ok(f.names()),
+        }
+    }
+
+    /// Tensor `name` as f32, every value finite (`expected` describes it when it is missing).
+    pub fn float(&self, name: &str, expected: &str) -> Result<F32Tensor, TensorIoError> {
+        match self {
+            Self::Safetensors(f) => f.float(name, expected),
+            Self::PyTorch(f) => f.float(name, expected),
+        }
+    }
+}
 
 /// Whether `path` names a vmoe checkpoint (its `.index` file) rather than safetensors.
 pub fn is_vmoe_checkpoint(path: &Path) -> bool {
@@ -189,10 +226,12 @@ pub enum Format {
 }
 
 impl Format {
-    /// The format of `path`, from its contents (whatever its name): a zip archive is a Flax
-    /// `.npz`, a safetensors file is told apart by its tensor names, and a protobuf starting
-    /// with ModelProto's `ir_version` field is ONNX; the extension decides only for a file whose
-    /// first bytes say nothing, so that the format's own reader reports what is wrong with it.
+    /// The format of `path`, from its contents (whatever its name): a zip archive holding a
+    /// `data.pkl` is a PyTorch checkpoint and any other zip a Flax `.npz`; a safetensors file or
+    /// a PyTorch checkpoint is told apart by its tensor names (timm's or Hugging Face's); a
+    /// protobuf starting with ModelProto's `ir_version` field is ONNX; the extension decides
+    /// only for a file whose first bytes say nothing, so that the format's own reader reports
+    /// what is wrong with it.
     pub fn detect(path: &Path) -> Result<Self, String> {
         use std::io::Read;
         let mut head = Vec::with_capacity(16);
@@ -203,14 +242,23 @@ impl Format {
             .read_to_end(&mut head)
             .map_err(|e| format!("{}: {e}", path.display()))?;
         let ext = |e: &str| path.extension().is_some_and(|x| x.eq_ignore_ascii_case(e));
-        if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
+        let zip = head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06");
+        if zip && !pytorch::is_torch_zip(path) {
             return Ok(Format::BigVision);
+        }
+        // torch.save's format before 1.6: a pickled magic number, then pickles and raw storages.
+        if head.starts_with(&[0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20]) {
+            return Err(format!(
+                "{}: a PyTorch checkpoint in the format before PyTorch 1.6: re-save it with a \
+                 current torch.save (the zip format is read)",
+                path.display()
+            ));
         }
         // safetensors: an 8-byte little-endian header length, then the JSON header.
         let safetensors = head.len() >= 9
             && head[8] == b'{'
             && u64::from_le_bytes(head[..8].try_into().unwrap_or([0; 8])) < len;
-        if !safetensors {
+        if !safetensors && !zip {
             // ModelProto field 1 (`ir_version`, varint): tag byte 0x08; every exporter writes
             // it first.
             if head.first() == Some(&0x08) || ext("onnx") {
@@ -222,13 +270,14 @@ impl Format {
             if !ext("safetensors") {
                 return Err(format!(
                     "{}: not a format `routerscope import` reads (a timm or Hugging Face ViT \
-                     in safetensors, a Flax ViT .npz, or ONNX): it starts with bytes {:02x?}",
+                     in safetensors or a PyTorch checkpoint, a Flax ViT .npz, or ONNX): it \
+                     starts with bytes {:02x?}",
                     path.display(),
                     &head[..head.len().min(8)]
                 ));
             }
         }
-        let names = crate::tensor_io::TensorFile::open(path)
+        let names = WeightsFile::open(path)
             .and_then(|f| f.names())
             .map_err(|e| e.to_string())?;
         if timm::is_timm_state_dict(&names) {
@@ -238,8 +287,9 @@ impl Format {
             return Ok(Format::HuggingFace);
         }
         Err(format!(
-            "{}: not a format `routerscope import` reads (a timm or Hugging Face ViT in \
-             safetensors, a Flax ViT .npz, or ONNX); its tensors start {}",
+            "{}: not a ViT `routerscope import` reads (a timm or Hugging Face ViT state dict in \
+             safetensors or a PyTorch checkpoint, a Flax ViT .npz, or ONNX); its tensors start \
+             {}",
             path.display(),
             names.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
         ))

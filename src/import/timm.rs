@@ -15,7 +15,7 @@ use crate::model::{
     Classifier, Gelu, ModelConfig, ModelError, ModelWeights, Normalization, PrefixTokens,
     block_prefix, check_tensors,
 };
-use crate::tensor_io::{F32Tensor, TensorFile};
+use crate::tensor_io::F32Tensor;
 
 /// timm's options: heads (else `config.json`'s `model_args.num_heads`, else its architecture),
 /// mean and std (else `config.json`'s `pretrained_cfg`, else ImageNet's).
@@ -54,7 +54,7 @@ pub fn import_timm(
     path: &Path,
     opts: &TimmOptions,
 ) -> Result<(ModelConfig, ModelWeights), ModelError> {
-    let file = TensorFile::open(path)?;
+    let file = super::WeightsFile::open(path)?;
     let names = file.names()?;
     if !is_timm_state_dict(&names) {
         return Err(err(

@@ -121,9 +121,22 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
+/// How deep a msgpack value may nest (a vmoe parameter tree is about 6 levels; each level of
+/// maps with string keys takes two of this budget in the decoder).
+const MAX_DECODE_DEPTH: usize = 128;
+/// The deepest parameter path and the longest key of an index.
+const MAX_TREE_DEPTH: usize = 32;
+const MAX_KEY_CHARS: usize = 256;
+
 fn decode(bytes: &[u8], what: &str) -> Result<Value, String> {
     let mut cursor = bytes;
-    rmpv::decode::read_value(&mut cursor).map_err(|e| format!("{what}: {e}"))
+    rmpv::decode::read_value_with_max_depth(&mut cursor, MAX_DECODE_DEPTH).map_err(|e| {
+        if matches!(e, rmpv::decode::Error::DepthLimitExceeded) {
+            format!("{what}: nested deeper than {MAX_DECODE_DEPTH} levels")
+        } else {
+            format!("{what}: {e}")
+        }
+    })
 }
 
 fn as_usize(v: &Value, what: &str) -> Result<usize, String> {
@@ -192,8 +205,7 @@ fn parse_slicend(
 pub fn read_index(path: &Path) -> Result<VmoeIndex, ModelError> {
     let prefix = checkpoint_prefix(path);
     let ipath = index_path(&prefix);
-    crate::tensor_io::check_regular_file(&ipath).map_err(|e| err(&ipath, e))?;
-    let bytes = std::fs::read(&ipath).map_err(|e| err(&ipath, e))?;
+    let bytes = crate::files::read_regular(&ipath, MAX_INDEX_BYTES).map_err(|e| err(&ipath, e))?;
     let root = decode(&bytes, "index").map_err(|e| err(&ipath, e))?;
     let field = |k: &str| {
         root.as_map().and_then(|m| {
@@ -237,7 +249,7 @@ pub fn read_index(path: &Path) -> Result<VmoeIndex, ModelError> {
     let shard_count = shard_count as usize;
     let tree = field("index").ok_or_else(|| err(&ipath, "missing `index` tree"))?;
     let mut leaves = Vec::new();
-    walk(tree, String::new(), &mut leaves).map_err(|e| err(&ipath, e))?;
+    walk(tree, String::new(), 0, &mut leaves).map_err(|e| err(&ipath, e))?;
     for leaf in &leaves {
         check_exact_cover(leaf).map_err(|e| err(&ipath, e))?;
         for c in &leaf.chunks {
@@ -258,6 +270,9 @@ pub fn read_index(path: &Path) -> Result<VmoeIndex, ModelError> {
         leaves,
     })
 }
+
+/// An index file at most (a released V-MoE's is under 1 MB).
+pub const MAX_INDEX_BYTES: u64 = 256 << 20;
 
 /// The most shards an index may declare.
 pub const MAX_SHARDS: u64 = 65_536;
@@ -298,8 +313,12 @@ fn check_exact_cover(leaf: &VmoeLeaf) -> Result<(), String> {
 }
 
 /// Depth-first over the tree with sorted keys (JAX's flatten order), collecting leaves.
-fn walk(v: &Value, path: String, leaves: &mut Vec<VmoeLeaf>) -> Result<(), String> {
+fn walk(v: &Value, path: String, depth: usize, leaves: &mut Vec<VmoeLeaf>) -> Result<(), String> {
     match v {
+        Value::Map(_) if depth >= MAX_TREE_DEPTH => Err(format!(
+            "index entry `{}…` nests deeper than {MAX_TREE_DEPTH} levels",
+            path.chars().take(200).collect::<String>()
+        )),
         Value::Map(entries) => {
             let mut items: Vec<(String, &Value)> = entries
                 .iter()
@@ -312,6 +331,16 @@ fn walk(v: &Value, path: String, leaves: &mut Vec<VmoeLeaf>) -> Result<(), Strin
                     ))
                 })
                 .collect::<Result<_, String>>()?;
+            if let Some((k, _)) = items
+                .iter()
+                .find(|(k, _)| k.chars().count() > MAX_KEY_CHARS)
+            {
+                return Err(format!(
+                    "a key under `{path}` is {} characters long (at most {MAX_KEY_CHARS}): `{}…`",
+                    k.chars().count(),
+                    k.chars().take(40).collect::<String>()
+                ));
+            }
             items.sort_by(|a, b| a.0.cmp(&b.0));
             for (k, child) in items {
                 let p = if path.is_empty() {
@@ -319,7 +348,7 @@ fn walk(v: &Value, path: String, leaves: &mut Vec<VmoeLeaf>) -> Result<(), Strin
                 } else {
                     format!("{path}/{k}")
                 };
-                walk(child, p, leaves)?;
+                walk(child, p, depth + 1, leaves)?;
             }
             Ok(())
         }

@@ -36,9 +36,11 @@ pub struct BaseRef {
 }
 
 impl BaseRef {
-    /// The base file beside `overlay`, checked: a plain file name, present, with the SHA-256 the
-    /// overlay recorded.
-    fn resolve(&self, overlay: &Path) -> Result<std::path::PathBuf, ModelError> {
+    /// The base file beside `overlay`, checked: a plain file name, a regular file holding a
+    /// valid safetensors header (checked before its bytes are hashed, so that a FIFO, a device
+    /// or a file whose size does not match its header is refused at once), with the SHA-256
+    /// the overlay recorded.
+    fn resolve(&self, overlay: &Path) -> Result<(std::path::PathBuf, TensorFile), ModelError> {
         let plain = !self.file.is_empty()
             && self.file != "."
             && self.file != ".."
@@ -54,6 +56,10 @@ impl BaseRef {
             .parent()
             .unwrap_or_else(|| Path::new("."))
             .join(&self.file);
+        // The error names the base file.
+        let file = TensorFile::open(&path).map_err(|e| {
+            ModelError::Config(format!("{}: needs its base model: {e}", overlay.display()))
+        })?;
         let sha = crate::tensor_io::file_sha256(&path).map_err(|e| {
             ModelError::Config(format!(
                 "{}: needs its base model {}: {e}",
@@ -70,7 +76,7 @@ impl BaseRef {
                 self.sha256
             )));
         }
-        Ok(path)
+        Ok((path, file))
     }
 }
 
@@ -276,8 +282,7 @@ pub fn load_checkpoint(path: &Path) -> Result<(ModelConfig, ModelWeights), Model
                 path.display()
             ))
         })?;
-        let base_path = base.resolve(path)?;
-        let file = TensorFile::open(&base_path)?;
+        let (base_path, file) = base.resolve(path)?;
         if file.metadata()?.contains_key(BASE_METADATA_KEY) {
             return Err(ModelError::Config(format!(
                 "{}: its base {} is itself an overlay; a base must hold every tensor",
