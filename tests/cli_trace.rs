@@ -260,7 +260,8 @@ fn fails(trace: &Trace, name: &str) -> String {
     assert!(!o.status.success(), "{name} was accepted");
     assert!(!err.contains("panicked"), "{err}");
     assert!(err.contains(path.to_str().unwrap_or_default()), "{err}");
-    assert!(!out.join("analysis.json").exists());
+    // Nothing half-written: not even the output folder.
+    assert!(!out.exists(), "{} was left behind", out.display());
     err
 }
 
@@ -368,5 +369,214 @@ fn a_truncated_trace_names_the_file_and_does_not_panic() {
             err.contains(path.to_str().unwrap_or_default()) && !err.contains("panicked"),
             "{err}"
         );
+    }
+}
+
+/// Writes a trace whose tensors are declared in the header with their data left as a hole in a
+/// sparse file (`set_len`): a file that claims gigabytes costs no disk, and only a reader that
+/// bounds the description's numbers before it allocates can refuse it quickly.
+fn write_sparse(path: &Path, meta: &Value, tensors: &[(&str, &str, Vec<usize>)]) {
+    let width = |d: &str| match d {
+        "F32" | "I32" => 4,
+        "F16" | "BF16" => 2,
+        "I64" => 8,
+        _ => 1,
+    };
+    let mut header = serde_json::Map::new();
+    header.insert(
+        "__metadata__".into(),
+        json!({"routerscope.trace": meta.to_string()}),
+    );
+    let mut offset = 0usize;
+    for (name, dtype, shape) in tensors {
+        let end = offset + shape.iter().product::<usize>() * width(dtype);
+        header.insert(
+            (*name).into(),
+            json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut text = Value::Object(header).to_string();
+    while (8 + text.len()) % 8 != 0 {
+        text.push(' ');
+    }
+    let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(text.as_bytes());
+    std::fs::write(path, &bytes).expect("write");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open");
+    f.set_len((bytes.len() + offset) as u64).expect("sparse");
+}
+
+/// Runs `analyze --trace` on the file at `path`; asserts one error naming the file, no panic
+/// and no output folder, and returns the error.
+fn fails_at(path: &Path) -> String {
+    let out = path.with_extension("out");
+    let o = run(&[
+        "analyze",
+        "--trace",
+        path.to_str().unwrap_or_default(),
+        "--out",
+        out.to_str().unwrap_or_default(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(1), "{}: {err}", path.display());
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains(path.to_str().unwrap_or_default()), "{err}");
+    assert!(!out.exists(), "{} was left behind", out.display());
+    err
+}
+
+/// Every number of a trace's description is bounded before it sizes an allocation or an index:
+/// one case per cause found by the hostile-file corpus.
+#[test]
+fn hostile_trace_numbers_are_refused_before_anything_is_sized_by_them() {
+    let check = |t: &Trace, name: &str, needles: &[&str]| {
+        let err = fails(t, name);
+        eprintln!("{name}: {}", err.trim());
+        for n in needles {
+            assert!(err.contains(n), "{name}: `{n}` not in: {err}");
+        }
+    };
+    // A label outside the classes on a later image (the first image's is fine).
+    let mut t = logits_trace(3, 3).0;
+    t.meta["images"][2]["label"] = json!(5);
+    check(&t, "later-label", &["image 2 has label 5", "2 classes"]);
+    // A label of 10^9 without a class list.
+    let mut t = logits_trace(2, 3).0;
+    t.meta.as_object_mut().map(|m| m.remove("classes"));
+    t.meta["images"][1]["label"] = json!(1_000_000_000u64);
+    check(&t, "huge-label", &["label 1000000000", "below 100000"]);
+    // Logged capacities of 10^9 and 2^62 (which overflowed experts x capacity to zero).
+    for c in [1_000_000_000u64, 1 << 62] {
+        let mut t = logits_trace(2, 3).0;
+        t.meta["layers"][0]["router"]["capacity"] = json!(c);
+        check(
+            &t,
+            "capacity",
+            &[&format!("`capacity` is {c}"), "17 requests"],
+        );
+    }
+    // A logged slot of 2^40 that would be taken as the capacity.
+    let mut t = logits_trace(2, 3).0;
+    t.meta["layers"][0]["router"] = json!({"kind": "softmax-tc"});
+    for g in 0..2 {
+        let p = |x: &str| format!("layers/0/groups/{g}/{x}");
+        let ints = |v: Vec<i64>| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>();
+        set_tensor(
+            &mut t,
+            &p("expert_index"),
+            Dtype::I64,
+            vec![TOKENS, 1],
+            ints(vec![0; TOKENS]),
+        );
+        set_tensor(
+            &mut t,
+            &p("gates"),
+            Dtype::F32,
+            vec![TOKENS, 1],
+            f32_bytes(&[0.5; TOKENS]),
+        );
+        let mut slots: Vec<i64> = (0..TOKENS as i64).collect();
+        slots[3] = 1 << 40;
+        set_tensor(&mut t, &p("slot"), Dtype::I64, vec![TOKENS, 1], ints(slots));
+    }
+    check(&t, "slot", &["layers/0/groups/0/slot", "1099511627776"]);
+    // A patch size of 0, a grid whose product overflows.
+    let mut t = logits_trace(2, 3).0;
+    t.meta["patch_size"] = json!([0, 4]);
+    check(&t, "patch", &["`patch_size` [0, 4]"]);
+    let mut t = logits_trace(2, 3).0;
+    for i in 0..2 {
+        t.meta["images"][i]["grid"] = json!([1u64 << 32, 1u64 << 32]);
+    }
+    check(&t, "grid", &["patch grid of 4294967296x4294967296"]);
+    // k beyond the experts, a capacity factor that is not a number of slots.
+    let mut t = logits_trace(2, 3).0;
+    t.meta["layers"][0]["router"]["k"] = json!(1_000_000_000u64);
+    check(&t, "k", &["router `k` is 1000000000 for 4 experts"]);
+    let mut t = logits_trace(2, 3).0;
+    t.meta["layers"][0]["router"]["capacity_factor"] = json!(-1.5);
+    check(&t, "cf", &["`capacity_factor` is -1.5"]);
+    let mut t = logits_trace(2, 3).0;
+    t.meta["layers"][0]["router"]["capacity_factor"] = json!(1e300);
+    check(&t, "cf-huge", &["capacity", "too large"]);
+    // Messages that name the entry.
+    let mut t = logits_trace(2, 3).0;
+    t.meta["num_experts"] = json!(-4);
+    check(
+        &t,
+        "experts",
+        &["`num_experts`: invalid value: integer `-4`"],
+    );
+    let mut t = logits_trace(2, 3).0;
+    t.meta["images"][1]["label"] = json!("cat");
+    check(&t, "label-type", &["`images[1].label`: invalid type"]);
+    let mut t = logits_trace(2, 3).0;
+    set_tensor(
+        &mut t,
+        "layers/0/groups/1/gates",
+        Dtype::F32,
+        vec![TOKENS, 1],
+        f32_bytes(&[0.5; TOKENS]),
+    );
+    check(
+        &t,
+        "gates",
+        &["`layers/0/groups/1/gates` without `expert_index`"],
+    );
+
+    // Tensors that claim gigabytes (sparse files): images beyond the image limits, and one
+    // group's logits within the token and expert limits but beyond a group's.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut base, _) = logits_trace(1, 3);
+    base.meta["layers"][0]["router"] = json!({"kind": "softmax-tc"});
+    let logits = ("layers/0/groups/0/logits", "F32", vec![TOKENS, EXPERTS]);
+    for (side, needle) in [
+        (20_000usize, "at most 16384 pixels a side"),
+        (16_000, "beyond the limit of 512 MB of pixels"),
+    ] {
+        let p = dir.path().join(format!("image-{side}.rstrace.safetensors"));
+        write_sparse(
+            &p,
+            &base.meta,
+            &[("images/0", "U8", vec![side, side, 3]), logits.clone()],
+        );
+        let e = fails_at(&p);
+        assert!(e.contains("images/0") && e.contains(needle), "{e}");
+    }
+    let mut m = base.meta.clone();
+    m["num_experts"] = json!(4096);
+    m["images"][0]["grid"] = json!([1024, 1023]);
+    let tokens = 1024 * 1023 + 1;
+    m["layers"][0]["groups"][0]["members"] = json!([[0, 0, tokens]]);
+    let p = dir.path().join("group.rstrace.safetensors");
+    write_sparse(
+        &p,
+        &m,
+        &[("layers/0/groups/0/logits", "F16", vec![tokens, 4096])],
+    );
+    let e = fails_at(&p);
+    assert!(
+        e.contains("layers/0/groups/0/logits") && e.contains("67108864 values"),
+        "{e}"
+    );
+}
+
+/// Files that are not regular files are refused at once, never opened so as to block.
+#[test]
+fn a_fifo_or_a_folder_given_as_a_trace_is_one_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fifo = dir.path().join("pipe.rstrace.safetensors");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap_or_default()).expect("path");
+    // SAFETY: mkfifo on a fresh path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let folder = dir.path().join("folder.rstrace.safetensors");
+    std::fs::create_dir(&folder).expect("dir");
+    for (p, what) in [(&fifo, "a FIFO"), (&folder, "a directory")] {
+        let e = fails_at(p);
+        assert!(e.contains(what), "{e}");
     }
 }

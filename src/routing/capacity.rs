@@ -74,7 +74,11 @@ pub fn compute_capacity(
         )));
     }
     if c > u32::MAX as f64 {
-        return Err(RoutingError::Capacity(format!("capacity {c} is too large")));
+        return Err(RoutingError::Capacity(format!(
+            "capacity {c:e} is too large (at most {} slots per expert; capacity factor \
+             {capacity_factor:e})",
+            u32::MAX
+        )));
     }
     let mut c = c as usize;
     if multiple_of > 0 {
