@@ -1940,6 +1940,29 @@ mod tests {
         std::fs::write(dir.path().join("w.bin"), [0u8; 16]).unwrap();
         let ok = onnx_proto::decode_float(&t("w.bin", "16"), "w", dir.path()).unwrap();
         assert_eq!(ok.data, [0.0; 4]);
+        // A folder, a FIFO (whose open would wait for a writer forever) and a device as the
+        // data file: one error each, at once.
+        std::fs::create_dir(dir.path().join("d.bin")).unwrap();
+        let e = onnx_proto::decode_float(&t("d.bin", "16"), "w", dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("d.bin") && e.contains("a directory"), "{e}");
+        #[cfg(unix)]
+        {
+            let fifo = dir.path().join("f.bin");
+            let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+            // SAFETY: mkfifo on a fresh path.
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+            let e = onnx_proto::decode_float(&t("f.bin", "16"), "w", dir.path())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("f.bin") && e.contains("a FIFO"), "{e}");
+            std::os::unix::fs::symlink("/dev/zero", dir.path().join("z.bin")).unwrap();
+            let e = onnx_proto::decode_float(&t("z.bin", "16"), "w", dir.path())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("a device"), "{e}");
+        }
     }
 
     /// A graph with no LayerNorm names its ops; one with two image inputs says so.

@@ -965,3 +965,58 @@ fn write_file(
     }
     result.map_err(|e| err(path, e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An index whose tree is `tree` (raw msgpack), with a valid version and one shard.
+    fn index_with_tree(dir: &Path, tree: &[u8]) -> PathBuf {
+        let mut b = vec![0x83];
+        for (k, v) in [("version", INDEX_VERSION), ("shard_count", "")] {
+            b.push(0xa0 | k.len() as u8);
+            b.extend(k.as_bytes());
+            if v.is_empty() {
+                b.push(0x01);
+            } else {
+                b.push(0xa0 | v.len() as u8);
+                b.extend(v.as_bytes());
+            }
+        }
+        b.extend([0xa5]);
+        b.extend(b"index");
+        b.extend(tree);
+        let p = dir.join("ckpt.index");
+        std::fs::write(&p, b).unwrap();
+        p
+    }
+
+    /// A tree nested thousands of levels deep, or with a key of megabytes, is one error (it
+    /// crashed `convert` once), found without recursing through it.
+    #[test]
+    fn deep_trees_and_huge_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for depth in [40, 1000, 100_000] {
+            let mut tree = Vec::new();
+            for _ in 0..depth {
+                tree.extend([0x81, 0xa1, b'a']);
+            }
+            tree.push(0xc0);
+            let e = read_index(&index_with_tree(dir.path(), &tree))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("ckpt.index") && e.contains("deeper than"),
+                "{depth}: {e}"
+            );
+        }
+        let mut tree = vec![0x81, 0xdb];
+        tree.extend((1u32 << 20).to_be_bytes());
+        tree.extend(vec![b'k'; 1 << 20]);
+        tree.push(0xc0);
+        let e = read_index(&index_with_tree(dir.path(), &tree))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("1048576 characters long"), "{e}");
+    }
+}

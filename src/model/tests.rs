@@ -689,4 +689,29 @@ fn overlays_load_over_their_checked_base() {
         "c.safetensors",
     );
     assert!(e.contains("is itself an overlay"), "{e}");
+
+    // A base that is a FIFO (its open would block), /dev/zero (hashed forever) or a folder:
+    // refused at once, naming the overlay and the base.
+    #[cfg(unix)]
+    {
+        let sha = crate::tensor_io::file_sha256(&base).unwrap();
+        let over_named = |file: &str, name: &str| {
+            hostile(&format!(r#"{{"file": "{file}", "sha256": "{sha}"}}"#), name)
+        };
+        let fifo = dir.path().join("fifo.safetensors");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo on a fresh path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = over_named("fifo.safetensors", "d.safetensors");
+        assert!(e.contains("d.safetensors") && e.contains("a FIFO"), "{e}");
+        std::os::unix::fs::symlink("/dev/zero", dir.path().join("zero.safetensors")).unwrap();
+        let e = over_named("zero.safetensors", "e.safetensors");
+        assert!(
+            e.contains("zero.safetensors") && e.contains("a device"),
+            "{e}"
+        );
+        std::fs::create_dir(dir.path().join("dir.safetensors")).unwrap();
+        let e = over_named("dir.safetensors", "f.safetensors");
+        assert!(e.contains("a directory"), "{e}");
+    }
 }
