@@ -2,10 +2,19 @@
 //! valid files (bit flips, byte overwrites, truncations, insertions, splices of the hostile seed
 //! corpus in `tests/fuzz-corpus/`) and every parser must answer with a value or an error, never a
 //! panic, within its bounds. Covered: the safetensors checkpoint reader (header, config JSON,
-//! tensors), the vmoe index and shard reader, routing traces (file and description), the IDX
-//! reader (raw and gzip), image decoding, the ONNX importer, and the routers on hostile
-//! configurations (capacity paddings, k, capacity factors, iterations). Cases per parser: `ROUTERSCOPE_FUZZ_CASES` (default 2000); CI runs the
-//! default; each seed file of the corpus is also a regression test on its own.
+//! tensors) and overlay checkpoints (the overlay and its base), the vmoe index and shard reader,
+//! routing traces (the file's bytes, and structure-aware: the description's numbers and the
+//! tensors' shapes and dtypes), the IDX reader (raw and gzip), image decoding, every import
+//! format (timm and Hugging Face safetensors with their config.json, PyTorch checkpoints as
+//! whole archives and as their pickles, Flax `.npz`, ONNX with its external data file), and the
+//! routers on hostile configurations (capacity paddings, k, capacity factors, iterations).
+//!
+//! "Within its bounds" is enforced: this binary's allocator refuses any single allocation over
+//! 1 GiB (the process aborts with "memory allocation of N bytes failed"), so a number from a
+//! file that sizes a buffer before it is checked fails the run even where the system would
+//! overcommit it. Cases per parser: `ROUTERSCOPE_FUZZ_CASES` (default 2000; the whole-model
+//! importers run a quarter of that); CI runs the default; each seed file of the corpus is also a
+//! regression test on its own.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +25,44 @@ use routerscope::model::{
     ModelConfig, decode_image_bytes, load_checkpoint, preset, random_weights, save_checkpoint,
 };
 use routerscope::routing::{CapacitySpec, Mode, RouterConfig, RouterKind, route_logits};
+
+/// The system allocator, refusing single allocations beyond [`ALLOCATION_LIMIT`].
+struct BoundedAllocator;
+
+const ALLOCATION_LIMIT: usize = 1 << 30;
+
+// SAFETY: every call is forwarded to the system allocator unchanged, or answered with null (an
+// allocation failure, which callers handle or turn into an abort).
+unsafe impl std::alloc::GlobalAlloc for BoundedAllocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if layout.size() > ALLOCATION_LIMIT {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: forwarded with the caller's layout.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if layout.size() > ALLOCATION_LIMIT {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: forwarded with the caller's layout.
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        if new > ALLOCATION_LIMIT {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: forwarded unchanged.
+        unsafe { std::alloc::System.realloc(ptr, layout, new) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: forwarded unchanged.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: BoundedAllocator = BoundedAllocator;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -104,12 +151,17 @@ fn apply(seed: &[u8], edits: &[Edit], corpus: &[Vec<u8>]) -> Vec<u8> {
 
 /// Runs `check` on `cases()` mutations of each seed (and on every corpus file as it is).
 fn fuzz(name: &str, seeds: &[Vec<u8>], check: impl Fn(&[u8])) {
+    fuzz_n(name, cases(), seeds, check)
+}
+
+/// [`fuzz`] with `n` cases.
+fn fuzz_n(name: &str, n: u32, seeds: &[Vec<u8>], check: impl Fn(&[u8])) {
     let corpus = corpus();
     for c in &corpus {
         check(c);
     }
     let mut runner = TestRunner::new(Config {
-        cases: cases(),
+        cases: n,
         failure_persistence: None,
         ..Config::default()
     });
@@ -123,7 +175,7 @@ fn fuzz(name: &str, seeds: &[Vec<u8>], check: impl Fn(&[u8])) {
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     eprintln!(
         "{name}: {} cases in {:.1} s, no panic",
-        cases() as usize + corpus.len(),
+        n as usize + corpus.len(),
         started.elapsed().as_secs_f64()
     );
 }
@@ -387,10 +439,10 @@ fn write_trace(path: &Path, tensors: &TraceTensors, meta: &str) -> bool {
 
 /// Opens a trace and reads everything a view or analysis reads: every image, the logged
 /// routing of every image, and a what-if on every image.
-fn read_whole_trace(path: &Path) {
+fn read_whole_trace(path: &Path) -> bool {
     use routerscope::model::RunOptions;
     let Ok(t) = routerscope::trace::TraceModel::open(path) else {
-        return;
+        return false;
     };
     let file = t.trace().clone();
     let own = RunOptions::from_config(file.config());
@@ -404,6 +456,13 @@ fn read_whole_trace(path: &Path) {
         let _ = t.route_ids(&ids, &own);
         let _ = t.route_ids(&ids, &what_if);
     }
+    // Every layer's logged routing, each under its own logged router.
+    for (l, layer) in file.meta().layers.iter().enumerate() {
+        for g in 0..layer.groups.len() {
+            let _ = file.logged_group(l, g);
+        }
+    }
+    true
 }
 
 #[test]
@@ -416,11 +475,441 @@ fn fuzz_traces() {
     let path = dir.path().join("case.rstrace.safetensors");
     fuzz("trace file", &[std::fs::read(&seed).unwrap()], |bytes| {
         std::fs::write(&path, bytes).unwrap();
-        read_whole_trace(&path);
+        let _ = read_whole_trace(&path);
     });
     fuzz("trace description", &[meta.into_bytes()], |bytes| {
         if write_trace(&path, &tensors, &String::from_utf8_lossy(bytes)) {
-            read_whole_trace(&path);
+            let _ = read_whole_trace(&path);
         }
     });
+}
+
+fn fixture(path: &str) -> PathBuf {
+    root().join("tests/fixtures/import").join(path)
+}
+
+/// An overlay checkpoint: the overlay's bytes and its base's bytes are each mutated; loading
+/// must answer (the base's SHA-256 then refuses most base mutations, which is the point: the
+/// overlay's own header and tensors are read first).
+#[test]
+fn fuzz_overlays() {
+    use routerscope::model::save_overlay;
+    use routerscope::tensor_io::Precision;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny();
+    let base = dir.path().join("base.safetensors");
+    save_checkpoint(&base, &cfg, &random_weights(&cfg, 1)).unwrap();
+    let mut w = random_weights(&cfg, 1);
+    for (n, t) in w.iter_mut() {
+        if n.contains("Moe") {
+            t.data.iter_mut().for_each(|v| *v += 0.5);
+        }
+    }
+    let overlay = dir.path().join("overlay.safetensors");
+    save_overlay(
+        &overlay,
+        &cfg,
+        &w,
+        Precision::F32,
+        &base,
+        &|n| n.contains("Moe"),
+        Default::default(),
+    )
+    .unwrap();
+    load_checkpoint(&overlay).expect("the seed overlay loads");
+    let (good_overlay, good_base) = (
+        std::fs::read(&overlay).unwrap(),
+        std::fs::read(&base).unwrap(),
+    );
+    fuzz("overlay", std::slice::from_ref(&good_overlay), |bytes| {
+        std::fs::write(&overlay, bytes).unwrap();
+        let _ = load_checkpoint(&overlay);
+    });
+    std::fs::write(&overlay, &good_overlay).unwrap();
+    fuzz("overlay base", &[good_base], |bytes| {
+        std::fs::write(&base, bytes).unwrap();
+        let _ = load_checkpoint(&overlay);
+    });
+}
+
+/// timm and Hugging Face state dicts in safetensors, with their config.json, and the same
+/// weights as PyTorch checkpoints (whole archives mutated, and their pickles alone).
+#[test]
+fn fuzz_state_dict_imports() {
+    use routerscope::import::WeightsOptions;
+    use routerscope::import::hf::import_hf;
+    use routerscope::import::timm::import_timm;
+    let dir = tempfile::tempdir().unwrap();
+    let opts = WeightsOptions::default();
+    let n = cases();
+    for (family, file, import) in [
+        (
+            "timm-vit",
+            "model.safetensors",
+            import_timm as fn(&Path, &WeightsOptions) -> _,
+        ),
+        ("hf-vit", "model.safetensors", import_hf),
+        ("pt/timm-vit", "pytorch_model.bin", import_timm),
+        ("pt/hf-vit", "pytorch_model.bin", import_hf),
+    ] {
+        let sub = dir.path().join(family);
+        std::fs::create_dir_all(&sub).unwrap();
+        for json in ["config.json", "preprocessor_config.json"] {
+            let src = fixture(family).join(json);
+            if src.exists() {
+                std::fs::copy(&src, sub.join(json)).unwrap();
+            }
+        }
+        let path = sub.join(file);
+        let seed = std::fs::read(fixture(family).join(file)).unwrap();
+        std::fs::write(&path, &seed).unwrap();
+        import(&path, &opts).expect("the seed imports");
+        fuzz_n(&format!("{family} {file}"), n, &[seed.clone()], |bytes| {
+            std::fs::write(&path, bytes).unwrap();
+            let _ = import(&path, &opts);
+        });
+        std::fs::write(&path, &seed).unwrap();
+        let config = sub.join("config.json");
+        let good = std::fs::read(&config).unwrap();
+        fuzz_n(
+            &format!("{family} config.json"),
+            n,
+            &[good.clone()],
+            |bytes| {
+                std::fs::write(&config, bytes).unwrap();
+                let _ = import(&path, &opts);
+            },
+        );
+        std::fs::write(&config, &good).unwrap();
+    }
+}
+
+/// The pickle of a PyTorch checkpoint mutated inside an intact archive (so the zip reader
+/// passes and the unpickler and the state-dict checks see every mutation), and the pickle
+/// reader alone on the hostile pickles' bytes.
+#[test]
+fn fuzz_pytorch_pickles() {
+    use routerscope::import::WeightsOptions;
+    use routerscope::import::timm::import_timm;
+    use std::io::{Read, Write};
+    let src = fixture("pt/timm-deit-distilled/checkpoint.pth.tar");
+    let mut zip = zip::ZipArchive::new(std::fs::File::open(&src).unwrap()).unwrap();
+    let mut entries = Vec::new();
+    for i in 0..zip.len() {
+        let mut f = zip.by_index(i).unwrap();
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).unwrap();
+        entries.push((f.name().unwrap().to_string(), bytes));
+    }
+    let pkl = entries
+        .iter()
+        .position(|(n, _)| n.ends_with("data.pkl"))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("pt/timm-deit-distilled/config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let path = dir.path().join("checkpoint.pth");
+    let write = |pickle: &[u8]| {
+        let mut z = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        for (i, (name, bytes)) in entries.iter().enumerate() {
+            z.start_file(name.as_str(), opts).unwrap();
+            z.write_all(if i == pkl { pickle } else { bytes }).unwrap();
+        }
+        z.finish().unwrap();
+    };
+    let opts = WeightsOptions::default();
+    write(&entries[pkl].1);
+    import_timm(&path, &opts).expect("the seed imports");
+    let hostile: Vec<Vec<u8>> = ["custom-class.pth", "os-system.pth", "resnet.pth"]
+        .iter()
+        .map(|n| {
+            let mut z =
+                zip::ZipArchive::new(std::fs::File::open(fixture("pt/hostile").join(n)).unwrap())
+                    .unwrap();
+            let name = z
+                .file_names()
+                .flatten()
+                .find(|f| f.ends_with("data.pkl"))
+                .unwrap()
+                .to_string();
+            let mut b = Vec::new();
+            z.by_name(&name).unwrap().read_to_end(&mut b).unwrap();
+            b
+        })
+        .collect();
+    let mut seeds = vec![entries[pkl].1.clone()];
+    seeds.extend(hostile);
+    fuzz_n("PyTorch pickle", cases(), &seeds, |bytes| {
+        write(bytes);
+        let _ = import_timm(&path, &opts);
+    });
+}
+
+/// Flax `.npz` and ONNX with its external data file (both files mutated).
+#[test]
+fn fuzz_npz_and_onnx_external_data() {
+    use routerscope::import::WeightsOptions;
+    use routerscope::import::big_vision::import_big_vision;
+    use routerscope::import::onnx::import_onnx;
+    let dir = tempfile::tempdir().unwrap();
+    let opts = WeightsOptions::default();
+    let n = cases();
+    let npz = dir.path().join("model.npz");
+    let seed = std::fs::read(fixture("bv-vit/model.npz")).unwrap();
+    fuzz_n("npz", n, &[seed], |bytes| {
+        std::fs::write(&npz, bytes).unwrap();
+        let _ = import_big_vision(&npz, &opts);
+    });
+    let onnx = dir.path().join("model.onnx");
+    let data = dir.path().join("model.onnx.data");
+    let (good_model, good_data) = (
+        std::fs::read(fixture("onnx-timm-deit-dynamo/model.onnx")).unwrap(),
+        std::fs::read(fixture("onnx-timm-deit-dynamo/model.onnx.data")).unwrap(),
+    );
+    std::fs::write(&onnx, &good_model).unwrap();
+    std::fs::write(&data, &good_data).unwrap();
+    import_onnx(&onnx, &opts).expect("the seed imports");
+    fuzz_n("ONNX external data", n, &[good_data], |bytes| {
+        std::fs::write(&data, bytes).unwrap();
+        let _ = import_onnx(&onnx, &opts);
+    });
+}
+
+/// Numbers a hostile description uses: bounds, one past them, overflows, signs, floats.
+const HOSTILE_NUMBERS: [&str; 24] = [
+    "0",
+    "1",
+    "-1",
+    "-4",
+    "2",
+    "3",
+    "255",
+    "4096",
+    "4097",
+    "16384",
+    "16385",
+    "65536",
+    "1048576",
+    "2147483648",
+    "4294967296",
+    "1000000000",
+    "1099511627776",
+    "4611686018427387904",
+    "9223372036854775807",
+    "18446744073709551615",
+    "0.5",
+    "1e300",
+    "-1e300",
+    "1.5",
+];
+
+/// Every path to a number in `v` (as JSON pointers), and the places a hostile description
+/// adds one (labels, patch sizes, router settings).
+fn number_pointers(v: &serde_json::Value, at: String, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Number(_) => out.push(at),
+        serde_json::Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                number_pointers(x, format!("{at}/{i}"), out);
+            }
+        }
+        serde_json::Value::Object(o) => {
+            for (k, x) in o {
+                number_pointers(x, format!("{at}/{k}"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Sets the JSON at `pointer` (creating objects and padding arrays on the way) to `value`.
+fn set_pointer(v: &mut serde_json::Value, pointer: &str, value: serde_json::Value) {
+    let mut cur = v;
+    for part in pointer.split('/').skip(1) {
+        cur = match cur {
+            serde_json::Value::Array(a) => {
+                let i: usize = part.parse().unwrap_or(0).min(a.len());
+                if i == a.len() {
+                    a.push(serde_json::Value::Null);
+                }
+                &mut a[i]
+            }
+            other => {
+                if !other.is_object() {
+                    *other = serde_json::json!({});
+                }
+                other
+                    .as_object_mut()
+                    .map(|o| o.entry(part).or_insert(serde_json::Value::Null))
+                    .unwrap()
+            }
+        };
+    }
+    *cur = value;
+}
+
+/// A trace file written from a header of `(name, dtype, shape)` entries: each tensor's seed bytes
+/// where its declared size still matches them, else a hole of the declared size in a sparse
+/// file (so a shape claiming terabytes costs no disk); `false` when the declared sizes overflow.
+fn write_declared(
+    path: &Path,
+    meta: &str,
+    tensors: &[(String, String, Vec<u64>)],
+    seed: &TraceTensors,
+) -> bool {
+    use std::io::Write;
+    let width = |d: &str| match d {
+        "F32" | "I32" => 4u64,
+        "F16" | "BF16" => 2,
+        "I64" => 8,
+        _ => 1,
+    };
+    let mut header = serde_json::Map::new();
+    header.insert(
+        "__metadata__".into(),
+        serde_json::json!({"routerscope.trace": meta}),
+    );
+    let mut offset = 0u64;
+    let mut data: Vec<Option<&[u8]>> = Vec::new();
+    for (i, (name, dtype, shape)) in tensors.iter().enumerate() {
+        let Some(len) = shape
+            .iter()
+            .try_fold(width(dtype), |a, &d| a.checked_mul(d))
+        else {
+            return false;
+        };
+        let Some(end) = offset.checked_add(len).filter(|&e| e < 1 << 42) else {
+            return false;
+        };
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, end]}),
+        );
+        data.push(
+            seed.get(i)
+                .map(|t| t.3.as_slice())
+                .filter(|b| b.len() as u64 == len),
+        );
+        offset = end;
+    }
+    let mut text = serde_json::Value::Object(header).to_string();
+    while (8 + text.len()) % 8 != 0 {
+        text.push(' ');
+    }
+    let Ok(mut f) = std::fs::File::create(path) else {
+        return false;
+    };
+    let mut at = 8 + text.len() as u64;
+    let _ = f.write_all(&(text.len() as u64).to_le_bytes());
+    let _ = f.write_all(text.as_bytes());
+    for ((_, dtype, shape), bytes) in tensors.iter().zip(&data) {
+        let len = shape.iter().product::<u64>() * width(dtype);
+        if let Some(b) = bytes {
+            let _ = f.write_all(b);
+        } else {
+            use std::io::Seek;
+            let _ = f.seek(std::io::SeekFrom::Start(at + len));
+        }
+        at += len;
+    }
+    f.set_len(at).is_ok()
+}
+
+/// Structure-aware trace fuzzing: the description's numbers (labels, capacities, k, slots,
+/// grids, patch sizes, members, blocks, experts) set to hostile values, and the tensors' shapes
+/// and dtypes changed (their data a hole where the size no longer matches).
+#[test]
+fn fuzz_trace_numbers_and_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tensors, meta) = trace_seed();
+    let meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
+    let mut pointers = Vec::new();
+    number_pointers(&meta, String::new(), &mut pointers);
+    for extra in [
+        "/patch_size/0",
+        "/patch_size/1",
+        "/images/0/label",
+        "/images/1/label",
+        "/layers/0/router/capacity",
+        "/layers/0/router/k",
+        "/layers/0/router/capacity_factor",
+        "/layers/1/router/capacity",
+        "/layers/1/router/k",
+        "/layers/1/router/capacity_factor",
+    ] {
+        pointers.push(extra.to_string());
+    }
+    let path = dir.path().join("case.rstrace.safetensors");
+    let dtypes = ["F32", "F16", "BF16", "I32", "I64", "U8", "BOOL"];
+    let dims = [0u64, 1, 2, 3, 5, 8, 1 << 16, 1 << 20, 1 << 31, 1 << 33];
+    let mut runner = TestRunner::new(Config {
+        cases: 4 * cases(),
+        failure_persistence: None,
+        ..Config::default()
+    });
+    // Half the cases change numbers only, half shapes and dtypes only, so that each kind of
+    // mutation reaches the checks behind an intact rest of the file.
+    let numbers = prop::collection::vec((any::<usize>(), 0..HOSTILE_NUMBERS.len()), 1..3);
+    let shapes = prop::collection::vec(
+        (
+            any::<usize>(),
+            any::<usize>(),
+            0..dims.len(),
+            0..dtypes.len() + 4,
+        ),
+        1..3,
+    );
+    let strategy = prop_oneof![
+        numbers.prop_map(|n| (n, Vec::new())),
+        shapes.prop_map(|s| (Vec::new(), s)),
+    ];
+    let started = std::time::Instant::now();
+    let opened = std::cell::Cell::new(0usize);
+    runner
+        .run(&strategy, |(numbers, shapes)| {
+            let mut m = meta.clone();
+            for (p, h) in &numbers {
+                let value: serde_json::Value = serde_json::from_str(HOSTILE_NUMBERS[*h]).unwrap();
+                set_pointer(&mut m, &pointers[p % pointers.len()], value);
+            }
+            let mut declared: Vec<(String, String, Vec<u64>)> = tensors
+                .iter()
+                .map(|(n, d, s, _)| {
+                    (
+                        n.clone(),
+                        format!("{d:?}"),
+                        s.iter().map(|&x| x as u64).collect(),
+                    )
+                })
+                .collect();
+            for &(t, axis, d, dt) in &shapes {
+                let entry = &mut declared[t % tensors.len()];
+                if entry.2.is_empty() {
+                    continue;
+                }
+                let a = axis % entry.2.len();
+                entry.2[a] = dims[d];
+                // Sometimes another dtype too (indices beyond the list keep it).
+                if let Some(name) = dtypes.get(dt) {
+                    entry.1 = name.to_string();
+                }
+            }
+            if write_declared(&path, &m.to_string(), &declared, &tensors) && read_whole_trace(&path)
+            {
+                opened.set(opened.get() + 1);
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("trace numbers and shapes: {e}"));
+    eprintln!(
+        "trace numbers and shapes: {} cases in {:.1} s ({} opened and read whole), no panic",
+        4 * cases(),
+        started.elapsed().as_secs_f64(),
+        opened.get()
+    );
 }
