@@ -397,7 +397,7 @@ fn write_sparse(path: &Path, meta: &Value, tensors: &[(&str, &str, Vec<usize>)])
         offset = end;
     }
     let mut text = Value::Object(header).to_string();
-    while (8 + text.len()) % 8 != 0 {
+    while !(8 + text.len()).is_multiple_of(8) {
         text.push(' ');
     }
     let mut bytes = (text.len() as u64).to_le_bytes().to_vec();

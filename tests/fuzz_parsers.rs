@@ -564,17 +564,22 @@ fn fuzz_state_dict_imports() {
         let seed = std::fs::read(fixture(family).join(file)).unwrap();
         std::fs::write(&path, &seed).unwrap();
         import(&path, &opts).expect("the seed imports");
-        fuzz_n(&format!("{family} {file}"), n, &[seed.clone()], |bytes| {
-            std::fs::write(&path, bytes).unwrap();
-            let _ = import(&path, &opts);
-        });
+        fuzz_n(
+            &format!("{family} {file}"),
+            n,
+            std::slice::from_ref(&seed),
+            |bytes| {
+                std::fs::write(&path, bytes).unwrap();
+                let _ = import(&path, &opts);
+            },
+        );
         std::fs::write(&path, &seed).unwrap();
         let config = sub.join("config.json");
         let good = std::fs::read(&config).unwrap();
         fuzz_n(
             &format!("{family} config.json"),
             n,
-            &[good.clone()],
+            std::slice::from_ref(&good),
             |bytes| {
                 std::fs::write(&config, bytes).unwrap();
                 let _ = import(&path, &opts);
@@ -798,7 +803,7 @@ fn write_declared(
         offset = end;
     }
     let mut text = serde_json::Value::Object(header).to_string();
-    while (8 + text.len()) % 8 != 0 {
+    while !(8 + text.len()).is_multiple_of(8) {
         text.push(' ');
     }
     let Ok(mut f) = std::fs::File::create(path) else {
