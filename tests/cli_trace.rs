@@ -580,3 +580,82 @@ fn a_fifo_or_a_folder_given_as_a_trace_is_one_error() {
         assert!(e.contains(what), "{e}");
     }
 }
+
+/// Runs the command line with `args` and returns its exit status, stderr and peak resident
+/// memory in kB (from `wait4` on this child alone).
+fn run_measured(args: &[&str]) -> (i32, String, i64) {
+    use std::io::Read;
+    let mut child = Command::new(bin())
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the routerscope binary runs");
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let mut status = 0;
+    // SAFETY: wait4 on this test's own child, writing into the provided structs; std's
+    // `Child` is not waited on afterwards.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32);
+    (libc::WEXITSTATUS(status), err, usage.ru_maxrss)
+}
+
+/// The worst bad trace for memory: a description near the 100 MB limit (2 million images and a
+/// group listing each) whose last image has a label outside its classes. It is refused within
+/// bounded memory, and nothing is written.
+#[test]
+fn a_huge_bad_description_is_refused_in_bounded_memory() {
+    let n = 2_000_000usize;
+    let mut images = String::with_capacity(n * 30);
+    let mut members = String::with_capacity(n * 14);
+    for i in 0..n {
+        let label = if i == n - 1 { 7 } else { i % 2 };
+        images.push_str(&format!(r#"{{"grid":[1,1],"label":{label}}},"#));
+        members.push_str(&format!("[{i},0,1],"));
+    }
+    images.pop();
+    members.pop();
+    let meta = format!(
+        r#"{{"format":"routerscope-trace","version":1,"num_experts":2,"classes":["a","b"],"images":[{images}],"layers":[{{"block":0,"groups":[{{"members":[{members}]}}]}}]}}"#
+    );
+    drop((images, members));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("huge.rstrace.safetensors");
+    let t = Trace {
+        tensors: vec![(
+            "layers/0/groups/0/logits".into(),
+            Dtype::F32,
+            vec![n, 2],
+            vec![0; n * 8],
+        )],
+        meta: Value::Null,
+    };
+    let views = vec![(
+        t.tensors[0].0.clone(),
+        TensorView::new(t.tensors[0].1, t.tensors[0].2.clone(), &t.tensors[0].3).expect("view"),
+    )];
+    let m = HashMap::from([("routerscope.trace".to_string(), meta.clone())]);
+    safetensors::serialize_to_file(views, Some(m), &path).expect("written");
+    let out = dir.path().join("an");
+    let (code, err, peak_kb) = run_measured(&[
+        "analyze",
+        "--trace",
+        path.to_str().unwrap_or_default(),
+        "--out",
+        out.to_str().unwrap_or_default(),
+    ]);
+    eprintln!(
+        "a {:.1} MB description: exit {code}, peak RSS {:.0} MB: {}",
+        meta.len() as f64 / 1e6,
+        peak_kb as f64 / 1024.0,
+        err.trim()
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("image 1999999 has label 7"), "{err}");
+    assert!(!out.exists());
+    assert!(peak_kb < 1024 * 1024, "peak RSS {peak_kb} kB");
+}
