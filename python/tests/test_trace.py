@@ -11,6 +11,9 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
+import re
+import signal
 import struct
 import subprocess
 import sys
@@ -350,6 +353,8 @@ def hand_trace(path: Path, **change: Any) -> None:
     for key, value in change.items():
         if key == "meta":
             value(meta)
+        elif value is None:
+            del tensors[key.replace("__", "/")]
         else:
             tensors[key.replace("__", "/")] = value
     save_file(tensors, str(path), metadata={"routerscope.trace": json.dumps(meta)})
@@ -385,6 +390,42 @@ BAD = {
         {"meta": lambda m: m["layers"][0]["groups"][1].update(members=[[5, 0, 17]])},
         "image 5",
     ),
+    # Numbers from the description bounded before they size or index anything.
+    "a later image's label outside the classes": (
+        {"meta": lambda m: (m.update(classes=["a", "b"]), m["images"][0].update(label=0),
+                            m["images"][1].update(label=5))},
+        "image 1 has label 5 but `classes` names 2 classes",
+    ),
+    "a label of 10^9 without classes": (
+        {"meta": lambda m: m["images"][1].update(label=10**9)},
+        "image 1 has label 1000000000",
+    ),
+    "a logged capacity of 2^62": (
+        {"meta": lambda m: m["layers"][0]["router"].update(capacity=2**62)},
+        "`capacity` is 4611686018427387904",
+    ),
+    "a logged slot of 2^40": (
+        {"layers__0__groups__0__slot": np.array([[2**40]] + [[i] for i in range(16)], np.int64),
+         "meta": lambda m: m["layers"][0].update(router={"kind": "softmax-tc"})},
+        "layers/0/groups/0/slot",
+    ),
+    "a patch size of 0": ({"meta": lambda m: m.update(patch_size=[0, 4])}, "`patch_size` [0, 4]"),
+    "a grid whose product overflows": (
+        {"meta": lambda m: [im.update(grid=[2**32, 2**32]) for im in m["images"]]},
+        "patch grid of 4294967296x4294967296",
+    ),
+    "an image beyond the image limits": (
+        {"images__0": np.zeros((16385, 1, 3), np.uint8)},
+        "at most 16384 pixels a side",
+    ),
+    "a negative num_experts": (
+        {"meta": lambda m: m.update(num_experts=-4)},
+        "`num_experts`: invalid value: integer `-4`",
+    ),
+    "gates without expert_index": (
+        {"layers__0__groups__1__expert_index": None},
+        "`layers/0/groups/1/gates` without `expert_index`",
+    ),
 }
 
 
@@ -398,9 +439,39 @@ def test_a_bad_trace_is_one_error_naming_the_tensor(tmp: Path, case: str) -> Non
     assert names in proc.stderr, proc.stderr
     assert str(path) in proc.stderr, proc.stderr
     assert "panicked" not in proc.stderr
-    assert not (tmp / "x" / "analysis.json").exists()
-    with pytest.raises(ValueError, match=names.replace("/", ".")):
-        rs.analyze(path, progress=False)
+    assert not (tmp / "x").exists(), "a failed run leaves no output folder"
+    with pytest.raises(ValueError, match=re.escape(names)) as info:
+        rs.analyze(path, out=tmp / "y", progress=False)
+    assert str(path) in str(info.value)
+    assert not (tmp / "y").exists()
+    # The same message as the command line's.
+    assert str(info.value) in proc.stderr, (str(info.value), proc.stderr)
+
+
+def test_no_call_hangs_on_a_fifo_or_takes_a_folder(tmp: Path) -> None:
+    """A FIFO (whose open would wait for a writer forever) or a folder given as a trace, a
+    model or a dataset is one OSError naming it, at once."""
+    fifo = tmp / "pipe.rstrace.safetensors"
+    os.mkfifo(fifo)
+    folder = tmp / "folder.rstrace.safetensors"
+    folder.mkdir()
+    old = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("a call blocked on a FIFO"))
+    signal.alarm(20)
+    try:
+        for call in (lambda: rs.analyze(fifo, progress=False), lambda: rs.load(fifo)):
+            with pytest.raises(OSError, match=r"pipe\.rstrace\.safetensors.*a FIFO"):
+                call()
+        with pytest.raises(OSError, match="folder.rstrace.safetensors"):
+            rs.analyze(folder, progress=False)
+        idx = tmp / "idx"
+        idx.mkdir()
+        os.mkfifo(idx / "t10k-images-idx3-ubyte")
+        os.mkfifo(idx / "t10k-labels-idx1-ubyte")
+        with pytest.raises((OSError, ValueError), match="a FIFO"):
+            rs.analyze("fashion-mnist-softmax-tc", idx, progress=False)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def test_the_hand_written_trace_is_valid(tmp: Path) -> None:
