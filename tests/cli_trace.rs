@@ -601,6 +601,8 @@ fn run_measured(args: &[&str]) -> (i32, String, i64) {
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
     assert_eq!(pid, child.id() as i32);
+    // Already reaped by wait4: std's wait only finds no such child.
+    let _ = child.wait();
     (libc::WEXITSTATUS(status), err, usage.ru_maxrss)
 }
 
