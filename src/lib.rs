@@ -10,6 +10,7 @@
 //! - [`gpu`]: the same forward pass as WGSL compute shaders on wgpu.
 //! - [`backend`]: the device choice and the engine that runs on the GPU with CPU fallback.
 //! - [`trace`]: routing traces logged from any framework, read as routing records.
+//! - [`run`]: routing over training: per-step sums in SQLite, probe snapshots as traces, alerts.
 //! - [`train`]: training the built-in Fashion-MNIST models and evaluating them.
 //! - [`analysis`]: routing statistics and the expert atlas over a whole dataset.
 //! - [`figures`]: expert colours, per-image routing views, SVG/PNG/CSV/JSON export.
@@ -31,6 +32,7 @@ pub mod import;
 pub mod model;
 pub mod moefy;
 pub mod routing;
+pub mod run;
 pub mod runtime;
 pub mod tensor_io;
 pub mod trace;

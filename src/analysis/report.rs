@@ -178,7 +178,7 @@ pub fn check_output_dir(dir: &Path, style: ArgStyle) -> Result<(), AnalysisError
     }
     if !existing.is_dir() {
         return Err(AnalysisError::Data(format!(
-            "{out}{sep}{}: {} is not a folder",
+            "{out}{sep}{}: cannot write there: {} is not a folder",
             dir.display(),
             existing.display()
         )));

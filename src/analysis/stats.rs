@@ -167,7 +167,6 @@ impl LayerAccumulator {
         self.tokens += n;
         self.image_load.clear();
         self.image_load.resize(labels.len() * e, 0.0);
-        let ln_e = (e as f64).ln();
         for i in 0..n {
             let m = i / s;
             let class = labels[m];
@@ -175,16 +174,7 @@ impl LayerAccumulator {
             let Some(row) = g.probs.get(i * e..(i + 1) * e) else {
                 continue;
             };
-            let h = if ln_e > 0.0 {
-                let h: f64 = row
-                    .iter()
-                    .filter(|&&p| p > 0.0)
-                    .map(|&p| -(p as f64) * (p as f64).ln())
-                    .sum();
-                (h / ln_e).clamp(0.0, 1.0)
-            } else {
-                0.0
-            };
+            let h = crate::routing::ops::normalized_entropy(row);
             self.entropy_sum += h;
             self.entropy_tokens += 1;
             self.entropy[((h * ENTROPY_BINS as f64) as usize).min(ENTROPY_BINS - 1)] += 1;

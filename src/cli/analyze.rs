@@ -16,12 +16,33 @@ use routerscope::train::{DEFAULT_DATA_DIR, Split};
 #[derive(clap::Args, Debug)]
 pub struct AnalyzeArgs {
     /// Model checkpoint (.safetensors or a vmoe `.index`).
-    #[arg(long, required_unless_present = "trace", conflicts_with = "trace")]
+    #[arg(long, required_unless_present_any = ["trace", "run"], conflicts_with_all = ["trace", "run"])]
     model: Option<PathBuf>,
     /// A routing trace (`docs/trace-format.md`) instead of a model and data: its images under
     /// the logged routing, or `--router`/`--k`/`--capacity-factor` as what-ifs on its logits.
-    #[arg(long, conflicts_with_all = ["data", "split", "device"])]
+    #[arg(long, conflicts_with_all = ["data", "split", "device", "run"])]
     trace: Option<PathBuf>,
+    /// A run (`docs/run-format.md`): routing over training. Writes `layers.csv` (per step and
+    /// block), `experts.csv` (per step, block and expert), `alerts.json` and per block the
+    /// metrics over steps and an expert x step load heatmap.
+    #[arg(long, conflicts_with_all = ["data", "split", "device", "router", "k", "capacity_factor",
+        "group_images", "compare", "limit"])]
+    run: Option<PathBuf>,
+    /// Runs: a collapse is one expert taking more than this share of a block's kept tokens...
+    #[arg(long, default_value_t = 0.5, requires = "run")]
+    alert_collapse_share: f64,
+    /// ...for this many logged steps in a row.
+    #[arg(long, default_value_t = 10, requires = "run")]
+    alert_collapse_steps: usize,
+    /// Runs: a dead expert processes no token for this many logged steps in a row.
+    #[arg(long, default_value_t = 10, requires = "run")]
+    alert_dead_steps: usize,
+    /// Runs: a drop alert is a dropped-token rate above this...
+    #[arg(long, default_value_t = 0.1, requires = "run")]
+    alert_drop_rate: f64,
+    /// ...for this many logged steps in a row.
+    #[arg(long, default_value_t = 10, requires = "run")]
+    alert_drop_steps: usize,
     /// A folder of images (searched recursively; the first subfolder names the class, images
     /// directly in it are unlabelled) or a Fashion-MNIST IDX directory.
     #[arg(long, default_value = DEFAULT_DATA_DIR)]
@@ -89,6 +110,9 @@ impl Subject {
 
 pub fn run(args: &AnalyzeArgs) -> anyhow::Result<()> {
     report::check_output_dir(&args.out, ArgStyle::Cli)?;
+    if let Some(run) = &args.run {
+        return analyze_run(args, run);
+    }
     let (subject, what) = match (&args.model, &args.trace) {
         (_, Some(t)) => (
             Subject::Trace(TraceModel::open(t)?),
@@ -225,5 +249,55 @@ pub fn run(args: &AnalyzeArgs) -> anyhow::Result<()> {
         );
         std::process::exit(130);
     }
+    Ok(())
+}
+
+/// `analyze --run`: the run's tables, alerts and figures.
+fn analyze_run(args: &AnalyzeArgs, path: &std::path::Path) -> anyhow::Result<()> {
+    use routerscope::run::alerts::AlertRules;
+    let rules = AlertRules {
+        collapse_share: args.alert_collapse_share,
+        collapse_steps: args.alert_collapse_steps,
+        dead_steps: args.alert_dead_steps,
+        drop_rate: args.alert_drop_rate,
+        drop_steps: args.alert_drop_steps,
+    };
+    if !(0.0..1.0).contains(&rules.collapse_share) || !(0.0..1.0).contains(&rules.drop_rate) {
+        anyhow::bail!(
+            "--alert-collapse-share {} and --alert-drop-rate {} are shares from 0 to 1",
+            rules.collapse_share,
+            rules.drop_rate
+        );
+    }
+    let started = std::time::Instant::now();
+    let run = routerscope::run::RunFile::open(path)?;
+    let (a, files) =
+        routerscope::figures::run::write_run_analysis(&run, rules, &args.out, args.png_width)
+            .map_err(anyhow::Error::msg)?;
+    println!(
+        "{}: {} steps ({}–{}{}), {} MoE blocks, {} alerts in {:.1} s",
+        path.display(),
+        a.steps,
+        a.first_step.map_or("-".into(), |s| s.to_string()),
+        a.last_step.map_or("-".into(), |s| s.to_string()),
+        if a.partial_steps > 0 {
+            format!(
+                ", {} partial: not every rank has committed them",
+                a.partial_steps
+            )
+        } else {
+            String::new()
+        },
+        a.series.len(),
+        a.alerts.len(),
+        started.elapsed().as_secs_f64()
+    );
+    for alert in &a.alerts {
+        println!(
+            "  alert {:?} · block {} · steps {}–{}: {}",
+            alert.kind, alert.block, alert.first_step, alert.last_step, alert.detail
+        );
+    }
+    println!("wrote {} files to {}", files.len(), args.out.display());
     Ok(())
 }

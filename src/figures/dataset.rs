@@ -10,11 +10,11 @@ use super::palette::{DROPPED, Palette, sequential};
 use super::svg::{base64, esc, hex};
 use crate::analysis::{Analysis, LayerAnalysis, RouterRun};
 
-const PAD: f32 = 16.0;
+pub(super) const PAD: f32 = 16.0;
 const FONT: &str = r#"font-family="Ubuntu, Helvetica, Arial, sans-serif""#;
 
 /// Starts the document, widened to fit the title.
-fn open(s: &mut String, w: f32, h: f32, title: &str) {
+pub(super) fn open(s: &mut String, w: f32, h: f32, title: &str) {
     let w = w.max(PAD * 2.0 + title.chars().count() as f32 * 7.6).ceil();
     let h = h.ceil();
     let _ = writeln!(
@@ -31,7 +31,7 @@ fn open(s: &mut String, w: f32, h: f32, title: &str) {
     );
 }
 
-fn text(s: &mut String, x: f32, y: f32, size: f32, anchor: &str, t: &str) {
+pub(super) fn text(s: &mut String, x: f32, y: f32, size: f32, anchor: &str, t: &str) {
     let _ = writeln!(
         s,
         r##"<text x="{x:.1}" y="{y:.1}" font-size="{size}" text-anchor="{anchor}" fill="#111111">{}</text>"##,

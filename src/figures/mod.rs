@@ -6,6 +6,7 @@ pub mod dataset;
 pub mod export;
 pub mod palette;
 pub mod raster;
+pub mod run;
 pub mod svg;
 pub mod token_view;
 

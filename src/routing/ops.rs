@@ -10,6 +10,21 @@ use rand_distr::StandardNormal;
 
 /// Row-wise softmax of a row-major `[rows, cols]` matrix, as `jax.nn.softmax`:
 /// `exp(x - max) / sum(exp(x - max))`.
+/// The normalised entropy `H(p) / ln e` of one token's expert probabilities, in `[0, 1]` (0 for
+/// a single expert): the router entropy the analysis and runs report.
+pub fn normalized_entropy(row: &[f32]) -> f64 {
+    let ln_e = (row.len() as f64).ln();
+    if ln_e <= 0.0 {
+        return 0.0;
+    }
+    let h: f64 = row
+        .iter()
+        .filter(|&&p| p > 0.0)
+        .map(|&p| -(p as f64) * (p as f64).ln())
+        .sum();
+    (h / ln_e).clamp(0.0, 1.0)
+}
+
 pub fn softmax_rows(x: &[f32], cols: usize) -> Vec<f32> {
     let mut out = x.to_vec();
     softmax_rows_in_place(&mut out, cols);

@@ -16,6 +16,23 @@ pub use reader::{MAX_TRACE_ITEMS, TraceFile};
 
 use std::path::PathBuf;
 
+/// Parses JSON `json` (described as `what` in errors), naming the entry that is wrong
+/// (`` what: `images[3].label`: invalid type: ... ``).
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
+    json: &str,
+    what: &str,
+) -> Result<T, String> {
+    let mut de = serde_json::Deserializer::from_str(json);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let at = e.path().to_string();
+        if at == "." || at.is_empty() {
+            format!("{what}: {}", e.inner())
+        } else {
+            format!("{what}: `{at}`: {}", e.inner())
+        }
+    })
+}
+
 /// Why a trace could not be read; every message names the file and the tensor or entry.
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {

@@ -83,15 +83,7 @@ struct FormatProbe {
 /// Parses a trace description, naming the entry that is wrong
 /// (`` `images[3].label`: invalid value: integer `-1`, expected usize ``).
 pub(crate) fn parse_description<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, String> {
-    let mut de = serde_json::Deserializer::from_str(json);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let at = e.path().to_string();
-        if at == "." || at.is_empty() {
-            format!("the `{TRACE_METADATA_KEY}` JSON: {}", e.inner())
-        } else {
-            format!("the `{TRACE_METADATA_KEY}` JSON: `{at}`: {}", e.inner())
-        }
-    })
+    super::parse_json(json, &format!("the `{TRACE_METADATA_KEY}` JSON"))
 }
 
 impl TraceFile {

@@ -1,0 +1,332 @@
+//! What a run records per training step and MoE block, defined once: the sums a writer adds
+//! each forward call to ([`LayerSums`], what the database stores) and the metrics a reader
+//! derives from them ([`LayerMetrics`]). Sums add across calls (micro-batches, gradient
+//! accumulation) and across ranks, so every metric of a step is exact for all its tokens.
+
+use crate::routing::RoutingResult;
+use crate::routing::ops::normalized_entropy;
+use crate::routing::ops::softmax_rows;
+
+/// One step's routing of one MoE block, summed over its forward calls (and ranks).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LayerSums {
+    /// Forward calls logged.
+    pub calls: u64,
+    /// Tokens routed.
+    pub tokens: u64,
+    /// Tokens that reached no expert.
+    pub dropped: u64,
+    /// Per expert: the tokens it processed (after capacity).
+    pub kept: Vec<u64>,
+    /// Per expert: the choices made for it before capacity (Token Choice's requests; equal to
+    /// `kept` for Expert Choice and Soft MoE).
+    pub requests: Vec<u64>,
+    /// Sum over tokens of the router entropy `H(p) / ln e`, and the tokens it covers (those
+    /// whose router probabilities were logged or computed from logits).
+    pub entropy_sum: f64,
+    pub entropy_tokens: u64,
+    /// Sum over tokens of the router z-loss `logsumexp(logits)²`, and the tokens it covers
+    /// (those whose logits were logged).
+    pub z_loss_sum: f64,
+    pub z_loss_tokens: u64,
+    /// Sums of the router's own auxiliary losses per routing group, over `aux_groups` groups.
+    pub importance_sum: f64,
+    pub load_sum: f64,
+    pub aux_groups: u64,
+}
+
+/// The metrics of a step and block.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct LayerMetrics {
+    pub tokens: u64,
+    /// Tokens that reached no expert, over the tokens.
+    pub dropped_rate: f64,
+    /// Coefficient of variation of the experts' kept tokens (population std / mean).
+    pub load_cv: f64,
+    /// `(max load − mean load) / mean load`.
+    pub max_violation: f64,
+    /// Mean normalised router entropy, when probabilities or logits were logged.
+    pub router_entropy: Option<f64>,
+    /// Experts that processed no token.
+    pub dead_experts: usize,
+    /// Mean router z-loss, when logits were logged.
+    pub z_loss: Option<f64>,
+    /// The largest share of the kept tokens one expert took, and that expert.
+    pub top_share: f64,
+    pub top_expert: usize,
+    /// The router's auxiliary losses (mean per routing group), where it defines them.
+    pub importance_loss: Option<f64>,
+    pub load_loss: Option<f64>,
+}
+
+impl LayerSums {
+    pub fn new(experts: usize) -> Self {
+        Self {
+            kept: vec![0; experts],
+            requests: vec![0; experts],
+            ..Self::default()
+        }
+    }
+
+    pub fn experts(&self) -> usize {
+        self.kept.len()
+    }
+
+    /// Adds another call's (or rank's) sums of the same block.
+    pub fn add(&mut self, o: &LayerSums) {
+        self.calls += o.calls;
+        self.tokens += o.tokens;
+        self.dropped += o.dropped;
+        for (a, b) in self.kept.iter_mut().zip(&o.kept) {
+            *a += b;
+        }
+        for (a, b) in self.requests.iter_mut().zip(&o.requests) {
+            *a += b;
+        }
+        self.entropy_sum += o.entropy_sum;
+        self.entropy_tokens += o.entropy_tokens;
+        self.z_loss_sum += o.z_loss_sum;
+        self.z_loss_tokens += o.z_loss_tokens;
+        self.importance_sum += o.importance_sum;
+        self.load_sum += o.load_sum;
+        self.aux_groups += o.aux_groups;
+    }
+
+    /// Adds one routing group as routerscope routed it (`logits` / `probs` `[n, e]` where
+    /// known, for the entropy and the z-loss).
+    pub fn add_routing(
+        &mut self,
+        r: &RoutingResult,
+        logits: Option<&[f32]>,
+        probs: Option<&[f32]>,
+    ) {
+        let st = r.stats();
+        self.calls += 1;
+        self.tokens += r.num_tokens as u64;
+        self.dropped += st.dropped_tokens.len() as u64;
+        for (a, &b) in self.kept.iter_mut().zip(&st.tokens_per_expert) {
+            *a += b as u64;
+        }
+        for (a, &b) in self.requests.iter_mut().zip(&st.requests_per_expert) {
+            *a += b as u64;
+        }
+        if r.aux.importance.is_some() || r.aux.load.is_some() {
+            self.importance_sum += f64::from(r.aux.importance.unwrap_or(0.0));
+            self.load_sum += f64::from(r.aux.load.unwrap_or(0.0));
+            self.aux_groups += 1;
+        }
+        self.add_router_outputs(logits, probs);
+    }
+
+    /// Adds one call whose picks the framework made: `experts` `[n, k]` in rank order and
+    /// whether each was `kept` (default: all); checked against the experts.
+    pub fn add_picks(
+        &mut self,
+        experts: &[i64],
+        kept: Option<&[bool]>,
+        k: usize,
+        logits: Option<&[f32]>,
+        probs: Option<&[f32]>,
+    ) -> Result<(), String> {
+        let e = self.experts();
+        if k == 0 || !experts.len().is_multiple_of(k) {
+            return Err(format!(
+                "expert_index holds {} values, not a multiple of k = {k}",
+                experts.len()
+            ));
+        }
+        if kept.is_some_and(|kp| kp.len() != experts.len()) {
+            return Err("kept must have expert_index's shape".into());
+        }
+        if let Some(at) = experts.iter().position(|&j| j < 0 || j as usize >= e) {
+            return Err(format!(
+                "expert_index[{}, {}] is {}: experts are 0..{}",
+                at / k,
+                at % k,
+                experts[at],
+                e - 1
+            ));
+        }
+        let n = experts.len() / k;
+        let mut kept_counts = vec![0u64; e];
+        let mut dropped = 0u64;
+        for t in 0..n {
+            let mut any = false;
+            for r in 0..k {
+                let at = t * k + r;
+                let j = experts[at] as usize;
+                self.requests[j] += 1;
+                if kept.is_none_or(|kp| kp[at]) {
+                    kept_counts[j] += 1;
+                    any = true;
+                }
+            }
+            if !any {
+                dropped += 1;
+            }
+        }
+        for (a, b) in self.kept.iter_mut().zip(kept_counts) {
+            *a += b;
+        }
+        self.calls += 1;
+        self.tokens += n as u64;
+        self.dropped += dropped;
+        self.add_router_outputs(logits, probs);
+        Ok(())
+    }
+
+    /// The entropy of the router's probabilities (`probs`, else the softmax of `logits`) and the
+    /// z-loss of its logits.
+    fn add_router_outputs(&mut self, logits: Option<&[f32]>, probs: Option<&[f32]>) {
+        let e = self.experts();
+        if e == 0 {
+            return;
+        }
+        let owned;
+        let probs = match (probs, logits) {
+            (Some(p), _) => Some(p),
+            (None, Some(x)) => {
+                owned = softmax_rows(x, e);
+                Some(owned.as_slice())
+            }
+            (None, None) => None,
+        };
+        if let Some(p) = probs {
+            for row in p.chunks_exact(e) {
+                self.entropy_sum += normalized_entropy(row);
+                self.entropy_tokens += 1;
+            }
+        }
+        if let Some(x) = logits {
+            for row in x.chunks_exact(e) {
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let s: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
+                let lse = m + s.ln();
+                self.z_loss_sum += lse * lse;
+                self.z_loss_tokens += 1;
+            }
+        }
+    }
+
+    /// The metrics these sums give.
+    pub fn metrics(&self) -> LayerMetrics {
+        let e = self.experts().max(1) as f64;
+        let total: f64 = self.kept.iter().map(|&v| v as f64).sum();
+        let mean = total / e;
+        let var = self
+            .kept
+            .iter()
+            .map(|&v| (v as f64 - mean).powi(2))
+            .sum::<f64>()
+            / e;
+        let (top_expert, top) =
+            self.kept.iter().enumerate().fold(
+                (0, 0u64),
+                |best, (j, &v)| if v > best.1 { (j, v) } else { best },
+            );
+        let ratio = |num: f64, den: u64| (den > 0).then(|| num / den as f64);
+        let aux = self.aux_groups;
+        LayerMetrics {
+            tokens: self.tokens,
+            dropped_rate: ratio(self.dropped as f64, self.tokens).unwrap_or(0.0),
+            load_cv: if mean > 0.0 { var.sqrt() / mean } else { 0.0 },
+            max_violation: if mean > 0.0 {
+                (top as f64 - mean) / mean
+            } else {
+                0.0
+            },
+            router_entropy: ratio(self.entropy_sum, self.entropy_tokens),
+            dead_experts: self.kept.iter().filter(|&&v| v == 0).count(),
+            z_loss: ratio(self.z_loss_sum, self.z_loss_tokens),
+            top_share: if total > 0.0 { top as f64 / total } else { 0.0 },
+            top_expert,
+            importance_loss: ratio(self.importance_sum, aux),
+            load_loss: ratio(self.load_sum, aux),
+        }
+    }
+}
+
+/// Little-endian `u32` counts, as the database stores them (a count beyond `u32` is an error:
+/// no expert takes four billion tokens in one step).
+pub fn counts_to_blob(v: &[u64]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(4 * v.len());
+    for (j, &x) in v.iter().enumerate() {
+        let x = u32::try_from(x).map_err(|_| format!("expert {j} has {x} tokens in one step"))?;
+        out.extend(x.to_le_bytes());
+    }
+    Ok(out)
+}
+
+/// The counts of a blob of `experts` little-endian `u32`s.
+pub fn counts_from_blob(b: &[u8], experts: usize) -> Option<Vec<u64>> {
+    (b.len() == 4 * experts).then(|| {
+        b.chunks_exact(4)
+            .map(|c| u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::{Mode, RouterConfig, RouterKind, route_logits};
+
+    #[test]
+    fn sums_of_calls_are_the_routing_of_each_call_added() {
+        let logits: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 13) as f32 - 6.0) / 2.0)
+            .collect();
+        let cfg = RouterConfig {
+            k: 2,
+            ..RouterConfig::new(RouterKind::SoftmaxTokenChoice)
+        };
+        let r = route_logits(&logits, 16, 4, &cfg, Mode::Deterministic).unwrap();
+        let st = r.stats();
+        let mut s = LayerSums::new(4);
+        s.add_routing(&r, Some(&logits), None);
+        s.add_routing(&r, Some(&logits), None);
+        assert_eq!(s.calls, 2);
+        assert_eq!(s.tokens, 32);
+        let kept: Vec<u64> = st.tokens_per_expert.iter().map(|&v| 2 * v as u64).collect();
+        assert_eq!(s.kept, kept);
+        assert_eq!(s.dropped, 2 * st.dropped_tokens.len() as u64);
+        let m = s.metrics();
+        assert!(m.router_entropy.is_some_and(|h| (0.0..=1.0).contains(&h)));
+        assert!(m.z_loss.is_some_and(|z| z > 0.0));
+        assert_eq!(m.importance_loss.map(|v| v as f32), r.aux.importance);
+        // The framework's own picks count as they are.
+        let mut p = LayerSums::new(4);
+        p.add_picks(
+            &[0, 1, 0, 2, 0, 3],
+            Some(&[true, true, true, false, false, false]),
+            2,
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (p.kept.clone(), p.requests.clone()),
+            (vec![2, 1, 0, 0], vec![3, 1, 1, 1])
+        );
+        assert_eq!((p.tokens, p.dropped), (3, 1));
+        let m = p.metrics();
+        assert_eq!(m.dead_experts, 2);
+        assert!((m.top_share - 2.0 / 3.0).abs() < 1e-12);
+        assert!(
+            p.add_picks(&[4], None, 1, None, None)
+                .unwrap_err()
+                .contains("experts are 0..3")
+        );
+    }
+
+    #[test]
+    fn counts_round_trip_through_blobs() {
+        let b = counts_to_blob(&[0, 7, u64::from(u32::MAX)]).unwrap();
+        assert_eq!(
+            counts_from_blob(&b, 3).unwrap(),
+            [0, 7, u64::from(u32::MAX)]
+        );
+        assert!(counts_from_blob(&b, 2).is_none());
+        assert!(counts_to_blob(&[1 << 40]).is_err());
+    }
+}

@@ -1,0 +1,289 @@
+//! A run analysed as tables while its rows stream: `layers.csv` (per step and block: the
+//! metrics of [`super::aggregate`], the probe tokens' churn at snapshot steps, whether the step
+//! is partial), `experts.csv` (per step, block and expert: kept tokens and requests) and
+//! `alerts.json`, plus each block's decimated series for the figures. Nothing of the run is held
+//! whole: memory is the series (1,000 bins per block) and the alerts.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::RunError;
+use super::alerts::{Alert, AlertRules, AlertTracker};
+use super::reader::RunFile;
+use super::series::{BlockSeries, metric_values};
+use crate::routing::Assignment;
+use crate::trace::TraceFile;
+
+/// What an analysis of a run found.
+#[derive(Debug)]
+pub struct RunAnalysis {
+    pub model: String,
+    /// Steps committed, and those not yet committed by every rank.
+    pub steps: usize,
+    pub partial_steps: usize,
+    pub first_step: Option<i64>,
+    pub last_step: Option<i64>,
+    pub series: Vec<BlockSeries>,
+    pub alerts: Vec<Alert>,
+    /// Per (snapshot step, block): the share of probe tokens whose top expert changed since the
+    /// previous snapshot.
+    pub churn: BTreeMap<(i64, usize), f64>,
+    /// The files written.
+    pub files: Vec<PathBuf>,
+}
+
+/// The top-1 expert of every probe token in each block of a snapshot (Token Choice: the first
+/// choice, kept or not; Expert Choice: the expert with the highest score among those that took
+/// the token, `u32::MAX` for a token none took; Soft MoE: the expert with the largest combine
+/// weight).
+pub fn top_experts(trace: &TraceFile) -> Result<BTreeMap<usize, Vec<u32>>, String> {
+    let mut out = BTreeMap::new();
+    for (l, layer) in trace.meta().layers.iter().enumerate() {
+        let mut tops = Vec::new();
+        for g in 0..layer.groups.len() {
+            let rec = trace.logged_group(l, g).map_err(|e| e.to_string())?;
+            let r = &rec.routing;
+            match &r.assignment {
+                Assignment::Sparse(sp) => {
+                    for i in 0..r.num_tokens {
+                        let ch = r.token_choices(i);
+                        let top = if r.router.family() == crate::routing::RouterFamily::TokenChoice
+                        {
+                            ch.first().map(|c| c.expert)
+                        } else {
+                            let e = r.num_experts;
+                            ch.iter()
+                                .max_by(|a, b| {
+                                    sp.scores[i * e + a.expert as usize]
+                                        .total_cmp(&sp.scores[i * e + b.expert as usize])
+                                })
+                                .map(|c| c.expert)
+                        };
+                        tops.push(top.unwrap_or(u32::MAX));
+                    }
+                }
+                Assignment::Soft(_) => {
+                    let p = r.expert_probabilities();
+                    for row in p.chunks_exact(r.num_experts) {
+                        let j = row
+                            .iter()
+                            .enumerate()
+                            .max_by(|a, b| a.1.total_cmp(b.1))
+                            .map_or(0, |(j, _)| j);
+                        tops.push(j as u32);
+                    }
+                }
+            }
+        }
+        out.insert(layer.block, tops);
+    }
+    Ok(out)
+}
+
+/// The churn at every snapshot after the first: per block, the share of probe tokens whose top
+/// expert differs from the previous snapshot's.
+pub fn churn(run: &RunFile) -> Result<BTreeMap<(i64, usize), f64>, RunError> {
+    let mut out = BTreeMap::new();
+    let mut prev: Option<BTreeMap<usize, Vec<u32>>> = None;
+    for (&step, path) in run.snapshots() {
+        let trace = TraceFile::open(path).map_err(|e| RunError::Invalid {
+            path: path.clone(),
+            reason: format!("snapshot of step {step}: {e}"),
+        })?;
+        let tops = top_experts(&trace).map_err(|reason| RunError::Invalid {
+            path: path.clone(),
+            reason,
+        })?;
+        if let Some(p) = &prev {
+            for (block, now) in &tops {
+                if let Some(before) = p
+                    .get(block)
+                    .filter(|b| b.len() == now.len() && !now.is_empty())
+                {
+                    let moved = now.iter().zip(before).filter(|(a, b)| a != b).count();
+                    out.insert((step, *block), moved as f64 / now.len() as f64);
+                }
+            }
+        }
+        prev = Some(tops);
+    }
+    Ok(out)
+}
+
+/// Appends `v` in decimal (the CSV writer's hot path: tens of millions of counts).
+fn push_u64(buf: &mut Vec<u8>, mut v: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[i..]);
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or_else(String::new, |x| x.to_string())
+}
+
+#[derive(Serialize)]
+struct AlertsFile<'a> {
+    run: String,
+    rules: RulesJson,
+    alerts: &'a [Alert],
+}
+
+#[derive(Serialize)]
+struct RulesJson {
+    collapse_share: f64,
+    collapse_steps: usize,
+    dead_steps: usize,
+    drop_rate: f64,
+    drop_steps: usize,
+}
+
+/// Streams the run into `layers.csv`, `experts.csv` and `alerts.json` in `dir`, gathering the
+/// series and alerts.
+pub fn write_tables(run: &RunFile, rules: AlertRules, dir: &Path) -> Result<RunAnalysis, RunError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |err| RunError::Io {
+            path: path.clone(),
+            err,
+        }
+    };
+    let churn = churn(run)?;
+    let layers_path = dir.join("layers.csv");
+    let experts_path = dir.join("experts.csv");
+    let mut layers = std::io::BufWriter::with_capacity(
+        1 << 20,
+        std::fs::File::create(&layers_path).map_err(io(&layers_path))?,
+    );
+    let mut experts = std::io::BufWriter::with_capacity(
+        1 << 20,
+        std::fs::File::create(&experts_path).map_err(io(&experts_path))?,
+    );
+    layers
+        .write_all(
+            b"step,block,tokens,dropped_rate,load_cv,max_violation,router_entropy,dead_experts,\
+              z_loss,churn,importance_loss,load_loss,partial\n",
+        )
+        .map_err(io(&layers_path))?;
+    experts
+        .write_all(b"step,block,expert,tokens,requests\n")
+        .map_err(io(&experts_path))?;
+    let e = run.meta().num_experts;
+    let mut series: BTreeMap<usize, BlockSeries> = BTreeMap::new();
+    let mut tracker = AlertTracker::new(rules);
+    let mut failure: Option<RunError> = None;
+    let mut buf = Vec::with_capacity(1 << 16);
+    let mut shares = vec![0.0; e];
+    run.for_each_row(|step, block, sums, _ranks| {
+        let m = sums.metrics();
+        let partial = !run.is_complete(step);
+        let line = format!(
+            "{step},{block},{},{},{},{},{},{},{},{},{},{},{}\n",
+            m.tokens,
+            m.dropped_rate,
+            m.load_cv,
+            m.max_violation,
+            opt(m.router_entropy),
+            m.dead_experts,
+            opt(m.z_loss),
+            opt(churn.get(&(step, block)).copied()),
+            opt(m.importance_loss),
+            opt(m.load_loss),
+            u8::from(partial)
+        );
+        buf.clear();
+        for (j, (&kept, &req)) in sums.kept.iter().zip(&sums.requests).enumerate() {
+            push_u64(&mut buf, step as u64);
+            buf.push(b',');
+            push_u64(&mut buf, block as u64);
+            buf.push(b',');
+            push_u64(&mut buf, j as u64);
+            buf.push(b',');
+            push_u64(&mut buf, kept);
+            buf.push(b',');
+            push_u64(&mut buf, req);
+            buf.push(b'\n');
+        }
+        if let Err(err) = layers.write_all(line.as_bytes()) {
+            failure = Some(io(&layers_path)(err));
+            return false;
+        }
+        if let Err(err) = experts.write_all(&buf) {
+            failure = Some(io(&experts_path)(err));
+            return false;
+        }
+        let total: u64 = sums.kept.iter().sum();
+        for (s, &k) in shares.iter_mut().zip(&sums.kept) {
+            *s = if total > 0 {
+                k as f64 / total as f64
+            } else {
+                0.0
+            };
+        }
+        series
+            .entry(block)
+            .or_insert_with(|| BlockSeries::new(block, e))
+            .push(step, metric_values(&m), &shares);
+        if !partial {
+            tracker.observe(step, block, sums);
+        }
+        true
+    })?;
+    if let Some(err) = failure {
+        return Err(err);
+    }
+    layers.flush().map_err(io(&layers_path))?;
+    experts.flush().map_err(io(&experts_path))?;
+    drop((layers, experts));
+    let alerts = tracker.finish();
+    let alerts_path = dir.join("alerts.json");
+    let json = serde_json::to_string_pretty(&AlertsFile {
+        run: run.dir().display().to_string(),
+        rules: RulesJson {
+            collapse_share: rules.collapse_share,
+            collapse_steps: rules.collapse_steps,
+            dead_steps: rules.dead_steps,
+            drop_rate: rules.drop_rate,
+            drop_steps: rules.drop_steps,
+        },
+        alerts: &alerts,
+    })
+    .map_err(|err| RunError::Invalid {
+        path: alerts_path.clone(),
+        reason: err.to_string(),
+    })?;
+    crate::tensor_io::write_atomic(&alerts_path, json.as_bytes()).map_err(|err| {
+        RunError::Invalid {
+            path: alerts_path.clone(),
+            reason: err.to_string(),
+        }
+    })?;
+    let steps = run.steps();
+    Ok(RunAnalysis {
+        model: if run.meta().model_name.is_empty() {
+            run.dir()
+                .file_name()
+                .map_or_else(|| "run".into(), |n| n.to_string_lossy().into_owned())
+        } else {
+            run.meta().model_name.clone()
+        },
+        steps: steps.len(),
+        partial_steps: steps.keys().filter(|&&s| !run.is_complete(s)).count(),
+        first_step: steps.keys().next().copied(),
+        last_step: steps.keys().next_back().copied(),
+        series: series.into_values().collect(),
+        alerts,
+        churn,
+        files: vec![layers_path, experts_path, alerts_path],
+    })
+}
