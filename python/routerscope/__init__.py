@@ -47,6 +47,7 @@ from ._native import (  # noqa: E402
     sample_images,
 )
 from ._analysis import analyze  # noqa: E402
+from ._run import Run  # noqa: E402
 from ._trace import Trace  # noqa: E402
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "Model",
     "Prediction",
     "Routing",
+    "Run",
     "Trace",
     "__version__",
     "analyze",

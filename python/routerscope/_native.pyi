@@ -314,3 +314,59 @@ def _analyze(
     progress: Optional[Callable[[int, int], Any]] = None,
 ) -> Dict[str, Any]:
     """Native half of :func:`routerscope.analyze` (which adds the progress bar)."""
+
+@final
+class RunWriter:
+    """One process's writer of a run (``docs/run-format.md``); use :class:`routerscope.Run`."""
+
+    def __init__(
+        self,
+        path: _PathLike,
+        *,
+        experts: int,
+        model_name: str = "",
+        classes: Optional[Sequence[str]] = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None: ...
+    def step(self, n: int) -> None:
+        """Commit the current step and start step ``n`` (steps increase)."""
+    @property
+    def current_step(self) -> Optional[int]:
+        """The step being logged, or ``None``."""
+    @property
+    def last_committed(self) -> Optional[int]:
+        """The last committed step, or ``None``."""
+    def log_layer(
+        self,
+        block: int,
+        *,
+        logits: Any = None,
+        probs: Any = None,
+        expert_index: Optional[npt.NDArray[np.int64]] = None,
+        kept: Optional[npt.NDArray[np.bool_]] = None,
+        router: Optional[str] = None,
+        k: Optional[int] = None,
+        capacity_factor: Optional[float] = None,
+        group_images: int = 1,
+    ) -> None:
+        """Add one forward call's routing of MoE block ``block`` to the current step."""
+    def set_probes(
+        self,
+        images: Sequence[npt.NDArray[np.uint8]],
+        *,
+        grid: Tuple[int, int],
+        cls_token: bool = False,
+        labels: Optional[Sequence[Optional[int]]] = None,
+    ) -> None:
+        """Register the probe images (uint8 ``[H, W, 3]`` arrays), once."""
+    def snapshot_path(self, step: int) -> Path:
+        """Where the snapshot of ``step`` is written."""
+    def record_snapshot(self, step: int) -> None:
+        """Record that the snapshot of ``step`` is complete."""
+    def commit(self) -> None:
+        """Commit the current step."""
+    def discard(self) -> None:
+        """Forget the current step's sums without committing them (a step cut short)."""
+    def close(self) -> None:
+        """Commit the current step and close the run (further calls raise)."""

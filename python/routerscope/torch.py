@@ -1,4 +1,5 @@
-"""PyTorch helpers: record a router's logits into a :class:`routerscope.Trace` with a forward hook.
+"""PyTorch helpers: record a router's logits into a :class:`routerscope.Trace` or a
+:class:`routerscope.Run` with a forward hook.
 
 Put the hook on the module that *returns* the router logits (a gate ``nn.Linear``, a router
 module): each call logs its output for the next images of the trace, in the order they were added
@@ -6,6 +7,11 @@ module): each call logs its output for the next images of the trace, in the orde
 image), in routing groups of ``group_images``. A hook that never fires records
 nothing, which is easy to miss (a fused gate, the wrong submodule): :meth:`RouterRecorder.close`
 and the trace's ``close()`` raise then.
+
+On a :class:`routerscope.Run` every call adds the batch's routing to the run's current step
+(logits ``[images, tokens, experts]`` in routing groups of ``group_images`` images, or
+``[tokens, experts]`` as one group); inside ``with run.snapshot(step):`` it records the probe
+images' per-token routing instead.
 
 ::
 
@@ -21,10 +27,11 @@ and the trace's ``close()`` raise then.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
+from ._run import Run
 from ._trace import Trace
 
 __all__ = ["RouterRecorder", "record_router"]
@@ -53,7 +60,7 @@ class RouterRecorder:
     def __init__(
         self,
         module: Any,
-        trace: Trace,
+        trace: Union[Trace, Run],
         block: int,
         *,
         group_images: int = 1,
@@ -85,6 +92,12 @@ class RouterRecorder:
                 f"{type(output).__name__}, not a logits tensor (or a tuple/dict holding one)"
             )
         arr = logits.detach().float().cpu().numpy()
+        if isinstance(self.trace, Run):
+            self.trace.log_layer(self.block, logits=arr, router=self.router, k=self.k,
+                                 capacity_factor=self.capacity_factor,
+                                 group_images=self.group_images)
+            self.calls += 1
+            return
         s = self.trace.tokens_per_image
         if s is None:
             raise RuntimeError(
@@ -157,7 +170,7 @@ class RouterRecorder:
 
 def record_router(
     module: Any,
-    trace: Trace,
+    trace: Union[Trace, Run],
     *,
     block: int,
     group_images: int = 1,
@@ -167,6 +180,8 @@ def record_router(
 ) -> RouterRecorder:
     """Log the logits ``module`` returns into ``trace`` as MoE block ``block``, on every forward
     call, for the trace's next images (in the order they were added), in routing groups of ``group_images`` images.
+    ``trace`` may be a :class:`routerscope.Run`: each call then adds its routing to the run's
+    current step (or, inside ``run.snapshot(...)``, to the probe images' snapshot).
     ``router``, ``k`` and ``capacity_factor`` describe the model's router (routerscope routes the
     logits with them). Returns the :class:`RouterRecorder`; its ``close()`` (or the trace's)
     raises if the hook never fired."""

@@ -1,5 +1,5 @@
 //! `routerscope._native`: the Python extension module. The routers ([`routing`]), the models
-//! ([`model`]) and the dataset analysis ([`analysis`]) of the routerscope library, with numpy
+//! ([`model`]), the dataset analysis ([`analysis`]) and the run writer ([`run`]) of the routerscope library, with numpy
 //! arrays in and out; the package `routerscope` (Python, beside this crate) re-exports them.
 //!
 //! Every call checks its arguments and turns library errors into Python exceptions
@@ -10,6 +10,7 @@ mod arrays;
 mod errors;
 mod model;
 mod routing;
+mod run;
 mod stoppable;
 
 use pyo3::prelude::*;
@@ -29,6 +30,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<model::Model>()?;
     m.add_class::<model::Prediction>()?;
     m.add_class::<model::LayerRouting>()?;
+    m.add_class::<run::PyRunWriter>()?;
     let routers: Vec<&str> = routerscope::routing::RouterKind::ALL
         .iter()
         .map(|k| k.cli_name())

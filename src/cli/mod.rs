@@ -2,6 +2,7 @@
 
 mod analyze;
 mod convert;
+mod diff;
 mod distill;
 mod eval;
 mod export;
@@ -62,6 +63,9 @@ enum Command {
     GpuCheck(gpu_check::GpuCheckArgs),
     /// Write every token's final features for images, under the model's routing or a what-if.
     Features(features::FeaturesArgs),
+    /// Compare two routings of the same images (two traces or run snapshots): per MoE block the
+    /// share of tokens whose top-1 expert and whose chosen set differ, and per-patch maps.
+    Diff(diff::DiffArgs),
 }
 
 #[cfg(feature = "app")]
@@ -122,6 +126,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Distill(args) => distill::run(&args),
         Command::Features(args) => features::run(&args),
         Command::GpuCheck(args) => gpu_check::run(&args),
+        Command::Diff(args) => diff::run(&args),
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod data;
 pub mod dataset;
+pub mod diff;
 pub mod export;
 pub mod palette;
 pub mod raster;

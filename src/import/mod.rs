@@ -287,9 +287,9 @@ impl Format {
             return Ok(Format::HuggingFace);
         }
         Err(format!(
-            "{}: not a ViT `routerscope import` reads (a timm or Hugging Face ViT state dict in \
-             safetensors or a PyTorch checkpoint, a Flax ViT .npz, or ONNX); its tensors start \
-             {}",
+            "{}: not a format `routerscope import` reads (a timm or Hugging Face ViT state dict \
+             in safetensors or a PyTorch checkpoint, a Flax ViT .npz, or ONNX): not a ViT, its \
+             tensors start {}",
             path.display(),
             names.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
         ))

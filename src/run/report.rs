@@ -14,7 +14,6 @@ use super::RunError;
 use super::alerts::{Alert, AlertRules, AlertTracker};
 use super::reader::RunFile;
 use super::series::{BlockSeries, metric_values};
-use crate::routing::Assignment;
 use crate::trace::TraceFile;
 
 /// What an analysis of a run found.
@@ -35,54 +34,6 @@ pub struct RunAnalysis {
     pub files: Vec<PathBuf>,
 }
 
-/// The top-1 expert of every probe token in each block of a snapshot (Token Choice: the first
-/// choice, kept or not; Expert Choice: the expert with the highest score among those that took
-/// the token, `u32::MAX` for a token none took; Soft MoE: the expert with the largest combine
-/// weight).
-pub fn top_experts(trace: &TraceFile) -> Result<BTreeMap<usize, Vec<u32>>, String> {
-    let mut out = BTreeMap::new();
-    for (l, layer) in trace.meta().layers.iter().enumerate() {
-        let mut tops = Vec::new();
-        for g in 0..layer.groups.len() {
-            let rec = trace.logged_group(l, g).map_err(|e| e.to_string())?;
-            let r = &rec.routing;
-            match &r.assignment {
-                Assignment::Sparse(sp) => {
-                    for i in 0..r.num_tokens {
-                        let ch = r.token_choices(i);
-                        let top = if r.router.family() == crate::routing::RouterFamily::TokenChoice
-                        {
-                            ch.first().map(|c| c.expert)
-                        } else {
-                            let e = r.num_experts;
-                            ch.iter()
-                                .max_by(|a, b| {
-                                    sp.scores[i * e + a.expert as usize]
-                                        .total_cmp(&sp.scores[i * e + b.expert as usize])
-                                })
-                                .map(|c| c.expert)
-                        };
-                        tops.push(top.unwrap_or(u32::MAX));
-                    }
-                }
-                Assignment::Soft(_) => {
-                    let p = r.expert_probabilities();
-                    for row in p.chunks_exact(r.num_experts) {
-                        let j = row
-                            .iter()
-                            .enumerate()
-                            .max_by(|a, b| a.1.total_cmp(b.1))
-                            .map_or(0, |(j, _)| j);
-                        tops.push(j as u32);
-                    }
-                }
-            }
-        }
-        out.insert(layer.block, tops);
-    }
-    Ok(out)
-}
-
 /// The churn at every snapshot after the first: per block, the share of probe tokens whose top
 /// expert differs from the previous snapshot's.
 pub fn churn(run: &RunFile) -> Result<BTreeMap<(i64, usize), f64>, RunError> {
@@ -93,10 +44,14 @@ pub fn churn(run: &RunFile) -> Result<BTreeMap<(i64, usize), f64>, RunError> {
             path: path.clone(),
             reason: format!("snapshot of step {step}: {e}"),
         })?;
-        let tops = top_experts(&trace).map_err(|reason| RunError::Invalid {
-            path: path.clone(),
-            reason,
-        })?;
+        let tops: BTreeMap<usize, Vec<u32>> = crate::trace::diff::trace_picks(&trace)
+            .map_err(|reason| RunError::Invalid {
+                path: path.clone(),
+                reason,
+            })?
+            .into_iter()
+            .map(|(block, p)| (block, p.top))
+            .collect();
         if let Some(p) = &prev {
             for (block, now) in &tops {
                 if let Some(before) = p

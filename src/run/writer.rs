@@ -296,6 +296,12 @@ impl RunWriter {
         Ok(())
     }
 
+    /// Forgets the current step's sums without committing them (a step cut short by an error).
+    pub fn discard(&mut self) {
+        self.step = None;
+        self.pending.clear();
+    }
+
     /// Registers the probe images (once per run; rank 0 only): their pixels and labels, the
     /// patch grid and the CLS token.
     pub fn set_probes(

@@ -7,6 +7,7 @@
 //! logged routing, or a what-if on the logged logits of each layer).
 
 mod assignment;
+pub mod diff;
 pub mod format;
 mod model;
 mod reader;

@@ -1007,6 +1007,13 @@ impl TraceFile {
         })
     }
 
+    /// Image `i`'s pixels (uint8 `[H, W, 3]`, with `H` and `W`) when the trace holds them.
+    pub fn image_pixels(&self, i: usize) -> Result<Option<(usize, usize, Vec<u8>)>, TraceError> {
+        Ok(self
+            .read_values(&image_tensor(i), 1, |b| b[0])?
+            .map(|(info, bytes)| (info.shape[0], info.shape[1], bytes)))
+    }
+
     /// Image `i` as the model saw it: its pixels in the trace, else its file (relative to the
     /// trace's folder).
     pub fn image(&self, i: usize) -> Result<image::DynamicImage, TraceError> {
