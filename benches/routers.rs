@@ -1,6 +1,9 @@
 //! One routing per router on a ViT-B/16 group (196 tokens × 32 experts, the paper's expert count)
 //! and on a V-MoE group of 8 images (1,576 tokens × 8 experts). Soft MoE is measured from tokens
-//! (d = 768, cosine logits included) and from precomputed logits.
+//! (d = 768, cosine logits included) and from precomputed logits. `run/log/4096x64` is what one
+//! `Run.log_layer` call of 4,096 tokens × 64 experts costs: routing the logits and summing the
+//! step's numbers (`logits`), or counting the framework's own top-2 picks with the entropy and
+//! z-loss of its logits (`picks+logits`) or without them (`picks`).
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -69,6 +72,42 @@ fn bench_soft(c: &mut Criterion) {
     group.finish();
 }
 
+fn bench_run_log(c: &mut Criterion) {
+    use routerscope::run::LayerSums;
+    let (n, e, k) = (4096usize, 64usize, 2usize);
+    let logits = normal(n * e, 5);
+    let cfg = RouterConfig {
+        k,
+        ..RouterConfig::new(RouterKind::SoftmaxTokenChoice)
+    };
+    let picks: Vec<i64> = (0..n * k).map(|i| ((i * 7919) % e) as i64).collect();
+    let mut group = c.benchmark_group(format!("run/log/{n}x{e}"));
+    group.bench_function("logits", |b| {
+        b.iter(|| {
+            let r = route_logits(black_box(&logits), n, e, &cfg, Mode::Deterministic).unwrap();
+            let mut s = LayerSums::new(e);
+            s.add_routing(&r, Some(&logits), None);
+            s
+        })
+    });
+    group.bench_function("picks+logits", |b| {
+        b.iter(|| {
+            let mut s = LayerSums::new(e);
+            s.add_picks(black_box(&picks), None, k, Some(&logits), None)
+                .unwrap();
+            s
+        })
+    });
+    group.bench_function("picks", |b| {
+        b.iter(|| {
+            let mut s = LayerSums::new(e);
+            s.add_picks(black_box(&picks), None, k, None, None).unwrap();
+            s
+        })
+    });
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_millis(500))
@@ -76,5 +115,5 @@ fn config() -> Criterion {
         .sample_size(30)
 }
 
-criterion_group! { name = benches; config = config(); targets = bench_sparse, bench_soft }
+criterion_group! { name = benches; config = config(); targets = bench_sparse, bench_soft, bench_run_log }
 criterion_main!(benches);

@@ -4,17 +4,18 @@
 //! panic, within its bounds. Covered: the safetensors checkpoint reader (header, config JSON,
 //! tensors) and overlay checkpoints (the overlay and its base), the vmoe index and shard reader,
 //! routing traces (the file's bytes, and structure-aware: the description's numbers and the
-//! tensors' shapes and dtypes), the IDX reader (raw and gzip), image decoding, every import
-//! format (timm and Hugging Face safetensors with their config.json, PyTorch checkpoints as
-//! whole archives and as their pickles, Flax `.npz`, ONNX with its external data file), and the
-//! routers on hostile configurations (capacity paddings, k, capacity factors, iterations).
+//! tensors' shapes and dtypes), runs (the database's bytes, and hostile values set through SQL),
+//! the IDX reader (raw and gzip), image decoding, every import format (timm and Hugging Face
+//! safetensors with their config.json, PyTorch checkpoints as whole archives and as their
+//! pickles, Flax `.npz`, ONNX with its external data file), and the routers on hostile
+//! configurations (capacity paddings, k, capacity factors, iterations).
 //!
 //! "Within its bounds" is enforced: this binary's allocator refuses any single allocation over
 //! 1 GiB (the process aborts with "memory allocation of N bytes failed"), so a number from a
 //! file that sizes a buffer before it is checked fails the run even where the system would
-//! overcommit it. Cases per parser: `ROUTERSCOPE_FUZZ_CASES` (default 2000; the whole-model
-//! importers run a quarter of that); CI runs the default; each seed file of the corpus is also a
-//! regression test on its own.
+//! overcommit it. Cases per parser: `ROUTERSCOPE_FUZZ_CASES` (default 2000; the structure-aware
+//! trace fuzzer runs 4x that, the run values half); CI runs the default; each seed file of the
+//! corpus is also a regression test on its own.
 
 use std::path::{Path, PathBuf};
 
@@ -916,5 +917,144 @@ fn fuzz_trace_numbers_and_shapes() {
         4 * cases(),
         started.elapsed().as_secs_f64(),
         opened.get()
+    );
+}
+
+/// Reads a run the way `analyze --run` does: open, stream every row, write the tables.
+fn read_whole_run(dir: &Path, out: &Path) {
+    let Ok(run) = routerscope::run::RunFile::open(dir) else {
+        return;
+    };
+    let _ = std::fs::remove_dir_all(out);
+    let _ = std::fs::create_dir_all(out);
+    let _ = routerscope::run::report::write_tables(&run, Default::default(), out);
+    let _ = run.probes();
+}
+
+/// The run reader: its database's bytes mutated (SQLite's own checks, then ours), and values
+/// set to hostile ones through SQL (counts, sums, blobs, steps, blocks, the description).
+#[test]
+fn fuzz_runs() {
+    use routerscope::run::{LayerSums, ProbeImage, RunSpec, RunWriter};
+    let dir = tempfile::tempdir().unwrap();
+    let seed_dir = dir.path().join("seed.rsrun");
+    let mut w = RunWriter::create(
+        &seed_dir,
+        &RunSpec {
+            experts: 4,
+            model_name: "fuzz".into(),
+            classes: vec!["a".into(), "b".into()],
+            rank: 0,
+            world_size: 1,
+        },
+    )
+    .unwrap();
+    w.set_probes(
+        &[ProbeImage {
+            height: 2,
+            width: 2,
+            pixels: vec![9; 12],
+            label: Some(1),
+        }],
+        [1, 1],
+        true,
+    )
+    .unwrap();
+    let mut one = LayerSums::new(4);
+    one.add_picks(&[0, 1, 2, 3, 0, 0], None, 1, Some(&[0.5; 24]), None)
+        .unwrap();
+    for step in 0..5 {
+        w.step(step).unwrap();
+        w.add(1, None, &one).unwrap();
+        w.add(3, None, &one).unwrap();
+    }
+    w.close().unwrap();
+    let seed = std::fs::read(seed_dir.join("run.sqlite")).unwrap();
+    let case = dir.path().join("case.rsrun");
+    std::fs::create_dir_all(&case).unwrap();
+    let out = dir.path().join("out");
+    fuzz("run database", std::slice::from_ref(&seed), |bytes| {
+        for stale in ["run.sqlite-wal", "run.sqlite-shm"] {
+            let _ = std::fs::remove_file(case.join(stale));
+        }
+        std::fs::write(case.join("run.sqlite"), bytes).unwrap();
+        read_whole_run(&case, &out);
+    });
+    let statements = [
+        "UPDATE layers SET tokens = {v} WHERE rowid = {r}",
+        "UPDATE layers SET dropped = {v} WHERE rowid = {r}",
+        "UPDATE layers SET calls = {v} WHERE rowid = {r}",
+        "UPDATE layers SET entropy_sum = {v} WHERE rowid = {r}",
+        "UPDATE layers SET z_loss_tokens = {v} WHERE rowid = {r}",
+        "UPDATE layers SET kept = {v} WHERE rowid = {r}",
+        "UPDATE layers SET requests = zeroblob({v}) WHERE rowid = {r}",
+        "UPDATE layers SET block = {v} WHERE rowid = {r}",
+        "UPDATE layers SET step = {v} WHERE rowid = {r}",
+        "UPDATE steps SET step = {v} WHERE rowid = {r}",
+        "UPDATE steps SET wall_time = {v} WHERE rowid = {r}",
+        "UPDATE blocks SET block = {v} WHERE rowid = {r}",
+        "UPDATE blocks SET router = {v} WHERE rowid = {r}",
+        "UPDATE probes SET height = {v} WHERE rowid = {r}",
+        "UPDATE probes SET label = {v} WHERE rowid = {r}",
+        "UPDATE probes SET pixels = zeroblob({v}) WHERE rowid = {r}",
+        "UPDATE meta SET value = {v} WHERE key = 'schema_version'",
+        "INSERT OR REPLACE INTO snapshots (step, file) VALUES ({r}, {v})",
+        "UPDATE meta SET value = replace(value, '\"num_experts\":4', '\"num_experts\":' || {v}) \
+         WHERE key = 'description'",
+        "UPDATE meta SET value = replace(value, '\"world_size\":1', '\"world_size\":' || {v}) \
+         WHERE key = 'description'",
+    ];
+    let values = [
+        "-1",
+        "0",
+        "3",
+        "65536",
+        "1e999",
+        "-1e999",
+        "NULL",
+        "'x'",
+        "x'00'",
+        "x'0100000002000000030000000400000005'",
+        "9223372036854775807",
+        "4294967296",
+        "'../../etc/passwd'",
+        "'{\"kind\": 7}'",
+        "100000000",
+    ];
+    // Half the cases: each writes the analysis's files (alerts.json synced), the slow part.
+    let n = (cases() / 2).max(1);
+    let mut runner = TestRunner::new(Config {
+        cases: n,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let started = std::time::Instant::now();
+    runner
+        .run(
+            &prop::collection::vec((0..statements.len(), 0..values.len(), 1i64..12), 1..4),
+            |edits| {
+                for stale in ["run.sqlite-wal", "run.sqlite-shm"] {
+                    let _ = std::fs::remove_file(case.join(stale));
+                }
+                std::fs::write(case.join("run.sqlite"), &seed).unwrap();
+                {
+                    let c = rusqlite::Connection::open(case.join("run.sqlite")).unwrap();
+                    // Mutations need no durability: no syncs.
+                    let _ = c.pragma_update(None, "synchronous", "OFF");
+                    for (s, v, r) in &edits {
+                        let sql = statements[*s]
+                            .replace("{v}", values[*v])
+                            .replace("{r}", &r.to_string());
+                        let _ = c.execute_batch(&sql);
+                    }
+                }
+                read_whole_run(&case, &out);
+                Ok(())
+            },
+        )
+        .unwrap_or_else(|e| panic!("run values: {e}"));
+    eprintln!(
+        "run values: {n} cases in {:.1} s, no panic",
+        started.elapsed().as_secs_f64()
     );
 }

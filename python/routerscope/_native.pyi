@@ -15,6 +15,7 @@ __all__ = [
     "Prediction",
     "ROUTERS",
     "Routing",
+    "RunWriter",
     "__version__",
     "_analyze",
     "builtin_models",
@@ -319,8 +320,8 @@ def _analyze(
 class RunWriter:
     """One process's writer of a run (``docs/run-format.md``); use :class:`routerscope.Run`."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         path: _PathLike,
         *,
         experts: int,
@@ -328,7 +329,7 @@ class RunWriter:
         classes: Optional[Sequence[str]] = None,
         rank: int = 0,
         world_size: int = 1,
-    ) -> None: ...
+    ) -> "RunWriter": ...
     def step(self, n: int) -> None:
         """Commit the current step and start step ``n`` (steps increase)."""
     @property

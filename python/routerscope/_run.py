@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -229,7 +229,7 @@ class Run:
         trace = self._snapshot
         s = self.tokens_per_image
         assert trace is not None and s is not None
-        arrays = {}
+        arrays: Dict[str, np.ndarray] = {}
         for name, value in pieces.items():
             if value is None:
                 continue
@@ -248,13 +248,14 @@ class Run:
         if images % group_images:
             raise ValueError(f"snapshot: {images} images do not split into groups of {group_images}")
         first = self._snapshot_calls.get(int(block), 0)
-        settings = {key: v for key, v in (("router", router), ("k", k),
-                                          ("capacity_factor", capacity_factor)) if v is not None}
+        settings: Dict[str, Any] = {key: v for key, v in (("router", router), ("k", k),
+                                                          ("capacity_factor", capacity_factor))
+                                    if v is not None}
         for g in range(0, images, group_images):
             rows = slice(g * s, (g + group_images) * s)
-            trace.log_layer(int(block), group=range(first + g, first + g + group_images),
-                            **{name: np.ascontiguousarray(v[rows]) for name, v in arrays.items()},
-                            **settings)
+            kwargs: Dict[str, Any] = {name: np.ascontiguousarray(v[rows]) for name, v in arrays.items()}
+            kwargs.update(settings)
+            trace.log_layer(int(block), group=range(first + g, first + g + group_images), **kwargs)
         self._snapshot_calls[int(block)] = first + images
 
     # -- closing ----------------------------------------------------------------------------

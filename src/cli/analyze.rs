@@ -294,8 +294,12 @@ fn analyze_run(args: &AnalyzeArgs, path: &std::path::Path) -> anyhow::Result<()>
     );
     for alert in &a.alerts {
         println!(
-            "  alert {:?} · block {} · steps {}–{}: {}",
-            alert.kind, alert.block, alert.first_step, alert.last_step, alert.detail
+            "  alert {} · block {} · steps {}–{}: {}",
+            alert.kind.name(),
+            alert.block,
+            alert.first_step,
+            alert.last_step,
+            alert.detail
         );
     }
     println!("wrote {} files to {}", files.len(), args.out.display());

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use super::dataset::{PAD, open, text};
 use super::palette::sequential;
 use super::svg::{esc, hex};
-use crate::run::alerts::Alert;
+use crate::run::alerts::{Alert, AlertKind};
 use crate::run::series::{BlockSeries, METRICS};
 
 fn short(v: f64) -> String {
@@ -67,14 +67,22 @@ pub fn metrics_figure(model: &str, series: &BlockSeries, alerts: &[Alert]) -> St
             s,
             r##"<rect x="{left}" y="{y0}" width="{plot_w}" height="{chart_h}" fill="#f7f7f7" stroke="#cccccc"/>"##
         );
+        // Alerts as bands in three rows along the chart's top: collapse, dead experts, drops.
         for a in alerts {
             let (x1, x2) = (
                 x_of(a.first_step),
                 x_of(a.last_step).max(x_of(a.first_step) + 1.0),
             );
+            let (row, colour) = match a.kind {
+                AlertKind::Collapse => (0.0, "#d62728"),
+                AlertKind::DeadExperts => (1.0, "#9467bd"),
+                AlertKind::Drops => (2.0, "#ff7f0e"),
+            };
             let _ = writeln!(
                 s,
-                r##"<rect class="alert" x="{x1:.1}" y="{y0}" width="{:.1}" height="{chart_h}" fill="#d62728" fill-opacity="0.12"><title>{}</title></rect>"##,
+                r##"<rect class="alert" data-kind="{}" x="{x1:.1}" y="{:.1}" width="{:.1}" height="4" fill="{colour}"><title>{}</title></rect>"##,
+                a.kind.name(),
+                y0 + 1.0 + row * 5.0,
                 x2 - x1,
                 esc(&a.detail)
             );
@@ -109,6 +117,11 @@ pub fn metrics_figure(model: &str, series: &BlockSeries, alerts: &[Alert]) -> St
         );
     }
     let y = h - 14.0;
+    let _ = writeln!(
+        s,
+        r##"<text x="{PAD}" y="{:.1}" font-size="10" fill="#555555">alerts along each chart's top: <tspan fill="#d62728">collapse</tspan> · <tspan fill="#9467bd">dead experts</tspan> · <tspan fill="#ff7f0e">drops</tspan>; each band spans a step bin's minimum to maximum</text>"##,
+        h - 30.0
+    );
     text(&mut s, left, y, 11.0, "start", &first.to_string());
     text(&mut s, left + plot_w, y, 11.0, "end", &last.to_string());
     text(

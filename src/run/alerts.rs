@@ -46,6 +46,17 @@ pub enum AlertKind {
     Drops,
 }
 
+impl AlertKind {
+    /// The name `alerts.json` uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Collapse => "collapse",
+            Self::DeadExperts => "dead_experts",
+            Self::Drops => "drops",
+        }
+    }
+}
+
 /// One alert: a block and the steps it held over.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Alert {
