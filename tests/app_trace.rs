@@ -366,3 +366,200 @@ fn a_soft_moe_trace_shows_the_models_slot_weights() {
     assert_eq!(got.tokens, want.tokens);
     assert_eq!(got.soft, want.soft, "the slot weights are the logged ones");
 }
+
+/// A snapshot trace of the sample images (a 7x7 grid of 4x4-pixel patches and a CLS token, one
+/// group each) whose first choices are `top(image, token)`.
+fn probe_snapshot(path: &Path, top: impl Fn(usize, usize) -> i32) {
+    let images: Vec<image::RgbImage> = sample_images()
+        .iter()
+        .map(|p| decode_image(p).expect("decodes").to_rgb8())
+        .collect();
+    let tokens = 50;
+    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut groups = Vec::new();
+    for (i, im) in images.iter().enumerate() {
+        tensors.push((
+            format!("images/{i}"),
+            Dtype::U8,
+            vec![im.height() as usize, im.width() as usize, 3],
+            im.as_raw().clone(),
+        ));
+        let idx: Vec<u8> = (0..tokens).flat_map(|t| top(i, t).to_le_bytes()).collect();
+        tensors.push((
+            format!("layers/0/groups/{i}/expert_index"),
+            Dtype::I32,
+            vec![tokens, 1],
+            idx,
+        ));
+        tensors.push((
+            format!("layers/0/groups/{i}/gates"),
+            Dtype::F32,
+            vec![tokens, 1],
+            f32_bytes(&[0.5; 50]),
+        ));
+        groups.push(json!({"members": [[i, 0, tokens]]}));
+    }
+    let meta = json!({
+        "format": "routerscope-trace", "version": 1, "num_experts": 4,
+        "images": (0..images.len()).map(|i| json!({"grid": [7, 7], "cls_token": true,
+            "name": format!("probe {i}")})).collect::<Vec<_>>(),
+        "layers": [{"block": 3, "router": {"kind": "softmax-tc", "k": 1}, "groups": groups}],
+    });
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(*d, s.clone(), b).expect("tensor"),
+            )
+        })
+        .collect();
+    let m = HashMap::from([("routerscope.trace".to_string(), meta.to_string())]);
+    safetensors::serialize_to_file(views, Some(m), path).expect("written");
+}
+
+/// Writes `steps` steps (from `from`) of blocks 1 and 3 into `w`; block 3 collapses onto expert
+/// 2 from step 20. A snapshot every 20 steps, each moving a few more patches to expert 2.
+fn write_steps(w: &mut routerscope::run::RunWriter, from: i64, steps: i64) {
+    use routerscope::run::LayerSums;
+    for step in from..from + steps {
+        w.step(step).expect("steps increase");
+        for block in [1usize, 3] {
+            let mut s = LayerSums::new(4);
+            let picks: Vec<i64> = (0..64)
+                .map(|t| {
+                    if block == 3 && step >= 20 && t % 8 != 0 {
+                        2
+                    } else {
+                        (t + step as usize) as i64 % 4
+                    }
+                })
+                .collect();
+            s.add_picks(&picks, None, 1, None, None).expect("picks");
+            w.add(block, None, &s).expect("logged");
+        }
+        if step % 20 == 0 {
+            let moved = (step / 20) as usize;
+            probe_snapshot(&w.snapshot_path(step), |i, t| {
+                if t % 7 < moved {
+                    2
+                } else {
+                    ((t + i) % 4) as i32
+                }
+            });
+            w.record_snapshot(step).expect("recorded");
+        }
+    }
+}
+
+fn new_run(dir: &Path) -> routerscope::run::RunWriter {
+    routerscope::run::RunWriter::create(
+        &dir.join("train.rsrun"),
+        &routerscope::run::RunSpec {
+            experts: 4,
+            model_name: "toy-vit-moe".into(),
+            classes: Vec::new(),
+            rank: 0,
+            world_size: 1,
+        },
+    )
+    .expect("a new run")
+}
+
+#[test]
+fn a_run_opens_in_the_timeline_with_its_alerts_and_the_snapshot_at_the_cursor() {
+    let dir = fixed_dir("timeline");
+    let mut w = new_run(&dir);
+    write_steps(&mut w, 0, 60);
+    w.close().expect("closed");
+    let mut h = harness();
+    let ctx = h.ctx.clone();
+    h.state_mut().open_run(dir.join("train.rsrun"), &ctx);
+    assert!(h.state_mut().wait_timeline(Duration::from_secs(60)));
+    let app = h.state();
+    assert!(app.timeline_error().is_none(), "{:?}", app.timeline_error());
+    let d = app.timeline_data().expect("read");
+    assert_eq!((d.steps, d.first, d.last), (60, Some(0), Some(59)));
+    assert_eq!(d.snapshots, [0, 20, 40]);
+    let collapse: Vec<_> = d
+        .alerts
+        .iter()
+        .filter(|a| a.kind == routerscope::run::alerts::AlertKind::Collapse)
+        .collect();
+    assert_eq!(collapse.len(), 1, "{:?}", d.alerts);
+    assert_eq!((collapse[0].block, collapse[0].first_step), (3, 20));
+    // The cursor opens at the last step; the snapshot at or before it is step 40's.
+    assert_eq!(app.timeline_cursor(), Some(59));
+    assert_eq!(app.snapshot_at_cursor(), Some(40));
+    // Block 3, the cursor moved to step 30: step 20's snapshot, compared with step 0's.
+    h.state_mut().set_timeline_block(1);
+    h.state_mut().set_timeline_cursor(30);
+    h.state_mut().set_compare_previous(true);
+    assert!(h.state_mut().wait_timeline(Duration::from_secs(60)));
+    let snap = h.state().timeline_snapshot().expect("a snapshot");
+    assert_eq!(snap.step, 20);
+    assert_eq!(snap.previous.as_ref().map(|p| p.0), Some(0));
+    let changed = snap.top[&3]
+        .iter()
+        .zip(&snap.previous.as_ref().expect("previous").1[&3])
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(changed > 0);
+    h.run_steps(3);
+    h.get_by_label_contains("alerts of block 3 (1)");
+    h.get_by_label_contains("red outline: the patch's top expert differs from step 0's");
+    h.snapshot_options("timeline", &snapshot_options());
+    // A run that cannot be read is one error; the view keeps what it showed.
+    let junk = dir.join("junk.rsrun");
+    std::fs::create_dir_all(&junk).expect("dir");
+    std::fs::write(junk.join("run.sqlite"), vec![7u8; 4096]).expect("junk");
+    h.state_mut().open_run(junk, &ctx);
+    assert!(h.state_mut().wait_timeline(Duration::from_secs(60)));
+    let app = h.state();
+    assert!(
+        app.timeline_error()
+            .is_some_and(|e| e.contains("not an SQLite database")),
+        "{:?}",
+        app.timeline_error()
+    );
+    assert_eq!(app.timeline_data().map(|d| d.steps), Some(60));
+}
+
+#[test]
+fn the_timeline_follows_a_run_that_is_being_written() {
+    let dir = fixed_dir("follow");
+    let mut w = new_run(&dir);
+    write_steps(&mut w, 0, 10);
+    w.step(10).expect("commits step 9");
+    let mut h = harness();
+    let ctx = h.ctx.clone();
+    h.state_mut().open_run(dir.join("train.rsrun"), &ctx);
+    assert!(h.state_mut().wait_timeline(Duration::from_secs(60)));
+    assert_eq!(h.state().timeline_data().and_then(|d| d.last), Some(9));
+    h.state_mut().set_follow_latest(true);
+    w.close().expect("commits step 10");
+    let mut w = new_run(&dir);
+    write_steps(&mut w, 11, 30);
+    w.close().expect("closed");
+    // New steps and snapshots appear within 2 s, polled off the UI thread.
+    let start = std::time::Instant::now();
+    while h.state().timeline_data().and_then(|d| d.last) != Some(40) {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "the timeline did not follow the run: {:?}",
+            h.state().timeline_data().map(|d| d.last)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        h.run_steps(1);
+    }
+    let app = h.state();
+    assert_eq!(
+        app.timeline_cursor(),
+        Some(40),
+        "following moves the cursor"
+    );
+    assert_eq!(
+        app.timeline_data().map(|d| d.snapshots.clone()),
+        Some(vec![0, 20, 40])
+    );
+}

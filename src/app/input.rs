@@ -59,7 +59,10 @@ impl RouterscopeApp {
             if path.as_os_str().is_empty() {
                 continue;
             }
-            if path.is_dir() {
+            if crate::run::is_run(&path) {
+                // A run's folder (or its run.sqlite) opens the Timeline.
+                self.open_run(path, ctx);
+            } else if path.is_dir() {
                 // A folder is a dataset (class subfolders, or Fashion-MNIST IDX files).
                 self.open_dataset(path);
             } else if is_checkpoint(&path) {
@@ -74,6 +77,7 @@ impl RouterscopeApp {
         while let Ok(d) = self.dialogs.1.try_recv() {
             match d {
                 DialogResult::Images(p) => self.open_images(p),
+                DialogResult::Model(p) if crate::run::is_run(&p) => self.open_run(p, ctx),
                 DialogResult::Model(p) => self.open_model(p),
                 DialogResult::Exported(Ok(p)) => {
                     self.notice = Some(format!("saved {}", p.display()))
@@ -102,8 +106,10 @@ impl RouterscopeApp {
         let tx = self.dialogs.0.clone();
         let ctx = ctx.clone();
         std::thread::spawn(move || {
-            let dialog = rfd::AsyncFileDialog::new()
-                .add_filter("checkpoints and routing traces", &["safetensors", "index"]);
+            let dialog = rfd::AsyncFileDialog::new().add_filter(
+                "checkpoints, routing traces and runs (run.sqlite)",
+                &["safetensors", "index", "sqlite"],
+            );
             if let Some(file) = pollster::block_on(dialog.pick_file()) {
                 let _ = tx.send(DialogResult::Model(file.path().to_path_buf()));
                 ctx.request_repaint();

@@ -13,6 +13,7 @@ impl RouterscopeApp {
         self.poll_worker(&ctx);
         self.handle_input(&ctx);
         self.maintain_dataset();
+        self.poll_timeline();
 
         egui::Panel::top("top").show(ui, |ui| self.top_bar(ui));
         egui::Panel::bottom("gallery").show(ui, |ui| self.gallery(ui));
@@ -33,6 +34,9 @@ impl RouterscopeApp {
         if self.run_started.is_some() || self.in_flight > 0 || self.dataset.running.is_some() {
             // Keep the spinner turning while the worker computes.
             ctx.request_repaint_after(Duration::from_millis(50));
+        }
+        if self.timeline.shown && self.timeline.playing.is_some() {
+            ctx.request_repaint_after(Duration::from_millis(100));
         }
     }
 }

@@ -5,8 +5,8 @@
 //! Files: the state and its changes (`state.rs`), the worker's replies (`replies.rs`), keyboard,
 //! drops and dialogs (`input.rs`), export (`export.rs`), the window layout (`layout.rs`) and one
 //! the Dataset view's state (`dataset.rs`), and one
-//! file per panel in `panels/` (top bar, gallery, central view, comparison, details, dataset), drawn with
-//! the widgets in [`views`].
+//! file per panel in `panels/` (top bar, gallery, central view, comparison, details, dataset,
+//! timeline), drawn with the widgets in [`views`]; a run's Timeline state is [`timeline`].
 
 mod dataset;
 mod export;
@@ -17,6 +17,7 @@ mod replies;
 pub mod runner;
 pub mod settings;
 mod state;
+pub mod timeline;
 pub mod views;
 pub mod worker;
 
@@ -118,6 +119,8 @@ pub struct RouterscopeApp {
     device_notice: Option<String>,
     /// The Dataset view.
     pub dataset: dataset::DatasetView,
+    /// The Timeline view of an open run.
+    pub timeline: timeline::TimelineView,
     /// A patch to mark in the image view: (image id, token), set from the atlas.
     marked: Option<(u64, usize)>,
 }
@@ -132,11 +135,12 @@ impl eframe::App for RouterscopeApp {
     }
 }
 
-/// Opens the viewer window.
+/// Opens the viewer window (on a run's Timeline when `run` is given).
 pub fn run_app(
     images: Vec<PathBuf>,
     model: Option<PathBuf>,
     device: Option<DeviceChoice>,
+    run: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let mut options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
@@ -156,9 +160,11 @@ pub fn run_app(
         "routerscope",
         options,
         Box::new(move |cc| {
-            Ok(Box::new(RouterscopeApp::from_creation_context(
-                cc, images, model, device,
-            )))
+            let mut app = RouterscopeApp::from_creation_context(cc, images, model, device);
+            if let Some(r) = run {
+                app.open_run(r, &cc.egui_ctx);
+            }
+            Ok(Box::new(app))
         }),
     )
     .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))

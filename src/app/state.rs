@@ -63,6 +63,7 @@ impl RouterscopeApp {
             device_label: cpu_label(),
             device_notice: None,
             dataset: Default::default(),
+            timeline: Default::default(),
             marked: None,
         };
         app.apply_device();

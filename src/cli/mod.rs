@@ -78,8 +78,9 @@ pub struct AppArgs {
     /// software ones included) or `cpu` [default: the last choice made in the app, else auto].
     #[arg(long)]
     device: Option<DeviceChoice>,
-    /// Images to open besides the sample gallery, or a routing trace
-    /// (`docs/trace-format.md`) to open with its own images.
+    /// Images to open besides the sample gallery, a routing trace (`docs/trace-format.md`) to
+    /// open with its own images, or a run (`docs/run-format.md`: its folder or `run.sqlite`) to
+    /// open in the Timeline.
     images: Vec<std::path::PathBuf>,
 }
 
@@ -102,16 +103,23 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match command {
         #[cfg(feature = "app")]
         Command::App(a) => {
-            // A routing trace among the files is opened as the "model" (its images with it).
-            let (traces, images): (Vec<_>, Vec<_>) = a
+            // A run opens the Timeline; a routing trace among the files is opened as the
+            // "model" (its images with it).
+            let (runs, files): (Vec<_>, Vec<_>) = a
                 .images
+                .into_iter()
+                .partition(|p| routerscope::run::is_run(p));
+            if runs.len() > 1 {
+                anyhow::bail!("open one run at a time");
+            }
+            let (traces, images): (Vec<_>, Vec<_>) = files
                 .into_iter()
                 .partition(|p| routerscope::trace::is_trace_file(p));
             if traces.len() > 1 || (a.model.is_some() && !traces.is_empty()) {
                 anyhow::bail!("open one checkpoint or one routing trace at a time");
             }
             let model = a.model.or_else(|| traces.into_iter().next());
-            routerscope::app::run_app(images, model, a.device)
+            routerscope::app::run_app(images, model, a.device, runs.into_iter().next())
         }
         Command::Route(args) => route::run(&args),
         Command::Predict(args) => predict::run(&args),
@@ -169,7 +177,7 @@ pub(crate) fn parse_size(s: &str) -> anyhow::Result<[usize; 2]> {
 
 #[cfg(feature = "app")]
 fn default_command() -> anyhow::Result<()> {
-    routerscope::app::run_app(Vec::new(), None, None)
+    routerscope::app::run_app(Vec::new(), None, None, None)
 }
 
 #[cfg(not(feature = "app"))]

@@ -79,7 +79,7 @@ struct Streak {
     peak: f64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct BlockState {
     collapse: Option<(usize, Streak)>,
     dead: BTreeMap<usize, Streak>,
@@ -87,7 +87,7 @@ struct BlockState {
 }
 
 /// Collects alerts from rows fed in step order.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct AlertTracker {
     rules: AlertRules,
     blocks: BTreeMap<usize, BlockState>,

@@ -344,6 +344,16 @@ impl RunFile {
     /// committed it and how many did. `f` may stop the stream by returning `false`.
     pub fn for_each_row(
         &self,
+        f: impl FnMut(i64, usize, &LayerSums, usize) -> bool,
+    ) -> Result<(), RunError> {
+        self.for_each_row_after(-1, f)
+    }
+
+    /// As [`RunFile::for_each_row`], for the rows of steps after `after` only (what a follower
+    /// has not seen yet).
+    pub fn for_each_row_after(
+        &self,
+        after: i64,
         mut f: impl FnMut(i64, usize, &LayerSums, usize) -> bool,
     ) -> Result<(), RunError> {
         let e = self.meta.num_experts;
@@ -354,7 +364,7 @@ impl RunFile {
                 .prepare(
                     "SELECT step, block, calls, tokens, dropped, kept, requests, entropy_sum, \
                      entropy_tokens, z_loss_sum, z_loss_tokens, importance_sum, load_sum, \
-                     aux_groups FROM layers WHERE step <= ?1 ORDER BY step, block",
+                     aux_groups FROM layers WHERE step > ?1 AND step <= ?2 ORDER BY step, block",
                 )
                 .map_err(sql(&d.path))?;
             statements.push((d, stmt));
@@ -362,7 +372,9 @@ impl RunFile {
         // Each database up to the last step read from it, so every streamed row's step is known.
         let mut cursors = Vec::new();
         for (d, stmt) in &mut statements {
-            let rows = stmt.query([d.seen.unwrap_or(-1)]).map_err(sql(&d.path))?;
+            let rows = stmt
+                .query([after, d.seen.unwrap_or(-1)])
+                .map_err(sql(&d.path))?;
             cursors.push((*d, rows, None::<(i64, usize, LayerSums)>));
         }
         let next = |d: &Database,

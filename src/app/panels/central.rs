@@ -22,15 +22,29 @@ impl RouterscopeApp {
             ui.colored_label(egui::Color32::from_rgb(120, 200, 120), n);
         }
         ui.horizontal(|ui| {
-            if ui.selectable_label(!self.dataset.shown, "Image").clicked() {
+            let timeline = self.timeline.shown;
+            if ui
+                .selectable_label(!self.dataset.shown && !timeline, "Image")
+                .clicked()
+            {
+                self.timeline.shown = false;
                 self.show_dataset_view(false);
             }
             if ui
-                .selectable_label(self.dataset.shown, "Dataset")
+                .selectable_label(self.dataset.shown && !timeline, "Dataset")
                 .on_hover_text("routing statistics and the expert atlas over a whole dataset")
                 .clicked()
             {
+                self.timeline.shown = false;
                 self.show_dataset_view(true);
+            }
+            if self.timeline.path.is_some()
+                && ui
+                    .selectable_label(timeline, "Timeline")
+                    .on_hover_text("the open run's routing over training")
+                    .clicked()
+            {
+                self.timeline.shown = true;
             }
         });
         if let Some(t) = self.trace_summary() {
@@ -38,6 +52,10 @@ impl RouterscopeApp {
             views::trace_banner::trace_banner(ui, t, logged, self.images.len());
         }
         ui.separator();
+        if self.timeline.shown {
+            self.timeline_panel(ui);
+            return;
+        }
         if self.dataset.shown {
             self.dataset_panel(ui);
             return;

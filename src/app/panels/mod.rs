@@ -6,4 +6,5 @@ mod controls;
 mod dataset;
 mod details;
 mod gallery;
+mod timeline;
 mod top_bar;
