@@ -563,3 +563,32 @@ fn the_timeline_follows_a_run_that_is_being_written() {
         Some(vec![0, 20, 40])
     );
 }
+
+/// The Timeline's frame time on a big run (`cargo run --release --example generate_run --
+/// /tmp/big.rsrun 100000 12 64`, then `ROUTERSCOPE_BIG_RUN=/tmp/big.rsrun cargo test --release
+/// --test app_trace -- --ignored timeline_frame_time`): the worst of 20 frames, every block.
+#[test]
+#[ignore]
+fn timeline_frame_time_on_a_big_run() {
+    let Some(path) = std::env::var_os("ROUTERSCOPE_BIG_RUN") else {
+        return;
+    };
+    let mut h = harness();
+    let ctx = h.ctx.clone();
+    let start = std::time::Instant::now();
+    h.state_mut().open_run(PathBuf::from(path), &ctx);
+    assert!(h.state_mut().wait_timeline(Duration::from_secs(600)));
+    let read = start.elapsed();
+    let blocks = h.state().timeline_data().map_or(0, |d| d.series.len());
+    let mut worst = 0.0f32;
+    for i in 0..20 {
+        h.state_mut().set_timeline_block(i % blocks.max(1));
+        h.state_mut().set_timeline_cursor(5000 * i as i64);
+        h.run_steps(1);
+        worst = worst.max(h.state().frame_ms());
+    }
+    eprintln!(
+        "read in {:.1} s; worst frame of 20: {worst:.1} ms ({blocks} blocks)",
+        read.as_secs_f64()
+    );
+}

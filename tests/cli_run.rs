@@ -426,3 +426,199 @@ fn bad_runs_are_one_error_naming_the_file_and_the_row() {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     assert!(fails(&run).contains("a FIFO"));
 }
+
+/// A trace of `images` images (a 3x3 grid and a CLS token, one group each) whose Token Choice
+/// picks are `router`'s routing of the given logits.
+fn picks_trace(path: &Path, logits: &[Vec<f32>], kind: RouterKind, grid: [usize; 2]) {
+    use safetensors::tensor::{Dtype, TensorView};
+    let tokens = grid[0] * grid[1] + 1;
+    let cfg = RouterConfig {
+        k: if kind.family() == routerscope::routing::RouterFamily::TokenChoice {
+            2
+        } else {
+            1
+        },
+        ..RouterConfig::new(kind)
+    };
+    let mut tensors = Vec::new();
+    let mut groups = Vec::new();
+    for (i, x) in logits.iter().enumerate() {
+        let r = route_logits(x, tokens, E, &cfg, Mode::Deterministic).expect("routes");
+        let lg: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        tensors.push((
+            format!("layers/0/groups/{i}/logits"),
+            Dtype::F32,
+            vec![tokens, E],
+            lg,
+        ));
+        if kind.family() == routerscope::routing::RouterFamily::TokenChoice {
+            // The picks in rank order, dropped ones included (slot -1).
+            let s = r.sparse().expect("sparse");
+            let idx: Vec<u8> = s
+                .choices
+                .iter()
+                .flat_map(|c| (c.expert as i32).to_le_bytes())
+                .collect();
+            let gates: Vec<u8> = s
+                .choices
+                .iter()
+                .flat_map(|c| c.gate.to_le_bytes())
+                .collect();
+            let slots: Vec<u8> = s
+                .choices
+                .iter()
+                .flat_map(|c| c.slot.map_or(-1, |v| v as i32).to_le_bytes())
+                .collect();
+            let k = cfg.k;
+            tensors.push((
+                format!("layers/0/groups/{i}/expert_index"),
+                Dtype::I32,
+                vec![tokens, k],
+                idx,
+            ));
+            tensors.push((
+                format!("layers/0/groups/{i}/gates"),
+                Dtype::F32,
+                vec![tokens, k],
+                gates,
+            ));
+            tensors.push((
+                format!("layers/0/groups/{i}/slot"),
+                Dtype::I32,
+                vec![tokens, k],
+                slots,
+            ));
+        } else {
+            let c = r.capacity;
+            let d: Vec<u8> = r
+                .dispatch_dense()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            let w: Vec<u8> = r
+                .combine_dense()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            tensors.push((
+                format!("layers/0/groups/{i}/dispatch"),
+                Dtype::F32,
+                vec![tokens, E, c],
+                d,
+            ));
+            tensors.push((
+                format!("layers/0/groups/{i}/combine"),
+                Dtype::F32,
+                vec![tokens, E, c],
+                w,
+            ));
+        }
+        groups.push(serde_json::json!({"members": [[i, 0, tokens]]}));
+    }
+    let meta = serde_json::json!({
+        "format": "routerscope-trace", "version": 1, "num_experts": E,
+        "images": (0..logits.len()).map(|_| serde_json::json!({"grid": grid, "cls_token": true}))
+            .collect::<Vec<_>>(),
+        "layers": [{"block": 4, "router": {"kind": kind.cli_name(), "k": cfg.k,
+                    "capacity": route_logits(&logits[0], tokens, E, &cfg, Mode::Deterministic)
+                        .expect("routes").capacity},
+                    "groups": groups}],
+    });
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(*d, s.clone(), b).expect("tensor"),
+            )
+        })
+        .collect();
+    let m = HashMap::from([("routerscope.trace".to_string(), meta.to_string())]);
+    safetensors::serialize_to_file(views, Some(m), path).expect("written");
+}
+
+#[test]
+fn diff_is_zero_on_the_same_routing_and_the_flip_rate_of_another_router() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut rng = Lcg(11);
+    let tokens = 10;
+    let logits: Vec<Vec<f32>> = (0..6)
+        .map(|_| (0..tokens * E).map(|_| rng.next()).collect())
+        .collect();
+    let a = dir.path().join("a.rstrace.safetensors");
+    let a2 = dir.path().join("a2.rstrace.safetensors");
+    let b = dir.path().join("b.rstrace.safetensors");
+    picks_trace(&a, &logits, RouterKind::SoftmaxTokenChoice, [3, 3]);
+    picks_trace(&a2, &logits, RouterKind::SoftmaxTokenChoice, [3, 3]);
+    picks_trace(&b, &logits, RouterKind::SoftmaxExpertChoice, [3, 3]);
+    let diff = |x: &Path, y: &Path, out: &str| {
+        let out = dir.path().join(out);
+        let o = run_cli(&[
+            "diff",
+            x.to_str().unwrap_or_default(),
+            y.to_str().unwrap_or_default(),
+            "--out",
+            out.to_str().unwrap_or_default(),
+        ]);
+        (o, out)
+    };
+    let (o, out) = diff(&a, &a2, "same");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("diff.json")).unwrap()).unwrap();
+    assert_eq!(j["blocks"][0]["top1_differ"], 0);
+    assert_eq!(j["blocks"][0]["set_differ"], 0);
+    assert!(out.join("diff_image_00000.png").is_file());
+    // Against Softmax Expert Choice on the same logits: the flip rate routing them implies.
+    let mut want = 0;
+    for x in &logits {
+        let tc = route_logits(
+            x,
+            tokens,
+            E,
+            &RouterConfig {
+                k: 2,
+                ..RouterConfig::new(RouterKind::SoftmaxTokenChoice)
+            },
+            Mode::Deterministic,
+        )
+        .unwrap();
+        let ec = route_logits(
+            x,
+            tokens,
+            E,
+            &RouterConfig::new(RouterKind::SoftmaxExpertChoice),
+            Mode::Deterministic,
+        )
+        .unwrap();
+        let (p, q) = (
+            routerscope::trace::diff::token_picks(&tc),
+            routerscope::trace::diff::token_picks(&ec),
+        );
+        want += p.top.iter().zip(&q.top).filter(|(u, v)| u != v).count();
+    }
+    let (o, out) = diff(&a, &b, "routers");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("diff.json")).unwrap()).unwrap();
+    assert_eq!(j["blocks"][0]["top1_differ"], want);
+    assert!(want > 0, "the routers disagree somewhere");
+    assert_eq!(
+        j["blocks"][0]["top1_differ_rate"].as_f64().unwrap(),
+        want as f64 / (6 * tokens) as f64
+    );
+    // Other images (another grid) are one error, and nothing is written.
+    let c = dir.path().join("c.rstrace.safetensors");
+    let wide: Vec<Vec<f32>> = (0..6)
+        .map(|_| (0..13 * E).map(|_| rng.next()).collect())
+        .collect();
+    picks_trace(&c, &wide, RouterKind::SoftmaxTokenChoice, [3, 4]);
+    let (o, out) = diff(&a, &c, "other");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("patch grid") && err.contains("not the same images"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}

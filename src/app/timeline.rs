@@ -390,6 +390,12 @@ impl RouterscopeApp {
         }
     }
 
+    /// How long the last frame took to lay out and paint, in milliseconds (the UI's own work,
+    /// without the GPU's).
+    pub fn frame_ms(&self) -> f32 {
+        self.frame_ms
+    }
+
     /// The step cursor.
     pub fn timeline_cursor(&self) -> Option<i64> {
         self.timeline.cursor

@@ -5,7 +5,6 @@
 
 use crate::routing::RoutingResult;
 use crate::routing::ops::normalized_entropy;
-use crate::routing::ops::softmax_rows;
 
 /// One step's routing of one MoE block, summed over its forward calls (and ranks).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -182,29 +181,82 @@ impl LayerSums {
         if e == 0 {
             return;
         }
-        let owned;
-        let probs = match (probs, logits) {
-            (Some(p), _) => Some(p),
-            (None, Some(x)) => {
-                owned = softmax_rows(x, e);
-                Some(owned.as_slice())
-            }
-            (None, None) => None,
+        let ln_e = (e as f64).ln();
+        // Rows in fixed chunks (summed in order, so the sums do not depend on the threads),
+        // on all cores for a large call.
+        let chunk = 256 * e;
+        let per_chunk = |f: &(dyn Fn(&[f32]) -> (f64, f64) + Sync), x: &[f32]| -> (f64, f64) {
+            use rayon::prelude::*;
+            let parts: Vec<(f64, f64)> = if x.len() >= 16 * chunk {
+                x.par_chunks(chunk).map(f).collect()
+            } else {
+                x.chunks(chunk).map(f).collect()
+            };
+            parts
+                .into_iter()
+                .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
         };
-        if let Some(p) = probs {
-            for row in p.chunks_exact(e) {
-                self.entropy_sum += normalized_entropy(row);
-                self.entropy_tokens += 1;
+        match (logits, probs) {
+            (Some(x), None) => {
+                // One exponential per logit: with t = exp(x − max) and s = Σ t,
+                // logsumexp = max + ln s and H(p) = ln s − Σ t·(x − max) / s.
+                let (h, z) = per_chunk(
+                    &|c: &[f32]| {
+                        let (mut h, mut z) = (0.0f64, 0.0f64);
+                        for row in c.chunks_exact(e) {
+                            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                            let (mut s, mut w) = (0.0f32, 0.0f32);
+                            for &v in row {
+                                let d = v - m;
+                                let t = d.exp();
+                                s += t;
+                                w += t * d;
+                            }
+                            let ln_s = f64::from(s).ln();
+                            let lse = f64::from(m) + ln_s;
+                            z += lse * lse;
+                            if ln_e > 0.0 {
+                                h += ((ln_s - f64::from(w) / f64::from(s)) / ln_e).clamp(0.0, 1.0);
+                            }
+                        }
+                        (h, z)
+                    },
+                    x,
+                );
+                let rows = (x.len() / e) as u64;
+                self.entropy_sum += h;
+                self.entropy_tokens += rows;
+                self.z_loss_sum += z;
+                self.z_loss_tokens += rows;
             }
-        }
-        if let Some(x) = logits {
-            for row in x.chunks_exact(e) {
-                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-                let s: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
-                let lse = m + s.ln();
-                self.z_loss_sum += lse * lse;
-                self.z_loss_tokens += 1;
+            (x, Some(p)) => {
+                let (h, _) = per_chunk(
+                    &|c: &[f32]| (c.chunks_exact(e).map(normalized_entropy).sum(), 0.0),
+                    p,
+                );
+                self.entropy_sum += h;
+                self.entropy_tokens += (p.len() / e) as u64;
+                if let Some(x) = x {
+                    let (_, z) = per_chunk(
+                        &|c: &[f32]| {
+                            let z = c
+                                .chunks_exact(e)
+                                .map(|row| {
+                                    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                                    let s: f32 = row.iter().map(|&v| (v - m).exp()).sum();
+                                    let lse = f64::from(m) + f64::from(s).ln();
+                                    lse * lse
+                                })
+                                .sum();
+                            (0.0, z)
+                        },
+                        x,
+                    );
+                    self.z_loss_sum += z;
+                    self.z_loss_tokens += (x.len() / e) as u64;
+                }
             }
+            (None, None) => {}
         }
     }
 
