@@ -152,12 +152,13 @@ fn extend(
                 0.0
             };
         }
+        let m = sums.metrics();
         by_block
             .entry(block)
             .or_insert_with(|| BlockSeries::new(block, e))
-            .push(step, metric_values(&sums.metrics()), &shares);
+            .push(step, metric_values(&m), &shares);
         if run.is_complete(step) {
-            tracker.observe(step, block, sums);
+            tracker.observe_with(step, block, sums, &m);
         }
         true
     })?;

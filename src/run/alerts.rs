@@ -82,7 +82,8 @@ struct Streak {
 #[derive(Clone, Debug, Default)]
 struct BlockState {
     collapse: Option<(usize, Streak)>,
-    dead: BTreeMap<usize, Streak>,
+    /// Per expert, its streak of steps without tokens.
+    dead: Vec<Option<Streak>>,
     drops: Option<Streak>,
 }
 
@@ -123,7 +124,17 @@ impl AlertTracker {
 
     /// One step's sums of `block` (steps of a block in increasing order).
     pub fn observe(&mut self, step: i64, block: usize, sums: &LayerSums) {
-        let m = sums.metrics();
+        self.observe_with(step, block, sums, &sums.metrics());
+    }
+
+    /// As [`AlertTracker::observe`], with the sums' metrics already computed.
+    pub fn observe_with(
+        &mut self,
+        step: i64,
+        block: usize,
+        sums: &LayerSums,
+        m: &super::aggregate::LayerMetrics,
+    ) {
         let r = self.rules;
         let state = self.blocks.entry(block).or_default();
         // Collapse: the same top expert above the share.
@@ -152,14 +163,13 @@ impl AlertTracker {
             }
         }
         // Dead experts, each on its own.
-        for (j, &kept) in sums.kept.iter().enumerate() {
+        if state.dead.len() < sums.kept.len() {
+            state.dead.resize(sums.kept.len(), None);
+        }
+        for (j, (&kept, streak)) in sums.kept.iter().zip(&mut state.dead).enumerate() {
             if kept == 0 {
-                let mut s = state.dead.remove(&j);
-                extend(&mut s, step, 0.0);
-                if let Some(s) = s {
-                    state.dead.insert(j, s);
-                }
-            } else if let Some(st) = state.dead.remove(&j) {
+                extend(streak, step, 0.0);
+            } else if let Some(st) = streak.take() {
                 Self::close_dead(&mut self.alerts, r, block, j, st);
             }
         }
@@ -239,8 +249,10 @@ impl AlertTracker {
             if let Some((expert, st)) = state.collapse {
                 Self::close_collapse(&mut self.alerts, r, block, expert, st);
             }
-            for (j, st) in state.dead {
-                Self::close_dead(&mut self.alerts, r, block, j, st);
+            for (j, st) in state.dead.into_iter().enumerate() {
+                if let Some(st) = st {
+                    Self::close_dead(&mut self.alerts, r, block, j, st);
+                }
             }
             if let Some(st) = state.drops {
                 Self::close_drops(&mut self.alerts, r, block, st);

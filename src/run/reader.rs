@@ -396,17 +396,22 @@ impl RunFile {
             else {
                 return Ok(());
             };
-            let mut sum = LayerSums::new(e);
+            // The first rank's sums, with the others' added (no copy for a single process).
+            let mut sum: Option<LayerSums> = None;
             let mut ranks = 0;
             for (d, rows, head) in &mut cursors {
                 if head.as_ref().is_some_and(|(s, b, _)| (*s, *b) == key) {
                     if let Some((_, _, s)) = head.take() {
-                        sum.add(&s);
+                        match &mut sum {
+                            Some(acc) => acc.add(&s),
+                            None => sum = Some(s),
+                        }
                     }
                     ranks += 1;
                     *head = next(d, rows)?;
                 }
             }
+            let sum = sum.unwrap_or_else(|| LayerSums::new(e));
             if !f(key.0, key.1, &sum, ranks) {
                 return Ok(());
             }
@@ -537,8 +542,8 @@ fn read_row(
         }
     };
     let blob = |i: usize, name: &str| -> Result<Vec<u64>, RunError> {
-        let b: Vec<u8> = match r.get_ref(i).map_err(&s)? {
-            rusqlite::types::ValueRef::Blob(b) if b.len() == 4 * e => b.to_vec(),
+        let b: &[u8] = match r.get_ref(i).map_err(&s)? {
+            rusqlite::types::ValueRef::Blob(b) if b.len() == 4 * e => b,
             other => {
                 return Err(invalid(format!(
                     "`{name}` is not {e} little-endian u32 counts ({})",
@@ -549,7 +554,7 @@ fn read_row(
                 )));
             }
         };
-        counts_from_blob(&b, e).ok_or_else(|| invalid(format!("`{name}`")))
+        counts_from_blob(b, e).ok_or_else(|| invalid(format!("`{name}`")))
     };
     let sums = LayerSums {
         calls: count(2, "calls")?,

@@ -120,24 +120,50 @@ pub fn write_tables(run: &RunFile, rules: AlertRules, dir: &Path) -> Result<RunA
         1 << 20,
         std::fs::File::create(&layers_path).map_err(io(&layers_path))?,
     );
-    let mut experts = std::io::BufWriter::with_capacity(
-        1 << 20,
-        std::fs::File::create(&experts_path).map_err(io(&experts_path))?,
-    );
+    // experts.csv (tens of millions of lines for a long run) is formatted and written on a
+    // thread of its own from batches of rows, while this one reads the database.
+    let experts_file = std::fs::File::create(&experts_path).map_err(io(&experts_path))?;
+    let (batches, batch_rx) =
+        std::sync::mpsc::sync_channel::<Vec<(i64, usize, Vec<u64>, Vec<u64>)>>(8);
+    let experts_writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut file = experts_file;
+        let mut buf: Vec<u8> = Vec::with_capacity(4 << 20);
+        buf.extend_from_slice(b"step,block,expert,tokens,requests\n");
+        for batch in batch_rx {
+            for (step, block, kept, requests) in batch {
+                for (j, (&k, &r)) in kept.iter().zip(&requests).enumerate() {
+                    push_u64(&mut buf, step as u64);
+                    buf.push(b',');
+                    push_u64(&mut buf, block as u64);
+                    buf.push(b',');
+                    push_u64(&mut buf, j as u64);
+                    buf.push(b',');
+                    push_u64(&mut buf, k);
+                    buf.push(b',');
+                    push_u64(&mut buf, r);
+                    buf.push(b'\n');
+                }
+            }
+            if buf.len() >= 2 << 20 {
+                file.write_all(&buf)?;
+                buf.clear();
+            }
+        }
+        file.write_all(&buf)?;
+        Ok(())
+    });
     layers
         .write_all(
             b"step,block,tokens,dropped_rate,load_cv,max_violation,router_entropy,dead_experts,\
               z_loss,churn,importance_loss,load_loss,partial\n",
         )
         .map_err(io(&layers_path))?;
-    experts
-        .write_all(b"step,block,expert,tokens,requests\n")
-        .map_err(io(&experts_path))?;
     let e = run.meta().num_experts;
     let mut series: BTreeMap<usize, BlockSeries> = BTreeMap::new();
     let mut tracker = AlertTracker::new(rules);
     let mut failure: Option<RunError> = None;
-    let mut buf = Vec::with_capacity(1 << 16);
+    let mut batch = Vec::with_capacity(1024);
+    let mut writer_gone = false;
     let mut shares = vec![0.0; e];
     run.for_each_row(|step, block, sums, _ranks| {
         let m = sums.metrics();
@@ -156,26 +182,18 @@ pub fn write_tables(run: &RunFile, rules: AlertRules, dir: &Path) -> Result<RunA
             opt(m.load_loss),
             u8::from(partial)
         );
-        buf.clear();
-        for (j, (&kept, &req)) in sums.kept.iter().zip(&sums.requests).enumerate() {
-            push_u64(&mut buf, step as u64);
-            buf.push(b',');
-            push_u64(&mut buf, block as u64);
-            buf.push(b',');
-            push_u64(&mut buf, j as u64);
-            buf.push(b',');
-            push_u64(&mut buf, kept);
-            buf.push(b',');
-            push_u64(&mut buf, req);
-            buf.push(b'\n');
-        }
         if let Err(err) = layers.write_all(line.as_bytes()) {
             failure = Some(io(&layers_path)(err));
             return false;
         }
-        if let Err(err) = experts.write_all(&buf) {
-            failure = Some(io(&experts_path)(err));
-            return false;
+        batch.push((step, block, sums.kept.clone(), sums.requests.clone()));
+        if batch.len() == batch.capacity() {
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(1024));
+            if batches.send(full).is_err() {
+                // The writer stopped on an error; it is reported below.
+                writer_gone = true;
+                return false;
+            }
         }
         let total: u64 = sums.kept.iter().sum();
         for (s, &k) in shares.iter_mut().zip(&sums.kept) {
@@ -190,16 +208,23 @@ pub fn write_tables(run: &RunFile, rules: AlertRules, dir: &Path) -> Result<RunA
             .or_insert_with(|| BlockSeries::new(block, e))
             .push(step, metric_values(&m), &shares);
         if !partial {
-            tracker.observe(step, block, sums);
+            tracker.observe_with(step, block, sums, &m);
         }
         true
     })?;
+    if !writer_gone && !batch.is_empty() {
+        let _ = batches.send(batch);
+    }
+    drop(batches);
+    let written = experts_writer
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the experts.csv writer panicked")));
     if let Some(err) = failure {
         return Err(err);
     }
+    written.map_err(io(&experts_path))?;
     layers.flush().map_err(io(&layers_path))?;
-    experts.flush().map_err(io(&experts_path))?;
-    drop((layers, experts));
+    drop(layers);
     let alerts = tracker.finish();
     let alerts_path = dir.join("alerts.json");
     let json = serde_json::to_string_pretty(&AlertsFile {
