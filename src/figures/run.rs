@@ -136,6 +136,9 @@ pub fn metrics_figure(model: &str, series: &BlockSeries, alerts: &[Alert]) -> St
     s
 }
 
+/// Heatmaps with more cells than this are embedded as an image rather than drawn cell by cell.
+const MAX_VECTOR_CELLS: usize = 20_000;
+
 /// The experts' shares of the block's kept tokens over steps (each bin's mean share), one row
 /// per expert.
 pub fn load_heatmap(model: &str, series: &BlockSeries) -> String {
@@ -177,17 +180,47 @@ pub fn load_heatmap(model: &str, series: &BlockSeries) -> String {
                 &format!("expert {j}"),
             );
         }
-        for (c, b) in series.bins().iter().enumerate() {
-            let share = b.shares[j] / b.rows.max(1) as f64;
+    }
+    let share = |b: &crate::run::series::Bin, j: usize| b.shares[j] / b.rows.max(1) as f64;
+    if cols * e <= MAX_VECTOR_CELLS {
+        // One rectangle per cell, each with its numbers on hover.
+        for j in 0..e {
+            let y = y0 + j as f32 * cell_h;
+            for (c, b) in series.bins().iter().enumerate() {
+                let v = share(b, j);
+                let _ = writeln!(
+                    s,
+                    r##"<rect x="{:.2}" y="{y:.1}" width="{:.2}" height="{cell_h:.1}" fill="{}"><title>expert {j}, steps {}–{}: {:.1}% of the kept tokens</title></rect>"##,
+                    left + c as f32 * cell_w,
+                    cell_w + 0.05,
+                    hex(sequential((v / vmax) as f32)),
+                    b.first,
+                    b.last,
+                    100.0 * v
+                );
+            }
+        }
+    } else {
+        // A long run's heatmap as one embedded image (tens of thousands of rectangles would
+        // make the SVG slow to open and to render).
+        let img = image::RgbImage::from_fn(cols as u32, e as u32, |c, j| {
+            let v = series
+                .bins()
+                .get(c as usize)
+                .map_or(0.0, |b| share(b, j as usize));
+            image::Rgb(sequential((v / vmax) as f32))
+        });
+        let mut png = std::io::Cursor::new(Vec::new());
+        if image::DynamicImage::ImageRgb8(img)
+            .write_to(&mut png, image::ImageFormat::Png)
+            .is_ok()
+        {
             let _ = writeln!(
                 s,
-                r##"<rect x="{:.2}" y="{y:.1}" width="{:.2}" height="{cell_h:.1}" fill="{}"><title>expert {j}, steps {}–{}: {:.1}% of the kept tokens</title></rect>"##,
-                left + c as f32 * cell_w,
-                cell_w + 0.05,
-                hex(sequential((share / vmax) as f32)),
-                b.first,
-                b.last,
-                100.0 * share
+                r#"<image x="{left}" y="{y0}" width="{plot_w:.1}" height="{:.1}" preserveAspectRatio="none" style="image-rendering:pixelated" href="data:image/png;base64,{}"><title>expert share of the kept tokens, {} step bins x {e} experts</title></image>"#,
+                cell_h * e as f32,
+                super::svg::base64(&png.into_inner()),
+                cols
             );
         }
     }

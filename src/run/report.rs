@@ -129,15 +129,25 @@ pub fn write_tables(run: &RunFile, rules: AlertRules, dir: &Path) -> Result<RunA
         let mut file = experts_file;
         let mut buf: Vec<u8> = Vec::with_capacity(4 << 20);
         buf.extend_from_slice(b"step,block,expert,tokens,requests\n");
+        // The row's `step,block,` and each expert's `j,` are formatted once.
+        let mut experts: Vec<Vec<u8>> = Vec::new();
+        let mut prefix = Vec::with_capacity(32);
         for batch in batch_rx {
             for (step, block, kept, requests) in batch {
-                for (j, (&k, &r)) in kept.iter().zip(&requests).enumerate() {
-                    push_u64(&mut buf, step as u64);
-                    buf.push(b',');
-                    push_u64(&mut buf, block as u64);
-                    buf.push(b',');
-                    push_u64(&mut buf, j as u64);
-                    buf.push(b',');
+                while experts.len() < kept.len() {
+                    let mut j = Vec::new();
+                    push_u64(&mut j, experts.len() as u64);
+                    j.push(b',');
+                    experts.push(j);
+                }
+                prefix.clear();
+                push_u64(&mut prefix, step as u64);
+                prefix.push(b',');
+                push_u64(&mut prefix, block as u64);
+                prefix.push(b',');
+                for ((&k, &r), j) in kept.iter().zip(&requests).zip(&experts) {
+                    buf.extend_from_slice(&prefix);
+                    buf.extend_from_slice(j);
                     push_u64(&mut buf, k);
                     buf.push(b',');
                     push_u64(&mut buf, r);
