@@ -4,7 +4,7 @@ Counts equal ``routerscope.route`` on the same logits summed over a step's calls
 count as they are; snapshots equal a trace written by ``Trace`` from the same pass; a writer killed
 with SIGKILL leaves every committed step readable; a reader sees a writer's new steps; ranks of a
 ``torch.distributed`` job add up; the training example's collapse is flagged and its healthy run
-is not.
+is not; the Flax recipe's picks are vmoe's routing of its logits.
 """
 
 from __future__ import annotations
@@ -248,3 +248,41 @@ def test_the_training_example_flags_its_collapse_and_not_the_healthy_run(
     assert [p.name for p in snaps] == [f"step-{s:09d}.rstrace.safetensors" for s in (0, 50, 100, 149)]
     churn = [r["churn"] for r in read_csv(tmp / "out" / "layers.csv") if r["churn"]]
     assert len(churn) == 2 * 3  # two blocks, every snapshot after the first
+
+
+def test_the_flax_recipe_logs_a_run_whose_picks_are_vmoes_routing(tmp: Path) -> None:
+    """The Flax example: its layer's own picks (sowed, returned by the jit-compiled step) are
+    what the run counts, and on the probe images they are exactly vmoe's Softmax Token Choice
+    routing of the logits it logged (``routerscope.route``)."""
+    require("flax")
+    require("optax")
+    from safetensors.numpy import load_file
+
+    run = tmp / "flax.rsrun"
+    proc = subprocess.run([sys.executable, str(REPO / "python" / "examples" / "run_flax_train.py"),
+                           str(run), "--steps", "40", "--snapshot-every", "20"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    analyze_run(run, tmp / "out")
+    layers = read_csv(tmp / "out" / "layers.csv")
+    assert [int(r["step"]) for r in layers] == list(range(40))
+    assert all(r["block"] == "1" and int(r["tokens"]) == 32 * 16 for r in layers)
+    assert all(r["router_entropy"] and r["z_loss"] for r in layers)
+    per_step: Dict[int, Tuple[int, int]] = {}
+    for r in read_csv(tmp / "out" / "experts.csv"):
+        kept, req = per_step.get(int(r["step"]), (0, 0))
+        per_step[int(r["step"])] = (kept + int(r["tokens"]), req + int(r["requests"]))
+        assert int(r["tokens"]) <= min(int(r["requests"]), 8 * 32)  # 8 slots per image
+    assert all(req == 32 * 16 and kept <= req for kept, req in per_step.values())
+    snaps = sorted((run / "snapshots").iterdir())
+    assert [p.name for p in snaps] == [f"step-{s:09d}.rstrace.safetensors" for s in (0, 20, 39)]
+    for snap in snaps:
+        t = load_file(str(snap))
+        for g in range(8):
+            logits = t[f"layers/0/groups/{g}/logits"]
+            r = rs.route(logits, "softmax-tc", k=1, capacity_factor=1.25)
+            picks = t[f"layers/0/groups/{g}/expert_index"][:, 0]
+            kept = t[f"layers/0/groups/{g}/kept"][:, 0]
+            assert (np.bincount(picks[kept], minlength=4) == r.tokens_per_expert.reshape(-1)).all()
+            assert (np.bincount(picks, minlength=4) == r.requests_per_expert.reshape(-1)).all()
+    run_cli(["diff", str(snaps[0]), str(snaps[-1]), "--out", str(tmp / "diff")])
