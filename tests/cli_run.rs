@@ -338,6 +338,21 @@ fn churn_is_the_share_of_probe_tokens_whose_top_expert_moved() {
         "{err}"
     );
     assert!(!dir.path().join("an2").exists());
+    // A truncated one too.
+    let ten = std::fs::read(run.join("snapshots/step-000000010.rstrace.safetensors")).unwrap();
+    std::fs::write(
+        run.join("snapshots/step-000000005.rstrace.safetensors"),
+        &ten[..ten.len() - 16],
+    )
+    .unwrap();
+    let o = analyze(&run, &dir.path().join("an3"), &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("step-000000005") && err.contains("truncated"),
+        "{err}"
+    );
+    assert!(!dir.path().join("an3").exists());
 }
 
 /// Runs `analyze --run` on `run` and returns its one error line.
