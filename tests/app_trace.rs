@@ -369,6 +369,30 @@ fn a_soft_moe_trace_shows_the_models_slot_weights() {
 
 /// A snapshot trace of the sample images (a 7x7 grid of 4x4-pixel patches and a CLS token, one
 /// group each) whose first choices are `top(image, token)`.
+const FASHION_CLASSES: [&str; 10] = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+];
+
+/// The class of sample image `i` (the first four Fashion-MNIST samples by name).
+fn probe_label(i: usize) -> Option<usize> {
+    let name = sample_images()[i]
+        .file_name()?
+        .to_string_lossy()
+        .to_string();
+    FASHION_CLASSES
+        .iter()
+        .position(|c| name.contains(&c.to_lowercase().replace([' ', '/'], "-")))
+}
+
 fn probe_snapshot(path: &Path, top: impl Fn(usize, usize) -> i32) {
     let images: Vec<image::RgbImage> = sample_images()
         .iter()
@@ -401,8 +425,9 @@ fn probe_snapshot(path: &Path, top: impl Fn(usize, usize) -> i32) {
     }
     let meta = json!({
         "format": "routerscope-trace", "version": 1, "num_experts": 4,
+        "classes": FASHION_CLASSES,
         "images": (0..images.len()).map(|i| json!({"grid": [7, 7], "cls_token": true,
-            "name": format!("probe {i}")})).collect::<Vec<_>>(),
+            "name": format!("probe {i}"), "label": probe_label(i)})).collect::<Vec<_>>(),
         "layers": [{"block": 3, "router": {"kind": "softmax-tc", "k": 1}, "groups": groups}],
     });
     let views: Vec<(String, TensorView<'_>)> = tensors
@@ -507,6 +532,7 @@ fn a_run_opens_in_the_timeline_with_its_alerts_and_the_snapshot_at_the_cursor() 
     assert!(changed > 0);
     h.run_steps(3);
     h.get_by_label_contains("alerts of block 3 (1)");
+    h.get_by_label_contains("probe 0 · Ankle boot");
     h.get_by_label_contains("red outline: the patch's top expert differs from step 0's");
     h.snapshot_options("timeline", &snapshot_options());
     // A run that cannot be read is one error; the view keeps what it showed.

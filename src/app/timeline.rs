@@ -192,9 +192,17 @@ fn load_snapshot(run: &RunFile, step: i64) -> Result<SnapshotView, String> {
     let first = &trace.meta().images[0];
     let mut images = Vec::new();
     let mut names = Vec::new();
+    let classes = trace.class_names();
     for i in 0..trace.num_images() {
         images.push(trace.image(i).map_err(|e| e.to_string())?.to_rgb8());
-        names.push(trace.image_name(i));
+        let name = trace.image_name(i);
+        // The reader has checked every label against the classes.
+        names.push(
+            match trace.meta().images[i].label.and_then(|l| classes.get(l)) {
+                Some(class) => format!("{name} · {class}"),
+                None => name,
+            },
+        );
     }
     let previous = match run.snapshots().range(..step).next_back() {
         Some((&s, p)) => Some((s, picks(p)?.1)),
