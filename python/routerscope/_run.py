@@ -123,6 +123,11 @@ class Run:
         ``k`` and ``capacity_factor``, exactly as :func:`routerscope.route` routes them.
         ``logits`` also give the router z-loss, and ``probs`` or ``logits`` the router entropy.
 
+        Logits routed here run on the run's worker thread: the call returns once the arrays
+        are checked and copied, and the routing overlaps the training step that follows;
+        ``step``, ``commit`` and ``close`` wait for it, and a failure of it is raised by the next
+        call.
+
         Inside ``with run.snapshot(step):`` the call is the probe images' routing and goes to
         the snapshot, never into the step's training numbers.
         """

@@ -109,12 +109,17 @@ pub(crate) fn analysis_error(e: AnalysisError) -> PyErr {
 /// A panic in the library is a bug; it reaches Python as a `RuntimeError` naming it, never as a
 /// panic.
 pub(crate) fn panic_error(payload: Box<dyn std::any::Any + Send>) -> PyErr {
-    let what = payload
+    PyRuntimeError::new_err(format!(
+        "internal error in routerscope (a bug, please report it): {}",
+        panic_message(&payload)
+    ))
+}
+
+/// The message a panic carried.
+pub(crate) fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
+    payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into());
-    PyRuntimeError::new_err(format!(
-        "internal error in routerscope (a bug, please report it): {what}"
-    ))
+        .unwrap_or_else(|| "unknown panic".into())
 }

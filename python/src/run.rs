@@ -2,14 +2,18 @@
 //! `log_layer` call's routing is summed here, in Rust and without the GIL, with the library's
 //! one definition of the run's numbers ([`routerscope::run::LayerSums`]): framework picks are
 //! counted as they are, logits alone are routed under the declared router exactly as
-//! `routerscope.route` routes them.
+//! `routerscope.route` routes them. That routing takes milliseconds for a large call, so it runs
+//! on the writer's worker thread: the call checks its arguments, copies the arrays and returns,
+//! and the routing overlaps the training step; `step`, `commit` and `close` wait for it, and a
+//! failure is raised by the next call.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
 
 use numpy::{PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
-use routerscope::routing::{ArgStyle, Mode, RouteOptions, RouterKind, route_logits};
+use routerscope::routing::{ArgStyle, Mode, RouteOptions, RouterConfig, RouterKind, route_logits};
 use routerscope::run::format::BlockRouter;
 use routerscope::run::{LayerSums, ProbeImage, RunError, RunSpec, RunWriter};
 
@@ -31,13 +35,109 @@ pub(crate) fn run_error(e: RunError) -> PyErr {
 /// forward call's routing of one MoE block to the current step.
 #[pyclass(module = "routerscope._native", name = "RunWriter")]
 pub struct PyRunWriter {
-    inner: Mutex<Option<RunWriter>>,
+    inner: Arc<Mutex<Option<RunWriter>>>,
     path: PathBuf,
+    worker: Mutex<Option<Worker>>,
+    /// The first failure of a call routed on the worker, raised by the next call.
+    failed: Arc<Mutex<Option<String>>>,
+}
+
+/// A logits-only call, routed on the worker thread.
+struct RouteJob {
+    block: usize,
+    describe: BlockRouter,
+    logits: Option<Vec<f32>>,
+    probs: Option<Vec<f32>>,
+    n: usize,
+    groups: usize,
+    e: usize,
+    cfg: RouterConfig,
+}
+
+enum Job {
+    Route(Box<RouteJob>),
+    /// Answered once every job sent before it is done.
+    Flush(mpsc::Sender<()>),
+}
+
+/// The worker thread and its queue (bounded: a caller that logs faster than calls are routed
+/// waits, so memory stays bounded).
+struct Worker {
+    jobs: mpsc::SyncSender<Job>,
+    thread: JoinHandle<()>,
+}
+
+const QUEUED_CALLS: usize = 8;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl RouteJob {
+    /// The call's sums: each routing group routed as `routerscope.route` routes it.
+    fn sums(&self) -> Result<LayerSums, String> {
+        let (n, e) = (self.n, self.e);
+        // Probabilities are routed as their logarithms, as a trace's are.
+        let owned: Option<Vec<f32>> = match (&self.logits, &self.probs) {
+            (None, Some(p)) => Some(p.iter().map(|&v| v.max(1e-30).ln()).collect()),
+            _ => None,
+        };
+        let source = self
+            .logits
+            .as_deref()
+            .or(owned.as_deref())
+            .ok_or("nothing to route")?;
+        let (lx, px) = (self.logits.as_deref(), self.probs.as_deref());
+        let mut s = LayerSums::new(e);
+        for g in 0..self.groups {
+            let rows = g * n * e..(g + 1) * n * e;
+            let r = route_logits(&source[rows.clone()], n, e, &self.cfg, Mode::Deterministic)
+                .map_err(|err| format!("group {g}: {err}"))?;
+            s.add_routing(&r, lx.map(|x| &x[rows.clone()]), px.map(|p| &p[rows]));
+        }
+        s.calls = 1;
+        Ok(s)
+    }
+}
+
+fn work(
+    jobs: mpsc::Receiver<Job>,
+    writer: Arc<Mutex<Option<RunWriter>>>,
+    failed: Arc<Mutex<Option<String>>>,
+) {
+    for job in jobs {
+        match job {
+            Job::Flush(done) => {
+                let _ = done.send(());
+            }
+            Job::Route(job) => {
+                let sums = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.sums()))
+                    .unwrap_or_else(|p| {
+                        Err(format!(
+                            "internal error in routerscope (a bug, please report it): {}",
+                            crate::errors::panic_message(&p)
+                        ))
+                    });
+                let added = sums.and_then(|s| match lock(&writer).as_mut() {
+                    Some(w) => w
+                        .add(job.block, Some(&job.describe), &s)
+                        .map_err(|e| e.to_string()),
+                    None => Err("the run was closed".into()),
+                });
+                if let Err(e) = added {
+                    lock(&failed).get_or_insert(format!(
+                        "block {}: routing the logits of an earlier log_layer call failed: {e}",
+                        job.block
+                    ));
+                }
+            }
+        }
+    }
 }
 
 impl PyRunWriter {
     fn with<T>(&self, f: impl FnOnce(&mut RunWriter) -> PyResult<T>) -> PyResult<T> {
-        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = lock(&self.inner);
         match guard.as_mut() {
             Some(w) => f(w),
             None => Err(value_error(format!(
@@ -45,6 +145,87 @@ impl PyRunWriter {
                 self.path.display()
             ))),
         }
+    }
+
+    /// Raises the worker's first failure, once.
+    fn raise_failed(&self) -> PyResult<()> {
+        match lock(&self.failed).take() {
+            Some(e) => Err(value_error(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits (without the GIL) until every call sent to the worker is summed into the step.
+    fn settle(&self, py: Python<'_>) -> PyResult<()> {
+        let jobs = lock(&self.worker).as_ref().map(|w| w.jobs.clone());
+        if let Some(jobs) = jobs {
+            let (done, wait) = mpsc::channel();
+            let ok = py.detach(move || jobs.send(Job::Flush(done)).is_ok() && wait.recv().is_ok());
+            if !ok {
+                return Err(value_error(format!(
+                    "{}: the run's routing worker stopped",
+                    self.path.display()
+                )));
+            }
+        }
+        self.raise_failed()
+    }
+
+    /// Queues a call for the worker, starting it on first use.
+    fn queue(&self, py: Python<'_>, job: RouteJob) -> PyResult<()> {
+        let jobs = {
+            let mut worker = lock(&self.worker);
+            if worker.is_none() {
+                let (jobs, rx) = mpsc::sync_channel(QUEUED_CALLS);
+                let (writer, failed) = (self.inner.clone(), self.failed.clone());
+                let thread = std::thread::Builder::new()
+                    .name("routerscope-run".into())
+                    .spawn(move || work(rx, writer, failed))
+                    .map_err(|e| value_error(format!("cannot start the routing worker: {e}")))?;
+                *worker = Some(Worker { jobs, thread });
+            }
+            worker.as_ref().map(|w| w.jobs.clone())
+        };
+        let sent = jobs
+            .is_some_and(|jobs| py.detach(move || jobs.send(Job::Route(Box::new(job))).is_ok()));
+        if !sent {
+            return Err(value_error(format!(
+                "{}: the run's routing worker stopped",
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stops the worker after the calls it holds.
+    fn stop_worker(&self, py: Python<'_>) {
+        if let Some(w) = lock(&self.worker).take() {
+            drop(w.jobs);
+            let thread = w.thread;
+            py.detach(move || {
+                let _ = thread.join();
+            });
+        }
+    }
+}
+
+/// A non-finite value in `data` (rows of `cols`) is an error naming its place; branch-free
+/// within a chunk, so the common case vectorises.
+fn check_finite(name: &str, data: &[f32], cols: usize) -> PyResult<()> {
+    if data
+        .chunks(256)
+        .all(|c| c.iter().fold(true, |ok, v| ok & v.is_finite()))
+    {
+        return Ok(());
+    }
+    match data.iter().position(|v| !v.is_finite()) {
+        Some(at) => Err(value_error(format!(
+            "{name} has a non-finite value {} at [{}, {}]",
+            data[at],
+            at / cols.max(1),
+            at % cols.max(1)
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -96,13 +277,17 @@ impl PyRunWriter {
         let p = path.clone();
         let w = run_released(py, move || RunWriter::create(&p, &spec))?.map_err(run_error)?;
         Ok(Self {
-            inner: Mutex::new(Some(w)),
+            inner: Arc::new(Mutex::new(Some(w))),
             path,
+            worker: Mutex::new(None),
+            failed: Arc::new(Mutex::new(None)),
         })
     }
 
-    /// Commits the current step and starts step ``n`` (steps increase).
-    fn step(&self, n: i64) -> PyResult<()> {
+    /// Commits the current step (once the calls routed on the worker are in it) and starts
+    /// step ``n`` (steps increase).
+    fn step(&self, py: Python<'_>, n: i64) -> PyResult<()> {
+        self.settle(py)?;
         self.with(|w| w.step(n).map_err(run_error))
     }
 
@@ -137,6 +322,7 @@ impl PyRunWriter {
         capacity_factor: Option<f64>,
         group_images: i64,
     ) -> PyResult<()> {
+        self.raise_failed()?;
         let block = non_negative("block", Some(block))?.unwrap_or(0);
         let group_images = non_negative("group_images", Some(group_images))?
             .filter(|&g| g > 0)
@@ -210,19 +396,16 @@ impl PyRunWriter {
                      images through a snapshot",
                 ));
             }
-            // Probabilities are routed as their logarithms, as a trace's are.
-            let owned: Option<Vec<f32>> = match (lx, px) {
-                (None, Some(p)) => Some(p.iter().map(|&v| v.max(1e-30).ln()).collect()),
-                _ => None,
-            };
-            let source = lx.or(owned.as_deref()).ok_or_else(|| {
-                value_error("nothing to log: give logits=, probs= or expert_index=")
-            })?;
             let shape = logits
                 .as_ref()
                 .or(probs.as_ref())
                 .map(|a| a.shape().to_vec())
                 .unwrap_or_default();
+            if lx.is_none() && px.is_none() {
+                return Err(value_error(
+                    "nothing to log: give logits=, probs= or expert_index=",
+                ));
+            }
             let (n, groups) = groups_of(&shape, e, group_images, "logits")?;
             let cfg = RouteOptions {
                 k: non_negative("k", k)?,
@@ -231,18 +414,29 @@ impl PyRunWriter {
             }
             .config(kind, ArgStyle::Python, None)
             .map_err(routing_error)?;
-            run_released(py, || -> Result<LayerSums, String> {
-                let mut s = LayerSums::new(e);
-                for g in 0..groups {
-                    let rows = g * n * e..(g + 1) * n * e;
-                    let r = route_logits(&source[rows.clone()], n, e, &cfg, Mode::Deterministic)
-                        .map_err(|err| format!("group {g}: {err}"))?;
-                    s.add_routing(&r, lx.map(|x| &x[rows.clone()]), px.map(|p| &p[rows]));
+            cfg.capacity_for(n, e).map_err(routing_error)?;
+            for (name, v) in [("logits", lx), ("probs", px)] {
+                if let Some(v) = v {
+                    check_finite(name, v, e)?;
                 }
-                s.calls = 1;
-                Ok(s)
-            })?
-            .map_err(value_error)?
+            }
+            // The step, the block and the experts are checked now (an empty sum adds nothing);
+            // the routing runs on the worker.
+            self.with(|w| {
+                w.add(block, Some(&describe), &LayerSums::new(e))
+                    .map_err(run_error)
+            })?;
+            let job = RouteJob {
+                block,
+                describe,
+                logits: lx.map(<[f32]>::to_vec),
+                probs: px.map(<[f32]>::to_vec),
+                n,
+                groups,
+                e,
+                cfg,
+            };
+            return self.queue(py, job);
         };
         self.with(|w| w.add(block, Some(&describe), &sums).map_err(run_error))
     }
@@ -291,24 +485,30 @@ impl PyRunWriter {
     }
 
     /// Commits the current step.
-    fn commit(&self) -> PyResult<()> {
+    fn commit(&self, py: Python<'_>) -> PyResult<()> {
+        self.settle(py)?;
         self.with(|w| w.commit().map_err(run_error))
     }
 
-    /// Forgets the current step's sums without committing them (a step cut short).
-    fn discard(&self) -> PyResult<()> {
+    /// Forgets the current step's sums without committing them (a step cut short), with any
+    /// failure of its calls.
+    fn discard(&self, py: Python<'_>) -> PyResult<()> {
+        let _ = self.settle(py);
         self.with(|w| {
             w.discard();
             Ok(())
         })
     }
 
-    /// Commits the current step and closes the run (further calls raise).
-    fn close(&self) -> PyResult<()> {
-        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        match guard.take() {
+    /// Commits the current step and closes the run (further calls raise). A failure of a call
+    /// routed on the worker is raised after the run is closed.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let settled = self.settle(py);
+        self.stop_worker(py);
+        let closed = match lock(&self.inner).take() {
             Some(w) => w.close().map_err(run_error),
             None => Ok(()),
-        }
+        };
+        settled.and(closed)
     }
 }

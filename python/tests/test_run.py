@@ -84,6 +84,38 @@ def test_framework_picks_count_as_they_are(tmp: Path) -> None:
     assert layer["router_entropy"] == "" and layer["z_loss"] == ""
 
 
+def test_a_job_across_machines_writes_with_a_rollback_journal(
+    tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WAL's index is per host: ranks of a job that spans machines (``WORLD_SIZE`` above
+    ``LOCAL_WORLD_SIZE``) write their databases with SQLite's rollback journal, and the reader
+    adds them up as it does WAL ones; one host keeps WAL."""
+    import sqlite3
+
+    def journal(db: Path) -> str:
+        with sqlite3.connect(db) as c:
+            return str(c.execute("PRAGMA journal_mode").fetchone()[0])
+
+    monkeypatch.delenv("ROUTERSCOPE_RUN_JOURNAL", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        with rs.Run(tmp / "m.rsrun", experts=4) as run:
+            run.step(0)
+            run.log_layer(0, expert_index=np.array([[rank], [rank], [3]]))
+    assert journal(tmp / "m.rsrun" / "run.sqlite") == "delete"
+    assert journal(tmp / "m.rsrun" / "ranks" / "rank-1.sqlite") == "delete"
+    analyze_run(tmp / "m.rsrun", tmp / "out")
+    rows = {int(r["expert"]): int(r["tokens"]) for r in read_csv(tmp / "out" / "experts.csv")}
+    assert rows == {0: 2, 1: 2, 2: 0, 3: 2}
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with rs.Run(tmp / "one.rsrun", experts=4) as run:
+        run.step(0)
+    assert journal(tmp / "one.rsrun" / "run.sqlite") == "wal"
+
+
 def test_bad_calls_raise_clear_errors(tmp: Path) -> None:
     with rs.Run(tmp / "b.rsrun", experts=4) as run:
         with pytest.raises(ValueError, match="before any step"):
@@ -97,6 +129,14 @@ def test_bad_calls_raise_clear_errors(tmp: Path) -> None:
             run.log_layer(0, expert_index=np.full((2, 1), 4))
         with pytest.raises(ValueError, match=r"\[tokens, 4\] or \[images, tokens, 4\]"):
             run.log_layer(0, logits=np.zeros((5, 3), np.float32), router="softmax-tc")
+        # Logits routed on the worker are checked when logged, not later.
+        with pytest.raises(ValueError, match="capacity 125 exceeds the 5 tokens"):
+            run.log_layer(0, logits=np.zeros((5, 4), np.float32), router="softmax-ec",
+                          capacity_factor=100.0)
+        bad = np.zeros((5, 4), np.float32)
+        bad[3, 2] = np.nan
+        with pytest.raises(ValueError, match=r"logits has a non-finite value NaN at \[3, 2\]"):
+            run.log_layer(0, logits=bad, router="softmax-tc")
         with pytest.raises(ValueError, match="do not split into routing groups"):
             run.log_layer(0, logits=np.zeros((3, 5, 4), np.float32), router="softmax-tc",
                           group_images=2)

@@ -63,16 +63,41 @@ fn sql(path: &Path) -> impl Fn(rusqlite::Error) -> RunError + '_ {
     }
 }
 
-/// The database's connection settings: WAL (readers see committed steps while this process
-/// appends) with `synchronous = NORMAL` (a committed step survives the process being killed).
+/// The database's connection settings: the journal mode of [`journal_mode`] with
+/// `synchronous = NORMAL` (a committed step survives the process being killed).
 pub(crate) fn configure(conn: &Connection, path: &Path) -> Result<(), RunError> {
-    conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(sql(path))?;
+    conn.pragma_update(
+        None,
+        "journal_mode",
+        journal_mode(|k| std::env::var(k).ok()),
+    )
+    .map_err(sql(path))?;
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(sql(path))?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))
+    // Under the rollback journal a reader's scan holds a shared lock that a commit waits out
+    // (a long run's full read takes seconds).
+    conn.busy_timeout(std::time::Duration::from_secs(60))
         .map_err(sql(path))?;
     Ok(())
+}
+
+/// The journal a rank's database is written with, from the environment (`var`):
+/// `ROUTERSCOPE_RUN_JOURNAL` (`wal` or `delete`) where set, else `WAL` (readers see committed
+/// steps while the writer appends, without locks), except in a job that spans machines
+/// (torchrun's `WORLD_SIZE` above `LOCAL_WORLD_SIZE`): WAL's shared-memory index only works
+/// between processes of one host, so over a shared network filesystem a reader elsewhere needs
+/// SQLite's rollback journal (`DELETE`), which coordinates through file locks.
+pub fn journal_mode(var: impl Fn(&str) -> Option<String>) -> &'static str {
+    match var("ROUTERSCOPE_RUN_JOURNAL").map(|v| v.to_ascii_lowercase()) {
+        Some(v) if v == "delete" => return "DELETE",
+        Some(v) if v == "wal" => return "WAL",
+        _ => {}
+    }
+    let number = |k: &str| var(k).and_then(|v| v.trim().parse::<u64>().ok());
+    match (number("WORLD_SIZE"), number("LOCAL_WORLD_SIZE")) {
+        (Some(world), Some(local)) if world > local => "DELETE",
+        _ => "WAL",
+    }
 }
 
 impl RunWriter {
@@ -427,8 +452,12 @@ fn create_database(db: &Path, meta: &RunMeta) -> Result<(), RunError> {
             params![FORMAT_NAME, SCHEMA_VERSION.to_string(), description],
         )
         .map_err(sql(&tmp))?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sql(&tmp))?;
+        conn.pragma_update(
+            None,
+            "journal_mode",
+            journal_mode(|k| std::env::var(k).ok()),
+        )
+        .map_err(sql(&tmp))?;
         conn.close().map_err(|(_, e)| sql(&tmp)(e))?;
         std::fs::rename(&tmp, db).map_err(|err| RunError::Io {
             path: db.to_owned(),
@@ -439,4 +468,37 @@ fn create_database(db: &Path, meta: &RunMeta) -> Result<(), RunError> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::journal_mode;
+
+    #[test]
+    fn the_journal_is_wal_on_one_host_and_a_rollback_journal_across_machines() {
+        fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+            move |k| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| (*v).to_string())
+            }
+        }
+        assert_eq!(journal_mode(env(&[])), "WAL");
+        let one_host = [("WORLD_SIZE", "8"), ("LOCAL_WORLD_SIZE", "8")];
+        assert_eq!(journal_mode(env(&one_host)), "WAL");
+        let two_hosts = [("WORLD_SIZE", "16"), ("LOCAL_WORLD_SIZE", "8")];
+        assert_eq!(journal_mode(env(&two_hosts)), "DELETE");
+        let forced = [
+            ("WORLD_SIZE", "16"),
+            ("LOCAL_WORLD_SIZE", "8"),
+            ("ROUTERSCOPE_RUN_JOURNAL", "wal"),
+        ];
+        assert_eq!(journal_mode(env(&forced)), "WAL");
+        assert_eq!(
+            journal_mode(env(&[("ROUTERSCOPE_RUN_JOURNAL", "DELETE")])),
+            "DELETE"
+        );
+        assert_eq!(journal_mode(env(&[("WORLD_SIZE", "x")])), "WAL");
+    }
 }
