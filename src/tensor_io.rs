@@ -474,10 +474,20 @@ static PENDING: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new(
 
 /// Removes every temporary file a write in progress has made (for an interrupt handler).
 pub fn remove_pending_temporaries() {
+    remove_pending_where(|_| true);
+}
+
+/// Removes (and forgets) the registered temporary files `which` selects.
+fn remove_pending_where(which: impl Fn(&Path) -> bool) {
     if let Ok(mut pending) = PENDING.lock() {
-        for p in pending.drain(..) {
-            let _ = fs::remove_file(p);
-        }
+        pending.retain(|p| {
+            if which(p) {
+                let _ = fs::remove_file(p);
+                false
+            } else {
+                true
+            }
+        });
     }
 }
 
@@ -689,7 +699,9 @@ mod tests {
         let tmp = dir.path().join(".x.tmp-1");
         fs::write(&tmp, b"half").unwrap();
         let guard = Pending::new(&tmp);
-        remove_pending_temporaries();
+        // Only this test's file: other tests' writes run beside it in this process, and the
+        // list is global (`remove_pending_temporaries` is this with every file selected).
+        remove_pending_where(|p| p == tmp);
         assert!(!tmp.exists());
         drop(guard);
     }
