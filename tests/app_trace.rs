@@ -369,18 +369,7 @@ fn a_soft_moe_trace_shows_the_models_slot_weights() {
 
 /// A snapshot trace of the sample images (a 7x7 grid of 4x4-pixel patches and a CLS token, one
 /// group each) whose first choices are `top(image, token)`.
-const FASHION_CLASSES: [&str; 10] = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-];
+use routerscope::model::FASHION_MNIST_CLASSES as FASHION_CLASSES;
 
 /// The class of sample image `i` (the first four Fashion-MNIST samples by name).
 fn probe_label(i: usize) -> Option<usize> {
