@@ -13,7 +13,9 @@ use std::thread::JoinHandle;
 
 use numpy::{PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
-use routerscope::routing::{ArgStyle, Mode, RouteOptions, RouterConfig, RouterKind, route_logits};
+use routerscope::routing::{
+    ArgStyle, Mode, RouteOptions, RouterConfig, RouterKind, check_finite, route_logits,
+};
 use routerscope::run::format::BlockRouter;
 use routerscope::run::{LayerSums, ProbeImage, RunError, RunSpec, RunWriter};
 
@@ -209,26 +211,6 @@ impl PyRunWriter {
     }
 }
 
-/// A non-finite value in `data` (rows of `cols`) is an error naming its place; branch-free
-/// within a chunk, so the common case vectorises.
-fn check_finite(name: &str, data: &[f32], cols: usize) -> PyResult<()> {
-    if data
-        .chunks(256)
-        .all(|c| c.iter().fold(true, |ok, v| ok & v.is_finite()))
-    {
-        return Ok(());
-    }
-    match data.iter().position(|v| !v.is_finite()) {
-        Some(at) => Err(value_error(format!(
-            "{name} has a non-finite value {} at [{}, {}]",
-            data[at],
-            at / cols.max(1),
-            at % cols.max(1)
-        ))),
-        None => Ok(()),
-    }
-}
-
 /// `[images, tokens, experts]` (groups of `group_images` images) or `[tokens, experts]` (one
 /// group): the groups' token count and number.
 fn groups_of(
@@ -417,7 +399,7 @@ impl PyRunWriter {
             cfg.capacity_for(n, e).map_err(routing_error)?;
             for (name, v) in [("logits", lx), ("probs", px)] {
                 if let Some(v) = v {
-                    check_finite(name, v, e)?;
+                    check_finite(name, v, e).map_err(routing_error)?;
                 }
             }
             // The step, the block and the experts are checked now (an empty sum adds nothing);

@@ -30,7 +30,7 @@ pub use result::{
 };
 pub use router::{
     CapacitySpec, LossWeights, MAX_SOLVER_ITERATIONS, Mode, RouterConfig, RouterFamily, RouterKind,
-    route_logits, route_soft,
+    check_finite, route_logits, route_soft,
 };
 pub use scot::{ScotOptions, ScotPlan, scot_columns, sparse_simplex_projection};
 pub use sinkhorn::{SinkhornPlan, sinkhorn_iterations, sinkhorn_plan};

@@ -280,7 +280,8 @@ impl Mode<'_> {
     }
 }
 
-pub(crate) fn check_finite(name: &str, data: &[f32], cols: usize) -> Result<(), RoutingError> {
+/// A non-finite value in `data` (rows of `cols`) is an error naming its place.
+pub fn check_finite(name: &str, data: &[f32], cols: usize) -> Result<(), RoutingError> {
     // Branch-free within a chunk, so the test vectorises; the search below runs only on failure.
     if data
         .chunks(256)
